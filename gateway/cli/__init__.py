@@ -1,0 +1,1 @@
+"""The ``gateway`` command: one module per command group, each with ``register()``."""

@@ -1,0 +1,62 @@
+"""Entry point of the ``gateway`` command.
+
+Every command group lives in its own module with a ``register(subparsers)``
+function. Errors that the gateway raises on purpose end as one line on stderr
+and a non-zero exit; a traceback is a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from gateway import __version__
+from gateway.cli.common import EXIT_FAILURE, EXIT_USAGE, UsageError
+from gateway.errors import GatewayError
+
+# Command-group modules under gateway.cli, in the order `gateway --help` lists them.
+COMMAND_MODULES = ("init", "pki", "peer", "rules")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway",
+        description="Federated messaging gateway: mTLS between orgs, federation rules per "
+        "security group, durable store-and-forward of end-to-end encrypted envelopes.",
+    )
+    parser.add_argument("--version", action="version", version=f"gateway {__version__}")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(f"gateway.cli.{name}")
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(handler(args))
+    except UsageError as exc:
+        print(f"gateway: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except GatewayError as exc:
+        print(f"gateway: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"gateway: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("gateway: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""The gateway's exception tree and its stable reason codes.
+
+Every error the gateway raises on purpose is a :class:`GatewayError`. The tree
+splits errors that are *ours to fix* (a bad config, bad rules, a missing
+certificate, a broken database) from errors that *a remote party caused* (a
+malformed envelope, a peer that is not who it claims to be). The split decides
+who hears about it: a ``LocalError`` is reported to the admin and stops the
+command or the start-up; a ``RemoteError`` is answered to the remote party with
+its reason code, counted, and changes nothing.
+
+::
+
+    GatewayError                      .reason: Reason (stable, for APIs and metrics)
+    ├── LocalError                    ours to fix; the message may name files and lines
+    │   ├── ConfigError               gateway.yaml, command-line arguments
+    │   ├── RulesError                federation rules (carries every issue found)
+    │   ├── PKIError                  certificates, keys, TLS contexts
+    │   └── StorageError              the database
+    └── RemoteError                   a client or peer sent something wrong
+        ├── AddressError              a `user@org` that does not parse
+        ├── EnvelopeError             an envelope that does not parse or validate
+        ├── EnvelopeOpenError         seal/open failed; one detail-free message, always
+        ├── PeerAuthError             a peer whose certificate or claims do not check out
+        └── ProtocolError             a request that breaks the wire protocol
+
+The message of a ``RemoteError`` may be shown to the party that caused it, but is
+never forwarded to anyone else: a local client whose envelope a peer rejected
+sees the reason code only, never the peer's text.
+
+Reason codes are :class:`Reason` members. Their values are part of the
+federation protocol, the client API and the metrics: never rename one, only add.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Reason(enum.StrEnum):
+    """Stable reason codes. Values are wire and metric label values."""
+
+    # -- addresses ---------------------------------------------------------
+    ADDRESS_MALFORMED = "address_malformed"  # not `user@org`, empty, too long
+    ADDRESS_BAD_USER = "address_bad_user"  # user part has forbidden characters
+    ADDRESS_BAD_DOMAIN = "address_bad_domain"  # org part is not a valid domain
+
+    # -- envelopes ---------------------------------------------------------
+    ENVELOPE_MALFORMED = "envelope_malformed"  # not JSON, wrong types, missing fields
+    ENVELOPE_BAD_VERSION = "envelope_bad_version"  # a version we do not speak
+    ENVELOPE_BAD_ID = "envelope_bad_id"
+    ENVELOPE_BAD_FROM = "envelope_bad_from"
+    ENVELOPE_BAD_TO = "envelope_bad_to"
+    ENVELOPE_BAD_TIME = "envelope_bad_time"  # expires <= created, or absurd times
+    ENVELOPE_BAD_GROUP = "envelope_bad_group"  # group assertion malformed
+    ENVELOPE_BAD_SIGNATURE = "envelope_bad_signature"  # signature field malformed
+    ENVELOPE_TOO_LARGE = "envelope_too_large"  # over the hard protocol limit
+    ENVELOPE_OPEN_FAILED = "envelope_open_failed"  # the one crypto failure
+    EXPIRED = "expired"
+
+    # -- policy decisions (see docs/rules.md) -------------------------------
+    ALLOWED = "allowed"
+    NO_GROUP = "no_group"  # the local user is in no group
+    PEER_NOT_ALLOWED = "peer_not_allowed"  # the group may not reach / hear that peer
+    UNKNOWN_PEER = "unknown_peer"  # the org is not a peer in the rules
+    RECIPIENT_UNKNOWN = "recipient_unknown"  # the local recipient does not exist
+    SENDER_NOT_ORIGIN = "sender_not_origin"  # `from` is not a user of the sending org
+    RECIPIENT_NOT_LOCAL = "recipient_not_local"  # `to` is not a user of this org
+    TOO_LARGE = "too_large"  # over the group's max_envelope_bytes
+    TTL_OUT_OF_BOUNDS = "ttl_out_of_bounds"
+    BURN_ON_READ_REQUIRED = "burn_on_read_required"
+    BURN_ON_READ_FORBIDDEN = "burn_on_read_forbidden"
+
+    # -- peers and transport ------------------------------------------------
+    ORIGIN_MISMATCH = "origin_mismatch"  # body `origin` is not the certificate's org
+    DESTINATION_MISMATCH = "destination_mismatch"
+    CERT_MISSING = "cert_missing"
+    CERT_UNTRUSTED = "cert_untrusted"
+    CERT_EXPIRED = "cert_expired"
+    CERT_NO_ORG = "cert_no_org"  # no usable dNSName SAN
+    CERT_WRONG_CA = "cert_wrong_ca"  # chain does not end in the peer's own CA
+    PIN_MISMATCH = "pin_mismatch"
+    HANDSHAKE_FAILED = "handshake_failed"
+    HANDSHAKE_TIMEOUT = "handshake_timeout"
+    PROTOCOL = "protocol_error"
+    BODY_TOO_LARGE = "body_too_large"
+    TXN_CONFLICT = "txn_conflict"
+
+    # -- ours ---------------------------------------------------------------
+    CONFIG = "config_error"
+    RULES = "rules_error"
+    PKI = "pki_error"
+    STORAGE = "storage_error"
+
+
+class GatewayError(Exception):
+    """Root of every error the gateway raises on purpose."""
+
+    default_reason: Reason = Reason.PROTOCOL
+
+    def __init__(self, message: str, *, reason: Reason | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason: Reason = reason if reason is not None else self.default_reason
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class LocalError(GatewayError):
+    """Ours to fix: configuration, rules, key material, storage."""
+
+    default_reason = Reason.CONFIG
+
+
+class ConfigError(LocalError):
+    default_reason = Reason.CONFIG
+
+
+class RulesError(LocalError):
+    """Invalid federation rules. ``issues`` holds every problem found, in file order.
+
+    Each issue is already formatted as ``FILE:LINE:COLUMN: key.path: message``.
+    """
+
+    default_reason = Reason.RULES
+
+    def __init__(self, issues: list[str]) -> None:
+        self.issues = list(issues)
+        first = self.issues[0] if self.issues else "invalid rules"
+        more = f" (and {len(self.issues) - 1} more)" if len(self.issues) > 1 else ""
+        super().__init__(first + more)
+
+
+class PKIError(LocalError):
+    default_reason = Reason.PKI
+
+
+class StorageError(LocalError):
+    default_reason = Reason.STORAGE
+
+
+class RemoteError(GatewayError):
+    """A client or a peer sent something wrong. Answered with ``reason``, counted."""
+
+    default_reason = Reason.PROTOCOL
+
+
+class AddressError(RemoteError):
+    default_reason = Reason.ADDRESS_MALFORMED
+
+
+class EnvelopeError(RemoteError):
+    default_reason = Reason.ENVELOPE_MALFORMED
+
+
+class EnvelopeOpenError(RemoteError):
+    """The one error of seal/open. Its message never says what failed."""
+
+    default_reason = Reason.ENVELOPE_OPEN_FAILED
+
+    def __init__(self) -> None:
+        super().__init__("envelope could not be opened")
+
+
+class PeerAuthError(RemoteError):
+    default_reason = Reason.CERT_UNTRUSTED
+
+
+class ProtocolError(RemoteError):
+    default_reason = Reason.PROTOCOL

@@ -1,0 +1,1 @@
+"""Shared fixtures for all three depths of tests."""
