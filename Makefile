@@ -1,0 +1,33 @@
+# Two entry points, both self-contained on a machine with Python 3.11+ and pip:
+#   make demo   set up .venv and run the main job
+#   make test   set up .venv and run the whole suite: pytest, ruff, mypy
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is required")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m gateway --help
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  $(BIN)/gateway init --org acme.example --dir "$$tmp/acme" && \
+	  $(BIN)/gateway pki show --dir "$$tmp/acme" && \
+	  $(BIN)/gateway peer card --dir "$$tmp/acme" && \
+	  $(BIN)/gateway rules check "$$tmp/acme/rules.yaml"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
