@@ -56,6 +56,7 @@ class Reason(enum.StrEnum):
     ENVELOPE_TOO_LARGE = "envelope_too_large"  # over the hard protocol limit
     ENVELOPE_OPEN_FAILED = "envelope_open_failed"  # the one crypto failure
     EXPIRED = "expired"
+    KEY_RECORD_MALFORMED = "key_record_malformed"  # a user's public keys do not parse
 
     # -- policy decisions (see docs/rules.md) -------------------------------
     ALLOWED = "allowed"
@@ -84,6 +85,12 @@ class Reason(enum.StrEnum):
     PROTOCOL = "protocol_error"
     BODY_TOO_LARGE = "body_too_large"
     TXN_CONFLICT = "txn_conflict"
+    HEADER_TOO_LARGE = "header_too_large"  # request head over the listener's limit (431)
+    REQUEST_TIMEOUT = "request_timeout"  # a request not read in time (408)
+    TOO_MANY_CONNECTIONS = "too_many_connections"  # per-peer connection cap (503)
+    NOT_FOUND = "not_found"  # no route for the path (404)
+    METHOD_NOT_ALLOWED = "method_not_allowed"  # route exists, method does not (405)
+    INTERNAL = "internal_error"  # a bug of ours; the body never says more (500)
 
     # -- ours ---------------------------------------------------------------
     CONFIG = "config_error"

@@ -1,0 +1,422 @@
+"""The envelope: one message for one recipient, as it crosses org boundaries.
+
+An envelope is a routing header in the clear plus an opaque ciphertext that
+only the recipient's key opens (see :mod:`gateway.crypto.envelope_crypto`).
+This module is pure: it parses, encodes, validates and computes the bytes a
+sender signs. It never touches a key. docs/envelope.md is the specification
+a partner implements; the constants below are its numbers.
+
+Three layers of checking, each a superset of the one before:
+
+* :meth:`Envelope.from_json` / :func:`decode_envelope` accept only a
+  well-formed envelope: exact JSON types, no unknown or missing field,
+  canonical base64url, every value in range, ``expires > created``. Any other
+  input, however broken, raises :class:`~gateway.errors.EnvelopeError` and
+  nothing else.
+* :func:`validate_envelope` repeats those value checks (for envelopes built in
+  code) and adds the checks that need the time: not expired, not created in
+  the future beyond :data:`MAX_CLOCK_SKEW_MS`.
+* The signature and the ciphertext are checked only by the recipient's
+  client: a gateway cannot and does not open an envelope.
+
+The ``group`` field is the sender's security group, asserted by the origin
+gateway after the client signed; it is deliberately outside the signature.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+import re
+import secrets
+import struct
+from dataclasses import dataclass
+from typing import NoReturn, TypeVar
+
+from gateway.errors import AddressError, EnvelopeError, Reason
+
+from .address import Address
+
+ENVELOPE_VERSION = 1
+
+# -- bounds (docs/envelope.md, "Limits") ---------------------------------------
+MAX_CIPHERTEXT_BYTES = 1024 * 1024  # hard protocol limit; groups set lower ones
+ENVELOPE_ID_BYTES = 16
+SIGNATURE_BYTES = 64  # Ed25519
+MAX_TIME_MS = 2**53 - 1  # largest integer every JSON implementation holds exactly
+MAX_ENVELOPE_TTL_MS = 366 * 24 * 3600 * 1000  # expires - created, at most
+MAX_CLOCK_SKEW_MS = 5 * 60 * 1000  # how far in the future `created` may lie
+# Room for everything but the ciphertext in an encoded envelope: two addresses
+# of at most 318 characters, the id, the group, times, keys, the base64 of the
+# signature, and generous slack for whitespace a partner's encoder may add.
+_MAX_HEADER_BYTES = 4096
+
+
+def _b64url_length(n: int) -> int:
+    """Characters of unpadded base64url for ``n`` bytes."""
+    return (4 * n + 2) // 3
+
+
+MAX_CIPHERTEXT_B64_CHARS = _b64url_length(MAX_CIPHERTEXT_BYTES)
+MAX_ENCODED_ENVELOPE_BYTES = MAX_CIPHERTEXT_B64_CHARS + _MAX_HEADER_BYTES
+
+# 16 bytes in unpadded base64url are 22 characters; the last one carries only
+# two bits, so it is one of A Q g w (the other four bits are zero).
+ENVELOPE_ID_RE = re.compile(r"[A-Za-z0-9_-]{21}[AQgw]")
+GROUP_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+_B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
+
+SIGNING_DOMAIN = b"gateway-envelope-v1\x00"
+
+_REQUIRED_FIELDS = frozenset(
+    {"v", "id", "from", "to", "created", "expires", "burn_on_read", "ciphertext", "signature"}
+)
+_OPTIONAL_FIELDS = frozenset({"group"})
+_T = TypeVar("_T")
+_ALL_FIELDS = _REQUIRED_FIELDS | _OPTIONAL_FIELDS
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One envelope. ``sender``/``recipient`` are the wire fields ``from``/``to``.
+
+    Construction does not validate (a test may build a broken one on purpose);
+    :meth:`from_json` and :func:`validate_envelope` do.
+    """
+
+    version: int
+    id: str
+    sender: Address
+    recipient: Address
+    created: int  # Unix time, milliseconds
+    expires: int  # Unix time, milliseconds
+    burn_on_read: bool
+    ciphertext: bytes = dataclasses.field(repr=False)
+    signature: bytes = dataclasses.field(repr=False)
+    group: str | None = None  # added by the origin gateway; not signed
+
+    @property
+    def size(self) -> int:
+        """The size that policy limits (``max_envelope_bytes``) apply to."""
+        return len(self.ciphertext)
+
+    @property
+    def ttl_ms(self) -> int:
+        return self.expires - self.created
+
+    def with_group(self, group: str | None) -> Envelope:
+        """This envelope with the origin gateway's group assertion set (or removed)."""
+        if group is not None:
+            _check_group(group)
+        return dataclasses.replace(self, group=group)
+
+    def to_json(self) -> dict[str, object]:
+        obj: dict[str, object] = {
+            "v": self.version,
+            "id": self.id,
+            "from": str(self.sender),
+            "to": str(self.recipient),
+            "created": self.created,
+            "expires": self.expires,
+            "burn_on_read": self.burn_on_read,
+        }
+        if self.group is not None:
+            obj["group"] = self.group
+        obj["ciphertext"] = b64url_encode(self.ciphertext)
+        obj["signature"] = b64url_encode(self.signature)
+        return obj
+
+    @classmethod
+    def from_json(cls, obj: object) -> Envelope:
+        """A well-formed envelope from its JSON object, or ``EnvelopeError``."""
+        if not isinstance(obj, dict):
+            _fail(f"envelope must be a JSON object, got {_kind(obj)}")
+        if "v" not in obj:
+            _fail("envelope has no field 'v' (version)")
+        version = obj["v"]
+        if type(version) is not int:
+            _fail(f"envelope field 'v' must be an integer, got {_kind(version)}")
+        if version != ENVELOPE_VERSION:
+            _fail(
+                f"envelope version {_short(version)} is not supported "
+                f"(this gateway speaks {ENVELOPE_VERSION})",
+                Reason.ENVELOPE_BAD_VERSION,
+            )
+        unknown = [key for key in obj if key not in _ALL_FIELDS]
+        if unknown:
+            names = ", ".join(_short(key) for key in sorted(map(str, unknown))[:5])
+            _fail(f"envelope has unknown field(s): {names}")
+        missing = sorted(_REQUIRED_FIELDS - obj.keys())
+        if missing:
+            _fail(f"envelope is missing field(s): {', '.join(missing)}")
+
+        # The size check comes before any decoding, so a huge ciphertext costs
+        # nothing more than having been received.
+        ciphertext_text = _get(obj, "ciphertext", str)
+        if len(ciphertext_text) > MAX_CIPHERTEXT_B64_CHARS:
+            _fail(
+                f"envelope ciphertext is larger than {MAX_CIPHERTEXT_BYTES} bytes",
+                Reason.ENVELOPE_TOO_LARGE,
+            )
+        envelope_id = _get(obj, "id", str)
+        sender = _parse_address(_get(obj, "from", str), "from", Reason.ENVELOPE_BAD_FROM)
+        recipient = _parse_address(_get(obj, "to", str), "to", Reason.ENVELOPE_BAD_TO)
+        created = _get(obj, "created", int)
+        expires = _get(obj, "expires", int)
+        burn_on_read = _get(obj, "burn_on_read", bool)
+        group = _get(obj, "group", str) if "group" in obj else None
+        try:
+            ciphertext = b64url_decode_canonical(ciphertext_text)
+        except ValueError:
+            _fail("envelope field 'ciphertext' is not canonical unpadded base64url")
+        try:
+            signature = b64url_decode_canonical(_get(obj, "signature", str))
+        except ValueError:
+            _fail(
+                "envelope field 'signature' is not canonical unpadded base64url",
+                Reason.ENVELOPE_BAD_SIGNATURE,
+            )
+        env = cls(
+            version=version,
+            id=envelope_id,
+            sender=sender,
+            recipient=recipient,
+            created=created,
+            expires=expires,
+            burn_on_read=burn_on_read,
+            ciphertext=ciphertext,
+            signature=signature,
+            group=group,
+        )
+        check_envelope(env)
+        return env
+
+
+# -- encoding ------------------------------------------------------------------
+
+
+def encode_envelope(env: Envelope) -> bytes:
+    """Compact JSON with sorted keys: the one encoding this gateway writes."""
+    return json.dumps(env.to_json(), sort_keys=True, separators=(",", ":")).encode("ascii")
+
+
+def decode_envelope(data: bytes | bytearray | memoryview) -> Envelope:
+    """An envelope from any bytes, or ``EnvelopeError``; never another exception."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        _fail(f"envelope must be bytes, got {_kind(data)}")
+    if len(data) > MAX_ENCODED_ENVELOPE_BYTES:
+        _fail(
+            f"encoded envelope is larger than {MAX_ENCODED_ENVELOPE_BYTES} bytes",
+            Reason.ENVELOPE_TOO_LARGE,
+        )
+    try:
+        text = bytes(data).decode("utf-8")
+    except UnicodeDecodeError:
+        _fail("envelope is not UTF-8")
+    try:
+        obj = json.loads(
+            text, object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant
+        )
+    except (ValueError, RecursionError):
+        # ValueError covers JSONDecodeError, our hooks and over-long integers;
+        # RecursionError is what deeply nested arrays give.
+        _fail("envelope is not valid JSON")
+    return Envelope.from_json(obj)
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("duplicate key")
+    return obj
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+def b64url_encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode_canonical(text: str) -> bytes:
+    """Decode unpadded base64url that is exactly what :func:`b64url_encode` writes.
+
+    Padding and non-zero unused trailing bits are refused, so one byte string
+    has one text form (``ValueError`` otherwise).
+    """
+    if not _B64URL_RE.fullmatch(text) or len(text) % 4 == 1:
+        raise ValueError("not unpadded base64url")
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except binascii.Error as exc:
+        raise ValueError("not base64url") from exc
+    if b64url_encode(raw) != text:
+        raise ValueError("not canonical base64url")
+    return raw
+
+
+def new_envelope_id() -> str:
+    """A fresh random envelope id: 16 random bytes, base64url (22 characters)."""
+    return b64url_encode(secrets.token_bytes(ENVELOPE_ID_BYTES))
+
+
+# -- signing -------------------------------------------------------------------
+
+
+def signing_bytes(env: Envelope) -> bytes:
+    """The bytes the sender's Ed25519 key signs (docs/envelope.md, "Signature").
+
+    The domain prefix, then v, id, from, to, created, expires, burn_on_read and
+    the ciphertext, each as a 4-byte big-endian length and its bytes. ``group``
+    and ``signature`` are not covered.
+    """
+    fields = (
+        str(env.version).encode(),
+        env.id.encode(),
+        str(env.sender).encode(),
+        str(env.recipient).encode(),
+        str(env.created).encode(),
+        str(env.expires).encode(),
+        b"1" if env.burn_on_read else b"0",
+        bytes(env.ciphertext),
+    )
+    parts = [SIGNING_DOMAIN]
+    for field in fields:
+        parts.append(struct.pack(">I", len(field)))
+        parts.append(field)
+    return b"".join(parts)
+
+
+# -- validation ----------------------------------------------------------------
+
+
+def check_envelope(env: Envelope) -> None:
+    """Every check that needs no clock; ``EnvelopeError`` with the reason of the first failure."""
+    if type(env.version) is not int or env.version != ENVELOPE_VERSION:
+        _fail(
+            f"envelope version {_short(env.version)} is not supported",
+            Reason.ENVELOPE_BAD_VERSION,
+        )
+    if not isinstance(env.id, str) or not ENVELOPE_ID_RE.fullmatch(env.id):
+        _fail(
+            f"envelope id {_short(env.id)} is not 16 bytes of unpadded base64url (22 characters)",
+            Reason.ENVELOPE_BAD_ID,
+        )
+    _check_address(env.sender, "from", Reason.ENVELOPE_BAD_FROM)
+    _check_address(env.recipient, "to", Reason.ENVELOPE_BAD_TO)
+    for name, value in (("created", env.created), ("expires", env.expires)):
+        if type(value) is not int or not 0 <= value <= MAX_TIME_MS:
+            _fail(
+                f"envelope field {name!r} must be a Unix time in milliseconds "
+                f"from 0 to {MAX_TIME_MS}",
+                Reason.ENVELOPE_BAD_TIME,
+            )
+    if env.expires <= env.created:
+        _fail("envelope expires at or before it was created", Reason.ENVELOPE_BAD_TIME)
+    if env.expires - env.created > MAX_ENVELOPE_TTL_MS:
+        _fail(
+            f"envelope lifetime exceeds the protocol maximum of {MAX_ENVELOPE_TTL_MS} ms",
+            Reason.ENVELOPE_BAD_TIME,
+        )
+    if type(env.burn_on_read) is not bool:
+        _fail("envelope field 'burn_on_read' must be true or false")
+    if env.group is not None:
+        _check_group(env.group)
+    if not isinstance(env.ciphertext, bytes) or not env.ciphertext:
+        _fail("envelope ciphertext must be non-empty bytes")
+    if len(env.ciphertext) > MAX_CIPHERTEXT_BYTES:
+        _fail(
+            f"envelope ciphertext of {len(env.ciphertext)} bytes exceeds the protocol "
+            f"limit of {MAX_CIPHERTEXT_BYTES}",
+            Reason.ENVELOPE_TOO_LARGE,
+        )
+    if not isinstance(env.signature, bytes) or len(env.signature) != SIGNATURE_BYTES:
+        _fail(f"envelope signature must be {SIGNATURE_BYTES} bytes", Reason.ENVELOPE_BAD_SIGNATURE)
+
+
+def validate_envelope(env: Envelope, *, now_ms: int) -> None:
+    """:func:`check_envelope`, then the clock: ``EXPIRED`` or ``ENVELOPE_BAD_TIME``."""
+    check_envelope(env)
+    if env.created > now_ms + MAX_CLOCK_SKEW_MS:
+        _fail(
+            f"envelope was created {env.created - now_ms} ms in the future "
+            f"(more than the allowed clock skew of {MAX_CLOCK_SKEW_MS} ms)",
+            Reason.ENVELOPE_BAD_TIME,
+        )
+    if env.expires <= now_ms:
+        _fail("envelope has expired", Reason.EXPIRED)
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def _fail(message: str, reason: Reason = Reason.ENVELOPE_MALFORMED) -> NoReturn:
+    raise EnvelopeError(message, reason=reason)
+
+
+def _kind(value: object) -> str:
+    """The JSON name of a value's type, for messages (never the value itself)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _short(value: object, limit: int = 40) -> str:
+    """``repr`` of remote input, cut so an error message stays one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _get(obj: dict[str, object], key: str, kind: type[_T]) -> _T:
+    value = obj[key]
+    # `type() is`, not isinstance: JSON true is not the integer 1 here.
+    if type(value) is not kind:
+        wanted = {int: "an integer", bool: "a boolean", str: "a string"}[kind]
+        _fail(f"envelope field {key!r} must be {wanted}, got {_kind(value)}")
+    return value
+
+
+def _parse_address(text: str, field: str, reason: Reason) -> Address:
+    try:
+        address = Address.parse(text)
+    except AddressError as exc:
+        raise EnvelopeError(f"envelope field {field!r}: {exc}", reason=reason) from exc
+    # One envelope has one wire form: `Bob@Globex.example.` is refused, not folded.
+    if str(address) != text:
+        _fail(f"envelope field {field!r}: address is not in normal form (use {address})", reason)
+    return address
+
+
+def _check_address(address: object, field: str, reason: Reason) -> None:
+    if not isinstance(address, Address):
+        _fail(f"envelope field {field!r} must be an address", reason)
+    try:
+        normalized = Address.of(address.user, address.org)
+    except AddressError as exc:
+        raise EnvelopeError(f"envelope field {field!r}: {exc}", reason=reason) from exc
+    if normalized != address:
+        _fail(f"envelope field {field!r}: address is not in its normal form", reason)
+
+
+def _check_group(group: object) -> None:
+    if not isinstance(group, str) or not GROUP_NAME_RE.fullmatch(group):
+        _fail(
+            f"envelope group {_short(group)} must be 1-64 of a-z 0-9 _ - starting "
+            "with a letter or digit",
+            Reason.ENVELOPE_BAD_GROUP,
+        )
