@@ -1,0 +1,466 @@
+"""The storage interface: one ``typing.Protocol`` and the frozen values it trades in.
+
+Services (sender, receiver, client API, sweeper, admin commands) depend on
+:class:`Storage` only; engines implement it. Every engine must keep these
+promises, and the shared tests check them:
+
+Durability
+    A write method returns only after its effect is durable (committed and
+    synced). A crash after it returns loses nothing; a crash before it returns
+    either applied all of that call or none of it.
+
+Spool (outbound, one lane per peer)
+    Lane order is insertion order. :meth:`Storage.spool_take` does *not* remove:
+    entries leave the spool on the peer's answer (:meth:`Storage.spool_complete`),
+    on expiry, or by an admin purge. A crash between sending and the answer
+    therefore re-sends, and the receiver's dedup makes that harmless. An envelope
+    id that was already spooled or already has a delivery status is not spooled
+    again.
+
+Mailboxes (inbound, one per local user)
+    :meth:`Storage.deliver` is the receiver's one atomic commit: the accepted
+    envelopes go in, and the transaction's answer is recorded, together. An
+    envelope id accepted before (by any transaction, or locally, across
+    restarts, until its expiry plus a grace) is not stored again. Mailbox
+    sequence numbers only grow, so ``after=`` cursors never skip an arrival.
+
+Delivery statuses
+    ``queued`` (spooled), ``forwarded`` (the peer accepted it), ``delivered``
+    (it is in a local mailbox), ``rejected:<reason>``, ``expired``. They are
+    written in the same commit as the change they describe.
+
+Time
+    Nothing here reads a clock: every time is passed in as Unix milliseconds
+    (``*_ms``), so expiry and retention are testable without waiting.
+
+Values
+    Envelopes are opaque encoded bytes (``data``) plus the few columns the
+    store indexes. ``size`` is always ``len(data)``: the bytes a lane or
+    mailbox holds and the bytes a batch will carry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from gateway.core.address import MAX_ADDRESS_LENGTH, MAX_DOMAIN_LENGTH
+
+# -- bounds ----------------------------------------------------------------------
+MAX_ENVELOPE_ID_LENGTH = 128  # generous: the envelope format's ids are far shorter
+MAX_TXN_ID_LENGTH = 128
+MAX_USER_LENGTH = MAX_ADDRESS_LENGTH  # users are stored as their full address
+MAX_STATUS_LENGTH = 128
+MAX_TOKEN_HASH_BYTES = 64
+MAX_BODY_HASH_BYTES = 64
+MAX_LAST_ERROR_LENGTH = 500  # longer peer errors are cut, with a marker, when stored
+MAX_ITEMS_PER_CALL = 10_000  # one call is one commit; bigger batches are a caller bug
+EXPIRE_BATCH = 1_000  # default rows removed per expire call; call again while full
+LIST_LIMIT = 1_000  # default and ceiling for admin listings and fetches
+MAX_TIME_MS = 2**62  # far beyond any real clock, inside SQLite's 64-bit integers
+
+# -- delivery statuses -----------------------------------------------------------
+STATUS_QUEUED = "queued"
+STATUS_FORWARDED = "forwarded"
+STATUS_DELIVERED = "delivered"
+STATUS_EXPIRED = "expired"
+STATUS_REJECTED_PREFIX = "rejected:"
+STATUS_PURGED = STATUS_REJECTED_PREFIX + "purged"  # an admin removed it from the spool
+PLAIN_STATUSES = frozenset({STATUS_QUEUED, STATUS_FORWARDED, STATUS_DELIVERED, STATUS_EXPIRED})
+
+# The word a receiver answers for an envelope it took (stored now or before).
+RESULT_ACCEPTED = "accepted"
+
+
+def rejected_status(reason: str) -> str:
+    """``rejected:<reason>`` for a reason code."""
+    return check_status(STATUS_REJECTED_PREFIX + reason)
+
+
+def check_status(status: str) -> str:
+    """Return ``status`` if it is a delivery status word; else ``ValueError``."""
+    if not isinstance(status, str):
+        raise ValueError(f"status must be a string, got {type(status).__name__}")
+    if status in PLAIN_STATUSES:
+        return status
+    reason = status.removeprefix(STATUS_REJECTED_PREFIX)
+    if (
+        status.startswith(STATUS_REJECTED_PREFIX)
+        and reason
+        and len(status) <= MAX_STATUS_LENGTH
+        and reason.isascii()
+        and reason.isprintable()
+        and " " not in reason
+    ):
+        return status
+    raise ValueError(
+        f"status {status!r} is not one of {sorted(PLAIN_STATUSES)} or rejected:<reason code>"
+    )
+
+
+def check_text(what: str, value: object, max_length: int) -> str:
+    """``value`` if it is a non-empty str of at most ``max_length``; else ``ValueError``."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {type(value).__name__}")
+    if not value or len(value) > max_length:
+        raise ValueError(f"{what} must be 1-{max_length} characters, got {len(value)}")
+    return value
+
+
+def check_ms(what: str, value: object) -> int:
+    """``value`` if it is an int time or duration in ms within range; else ``ValueError``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{what} must be an integer of milliseconds, got {value!r}")
+    if not 0 <= value <= MAX_TIME_MS:
+        raise ValueError(f"{what} must be within 0..{MAX_TIME_MS}, got {value}")
+    return value
+
+
+def check_count(what: str, value: object, *, minimum: int = 1, maximum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{what} must be an integer, got {value!r}")
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{what} must be within {minimum}..{maximum}, got {value}")
+    return value
+
+
+def check_bytes(what: str, value: object, max_length: int | None = None) -> bytes:
+    if not isinstance(value, bytes):
+        raise ValueError(f"{what} must be bytes, got {type(value).__name__}")
+    if max_length is not None and not 0 < len(value) <= max_length:
+        raise ValueError(f"{what} must be 1-{max_length} bytes, got {len(value)}")
+    return value
+
+
+def check_batch(what: str, items: Sequence[object]) -> None:
+    if isinstance(items, str | bytes) or not isinstance(items, Sequence):
+        raise ValueError(f"{what} must be a sequence, got {type(items).__name__}")
+    if len(items) > MAX_ITEMS_PER_CALL:
+        raise ValueError(f"{what}: {len(items)} items in one call, at most {MAX_ITEMS_PER_CALL}")
+
+
+# -- values ----------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class EnvelopeRecord:
+    """One envelope as the store keeps it: the indexed columns and the opaque bytes."""
+
+    envelope_id: str
+    sender: str  # address of the sending user
+    recipient: str  # address of the receiving user
+    created_ms: int
+    expires_ms: int
+    burn_on_read: bool
+    # The encoded envelope; never parsed by the store, never in a repr (logs).
+    data: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        check_text("envelope_id", self.envelope_id, MAX_ENVELOPE_ID_LENGTH)
+        check_text(f"sender of {self.envelope_id}", self.sender, MAX_ADDRESS_LENGTH)
+        check_text(f"recipient of {self.envelope_id}", self.recipient, MAX_ADDRESS_LENGTH)
+        check_ms(f"created_ms of {self.envelope_id}", self.created_ms)
+        check_ms(f"expires_ms of {self.envelope_id}", self.expires_ms)
+        if not isinstance(self.burn_on_read, bool):
+            raise ValueError(f"burn_on_read of {self.envelope_id} must be a bool")
+        check_bytes(f"data of {self.envelope_id}", self.data)
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpoolItem(EnvelopeRecord):
+    """An envelope to put in the lane of ``peer`` (the recipient's org)."""
+
+    peer: str
+
+    def __post_init__(self) -> None:
+        EnvelopeRecord.__post_init__(self)
+        check_text(f"peer of {self.envelope_id}", self.peer, MAX_DOMAIN_LENGTH)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpoolEntry(SpoolItem):
+    """A spooled envelope: its place in the lane and when it was spooled."""
+
+    seq: int
+    spooled_ms: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpoolSummary:
+    """A spooled envelope without its bytes, for admin listings."""
+
+    seq: int
+    envelope_id: str
+    peer: str
+    sender: str
+    recipient: str
+    created_ms: int
+    expires_ms: int
+    spooled_ms: int
+    size: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class MailboxEntry(EnvelopeRecord):
+    """A stored inbound envelope. ``seq`` only grows: use it as the ``after`` cursor."""
+
+    seq: int
+    stored_ms: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpiredEnvelope:
+    """An envelope an expiry sweep removed. ``peer`` is None for a mailbox entry."""
+
+    envelope_id: str
+    sender: str
+    recipient: str
+    peer: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class LaneStats:
+    """One non-empty spool lane."""
+
+    peer: str
+    depth: int
+    bytes: int
+    oldest_created_ms: int  # created_ms of the envelope at the head of the lane
+    oldest_spooled_ms: int  # when that envelope was spooled (our clock, not the client's)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MailboxDepth:
+    envelopes: int
+    bytes: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class TxnRecord:
+    """The recorded answer to one received transaction."""
+
+    origin: str
+    txn_id: str
+    body_hash: bytes
+    results: Mapping[str, str]  # envelope id -> "accepted" or a reason code, in body order
+    at_ms: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeliverOutcome:
+    """What a mailbox write did.
+
+    ``stored``: envelope ids stored now, in the order given. ``recipients``: the
+    users who got at least one new envelope (wake their long-polls).
+    ``replayed``: for :meth:`Storage.deliver`, the record already held for this
+    ``(origin, txn_id)``; when set, nothing was stored and the caller answers
+    from it (or refuses, if its ``body_hash`` differs).
+    """
+
+    stored: tuple[str, ...]
+    recipients: frozenset[str]
+    replayed: TxnRecord | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeliveryStatus:
+    envelope_id: str
+    sender: str
+    status: str
+    at_ms: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerState:
+    """What the sender remembers about a peer across restarts."""
+
+    peer: str
+    failures: int = 0  # consecutive failures since the last success
+    backoff_until_ms: int = 0  # do not try before this time; 0: try now
+    last_success_ms: int | None = None
+    last_error: str | None = None  # our own short description, never the peer's text
+
+    def __post_init__(self) -> None:
+        check_text("peer", self.peer, MAX_DOMAIN_LENGTH)
+        check_count(f"failures of {self.peer}", self.failures, minimum=0, maximum=2**31)
+        check_ms(f"backoff_until_ms of {self.peer}", self.backoff_until_ms)
+        if self.last_success_ms is not None:
+            check_ms(f"last_success_ms of {self.peer}", self.last_success_ms)
+        if self.last_error is not None and not isinstance(self.last_error, str):
+            raise ValueError(f"last_error of {self.peer} must be a string or None")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PruneCounts:
+    seen: int
+    statuses: int
+    txns: int
+
+
+# -- the interface ---------------------------------------------------------------
+class Storage(Protocol):
+    """The gateway's durable state. See the module docstring for the promises."""
+
+    # -- spool ---------------------------------------------------------------
+    async def spool_put(self, items: Sequence[SpoolItem], *, at_ms: int) -> list[str]:
+        """Spool ``items`` in order, all or none; status ``queued``.
+
+        Returns the ids spooled now; an id already spooled or with a status is
+        skipped (so a client's retry is harmless).
+        """
+        ...
+
+    async def spool_take(self, peer: str, *, max_items: int, max_bytes: int) -> list[SpoolEntry]:
+        """The head of ``peer``'s lane, oldest first, without removing it.
+
+        At most ``max_items`` entries and ``max_bytes`` of data, except that the
+        first entry is always returned, however large, so no lane can stall.
+        """
+        ...
+
+    async def spool_complete(self, peer: str, results: Mapping[str, str], *, at_ms: int) -> int:
+        """Remove answered envelopes and record their statuses, in one commit.
+
+        ``results`` maps envelope id to its new status (``forwarded`` or
+        ``rejected:<reason>``). Ids no longer in ``peer``'s lane (purged,
+        expired meanwhile) are ignored. Returns how many were removed.
+        """
+        ...
+
+    async def spool_expire(
+        self, now_ms: int, *, limit: int = EXPIRE_BATCH
+    ) -> list[ExpiredEnvelope]:
+        """Remove up to ``limit`` entries with ``expires_ms <= now_ms``; status ``expired``."""
+        ...
+
+    async def spool_stats(self) -> dict[str, LaneStats]:
+        """Every non-empty lane, by peer. Cheap: counters and one index probe per lane."""
+        ...
+
+    async def spool_peers(self) -> list[str]:
+        """Peers with a non-empty lane, sorted."""
+        ...
+
+    async def spool_list(
+        self, *, peer: str | None = None, limit: int = LIST_LIMIT, after_seq: int | None = None
+    ) -> list[SpoolSummary]:
+        """Spooled envelopes without their bytes, in lane order (by ``seq``)."""
+        ...
+
+    async def spool_retry(self, peer: str | None = None) -> int:
+        """Clear the backoff of ``peer`` (or every peer). Returns peers changed."""
+        ...
+
+    async def spool_purge(
+        self, *, peer: str | None = None, created_before_ms: int | None = None, at_ms: int
+    ) -> int:
+        """Remove spooled envelopes (of ``peer``, created before a time).
+
+        Each gets status ``rejected:purged``. Returns how many were removed.
+        """
+        ...
+
+    # -- mailboxes and transactions ------------------------------------------
+    async def deliver(
+        self,
+        origin: str,
+        txn_id: str,
+        body_hash: bytes,
+        results: Mapping[str, str],
+        entries: Sequence[EnvelopeRecord],
+        *,
+        at_ms: int,
+    ) -> DeliverOutcome:
+        """The receiver's atomic commit of one transaction.
+
+        Stores ``entries`` (each must be answered ``accepted`` in ``results``)
+        in their recipients' mailboxes, skipping ids seen before, and records
+        ``results`` for ``(origin, txn_id)``. If that transaction is already
+        recorded, stores nothing and returns the record as ``replayed``.
+        """
+        ...
+
+    async def txn_lookup(self, origin: str, txn_id: str) -> TxnRecord | None: ...
+
+    async def mailbox_put_local(
+        self, entries: Sequence[EnvelopeRecord], *, at_ms: int
+    ) -> DeliverOutcome:
+        """Intra-org delivery: store, dedup by id, status ``delivered``; one commit."""
+        ...
+
+    async def mailbox_fetch(
+        self, user: str, *, limit: int, after: int | None = None, now_ms: int | None = None
+    ) -> list[MailboxEntry]:
+        """``user``'s envelopes, oldest first, with ``seq > after``; not removed.
+
+        With ``now_ms``, envelopes already expired are left out even before the
+        sweeper removes them.
+        """
+        ...
+
+    async def mailbox_ack(self, user: str, envelope_ids: Collection[str]) -> int:
+        """Delete ``user``'s envelopes with these ids. Returns how many were deleted."""
+        ...
+
+    async def mailbox_expire(
+        self, now_ms: int, *, limit: int = EXPIRE_BATCH
+    ) -> list[ExpiredEnvelope]:
+        """Remove up to ``limit`` mailbox entries with ``expires_ms <= now_ms``."""
+        ...
+
+    async def mailbox_depth(self, user: str) -> MailboxDepth: ...
+
+    # -- delivery statuses ---------------------------------------------------
+    async def status_set(
+        self, envelope_id: str, sender: str, status: str, *, at_ms: int
+    ) -> None: ...
+
+    async def status_get(self, envelope_id: str) -> DeliveryStatus | None: ...
+
+    # -- peers -------------------------------------------------------------------
+    async def peer_state_get(self, peer: str) -> PeerState | None: ...
+
+    async def peer_state_put(self, state: PeerState) -> None: ...
+
+    async def peer_states(self) -> list[PeerState]:
+        """Every peer with recorded state, sorted by name."""
+        ...
+
+    # -- client tokens and user keys -----------------------------------------
+    async def token_put(self, user: str, token_hash: bytes, *, at_ms: int) -> None:
+        """Add a token (by its hash) for ``user``; a user may hold several."""
+        ...
+
+    async def token_lookup(self, token_hash: bytes) -> str | None: ...
+
+    async def token_revoke(self, user: str) -> int:
+        """Remove every token of ``user``. Returns how many."""
+        ...
+
+    async def user_keys_put(self, user: str, record: bytes, *, at_ms: int) -> None:
+        """Publish (replace) ``user``'s key record, stored as given."""
+        ...
+
+    async def user_keys_get(self, user: str) -> bytes | None: ...
+
+    # -- housekeeping ------------------------------------------------------------
+    async def prune(
+        self, *, seen_before_ms: int, statuses_before_ms: int, txns_before_ms: int
+    ) -> PruneCounts:
+        """Forget dedup ids that expired before ``seen_before_ms``, statuses set
+        before ``statuses_before_ms``, transaction records before ``txns_before_ms``.
+        """
+        ...
+
+    async def scrub(self) -> bool:
+        """Make deleted envelopes unrecoverable from the engine's files now.
+
+        Deletes overwrite their bytes as they happen, but older copies can
+        linger in a journal until it is recycled; the sweeper calls this after
+        acknowledgements and expiry. Returns False if it could not finish
+        (readers held it back); calling again later completes it.
+        """
+        ...

@@ -1,0 +1,795 @@
+"""The :class:`~gateway.storage.base.Storage` interface on SQLite.
+
+Each method checks its arguments (``ValueError`` before anything is queued),
+then hands the engine one op: a plain function of a connection that runs
+either in the writer's next group commit (every write method is exactly one
+op, so it is all-or-nothing) or on a reader connection. The SQL lives here;
+the threads, transactions and error translation live in
+:mod:`gateway.storage.sqlite.engine`; the tables in
+:mod:`gateway.storage.sqlite.schema`.
+
+Unbounded deletes (purges, prunes) run as several ops of at most
+:data:`DELETE_CHUNK` rows each, so no single commit holds the write lock for
+long while the gateway keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Final
+
+from gateway.core.address import MAX_DOMAIN_LENGTH
+from gateway.storage.base import (
+    EXPIRE_BATCH,
+    LIST_LIMIT,
+    MAX_BODY_HASH_BYTES,
+    MAX_ENVELOPE_ID_LENGTH,
+    MAX_ITEMS_PER_CALL,
+    MAX_LAST_ERROR_LENGTH,
+    MAX_STATUS_LENGTH,
+    MAX_TOKEN_HASH_BYTES,
+    MAX_TXN_ID_LENGTH,
+    MAX_USER_LENGTH,
+    RESULT_ACCEPTED,
+    STATUS_DELIVERED,
+    STATUS_EXPIRED,
+    STATUS_PURGED,
+    STATUS_QUEUED,
+    DeliverOutcome,
+    DeliveryStatus,
+    EnvelopeRecord,
+    ExpiredEnvelope,
+    LaneStats,
+    MailboxDepth,
+    MailboxEntry,
+    PeerState,
+    PruneCounts,
+    SpoolEntry,
+    SpoolItem,
+    SpoolSummary,
+    TxnRecord,
+    check_batch,
+    check_bytes,
+    check_count,
+    check_ms,
+    check_status,
+    check_text,
+)
+from gateway.storage.sqlite.engine import READER_THREADS, SqliteEngine, open_sqlite_engine
+from gateway.storage.sqlite.schema import migrate
+
+DELETE_CHUNK: Final = 1_000  # rows per commit for purges and prunes
+_TRUNCATED: Final = " [truncated]"
+
+_SPOOL_COLUMNS = (
+    "seq, envelope_id, peer, sender, recipient, created_ms, expires_ms, spooled_ms, "
+    "burn_on_read, data"
+)
+_SPOOL_SUMMARY_COLUMNS = (
+    "seq, envelope_id, peer, sender, recipient, created_ms, expires_ms, spooled_ms, size"
+)
+_MAILBOX_COLUMNS = (
+    "seq, envelope_id, recipient, sender, created_ms, expires_ms, stored_ms, burn_on_read, data"
+)
+_SET_STATUS = (
+    "INSERT INTO statuses (envelope_id, sender, status, at_ms) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (envelope_id) DO UPDATE SET status = excluded.status, at_ms = excluded.at_ms"
+)
+
+_TXN_SELECT = "SELECT body_hash, results, at_ms FROM transactions WHERE origin = ? AND txn_id = ?"
+
+Row = tuple[Any, ...]
+
+
+# -- argument checks (before anything is queued) ---------------------------------
+def _peer(peer: object) -> str:
+    return check_text("peer", peer, MAX_DOMAIN_LENGTH)
+
+
+def _user(user: object) -> str:
+    return check_text("user", user, MAX_USER_LENGTH)
+
+
+def _ids(what: str, ids: Collection[str]) -> list[str]:
+    if isinstance(ids, str | bytes) or not isinstance(ids, Collection):
+        raise ValueError(f"{what} must be a collection of envelope ids, got {type(ids).__name__}")
+    if len(ids) > MAX_ITEMS_PER_CALL:
+        raise ValueError(f"{what}: {len(ids)} ids in one call, at most {MAX_ITEMS_PER_CALL}")
+    return [check_text(f"{what} id", i, MAX_ENVELOPE_ID_LENGTH) for i in ids]
+
+
+def _records(what: str, entries: Sequence[EnvelopeRecord], kind: type[EnvelopeRecord]) -> None:
+    check_batch(what, entries)
+    for entry in entries:
+        if not isinstance(entry, kind):
+            raise ValueError(f"{what} must hold {kind.__name__}, got {type(entry).__name__}")
+
+
+def _statuses(results: Mapping[str, str]) -> list[tuple[str, str]]:
+    if not isinstance(results, Mapping):
+        raise ValueError(f"results must be a mapping, got {type(results).__name__}")
+    if len(results) > MAX_ITEMS_PER_CALL:
+        raise ValueError(f"results: {len(results)} in one call, at most {MAX_ITEMS_PER_CALL}")
+    return [
+        (check_text("results id", k, MAX_ENVELOPE_ID_LENGTH), check_status(v))
+        for k, v in results.items()
+    ]
+
+
+def _txn_results(results: Mapping[str, str], entries: Sequence[EnvelopeRecord]) -> str:
+    if not isinstance(results, Mapping):
+        raise ValueError(f"results must be a mapping, got {type(results).__name__}")
+    if len(results) > MAX_ITEMS_PER_CALL:
+        raise ValueError(f"results: {len(results)} in one call, at most {MAX_ITEMS_PER_CALL}")
+    for key, value in results.items():
+        check_text("results id", key, MAX_ENVELOPE_ID_LENGTH)
+        check_text(f"result of {key}", value, MAX_STATUS_LENGTH)
+    for entry in entries:
+        if results.get(entry.envelope_id) != RESULT_ACCEPTED:
+            raise ValueError(
+                f"entry {entry.envelope_id} is stored but its result is "
+                f"{results.get(entry.envelope_id)!r}, not {RESULT_ACCEPTED!r}"
+            )
+    return json.dumps(dict(results), separators=(",", ":"))
+
+
+# -- row mapping -----------------------------------------------------------------
+def _spool_entry(row: Row) -> SpoolEntry:
+    seq, envelope_id, peer, sender, recipient, created, expires, spooled, burn, data = row
+    return SpoolEntry(
+        seq=seq,
+        envelope_id=envelope_id,
+        peer=peer,
+        sender=sender,
+        recipient=recipient,
+        created_ms=created,
+        expires_ms=expires,
+        spooled_ms=spooled,
+        burn_on_read=bool(burn),
+        data=bytes(data),
+    )
+
+
+def _spool_summary(row: Row) -> SpoolSummary:
+    seq, envelope_id, peer, sender, recipient, created, expires, spooled, size = row
+    return SpoolSummary(
+        seq=seq,
+        envelope_id=envelope_id,
+        peer=peer,
+        sender=sender,
+        recipient=recipient,
+        created_ms=created,
+        expires_ms=expires,
+        spooled_ms=spooled,
+        size=size,
+    )
+
+
+def _mailbox_entry(row: Row) -> MailboxEntry:
+    seq, envelope_id, recipient, sender, created, expires, stored, burn, data = row
+    return MailboxEntry(
+        seq=seq,
+        envelope_id=envelope_id,
+        recipient=recipient,
+        sender=sender,
+        created_ms=created,
+        expires_ms=expires,
+        stored_ms=stored,
+        burn_on_read=bool(burn),
+        data=bytes(data),
+    )
+
+
+def _txn_record(origin: str, txn_id: str, row: Row) -> TxnRecord:
+    body_hash, results, at_ms = row
+    return TxnRecord(
+        origin=origin,
+        txn_id=txn_id,
+        body_hash=bytes(body_hash),
+        results=json.loads(results),
+        at_ms=at_ms,
+    )
+
+
+def _peer_state(row: Row) -> PeerState:
+    peer, failures, backoff_until, last_success, last_error = row
+    return PeerState(
+        peer=peer,
+        failures=failures,
+        backoff_until_ms=backoff_until,
+        last_success_ms=last_success,
+        last_error=last_error,
+    )
+
+
+# -- ops shared by several methods -------------------------------------------------
+def _store_in_mailboxes(
+    conn: sqlite3.Connection, entries: Sequence[EnvelopeRecord], at_ms: int
+) -> tuple[list[EnvelopeRecord], set[str]]:
+    """Insert entries whose ids were never seen; return those stored and their recipients."""
+    stored: list[EnvelopeRecord] = []
+    recipients: set[str] = set()
+    for entry in entries:
+        seen = conn.execute(
+            "INSERT INTO seen_envelopes (envelope_id, expires_ms) VALUES (?, ?) "
+            "ON CONFLICT (envelope_id) DO NOTHING",
+            (entry.envelope_id, entry.expires_ms),
+        )
+        if seen.rowcount != 1:
+            continue
+        # A mailbox row whose seen row was pruned early must still not double.
+        inserted = conn.execute(
+            "INSERT INTO mailbox (envelope_id, recipient, sender, created_ms, expires_ms, "
+            "stored_ms, size, burn_on_read, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (envelope_id) DO NOTHING",
+            (
+                entry.envelope_id,
+                entry.recipient,
+                entry.sender,
+                entry.created_ms,
+                entry.expires_ms,
+                at_ms,
+                entry.size,
+                int(entry.burn_on_read),
+                entry.data,
+            ),
+        )
+        if inserted.rowcount == 1:
+            stored.append(entry)
+            recipients.add(entry.recipient)
+    return stored, recipients
+
+
+def _delete_chunked_sql(table: str, key: str, where: str) -> str:
+    return (
+        f"DELETE FROM {table} WHERE {key} IN "  # noqa: S608 -- names are ours, values bound
+        f"(SELECT {key} FROM {table} WHERE {where} LIMIT ?)"
+    )
+
+
+class SqliteStorage:
+    """:class:`~gateway.storage.base.Storage` on one SQLite file.
+
+    Build it with :func:`open_sqlite_storage`.
+    """
+
+    def __init__(self, engine: SqliteEngine) -> None:
+        self.engine = engine
+
+    @property
+    def commits(self) -> int:
+        """Write transactions committed so far (group commit makes this << writes)."""
+        return self.engine.commits
+
+    # -- spool -------------------------------------------------------------------
+    async def spool_put(self, items: Sequence[SpoolItem], *, at_ms: int) -> list[str]:
+        _records("spool_put items", items, SpoolItem)
+        check_ms("at_ms", at_ms)
+        items = list(items)
+
+        def op(conn: sqlite3.Connection) -> list[str]:
+            spooled: list[str] = []
+            for item in items:
+                # The status row is the "seen on the sending side" marker: it
+                # exists from spool_put on, and outlives the spool entry.
+                fresh = conn.execute(
+                    "INSERT INTO statuses (envelope_id, sender, status, at_ms) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT (envelope_id) DO NOTHING",
+                    (item.envelope_id, item.sender, STATUS_QUEUED, at_ms),
+                )
+                if fresh.rowcount != 1:
+                    continue  # spooled before, answered, or delivered locally
+                conn.execute(
+                    "INSERT INTO spool (envelope_id, peer, sender, recipient, created_ms, "
+                    "expires_ms, spooled_ms, size, burn_on_read, data) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (envelope_id) DO NOTHING",
+                    (
+                        item.envelope_id,
+                        item.peer,
+                        item.sender,
+                        item.recipient,
+                        item.created_ms,
+                        item.expires_ms,
+                        at_ms,
+                        item.size,
+                        int(item.burn_on_read),
+                        item.data,
+                    ),
+                )
+                spooled.append(item.envelope_id)
+            return spooled
+
+        return await self.engine.write(op)
+
+    async def spool_take(self, peer: str, *, max_items: int, max_bytes: int) -> list[SpoolEntry]:
+        _peer(peer)
+        check_count("max_items", max_items, maximum=MAX_ITEMS_PER_CALL)
+        check_count("max_bytes", max_bytes, maximum=2**40)
+
+        def op(conn: sqlite3.Connection) -> list[SpoolEntry]:
+            taken: list[SpoolEntry] = []
+            total = 0
+            cur = conn.execute(
+                f"SELECT {_SPOOL_COLUMNS} FROM spool WHERE peer = ? "  # noqa: S608
+                "ORDER BY seq LIMIT ?",
+                (peer, max_items),
+            )
+            try:
+                for row in cur:
+                    entry = _spool_entry(row)
+                    if taken and total + entry.size > max_bytes:
+                        break
+                    taken.append(entry)
+                    total += entry.size
+            finally:
+                cur.close()
+            return taken
+
+        return await self.engine.read(op)
+
+    async def spool_complete(self, peer: str, results: Mapping[str, str], *, at_ms: int) -> int:
+        _peer(peer)
+        pairs = _statuses(results)
+        check_ms("at_ms", at_ms)
+
+        def op(conn: sqlite3.Connection) -> int:
+            removed = 0
+            for envelope_id, status in pairs:
+                row = conn.execute(
+                    "DELETE FROM spool WHERE envelope_id = ? AND peer = ? RETURNING sender",
+                    (envelope_id, peer),
+                ).fetchone()
+                if row is not None:
+                    conn.execute(_SET_STATUS, (envelope_id, row[0], status, at_ms))
+                    removed += 1
+            return removed
+
+        return await self.engine.write(op)
+
+    async def spool_expire(
+        self, now_ms: int, *, limit: int = EXPIRE_BATCH
+    ) -> list[ExpiredEnvelope]:
+        check_ms("now_ms", now_ms)
+        check_count("limit", limit, maximum=MAX_ITEMS_PER_CALL)
+
+        def op(conn: sqlite3.Connection) -> list[ExpiredEnvelope]:
+            rows = conn.execute(
+                "DELETE FROM spool WHERE seq IN (SELECT seq FROM spool WHERE expires_ms <= ? "
+                "ORDER BY expires_ms LIMIT ?) RETURNING envelope_id, sender, recipient, peer",
+                (now_ms, limit),
+            ).fetchall()
+            conn.executemany(
+                _SET_STATUS, [(row[0], row[1], STATUS_EXPIRED, now_ms) for row in rows]
+            )
+            return [
+                ExpiredEnvelope(envelope_id=e, sender=s, recipient=r, peer=p) for e, s, r, p in rows
+            ]
+
+        return await self.engine.write(op)
+
+    async def spool_stats(self) -> dict[str, LaneStats]:
+        def op(conn: sqlite3.Connection) -> dict[str, LaneStats]:
+            rows = conn.execute(
+                "SELECT l.peer, l.depth, l.bytes, h.created_ms, h.spooled_ms FROM spool_lanes l "
+                "JOIN spool h ON h.seq = (SELECT MIN(seq) FROM spool WHERE peer = l.peer) "
+                "ORDER BY l.peer"
+            ).fetchall()
+            return {
+                peer: LaneStats(
+                    peer=peer,
+                    depth=depth,
+                    bytes=size,
+                    oldest_created_ms=created,
+                    oldest_spooled_ms=spooled,
+                )
+                for peer, depth, size, created, spooled in rows
+            }
+
+        return await self.engine.read(op)
+
+    async def spool_peers(self) -> list[str]:
+        def op(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute("SELECT peer FROM spool_lanes ORDER BY peer").fetchall()
+            return [row[0] for row in rows]
+
+        return await self.engine.read(op)
+
+    async def spool_list(
+        self, *, peer: str | None = None, limit: int = LIST_LIMIT, after_seq: int | None = None
+    ) -> list[SpoolSummary]:
+        if peer is not None:
+            _peer(peer)
+        check_count("limit", limit, maximum=LIST_LIMIT)
+        after = (
+            0
+            if after_seq is None
+            else check_count("after_seq", after_seq, minimum=0, maximum=2**62)
+        )
+        where, args = ("peer = ? AND seq > ?", (peer, after)) if peer else ("seq > ?", (after,))
+
+        def op(conn: sqlite3.Connection) -> list[SpoolSummary]:
+            rows = conn.execute(
+                f"SELECT {_SPOOL_SUMMARY_COLUMNS} FROM spool WHERE {where} "  # noqa: S608
+                "ORDER BY seq LIMIT ?",
+                (*args, limit),
+            ).fetchall()
+            return [_spool_summary(row) for row in rows]
+
+        return await self.engine.read(op)
+
+    async def spool_retry(self, peer: str | None = None) -> int:
+        if peer is not None:
+            _peer(peer)
+
+        def op(conn: sqlite3.Connection) -> int:
+            sql = "UPDATE peer_states SET failures = 0, backoff_until_ms = 0"
+            cur = conn.execute(sql + " WHERE peer = ?", (peer,)) if peer else conn.execute(sql)
+            return cur.rowcount
+
+        return await self.engine.write(op)
+
+    async def spool_purge(
+        self, *, peer: str | None = None, created_before_ms: int | None = None, at_ms: int
+    ) -> int:
+        conditions: list[str] = []
+        args: list[object] = []
+        if peer is not None:
+            conditions.append("peer = ?")
+            args.append(_peer(peer))
+        if created_before_ms is not None:
+            conditions.append("created_ms < ?")
+            args.append(check_ms("created_before_ms", created_before_ms))
+        check_ms("at_ms", at_ms)
+        sql = (
+            "DELETE FROM spool WHERE seq IN (SELECT seq FROM spool WHERE "  # noqa: S608
+            + (" AND ".join(conditions) or "1")
+            + " ORDER BY seq LIMIT ?) RETURNING envelope_id, sender"
+        )
+
+        def op(conn: sqlite3.Connection) -> int:
+            rows = conn.execute(sql, (*args, DELETE_CHUNK)).fetchall()
+            conn.executemany(_SET_STATUS, [(e, s, STATUS_PURGED, at_ms) for e, s in rows])
+            return len(rows)
+
+        total = 0
+        while (count := await self.engine.write(op)) > 0:
+            total += count
+            if count < DELETE_CHUNK:
+                break
+        return total
+
+    # -- mailboxes and transactions --------------------------------------------
+    async def deliver(
+        self,
+        origin: str,
+        txn_id: str,
+        body_hash: bytes,
+        results: Mapping[str, str],
+        entries: Sequence[EnvelopeRecord],
+        *,
+        at_ms: int,
+    ) -> DeliverOutcome:
+        check_text("origin", origin, MAX_DOMAIN_LENGTH)
+        check_text("txn_id", txn_id, MAX_TXN_ID_LENGTH)
+        check_bytes("body_hash", body_hash, MAX_BODY_HASH_BYTES)
+        _records("deliver entries", entries, EnvelopeRecord)
+        results_json = _txn_results(results, entries)
+        check_ms("at_ms", at_ms)
+        entries = list(entries)
+
+        def op(conn: sqlite3.Connection) -> DeliverOutcome:
+            row = conn.execute(
+                _TXN_SELECT,
+                (origin, txn_id),
+            ).fetchone()
+            if row is not None:
+                replayed = _txn_record(origin, txn_id, row)
+                return DeliverOutcome(stored=(), recipients=frozenset(), replayed=replayed)
+            stored, recipients = _store_in_mailboxes(conn, entries, at_ms)
+            conn.execute(
+                "INSERT INTO transactions (origin, txn_id, body_hash, results, at_ms) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (origin, txn_id, body_hash, results_json, at_ms),
+            )
+            return DeliverOutcome(
+                stored=tuple(e.envelope_id for e in stored), recipients=frozenset(recipients)
+            )
+
+        return await self.engine.write(op)
+
+    async def txn_lookup(self, origin: str, txn_id: str) -> TxnRecord | None:
+        check_text("origin", origin, MAX_DOMAIN_LENGTH)
+        check_text("txn_id", txn_id, MAX_TXN_ID_LENGTH)
+
+        def op(conn: sqlite3.Connection) -> TxnRecord | None:
+            row = conn.execute(
+                _TXN_SELECT,
+                (origin, txn_id),
+            ).fetchone()
+            return None if row is None else _txn_record(origin, txn_id, row)
+
+        return await self.engine.read(op)
+
+    async def mailbox_put_local(
+        self, entries: Sequence[EnvelopeRecord], *, at_ms: int
+    ) -> DeliverOutcome:
+        _records("mailbox_put_local entries", entries, EnvelopeRecord)
+        check_ms("at_ms", at_ms)
+        entries = list(entries)
+
+        def op(conn: sqlite3.Connection) -> DeliverOutcome:
+            stored, recipients = _store_in_mailboxes(conn, entries, at_ms)
+            conn.executemany(
+                _SET_STATUS, [(e.envelope_id, e.sender, STATUS_DELIVERED, at_ms) for e in stored]
+            )
+            return DeliverOutcome(
+                stored=tuple(e.envelope_id for e in stored), recipients=frozenset(recipients)
+            )
+
+        return await self.engine.write(op)
+
+    async def mailbox_fetch(
+        self, user: str, *, limit: int, after: int | None = None, now_ms: int | None = None
+    ) -> list[MailboxEntry]:
+        _user(user)
+        check_count("limit", limit, maximum=LIST_LIMIT)
+        after_seq = 0 if after is None else check_count("after", after, minimum=0, maximum=2**62)
+        # Expired-but-not-yet-swept envelopes are never handed out.
+        not_expired = -1 if now_ms is None else check_ms("now_ms", now_ms)
+
+        def op(conn: sqlite3.Connection) -> list[MailboxEntry]:
+            rows = conn.execute(
+                f"SELECT {_MAILBOX_COLUMNS} FROM mailbox "  # noqa: S608
+                "WHERE recipient = ? AND seq > ? AND expires_ms > ? ORDER BY seq LIMIT ?",
+                (user, after_seq, not_expired, limit),
+            ).fetchall()
+            return [_mailbox_entry(row) for row in rows]
+
+        return await self.engine.read(op)
+
+    async def mailbox_ack(self, user: str, envelope_ids: Collection[str]) -> int:
+        _user(user)
+        ids = _ids("mailbox_ack", envelope_ids)
+
+        def op(conn: sqlite3.Connection) -> int:
+            deleted = 0
+            for envelope_id in ids:
+                cur = conn.execute(
+                    "DELETE FROM mailbox WHERE recipient = ? AND envelope_id = ?",
+                    (user, envelope_id),
+                )
+                deleted += cur.rowcount
+            return deleted
+
+        return await self.engine.write(op)
+
+    async def mailbox_expire(
+        self, now_ms: int, *, limit: int = EXPIRE_BATCH
+    ) -> list[ExpiredEnvelope]:
+        check_ms("now_ms", now_ms)
+        check_count("limit", limit, maximum=MAX_ITEMS_PER_CALL)
+
+        def op(conn: sqlite3.Connection) -> list[ExpiredEnvelope]:
+            rows = conn.execute(
+                "DELETE FROM mailbox WHERE seq IN (SELECT seq FROM mailbox WHERE expires_ms <= ? "
+                "ORDER BY expires_ms LIMIT ?) RETURNING envelope_id, sender, recipient",
+                (now_ms, limit),
+            ).fetchall()
+            return [
+                ExpiredEnvelope(envelope_id=e, sender=s, recipient=r, peer=None) for e, s, r in rows
+            ]
+
+        return await self.engine.write(op)
+
+    async def mailbox_depth(self, user: str) -> MailboxDepth:
+        _user(user)
+
+        def op(conn: sqlite3.Connection) -> MailboxDepth:
+            row = conn.execute(
+                "SELECT depth, bytes FROM mailbox_counts WHERE recipient = ?", (user,)
+            ).fetchone()
+            return (
+                MailboxDepth(envelopes=row[0], bytes=row[1])
+                if row
+                else MailboxDepth(envelopes=0, bytes=0)
+            )
+
+        return await self.engine.read(op)
+
+    # -- delivery statuses ---------------------------------------------------------
+    async def status_set(self, envelope_id: str, sender: str, status: str, *, at_ms: int) -> None:
+        check_text("envelope_id", envelope_id, MAX_ENVELOPE_ID_LENGTH)
+        _user(sender)
+        check_status(status)
+        check_ms("at_ms", at_ms)
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(_SET_STATUS, (envelope_id, sender, status, at_ms))
+
+        await self.engine.write(op)
+
+    async def status_get(self, envelope_id: str) -> DeliveryStatus | None:
+        check_text("envelope_id", envelope_id, MAX_ENVELOPE_ID_LENGTH)
+
+        def op(conn: sqlite3.Connection) -> DeliveryStatus | None:
+            row = conn.execute(
+                "SELECT sender, status, at_ms FROM statuses WHERE envelope_id = ?", (envelope_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            return DeliveryStatus(
+                envelope_id=envelope_id, sender=row[0], status=row[1], at_ms=row[2]
+            )
+
+        return await self.engine.read(op)
+
+    # -- peers -----------------------------------------------------------------------
+    async def peer_state_get(self, peer: str) -> PeerState | None:
+        _peer(peer)
+
+        def op(conn: sqlite3.Connection) -> PeerState | None:
+            row = conn.execute(
+                "SELECT peer, failures, backoff_until_ms, last_success_ms, last_error "
+                "FROM peer_states WHERE peer = ?",
+                (peer,),
+            ).fetchone()
+            return None if row is None else _peer_state(row)
+
+        return await self.engine.read(op)
+
+    async def peer_state_put(self, state: PeerState) -> None:
+        if not isinstance(state, PeerState):
+            raise ValueError(f"state must be a PeerState, got {type(state).__name__}")
+        error = state.last_error
+        if error is not None and len(error) > MAX_LAST_ERROR_LENGTH:
+            error = error[: MAX_LAST_ERROR_LENGTH - len(_TRUNCATED)] + _TRUNCATED
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO peer_states (peer, failures, backoff_until_ms, last_success_ms, "
+                "last_error) VALUES (?, ?, ?, ?, ?) ON CONFLICT (peer) DO UPDATE SET "
+                "failures = excluded.failures, backoff_until_ms = excluded.backoff_until_ms, "
+                "last_success_ms = excluded.last_success_ms, last_error = excluded.last_error",
+                (state.peer, state.failures, state.backoff_until_ms, state.last_success_ms, error),
+            )
+
+        await self.engine.write(op)
+
+    async def peer_states(self) -> list[PeerState]:
+        def op(conn: sqlite3.Connection) -> list[PeerState]:
+            rows = conn.execute(
+                "SELECT peer, failures, backoff_until_ms, last_success_ms, last_error "
+                "FROM peer_states ORDER BY peer"
+            ).fetchall()
+            return [_peer_state(row) for row in rows]
+
+        return await self.engine.read(op)
+
+    # -- client tokens and user keys -------------------------------------------------
+    async def token_put(self, user: str, token_hash: bytes, *, at_ms: int) -> None:
+        _user(user)
+        check_bytes("token_hash", token_hash, MAX_TOKEN_HASH_BYTES)
+        check_ms("at_ms", at_ms)
+
+        def op(conn: sqlite3.Connection) -> None:
+            # A second row for one hash is refused by the primary key: a hash
+            # collision must never let one token open two accounts.
+            conn.execute(
+                "INSERT INTO tokens (token_hash, user, created_ms) VALUES (?, ?, ?)",
+                (token_hash, user, at_ms),
+            )
+
+        await self.engine.write(op)
+
+    async def token_lookup(self, token_hash: bytes) -> str | None:
+        check_bytes("token_hash", token_hash, MAX_TOKEN_HASH_BYTES)
+
+        def op(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT user FROM tokens WHERE token_hash = ?", (token_hash,)
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self.engine.read(op)
+
+    async def token_revoke(self, user: str) -> int:
+        _user(user)
+
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.execute("DELETE FROM tokens WHERE user = ?", (user,)).rowcount
+
+        return await self.engine.write(op)
+
+    async def user_keys_put(self, user: str, record: bytes, *, at_ms: int) -> None:
+        _user(user)
+        check_bytes("record", record)
+        check_ms("at_ms", at_ms)
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO user_keys (user, record, updated_ms) VALUES (?, ?, ?) "
+                "ON CONFLICT (user) DO UPDATE SET record = excluded.record, "
+                "updated_ms = excluded.updated_ms",
+                (user, record, at_ms),
+            )
+
+        await self.engine.write(op)
+
+    async def user_keys_get(self, user: str) -> bytes | None:
+        _user(user)
+
+        def op(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute("SELECT record FROM user_keys WHERE user = ?", (user,)).fetchone()
+            return None if row is None else bytes(row[0])
+
+        return await self.engine.read(op)
+
+    # -- housekeeping ----------------------------------------------------------------
+    async def prune(
+        self, *, seen_before_ms: int, statuses_before_ms: int, txns_before_ms: int
+    ) -> PruneCounts:
+        check_ms("seen_before_ms", seen_before_ms)
+        check_ms("statuses_before_ms", statuses_before_ms)
+        check_ms("txns_before_ms", txns_before_ms)
+        seen = await self._delete_chunks(
+            _delete_chunked_sql("seen_envelopes", "envelope_id", "expires_ms < ?"),
+            seen_before_ms,
+        )
+        # A status whose envelope still waits in the spool stays readable.
+        statuses = await self._delete_chunks(
+            _delete_chunked_sql(
+                "statuses",
+                "envelope_id",
+                "at_ms < ? AND envelope_id NOT IN (SELECT envelope_id FROM spool)",
+            ),
+            statuses_before_ms,
+        )
+        txns = await self._delete_chunks(
+            "DELETE FROM transactions WHERE (origin, txn_id) IN (SELECT origin, txn_id "
+            "FROM transactions WHERE at_ms < ? LIMIT ?)",
+            txns_before_ms,
+        )
+        return PruneCounts(seen=seen, statuses=statuses, txns=txns)
+
+    async def _delete_chunks(self, sql: str, before_ms: int) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.execute(sql, (before_ms, DELETE_CHUNK)).rowcount
+
+        total = 0
+        while (count := await self.engine.write(op)) > 0:
+            total += count
+            if count < DELETE_CHUNK:
+                break
+        return total
+
+    async def scrub(self) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            # TRUNCATE: copy every WAL frame into the file (where deletes have
+            # already overwritten the bytes) and cut the WAL to zero length,
+            # so no old page image with a deleted envelope survives in it.
+            busy, _log, _done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            return bool(busy == 0)
+
+        return await self.engine.write_alone(op)
+
+
+@asynccontextmanager
+async def open_sqlite_storage(
+    path: str | os.PathLike[str], *, readers: int = READER_THREADS
+) -> AsyncIterator[SqliteStorage]:
+    """Open (creating and migrating as needed) the SQLite file at ``path``.
+
+    ``async with open_sqlite_storage(path) as store: ...``: the writer and
+    reader threads run for the body of the block and are closed on exit.
+    Raises :class:`~gateway.errors.StorageError` if the file cannot be opened
+    or was written by a newer gateway.
+    """
+    name = os.fspath(path)
+    async with open_sqlite_engine(
+        path, setup=lambda conn: migrate(conn, path=name), readers=readers
+    ) as engine:
+        yield SqliteStorage(engine)
