@@ -17,6 +17,7 @@ import re
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from gateway.errors import PKIError
 
@@ -80,3 +81,11 @@ def parse_pin(text: str) -> bytes:
     if len(digest) != 32:
         raise ValueError(f"invalid pin {text!r}: not a SHA-256 digest")
     return digest
+
+
+def public_key_pin(public_key: CertificatePublicKeyTypes) -> str:
+    """The ``sha256/...`` pin that any certificate for ``public_key`` will have."""
+    spki = public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return PIN_PREFIX + base64.b64encode(hashlib.sha256(spki).digest()).decode("ascii")

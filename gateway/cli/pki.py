@@ -1,0 +1,251 @@
+"""``gateway pki show`` and ``gateway pki rotate``: the org's certificates, read and renewed."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+
+from gateway.cli.common import Registrar, UsageError, set_handler
+from gateway.cli.init import CONFIG_FILE, parse_validity_days
+from gateway.config import GatewayConfig, load_config
+from gateway.errors import PKIError
+from gateway.pki import dev
+from gateway.pki.certs import is_ca, load_certificates_pem, spki_pin
+
+SECONDS_PER_DAY = 86400
+
+
+def register(subparsers: Registrar) -> None:
+    parser = subparsers.add_parser(
+        "pki",
+        help="show and rotate the org's certificates",
+        description="The org CA and the certificates it issues (see docs/pki.md).",
+    )
+    commands = parser.add_subparsers(title="pki commands", metavar="COMMAND")
+
+    show = commands.add_parser(
+        "show",
+        help="subject, SAN, SPKI pin and validity of the org's certificates",
+        description="Show the CA, the federation certificate and the client API certificate "
+        "of the setup in DIR (from its gateway.yaml), or every certificate in FILE.",
+    )
+    where = show.add_mutually_exclusive_group()
+    where.add_argument("--dir", default=None, metavar="DIR", help="a setup (default: .)")
+    where.add_argument("--cert", default=None, metavar="FILE", help="a PEM file")
+    set_handler(show, run_show)
+
+    rotate = commands.add_parser(
+        "rotate",
+        help="re-issue the federation certificate from the org CA, with a new key",
+        description="Re-issue the federation certificate (tls.cert, tls.key of gateway.yaml) "
+        "from the org CA. A new key changes the SPKI pin: partners who pin must add the new "
+        "pin before the gateway uses it. --prepare makes the next key (beside tls.key, as "
+        "<name>.next.key) and prints its pin without touching the certificate; the next "
+        "rotate uses that key. --keep-key renews without changing the pin.",
+    )
+    rotate.add_argument("--dir", default=".", metavar="DIR", help="a setup (default: .)")
+    rotate.add_argument(
+        "--ca-key",
+        default=None,
+        metavar="FILE",
+        help="the org CA's private key (default: beside tls.ca, with .key for .pem)",
+    )
+    rotate.add_argument(
+        "--validity-days",
+        default=str(dev.DEFAULT_CERT_VALIDITY_DAYS),
+        metavar="N",
+        help=f"validity of the new certificate (default {dev.DEFAULT_CERT_VALIDITY_DAYS})",
+    )
+    key_choice = rotate.add_mutually_exclusive_group()
+    key_choice.add_argument(
+        "--prepare",
+        action="store_true",
+        help="only make the next key and print its pin, for partners to add first",
+    )
+    key_choice.add_argument(
+        "--keep-key", action="store_true", help="keep the current key (and so the pin)"
+    )
+    set_handler(rotate, run_rotate)
+
+    set_handler(parser, lambda _args: _usage(parser))
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    raise UsageError("pki: name a command: show or rotate (see `gateway pki --help`)")
+
+
+def load_dir_config(directory: str | None) -> GatewayConfig:
+    """The ``gateway.yaml`` of a setup directory, with a clear error when there is none."""
+    path = Path(directory if directory is not None else ".").expanduser()
+    if not path.is_dir():
+        raise UsageError(f"--dir: {path}: no such directory")
+    return load_config(path / CONFIG_FILE)
+
+
+def iso_utc(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def days_left(cert: x509.Certificate, *, now: datetime) -> int:
+    """Whole days until ``cert`` expires (negative once it has)."""
+    return math.floor((cert.not_valid_after_utc - now).total_seconds() / SECONDS_PER_DAY)
+
+
+def format_san(cert: x509.Certificate) -> str:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return "(none)"
+    parts = [f"DNS:{name}" for name in san.get_values_for_type(x509.DNSName)]
+    parts += [f"IP:{ip}" for ip in san.get_values_for_type(x509.IPAddress)]
+    return ", ".join(parts) if parts else "(none)"
+
+
+def describe(title: str, source: Path, cert: x509.Certificate, *, now: datetime) -> list[str]:
+    left = days_left(cert, now=now)
+    status = " (EXPIRED)" if left < 0 else ""
+    if cert.not_valid_before_utc > now:
+        status = " (NOT YET VALID)"
+    return [
+        f"{title}: {source}",
+        f"  subject:     {cert.subject.rfc4514_string()}",
+        f"  issuer:      {cert.issuer.rfc4514_string()}",
+        f"  SAN:         {format_san(cert)}",
+        f"  CA:          {'yes' if is_ca(cert) else 'no'}",
+        f"  SPKI pin:    {spki_pin(cert)}",
+        f"  not before:  {iso_utc(cert.not_valid_before_utc)}",
+        f"  not after:   {iso_utc(cert.not_valid_after_utc)}",
+        f"  days left:   {left}{status}",
+    ]
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def show_lines(config: GatewayConfig, *, now: datetime) -> list[str]:
+    ca = dev.load_certificate(config.tls.ca)
+    lines = describe("org CA", config.tls.ca, ca, now=now)
+    shown = [("federation certificate", config.tls.cert)]
+    if config.client_tls is not None:
+        shown.append(("client API certificate", config.client_tls.cert))
+    for title, path in shown:
+        cert = dev.load_certificate(path)
+        lines += describe(title, path, cert, now=now)
+        if not _issued_by(cert, ca):
+            lines.append(f"  WARNING:     not issued by the org CA {config.tls.ca}")
+    return lines
+
+
+def run_show(args: argparse.Namespace) -> int:
+    now = datetime.now(UTC)
+    if args.cert is not None:
+        path = Path(args.cert)
+        certs = load_certificates_pem(dev.read_certificate_file(path), source=str(path))
+        for index, cert in enumerate(certs):
+            title = "certificate" if len(certs) == 1 else f"certificate {index + 1}"
+            for line in describe(title, path, cert, now=now):
+                print(line)
+        return 0
+    for line in show_lines(load_dir_config(args.dir), now=now):
+        print(line)
+    return 0
+
+
+def ca_key_path(config: GatewayConfig, override: str | None) -> Path:
+    if override is not None:
+        return Path(os.path.abspath(Path(override).expanduser()))
+    return config.tls.ca.with_suffix(".key")
+
+
+def next_key_path(config: GatewayConfig) -> Path:
+    """Where ``rotate --prepare`` keeps the next key: ``pki/gateway.next.key``."""
+    key = config.tls.key
+    return key.with_name(f"{key.stem}.next{key.suffix}")
+
+
+def prepare_next_key(config: GatewayConfig) -> str:
+    """Make the next federation key (once) and return its pin; the certificate is untouched."""
+    path = next_key_path(config)
+    if not os.path.lexists(path):
+        dev.write_private_key(path, dev.generate_key(), replace=False)
+    return dev.key_pin(dev.load_ec_key(path))
+
+
+def rotate(
+    config: GatewayConfig,
+    *,
+    ca_key: Path,
+    validity_days: int,
+    keep_key: bool,
+    now: datetime,
+) -> tuple[str | None, str]:
+    """Re-issue the federation certificate; returns (old pin or None, new pin).
+
+    The new key is the one ``prepare_next_key`` made, if any (its pin may already
+    be in partners' rules), else a fresh one; ``keep_key`` keeps the current key.
+    """
+    ca = dev.load_issued(config.tls.ca, ca_key)
+    try:
+        old_pin: str | None = spki_pin(dev.load_certificate(config.tls.cert))
+    except PKIError:
+        old_pin = None  # rotating is also how a lost or broken certificate is replaced
+    staged = next_key_path(config)
+    if keep_key:
+        key = dev.load_ec_key(config.tls.key)
+    elif os.path.lexists(staged):
+        key = dev.load_ec_key(staged)
+    else:
+        key = dev.generate_key()
+    issued = dev.issue_gateway_cert(ca, config.org, now=now, validity_days=validity_days, key=key)
+    # Key first: until the certificate follows, a loader sees a mismatched pair and
+    # refuses it, rather than a certificate whose key is gone.
+    if not keep_key:
+        dev.write_private_key(config.tls.key, key, replace=True)
+    dev.write_file(config.tls.cert, issued.cert_pem(), mode=dev.PUBLIC_FILE_MODE, replace=True)
+    if not keep_key and os.path.lexists(staged):
+        try:
+            staged.unlink()
+        except OSError as exc:
+            raise PKIError(f"{staged}: rotated, but cannot remove: {exc.strerror}") from exc
+    return old_pin, spki_pin(issued.cert)
+
+
+def run_rotate(args: argparse.Namespace) -> int:
+    validity_days = parse_validity_days(args.validity_days)
+    config = load_dir_config(args.dir)
+    if args.prepare:
+        pin = prepare_next_key(config)
+        print(f"next key: {next_key_path(config)}")
+        print(f"next pin: {pin}")
+        print(
+            "give partners who pin this gateway the next pin to add beside the current one; "
+            "then run `gateway pki rotate` (without --prepare) to start using it"
+        )
+        return 0
+    old_pin, new_pin = rotate(
+        config,
+        ca_key=ca_key_path(config, args.ca_key),
+        validity_days=validity_days,
+        keep_key=bool(args.keep_key),
+        now=datetime.now(UTC),
+    )
+    print(f"re-issued {config.tls.cert} for {config.org}, valid {validity_days} days")
+    print(f"old pin: {old_pin or '(no readable certificate)'}")
+    print(f"new pin: {new_pin}")
+    if old_pin != new_pin:
+        print(
+            "partners who pin this gateway must add the new pin to their rules before they "
+            "next connect; restart or reload the gateway to use the new certificate"
+        )
+    return 0

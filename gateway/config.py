@@ -1,0 +1,422 @@
+"""``gateway.yaml``: the model of one gateway's configuration, and its loader.
+
+::
+
+    org: acme.example                   # required; the gateway's identity
+    data_dir: data                      # spool, mailboxes, state (mode 0700)
+    rules: rules.yaml                   # federation rules
+    signing_key: keys/org-signing.key   # Ed25519, signs the org's key records
+    tls: {cert: pki/gateway.pem, key: pki/gateway.key, ca: pki/ca.pem}
+    client_tls: {cert: pki/client-api.pem, key: pki/client-api.key}   # or: plain
+    listen: {federation: 127.0.0.1:8443, client: 127.0.0.1:8080, metrics: 127.0.0.1:9090}
+    endpoint: https://127.0.0.1:8443    # the URL partners dial
+    storage: sqlite                     # data_dir/gateway.sqlite3, or a postgresql:// URL
+    limits: {max_body_bytes: 8388608, backoff_initial: 1s, ...}
+
+Every key but ``org`` has a default, which is the layout `gateway init` writes.
+Relative paths are relative to the directory of the file, and come out
+absolute. Files are not opened here: whoever uses one reports it missing.
+
+Every mistake is a :class:`~gateway.errors.ConfigError` naming the file and the
+key path (``gateway.yaml: listen.client: ...``); an unknown key is an error
+that suggests the closest known one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+from gateway.core.address import normalize_domain
+from gateway.core.durations import parse_duration
+from gateway.errors import AddressError, ConfigError
+
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_SIZE_LIMIT = 1 << 40  # a sanity ceiling for any count or size in `limits`
+SQLITE_FILENAME = "gateway.sqlite3"
+PLAIN = "plain"  # client_tls: plain, for a client API behind a TLS-terminating proxy
+
+DEFAULT_FEDERATION_PORT = 8443
+DEFAULT_CLIENT_PORT = 8080
+DEFAULT_METRICS_PORT = 9090
+DEFAULT_LISTEN_HOST = "127.0.0.1"
+
+_HOSTNAME_RE = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_host_port(text: str) -> HostPort:
+    """``HOST:PORT`` or ``[IPv6]:PORT``; host an IP or a DNS name; port 0-65535.
+
+    ``ValueError`` saying what is wrong.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"expected a quoted 'HOST:PORT' string, got {text!r}")
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    if not port_text.isascii() or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r}: port {port_text!r} is not a number in 0-65535")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        if bracketed or not _HOSTNAME_RE.fullmatch(host):
+            raise ValueError(
+                f"{text!r}: host {host!r} is neither an IP address nor a name"
+            ) from None
+    else:
+        if ip.version == 6 and not bracketed:
+            raise ValueError(f"{text!r}: write an IPv6 host in brackets, like [::1]:8443")
+    return HostPort(host=host, port=int(port_text))
+
+
+def validate_endpoint(text: str) -> str:
+    """An ``https://host[:port][/path]`` URL partners can dial; ``ValueError`` otherwise."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected an https:// URL, got {text!r}")
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not a URL: {exc}") from None
+    if parts.scheme != "https":
+        raise ValueError(f"{text!r} must be an https:// URL")
+    if not parts.hostname:
+        raise ValueError(f"{text!r} has no host")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"{text!r} must not carry a user name or password")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{text!r} must not have a query or fragment")
+    if port == 0:
+        raise ValueError(f"{text!r}: port 0 cannot be dialed")
+    return text.rstrip("/")
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """The federation certificate, its key, and the org's own CA (for peer cards)."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
+@dataclass(frozen=True)
+class ClientTLSConfig:
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    federation: HostPort = HostPort(DEFAULT_LISTEN_HOST, DEFAULT_FEDERATION_PORT)
+    client: HostPort = HostPort(DEFAULT_LISTEN_HOST, DEFAULT_CLIENT_PORT)
+    metrics: HostPort = HostPort(DEFAULT_LISTEN_HOST, DEFAULT_METRICS_PORT)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    engine: Literal["sqlite", "postgresql"]
+    sqlite_path: Path | None = None
+    url: str | None = field(default=None, repr=False)  # may hold a password
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds an admin may tune. Sizes in bytes, times in seconds.
+
+    In the file, times are durations (``90s``, ``5m``) or plain seconds.
+    """
+
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_header_bytes: int = 16 * 1024
+    max_transaction_envelopes: int = 50
+    max_transaction_bytes: int = 4 * 1024 * 1024
+    max_connections: int = 1024  # per listener
+    spool_max_envelopes_per_peer: int = 100_000
+    mailbox_max_envelopes: int = 10_000
+    request_timeout: float = 30.0
+    idle_timeout: float = 60.0
+    handshake_timeout: float = 10.0
+    long_poll_max: float = 60.0
+    backoff_initial: float = 1.0
+    backoff_max: float = 300.0
+
+
+_SIZE_LIMITS = frozenset(
+    f.name for f in fields(Limits) if f.name.startswith(("max_", "spool_", "mailbox_"))
+)
+_TIME_LIMITS = frozenset(f.name for f in fields(Limits)) - _SIZE_LIMITS
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    path: Path  # the file this came from, absolute
+    org: str
+    data_dir: Path
+    rules: Path
+    signing_key: Path
+    tls: TLSConfig
+    client_tls: ClientTLSConfig | None  # None: `plain`, behind a TLS-terminating proxy
+    listen: ListenConfig
+    endpoint: str
+    storage: StorageConfig
+    limits: Limits
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+
+# -- loading -----------------------------------------------------------------------
+
+_TOP_KEYS = (
+    "org",
+    "data_dir",
+    "rules",
+    "signing_key",
+    "tls",
+    "client_tls",
+    "listen",
+    "endpoint",
+    "storage",
+    "limits",
+)
+_TLS_KEYS = ("cert", "key", "ca")
+_CLIENT_TLS_KEYS = ("cert", "key")
+_LISTEN_KEYS = ("federation", "client", "metrics")
+_LIMIT_KEYS = tuple(f.name for f in fields(Limits))
+
+_DEFAULT_PATHS = {
+    "data_dir": "data",
+    "rules": "rules.yaml",
+    "signing_key": "keys/org-signing.key",
+    "tls.cert": "pki/gateway.pem",
+    "tls.key": "pki/gateway.key",
+    "tls.ca": "pki/ca.pem",
+    "client_tls.cert": "pki/client-api.pem",
+    "client_tls.key": "pki/client-api.key",
+}
+
+
+_T = TypeVar("_T")
+
+
+class _Reader:
+    """Reads one file's mapping, turning every mistake into ``FILE: key.path: message``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.base = path.parent
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {key}: {message}" if key else f"{self.path}: {message}")
+
+    def mapping(self, value: object, key: str, known: tuple[str, ...]) -> Mapping[str, Any]:
+        if not isinstance(value, dict):
+            raise self.error(key, f"expected a mapping with keys {', '.join(known)}")
+        for name in value:
+            if not isinstance(name, str):
+                raise self.error(key, f"key {name!r} is not a string")
+            if name not in known:
+                where = f"{key}.{name}" if key else name
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise self.error(where, f"unknown key{hint}; known keys: {', '.join(known)}")
+        return value
+
+    def string(self, value: object, key: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.error(key, f"expected a non-empty string, got {value!r}")
+        return value
+
+    def path_value(self, section: Mapping[str, Any], name: str, key: str) -> Path:
+        raw = section.get(name, _DEFAULT_PATHS[key])
+        text = self.string(raw, key)
+        return Path(os.path.normpath(self.base / Path(text).expanduser()))
+
+    def converted(self, value: object, key: str, convert: Callable[[Any], _T]) -> _T:
+        try:
+            return convert(value)
+        except (ValueError, AddressError) as exc:
+            raise self.error(key, str(exc)) from None
+
+
+def _positive_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_SIZE_LIMIT:
+        raise ValueError(f"expected a whole number from 1 to {MAX_SIZE_LIMIT}, got {value!r}")
+    return value
+
+
+def _seconds(value: object) -> float:
+    if isinstance(value, str):
+        seconds: float = parse_duration(value)
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise ValueError(f"expected a duration like 30s or 5m, got {value!r}")
+    if not seconds > 0 or seconds != seconds:  # rejects 0, negatives and NaN
+        raise ValueError(f"expected a duration greater than zero, got {value!r}")
+    return float(seconds)
+
+
+def _storage(value: object, data_dir: Path) -> StorageConfig:
+    if value == "sqlite":
+        return StorageConfig(engine="sqlite", sqlite_path=data_dir / SQLITE_FILENAME)
+    if isinstance(value, str) and value.startswith(("postgresql://", "postgres://")):
+        return StorageConfig(engine="postgresql", url=value)
+    shown = "a URL" if isinstance(value, str) and "://" in value else repr(value)
+    raise ValueError(f"expected sqlite or a postgresql:// URL, got {shown}")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key written twice instead of keeping the last."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str | int | float | bool) or key is None:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is written twice", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(path: Path) -> object:
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file (make one with `gateway init`)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        return yaml.load(data, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {exc.problem or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
+def load_config(path: Path | str) -> GatewayConfig:
+    """Read and check ``gateway.yaml``; ``ConfigError`` naming the file and key on any mistake."""
+    path = Path(os.path.abspath(Path(path).expanduser()))
+    reader = _Reader(path)
+    document = _read_yaml(path)
+    if document is None:
+        raise reader.error("", "is empty; it needs at least `org: <your domain>`")
+    top = reader.mapping(document, "", _TOP_KEYS)
+
+    if "org" not in top:
+        raise reader.error("org", "missing; write the org's domain, like `org: acme.example`")
+    org = reader.converted(reader.string(top["org"], "org"), "org", normalize_domain)
+
+    data_dir = reader.path_value(top, "data_dir", "data_dir")
+    rules = reader.path_value(top, "rules", "rules")
+    signing_key = reader.path_value(top, "signing_key", "signing_key")
+
+    tls_section = reader.mapping(top.get("tls", {}), "tls", _TLS_KEYS)
+    tls = TLSConfig(
+        cert=reader.path_value(tls_section, "cert", "tls.cert"),
+        key=reader.path_value(tls_section, "key", "tls.key"),
+        ca=reader.path_value(tls_section, "ca", "tls.ca"),
+    )
+
+    client_tls: ClientTLSConfig | None
+    raw_client_tls = top.get("client_tls", {})
+    if raw_client_tls == PLAIN:
+        client_tls = None
+    else:
+        if isinstance(raw_client_tls, str):
+            raise reader.error(
+                "client_tls", f"expected a mapping or `plain`, got {raw_client_tls!r}"
+            )
+        section = reader.mapping(raw_client_tls, "client_tls", _CLIENT_TLS_KEYS)
+        client_tls = ClientTLSConfig(
+            cert=reader.path_value(section, "cert", "client_tls.cert"),
+            key=reader.path_value(section, "key", "client_tls.key"),
+        )
+
+    listen_section = reader.mapping(top.get("listen", {}), "listen", _LISTEN_KEYS)
+    defaults = ListenConfig()
+    listen = ListenConfig(
+        **{
+            name: reader.converted(listen_section[name], f"listen.{name}", parse_host_port)
+            if name in listen_section
+            else getattr(defaults, name)
+            for name in _LISTEN_KEYS
+        }
+    )
+
+    if "endpoint" in top:
+        endpoint = reader.converted(top["endpoint"], "endpoint", validate_endpoint)
+    else:
+        endpoint = f"https://{org}:{listen.federation.port}"
+
+    storage = reader.converted(
+        top.get("storage", "sqlite"), "storage", lambda v: _storage(v, data_dir)
+    )
+
+    limits_section = reader.mapping(top.get("limits", {}), "limits", _LIMIT_KEYS)
+    limit_values: dict[str, Any] = {}
+    for name, value in limits_section.items():
+        convert = _positive_int if name in _SIZE_LIMITS else _seconds
+        limit_values[name] = reader.converted(value, f"limits.{name}", convert)
+    limits = Limits(**limit_values)
+    if limits.max_transaction_bytes > limits.max_body_bytes:
+        raise reader.error(
+            "limits.max_transaction_bytes",
+            f"{limits.max_transaction_bytes} is more than limits.max_body_bytes "
+            f"({limits.max_body_bytes}); a transaction would never fit in a request",
+        )
+    if limits.backoff_initial > limits.backoff_max:
+        raise reader.error(
+            "limits.backoff_initial",
+            f"{limits.backoff_initial}s is more than limits.backoff_max ({limits.backoff_max}s)",
+        )
+
+    return GatewayConfig(
+        path=path,
+        org=org,
+        data_dir=data_dir,
+        rules=rules,
+        signing_key=signing_key,
+        tls=tls,
+        client_tls=client_tls,
+        listen=listen,
+        endpoint=endpoint,
+        storage=storage,
+        limits=limits,
+    )

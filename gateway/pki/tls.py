@@ -1,0 +1,97 @@
+"""The ``ssl.SSLContext`` objects of the gateway's three kinds of TLS connection.
+
+* **Federation server** (the federation listener): TLS 1.3 only, a client
+  certificate is required, and it must chain to one of the CAs the rules give
+  for peers. OpenSSL checks the chain; it cannot check that the certificate's
+  org matches *its own* CA's org (every peer CA is trusted at once here), so
+  after the handshake the caller must pass the certificate to
+  :func:`gateway.pki.identity.verify_peer_certificate`.
+* **Federation client** (the sender, key lookups): TLS 1.3 only, presents the
+  gateway certificate, trusts only the one CA of the peer it dials, and checks
+  that the server certificate names the peer's org: pass
+  ``server_hostname=<peer org>``, whatever host the endpoint URL names.
+* **Client API server**: an ordinary TLS server (1.2 or later), no client
+  certificates; clients authenticate with bearer tokens.
+
+``ssl`` and ``OSError`` failures become :class:`~gateway.errors.PKIError` naming
+the file that could not be used.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterable
+from pathlib import Path
+
+from gateway.errors import PKIError
+
+
+def _load_cert_chain(context: ssl.SSLContext, cert_file: Path, key_file: Path) -> None:
+    for path, what in ((cert_file, "certificate"), (key_file, "private key")):
+        if not path.exists():
+            raise PKIError(f"{path}: no such {what} file")
+        if not path.is_file():
+            raise PKIError(f"{path}: is not a {what} file")
+    try:
+        context.load_cert_chain(certfile=str(cert_file), keyfile=str(key_file))
+    except ssl.SSLError as exc:
+        # OpenSSL does not say which of the two files it disliked.
+        raise PKIError(
+            f"{cert_file} / {key_file}: not a usable certificate and private key pair "
+            f"({exc.reason or exc})"
+        ) from exc
+    except OSError as exc:
+        raise PKIError(f"{exc.filename or cert_file}: cannot read: {exc.strerror or exc}") from exc
+
+
+def _trust(context: ssl.SSLContext, pem: bytes, *, source: str) -> None:
+    try:
+        context.load_verify_locations(cadata=pem.decode("ascii"))
+    except (ssl.SSLError, UnicodeDecodeError, ValueError) as exc:
+        raise PKIError(f"{source}: not a usable CA certificate") from exc
+
+
+def _tls13_only(context: ssl.SSLContext) -> None:
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.maximum_version = ssl.TLSVersion.TLSv1_3
+
+
+def federation_server_context(
+    *, cert_file: Path, key_file: Path, trusted_ca_pems: Iterable[bytes]
+) -> ssl.SSLContext:
+    """mTLS server context trusting exactly ``trusted_ca_pems`` (the peers' CAs).
+
+    With no CA at all the context still builds, and refuses every client.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _tls13_only(context)
+    context.verify_mode = ssl.CERT_REQUIRED
+    for index, pem in enumerate(trusted_ca_pems):
+        _trust(context, pem, source=f"peer CA #{index + 1}")
+    _load_cert_chain(context, cert_file, key_file)
+    return context
+
+
+def federation_client_context(
+    *, cert_file: Path, key_file: Path, peer_ca_pem: bytes
+) -> ssl.SSLContext:
+    """mTLS client context for one peer: trusts only that peer's CA, checks its name.
+
+    Callers pass ``server_hostname=<peer org>`` when wrapping the connection.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    _tls13_only(context)
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.check_hostname = True
+    _trust(context, peer_ca_pem, source="peer CA")
+    _load_cert_chain(context, cert_file, key_file)
+    return context
+
+
+def client_api_server_context(*, cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    """Server context for the client API: TLS 1.2 or later, no client certificates."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.verify_mode = ssl.CERT_NONE
+    _load_cert_chain(context, cert_file, key_file)
+    return context

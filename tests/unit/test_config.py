@@ -1,0 +1,221 @@
+"""gateway.yaml: the model, its defaults, and an error that names file and key for each mistake."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from gateway.cli.init import InitOptions, render_config
+from gateway.config import (
+    SQLITE_FILENAME,
+    ClientTLSConfig,
+    HostPort,
+    Limits,
+    ListenConfig,
+    load_config,
+    parse_host_port,
+)
+from gateway.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    return path
+
+
+def error_of(tmp_path: Path, text: str) -> str:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(str(path)), message
+    assert "\n" not in message
+    return message
+
+
+def test_what_init_writes_loads(tmp_path: Path) -> None:
+    options = InitOptions(
+        org="acme.example",
+        directory=tmp_path,
+        federation=HostPort("0.0.0.0", 8443),
+        client=HostPort("::1", 8080),
+        metrics=HostPort("127.0.0.1", 9090),
+        endpoint="https://gw.acme.example:8443",
+        validity_days=90,
+        force=False,
+    )
+    config = load_config(write(tmp_path, render_config(options)))
+    assert config.path == tmp_path / "gateway.yaml"
+    assert config.org == "acme.example"
+    assert config.data_dir == tmp_path / "data"
+    assert config.rules == tmp_path / "rules.yaml"
+    assert config.signing_key == tmp_path / "keys" / "org-signing.key"
+    assert config.tls.cert == tmp_path / "pki" / "gateway.pem"
+    assert config.tls.key == tmp_path / "pki" / "gateway.key"
+    assert config.tls.ca == tmp_path / "pki" / "ca.pem"
+    assert config.client_tls == ClientTLSConfig(
+        cert=tmp_path / "pki" / "client-api.pem", key=tmp_path / "pki" / "client-api.key"
+    )
+    assert config.listen == ListenConfig(
+        federation=HostPort("0.0.0.0", 8443),
+        client=HostPort("::1", 8080),
+        metrics=HostPort("127.0.0.1", 9090),
+    )
+    assert str(config.listen.client) == "[::1]:8080"
+    assert config.endpoint == "https://gw.acme.example:8443"
+    assert config.storage.engine == "sqlite"
+    assert config.storage.sqlite_path == tmp_path / "data" / SQLITE_FILENAME
+    assert config.limits == Limits()
+
+
+def test_only_org_is_required(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "org: Acme.Example\n"))
+    assert config.org == "acme.example"
+    assert config.tls.cert == tmp_path / "pki" / "gateway.pem"
+    assert config.listen == ListenConfig()
+    assert config.endpoint == "https://acme.example:8443"
+    assert config.limits == Limits()
+    assert config.base_dir == tmp_path
+
+
+def test_paths_are_relative_to_the_file_and_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sub = tmp_path / "etc"
+    sub.mkdir()
+    (sub / "gateway.yaml").write_text(
+        "org: acme.example\ndata_dir: ../var/data\nrules: /srv/rules.yaml\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    config = load_config("etc/gateway.yaml")
+    assert config.path == sub / "gateway.yaml"
+    assert config.data_dir == tmp_path / "var" / "data"
+    assert config.rules == Path("/srv/rules.yaml")
+
+
+def test_client_tls_plain_and_postgres(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            "org: acme.example\nclient_tls: plain\n"
+            "storage: postgresql://gw:s3cret@db.internal/gateway\n",
+        )
+    )
+    assert config.client_tls is None
+    assert config.storage.engine == "postgresql"
+    assert config.storage.url == "postgresql://gw:s3cret@db.internal/gateway"
+    assert "s3cret" not in repr(config)
+
+
+def test_limits_accept_durations_and_seconds(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            "org: acme.example\nlimits:\n  backoff_initial: 2\n  backoff_max: 10m\n"
+            "  max_transaction_envelopes: 10\n",
+        )
+    )
+    assert config.limits.backoff_initial == 2.0
+    assert config.limits.backoff_max == 600.0
+    assert config.limits.max_transaction_envelopes == 10
+
+
+def test_config_is_frozen(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "org: acme.example\n"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.org = "globex.example"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("org: acme.example\ntsl: {}\n", "tsl: unknown key (did you mean 'tls'?)"),
+        (
+            "org: acme.example\ntls: {certt: a.pem}\n",
+            "tls.certt: unknown key (did you mean 'cert'?)",
+        ),
+        (
+            "org: acme.example\nlimits: {max_body_byte: 5}\n",
+            "limits.max_body_byte: unknown key (did you mean 'max_body_bytes'?)",
+        ),
+        ("org: acme.example\nzzz: 1\n", "zzz: unknown key; known keys: org,"),
+        ("data_dir: x\n", "org: missing"),
+        ("org: 5\n", "org: expected a non-empty string"),
+        ("org: acme\n", "org: domain 'acme' needs at least two labels"),
+        ("org: acme.example\ntls: pki\n", "tls: expected a mapping"),
+        ("org: acme.example\ntls: {cert: ''}\n", "tls.cert: expected a non-empty string"),
+        ("org: acme.example\nclient_tls: none\n", "client_tls: expected a mapping or `plain`"),
+        ("org: acme.example\nlisten: {client: nope}\n", "listen.client: 'nope' is not HOST:PORT"),
+        ("org: acme.example\nlisten: {client: 'a:70000'}\n", "listen.client: 'a:70000': port"),
+        (
+            "org: acme.example\nlisten: {client: '::1:80'}\n",
+            "listen.client: '::1:80': write an IPv6",
+        ),
+        ("org: acme.example\nlisten: {client: 'a b:80'}\n", "listen.client: 'a b:80': host"),
+        ("org: acme.example\nlisten: {metrics: 8080}\n", "listen.metrics: expected a quoted"),
+        ("org: acme.example\nendpoint: http://x:1\n", "endpoint: 'http://x:1' must be an https"),
+        ("org: acme.example\nendpoint: 'https://'\n", "endpoint: 'https://' has no host"),
+        ("org: acme.example\nendpoint: 'https://x:99999'\n", "endpoint: 'https://x:99999' is not"),
+        ("org: acme.example\nstorage: mysql\n", "storage: expected sqlite or a postgresql"),
+        ("org: acme.example\nlimits: {max_body_bytes: -1}\n", "limits.max_body_bytes: expected"),
+        ("org: acme.example\nlimits: {max_body_bytes: true}\n", "limits.max_body_bytes: expected"),
+        ("org: acme.example\nlimits: {max_body_bytes: 2199023255553}\n", "from 1 to"),
+        ("org: acme.example\nlimits: {backoff_max: 2x}\n", "limits.backoff_max: invalid duration"),
+        (
+            "org: acme.example\nlimits: {backoff_max: 0}\n",
+            "limits.backoff_max: expected a duration",
+        ),
+        (
+            "org: acme.example\nlimits: {backoff_initial: 10m, backoff_max: 5m}\n",
+            "limits.backoff_initial: 600.0s is more than limits.backoff_max",
+        ),
+        (
+            "org: acme.example\nlimits: {max_body_bytes: 10, max_transaction_bytes: 11}\n",
+            "limits.max_transaction_bytes: 11 is more than limits.max_body_bytes",
+        ),
+        ("", "is empty"),
+        ("- org\n", "expected a mapping with keys org,"),
+        ("org: acme.example\n1: x\n", "key 1 is not a string"),
+        ("org: [acme.example\n", "gateway.yaml:2:1: not valid YAML"),
+        ("org: a.example\norg: b.example\n", "gateway.yaml:2:1: not valid YAML: key 'org' is"),
+        ("org: a.example\ntls:\n  cert: a\n  cert: b\n", "gateway.yaml:4:3: not valid YAML"),
+    ],
+)
+def test_mistakes_name_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
+    assert expected in error_of(tmp_path, text)
+
+
+def test_a_bad_storage_url_is_not_echoed(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "org: acme.example\nstorage: mysql://gw:s3cret@db/x\n")
+    assert "s3cret" not in message
+
+
+def test_missing_file_and_directory(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"gateway\.yaml: no such file"):
+        load_config(tmp_path / "gateway.yaml")
+    (tmp_path / "dir.yaml").mkdir()
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path / "dir.yaml")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:8443", HostPort("127.0.0.1", 8443)),
+        ("[::1]:0", HostPort("::1", 0)),
+        ("gw.acme.example:65535", HostPort("gw.acme.example", 65535)),
+        ("localhost:80", HostPort("localhost", 80)),
+    ],
+)
+def test_parse_host_port(text: str, expected: HostPort) -> None:
+    assert parse_host_port(text) == expected
+    assert str(expected) == text
+
+
+@pytest.mark.parametrize("text", ["8443", ":8443", "a:", "a:-1", "a:x", "[a]:1", "a:٣"])
+def test_parse_host_port_refuses(text: str) -> None:
+    with pytest.raises(ValueError, match=r"."):
+        parse_host_port(text)
