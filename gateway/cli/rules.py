@@ -1,0 +1,271 @@
+"""``gateway rules check|explain|diff``: validate, question and compare federation rules.
+
+Exit codes follow diff(1): 0 for "yes" (valid, allowed, no difference), 1 for
+"no" (invalid, denied, different), 2 when the command could not answer
+(a bad argument, a missing or unreadable file, or, for explain and diff,
+rules that do not validate). docs/rules.md shows the output of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from gateway.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Registrar, UsageError, set_handler
+from gateway.core.address import Address
+from gateway.core.durations import parse_duration
+from gateway.core.rules import (
+    CompiledRules,
+    Decision,
+    Rules,
+    diff_rules,
+    format_diff,
+    load_rules,
+)
+from gateway.errors import AddressError, RulesError
+
+
+def register(subparsers: Registrar) -> None:
+    parser = subparsers.add_parser(
+        "rules",
+        help="validate, explain and compare federation rules",
+        description="Validate federation rules, explain a decision, compare two versions.",
+    )
+    commands = parser.add_subparsers(title="rules commands", metavar="COMMAND")
+
+    check = commands.add_parser(
+        "check",
+        help="validate rules files; every error as FILE:LINE:COLUMN: key.path: message",
+        description="Validate each FILE completely. Exit 0 when all are valid (one summary "
+        "line each), 1 when any is not (every error listed), 2 when a file cannot be read.",
+    )
+    check.add_argument("files", nargs="+", metavar="FILE", help="a rules file")
+    set_handler(check, run_check)
+
+    explain = commands.add_parser(
+        "explain",
+        help="would an envelope FROM -> TO be allowed, and which rule decides",
+        description="Decide one envelope as the gateway would and say which rule decided. "
+        "The direction follows from which address belongs to the rules' org: outbound (FROM "
+        "is ours), inbound (TO is ours, FROM at a peer) or local (both ours). Exit 0 allowed, "
+        "1 denied, 2 error.",
+    )
+    explain.add_argument("file", metavar="FILE", help="a rules file")
+    explain.add_argument("--from", dest="sender", required=True, metavar="ADDR")
+    explain.add_argument("--to", dest="recipient", required=True, metavar="ADDR")
+    explain.add_argument(
+        "--group",
+        metavar="G",
+        help="inbound only: the sender's group, as its gateway asserts it",
+    )
+    explain.add_argument(
+        "--size",
+        type=_size,
+        default=0,
+        metavar="N",
+        help="envelope size in bytes (default 0: any size limit passes)",
+    )
+    explain.add_argument(
+        "--ttl",
+        type=_duration,
+        default=None,
+        metavar="D",
+        help="requested TTL like 1h or 2d (default: the deciding group's default TTL)",
+    )
+    explain.add_argument("--burn-on-read", action="store_true", help="the envelope is burn-on-read")
+    explain.add_argument("--json", action="store_true", help="print the decision as JSON")
+    set_handler(explain, run_explain)
+
+    diff = commands.add_parser(
+        "diff",
+        help="what changes in effect from OLD to NEW: reach, peers, members, limits",
+        description="List every (group, peer) pair that gains or loses reach in either "
+        "direction, peers added, removed or changed, members who moved, and limits that "
+        "changed. Exit 0 when nothing differs in effect, 1 when something does, 2 on error.",
+    )
+    diff.add_argument("old", metavar="OLD", help="the rules file as it was")
+    diff.add_argument("new", metavar="NEW", help="the rules file as it will be")
+    set_handler(diff, run_diff)
+
+    set_handler(parser, _usage)
+
+
+def _usage(_args: argparse.Namespace) -> int:
+    raise UsageError("rules: name a command: check, explain or diff (see `gateway rules --help`)")
+
+
+def _size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of bytes") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("a size cannot be negative")
+    return value
+
+
+def _duration(text: str) -> int:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _read_file(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+def _read_rules_file(path: str) -> bytes:
+    try:
+        return _read_file(path)
+    except OSError as exc:
+        raise UsageError(f"cannot read rules file {path}: {exc.strerror or exc}") from exc
+
+
+def _load(path: str) -> Rules:
+    return load_rules(_read_rules_file(path), filename=path, read_file=_read_file)
+
+
+def _print_issues(error: RulesError) -> None:
+    for issue in error.issues:
+        print(issue)
+
+
+# -- check -----------------------------------------------------------------------------
+def run_check(args: argparse.Namespace) -> int:
+    status = EXIT_OK
+    for path in args.files:
+        try:
+            rules = _load(path)
+        except UsageError as exc:
+            print(f"gateway: error: {exc}", file=sys.stderr)
+            status = EXIT_USAGE
+        except RulesError as exc:
+            _print_issues(exc)
+            if status == EXIT_OK:
+                status = EXIT_FAILURE
+        else:
+            print(f"{path}: ok: {rules.summary()}")
+    return status
+
+
+# -- explain ---------------------------------------------------------------------------
+def run_explain(args: argparse.Namespace) -> int:
+    try:
+        sender = Address.parse(args.sender)
+        recipient = Address.parse(args.recipient)
+    except AddressError as exc:
+        raise UsageError(exc.message) from exc
+    try:
+        rules = _load(args.file)
+    except RulesError as exc:
+        _print_issues(exc)
+        return EXIT_USAGE
+    compiled = CompiledRules(rules)
+    decision = explain(
+        compiled,
+        sender,
+        recipient,
+        asserted_group=args.group,
+        size=args.size,
+        ttl_seconds=args.ttl,
+        burn_on_read=args.burn_on_read,
+    )
+    if args.json:
+        print(json.dumps(decision_json(decision, sender, recipient), sort_keys=True))
+    else:
+        print("\n".join(render_decision(decision, sender, recipient)))
+    return EXIT_OK if decision.allowed else EXIT_FAILURE
+
+
+def explain(
+    compiled: CompiledRules,
+    sender: Address,
+    recipient: Address,
+    *,
+    asserted_group: str | None = None,
+    size: int = 0,
+    ttl_seconds: int | None = None,
+    burn_on_read: bool = False,
+) -> Decision:
+    """Decide as the gateway would, picking the direction from which address is ours."""
+    org = compiled.org
+    if sender.org == org:
+        if asserted_group is not None:
+            raise UsageError("--group is for inbound envelopes: a peer asserts its sender's group")
+        if ttl_seconds is None:
+            group = compiled.group_of(sender.user)
+            ttl_seconds = group.limits.ttl.default if group is not None else 0
+        return compiled.decide_outbound(
+            sender, recipient, size=size, ttl_seconds=ttl_seconds, burn_on_read=burn_on_read
+        )
+    if recipient.org == org:
+        if ttl_seconds is None:
+            group = compiled.group_of(recipient.user)
+            ttl_seconds = group.limits.ttl.default if group is not None else 0
+        return compiled.decide_inbound(
+            sender.org,
+            sender,
+            recipient,
+            asserted_group=asserted_group,
+            size=size,
+            ttl_seconds=ttl_seconds,
+            burn_on_read=burn_on_read,
+        )
+    raise UsageError(f"neither {sender} nor {recipient} is an address of {org}, the rules' org")
+
+
+def render_decision(decision: Decision, sender: Address, recipient: Address) -> list[str]:
+    verdict = "allowed" if decision.allowed else "denied"
+    context = [decision.direction.value]
+    if decision.group is not None:
+        context.append(f"group {decision.group}")
+    lines = [
+        f"{verdict}: {sender} -> {recipient} ({', '.join(context)})",
+        f"reason: {decision.reason.value}",
+    ]
+    if decision.rule is None:
+        lines.append("rule: none")
+    elif decision.rule.path:
+        lines.append(f"rule: {decision.rule} ({decision.rule.path})")
+    else:
+        lines.append(f"rule: {decision.rule}")
+    lines.append(f"detail: {decision.detail}")
+    return lines
+
+
+def decision_json(decision: Decision, sender: Address, recipient: Address) -> dict[str, object]:
+    rule = decision.rule
+    return {
+        "allowed": decision.allowed,
+        "reason": decision.reason.value,
+        "direction": decision.direction.value,
+        "from": str(sender),
+        "to": str(recipient),
+        "group": decision.group,
+        "peer": decision.peer,
+        "rule": None
+        if rule is None
+        else {"file": rule.file, "line": rule.line, "path": rule.path or None},
+        "detail": decision.detail,
+    }
+
+
+# -- diff --------------------------------------------------------------------------------
+def run_diff(args: argparse.Namespace) -> int:
+    loaded: list[Rules] = []
+    failed = False
+    for path in (args.old, args.new):
+        try:
+            loaded.append(_load(path))
+        except RulesError as exc:
+            _print_issues(exc)
+            failed = True
+    if failed:
+        return EXIT_USAGE
+    lines = format_diff(diff_rules(loaded[0], loaded[1]))
+    for line in lines:
+        print(line)
+    return EXIT_FAILURE if lines else EXIT_OK

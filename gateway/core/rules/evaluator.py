@@ -1,0 +1,385 @@
+"""Policy decisions: may this envelope go out, or come in? Pure, and O(1) per decision.
+
+:class:`CompiledRules` is built once from validated :class:`Rules` and never
+changes (a reload builds a new one and swaps it in whole). Building it turns
+the rules into indexes: user -> group, and per group the peers it may send to
+and the peers and peer groups it may receive from, each as a dict whose
+values are *prepared* allow decisions. A decision is then a handful of dict
+lookups and integer comparisons, the same whatever the size of the rules, and
+an allowed envelope allocates nothing. Denials are built when they happen,
+with a human-readable detail for logs and ``gateway rules explain``.
+
+The order of checks is fixed, so the reason of a denial is predictable:
+
+* outbound: sender is ours -> sender has a group -> (recipient ours: recipient
+  exists, a *local* decision) -> recipient's org is a peer -> the group may
+  send to it -> the sender group's limits;
+* inbound: origin is a peer -> sender belongs to the origin -> recipient is
+  ours -> recipient exists -> the recipient's group may receive from the
+  origin (whole, or the group it asserts) -> the recipient group's limits.
+
+Limits are checked in the order size, TTL, burn-on-read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from gateway.core.address import Address
+from gateway.core.durations import format_duration
+from gateway.core.rules.model import WILDCARD, BurnOnRead, Direction, Group, Mark, Peer, Rules
+from gateway.core.yamlmarks import paused_gc
+from gateway.errors import Reason
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The answer to one question, with the reason and the rule that gave it."""
+
+    allowed: bool
+    reason: Reason
+    direction: Direction
+    group: str | None  # the local group whose rules applied (the sender's, or the recipient's)
+    peer: str | None  # the remote org, for outbound and inbound
+    rule: Mark | None  # where the deciding rule is written; None when no rule applies
+    detail: str  # one human-readable sentence, for logs and `explain`; never sent to a peer
+
+
+class _GroupIndex:
+    """One group's rules, as lookups. Built once by CompiledRules."""
+
+    __slots__ = (
+        "burn_forbidden",
+        "burn_required",
+        "group",
+        "local_allowed",
+        "max_bytes",
+        "receive",
+        "receive_all",
+        "receive_all_mark",
+        "receive_groups",
+        "send",
+        "send_all",
+        "send_all_mark",
+        "ttl_max",
+        "ttl_min",
+    )
+
+    def __init__(self, group: Group) -> None:
+        self.group = group
+        limits = group.limits
+        self.max_bytes = limits.max_envelope_bytes
+        self.ttl_min = limits.ttl.min
+        self.ttl_max = limits.ttl.max
+        self.burn_required = limits.burn_on_read is BurnOnRead.REQUIRED
+        self.burn_forbidden = limits.burn_on_read is BurnOnRead.FORBIDDEN
+        name = group.name
+        self.send: dict[str, Decision] = {}
+        self.send_all = False
+        self.send_all_mark: Mark | None = None
+        for ref in group.send_to:
+            if ref.peer == WILDCARD:
+                self.send_all, self.send_all_mark = True, ref.mark
+            else:
+                self.send[ref.peer] = Decision(
+                    True,
+                    Reason.ALLOWED,
+                    Direction.OUTBOUND,
+                    name,
+                    ref.peer,
+                    ref.mark,
+                    f"group {name} may send to {ref.peer}",
+                )
+        self.receive: dict[str, Decision] = {}
+        self.receive_groups: dict[tuple[str, str], Decision] = {}
+        self.receive_all = False
+        self.receive_all_mark: Mark | None = None
+        for ref in group.receive_from:
+            if ref.peer == WILDCARD:
+                self.receive_all, self.receive_all_mark = True, ref.mark
+            elif ref.group is None:
+                self.receive[ref.peer] = Decision(
+                    True,
+                    Reason.ALLOWED,
+                    Direction.INBOUND,
+                    name,
+                    ref.peer,
+                    ref.mark,
+                    f"group {name} may receive from {ref.peer}",
+                )
+            else:
+                self.receive_groups[(ref.peer, ref.group)] = Decision(
+                    True,
+                    Reason.ALLOWED,
+                    Direction.INBOUND,
+                    name,
+                    ref.peer,
+                    ref.mark,
+                    f"group {name} may receive from group {ref.group} of {ref.peer}",
+                )
+        self.local_allowed = Decision(
+            True,
+            Reason.ALLOWED,
+            Direction.LOCAL,
+            name,
+            None,
+            group.mark,
+            "both users are in the rules: delivery inside the org is allowed",
+        )
+
+    def star_send(self, peer: str) -> Decision:
+        # Built on first use and kept: bounded by the number of peers.
+        decision = Decision(
+            True,
+            Reason.ALLOWED,
+            Direction.OUTBOUND,
+            self.group.name,
+            peer,
+            self.send_all_mark,
+            f'group {self.group.name} may send to every peer ("*"), {peer} included',
+        )
+        self.send[peer] = decision
+        return decision
+
+    def star_receive(self, peer: str) -> Decision:
+        decision = Decision(
+            True,
+            Reason.ALLOWED,
+            Direction.INBOUND,
+            self.group.name,
+            peer,
+            self.receive_all_mark,
+            f'group {self.group.name} may receive from every peer ("*"), {peer} included',
+        )
+        self.receive[peer] = decision
+        return decision
+
+
+class CompiledRules:
+    """Validated rules turned into indexes; answers policy questions in O(1)."""
+
+    __slots__ = ("_by_user", "_default_mark", "_groups", "org", "rules")
+
+    def __init__(self, rules: Rules) -> None:
+        self.rules = rules
+        self.org = rules.org
+        self._default_mark = rules.default_mark
+        self._by_user: dict[str, _GroupIndex] = {}
+        with paused_gc():  # hundreds of thousands of objects that all stay: no use collecting
+            self._groups = {name: _GroupIndex(group) for name, group in rules.groups.items()}
+            for index in self._groups.values():
+                for user in index.group.members:
+                    self._by_user[user] = index
+
+    # -- lookups ---------------------------------------------------------------------
+    @property
+    def peers(self) -> Mapping[str, Peer]:
+        return self.rules.peers
+
+    def peer(self, org: str) -> Peer | None:
+        return self.rules.peers.get(org)
+
+    def group_of(self, user: str) -> Group | None:
+        index = self._by_user.get(user)
+        return None if index is None else index.group
+
+    def group(self, name: str) -> Group | None:
+        return self.rules.groups.get(name)
+
+    def default_ttl(self, group: str) -> int:
+        """The default TTL in seconds of the group named ``group``; ``KeyError`` if none."""
+        return self.rules.groups[group].limits.ttl.default
+
+    # -- decisions ---------------------------------------------------------------------
+    def decide_outbound(
+        self,
+        sender: Address,
+        recipient: Address,
+        *,
+        size: int,
+        ttl_seconds: int,
+        burn_on_read: bool,
+    ) -> Decision:
+        """May local ``sender`` send to ``recipient`` (at a peer, or local)?"""
+        if sender.org != self.org:
+            return _deny(
+                Reason.SENDER_NOT_ORIGIN,
+                Direction.OUTBOUND,
+                None,
+                None,
+                None,
+                f"{sender} is not a user of {self.org}",
+            )
+        index = self._by_user.get(sender.user)
+        if index is None:
+            return _deny(
+                Reason.NO_GROUP,
+                Direction.OUTBOUND,
+                None,
+                None,
+                self._default_mark,
+                f"{sender.user} is in no group: nothing is allowed for them (default: deny)",
+            )
+        if recipient.org == self.org:
+            if recipient.user not in self._by_user:
+                return _deny(
+                    Reason.RECIPIENT_UNKNOWN,
+                    Direction.LOCAL,
+                    index.group.name,
+                    None,
+                    self._default_mark,
+                    f"{recipient.user} is in no group of {self.org}",
+                )
+            allowed = index.local_allowed
+        else:
+            peer = recipient.org
+            found = index.send.get(peer)
+            if found is None:
+                if peer not in self.rules.peers:
+                    return _deny(
+                        Reason.UNKNOWN_PEER,
+                        Direction.OUTBOUND,
+                        index.group.name,
+                        peer,
+                        self._default_mark,
+                        f"{peer} is not a peer in the rules (default: deny)",
+                    )
+                if not index.send_all:
+                    group = index.group
+                    return _deny(
+                        Reason.PEER_NOT_ALLOWED,
+                        Direction.OUTBOUND,
+                        group.name,
+                        peer,
+                        group.send_to_mark or group.mark,
+                        f"group {group.name} has no send_to entry for {peer}",
+                    )
+                found = index.star_send(peer)
+            allowed = found
+        if (
+            size > index.max_bytes
+            or not index.ttl_min <= ttl_seconds <= index.ttl_max
+            or (index.burn_required and not burn_on_read)
+            or (index.burn_forbidden and burn_on_read)
+        ):
+            return _limit_denial(index, allowed, size, ttl_seconds, burn_on_read)
+        return allowed
+
+    def decide_inbound(
+        self,
+        origin: str,
+        sender: Address,
+        recipient: Address,
+        *,
+        asserted_group: str | None,
+        size: int,
+        ttl_seconds: int,
+        burn_on_read: bool,
+    ) -> Decision:
+        """May an envelope from peer ``origin`` (its ``sender``) reach local ``recipient``?"""
+        if origin not in self.rules.peers:
+            return _deny(
+                Reason.UNKNOWN_PEER,
+                Direction.INBOUND,
+                None,
+                origin,
+                self._default_mark,
+                f"{origin} is not a peer in the rules (default: deny)",
+            )
+        if sender.org != origin:
+            return _deny(
+                Reason.SENDER_NOT_ORIGIN,
+                Direction.INBOUND,
+                None,
+                origin,
+                None,
+                f"{sender} is not a user of {origin}, which sent the envelope",
+            )
+        if recipient.org != self.org:
+            return _deny(
+                Reason.RECIPIENT_NOT_LOCAL,
+                Direction.INBOUND,
+                None,
+                origin,
+                None,
+                f"{recipient} is not a user of {self.org}",
+            )
+        index = self._by_user.get(recipient.user)
+        if index is None:
+            return _deny(
+                Reason.RECIPIENT_UNKNOWN,
+                Direction.INBOUND,
+                None,
+                origin,
+                self._default_mark,
+                f"{recipient.user} is in no group of {self.org}",
+            )
+        allowed = index.receive.get(origin)
+        if allowed is None and asserted_group is not None:
+            allowed = index.receive_groups.get((origin, asserted_group))
+        if allowed is None:
+            if not index.receive_all:
+                group = index.group
+                asserted = f" (group {asserted_group})" if asserted_group is not None else ""
+                return _deny(
+                    Reason.PEER_NOT_ALLOWED,
+                    Direction.INBOUND,
+                    group.name,
+                    origin,
+                    group.receive_from_mark or group.mark,
+                    f"group {group.name} has no receive_from entry for {origin}{asserted}",
+                )
+            allowed = index.star_receive(origin)
+        if (
+            size > index.max_bytes
+            or not index.ttl_min <= ttl_seconds <= index.ttl_max
+            or (index.burn_required and not burn_on_read)
+            or (index.burn_forbidden and burn_on_read)
+        ):
+            return _limit_denial(index, allowed, size, ttl_seconds, burn_on_read)
+        return allowed
+
+
+def _deny(
+    reason: Reason,
+    direction: Direction,
+    group: str | None,
+    peer: str | None,
+    rule: Mark | None,
+    detail: str,
+) -> Decision:
+    return Decision(False, reason, direction, group, peer, rule, detail)
+
+
+def _limit_denial(
+    index: _GroupIndex, allowed: Decision, size: int, ttl_seconds: int, burn_on_read: bool
+) -> Decision:
+    group = index.group
+    limits = group.limits
+    fallback = (
+        Mark(group.mark.file, group.mark.line, f"{group.mark.path} (default limits)")
+        if group.mark is not None
+        else None
+    )
+    if size > index.max_bytes:
+        reason = Reason.TOO_LARGE
+        rule = limits.max_envelope_bytes_mark or fallback
+        detail = f"{size} bytes is over max_envelope_bytes {index.max_bytes} of group {group.name}"
+    elif not index.ttl_min <= ttl_seconds <= index.ttl_max:
+        reason = Reason.TTL_OUT_OF_BOUNDS
+        rule = limits.ttl_mark or fallback
+        shown = format_duration(ttl_seconds) if ttl_seconds >= 0 else f"{ttl_seconds}s"
+        detail = (
+            f"ttl {shown} is outside [{format_duration(index.ttl_min)}, "
+            f"{format_duration(index.ttl_max)}] of group {group.name}"
+        )
+    elif index.burn_required:
+        reason = Reason.BURN_ON_READ_REQUIRED
+        rule = limits.burn_on_read_mark or fallback
+        detail = f"group {group.name} requires burn-on-read"
+    else:
+        reason = Reason.BURN_ON_READ_FORBIDDEN
+        rule = limits.burn_on_read_mark or fallback
+        detail = f"group {group.name} forbids burn-on-read"
+    return Decision(False, reason, allowed.direction, group.name, allowed.peer, rule, detail)

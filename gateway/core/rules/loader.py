@@ -1,0 +1,819 @@
+"""Load federation rules from YAML text: every problem found, each pointing at its place.
+
+:func:`load_rules` parses the text with positions (:mod:`gateway.core.yamlmarks`),
+then checks it in one pass that never stops at the first problem: every issue
+becomes one line ``FILE:LINE:COLUMN: key.path: message`` (1-based), and if
+there is any, :class:`~gateway.errors.RulesError` carries them all in file
+order. Only a file without a single issue becomes :class:`Rules`.
+
+The loader does no I/O of its own: a peer's ``ca:`` names a file relative to
+the rules file, which it asks the injected ``read_file(path) -> bytes`` for.
+
+Checks the JSON Schema beside the examples cannot express (a reference to an
+undefined peer, a user in two groups, TTL bounds in the wrong order, a CA that
+is not a CA, a peer equal to our own org, duplicate YAML keys) live only here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os.path
+import re
+from collections.abc import Callable, Iterable
+from types import MappingProxyType
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+
+from gateway.core.address import normalize_domain, normalize_user
+from gateway.core.durations import format_duration, parse_duration
+from gateway.core.keytext import parse_signing_key
+from gateway.core.rules.model import (
+    DEFAULT_MAX_ENVELOPE_BYTES,
+    DEFAULT_TTL,
+    GROUP_NAME_RE,
+    MAX_TTL_SECONDS,
+    MIN_ENVELOPE_BYTES,
+    MIN_TTL_SECONDS,
+    PROTOCOL_MAX_ENVELOPE_BYTES,
+    RULES_VERSION,
+    WILDCARD,
+    BurnOnRead,
+    Group,
+    Limits,
+    Mark,
+    Peer,
+    PeerRef,
+    Rules,
+    TtlBounds,
+)
+from gateway.core.yamlmarks import (
+    START,
+    MarkedList,
+    MarkedMap,
+    Position,
+    YamlSyntaxError,
+    format_path,
+    load_marked,
+    paused_gc,
+)
+from gateway.errors import AddressError, PKIError, RulesError
+from gateway.pki.certs import load_ca_pem, parse_pin
+
+ReadFile = Callable[[str], bytes]
+
+MAX_RULES_FILE_BYTES = 64 * 1024 * 1024
+MAX_REPORTED_ISSUES = 1000  # past this, one closing line says how many more there are
+
+_ROOT_KEYS = ("version", "org", "default", "peers", "groups")
+_ROOT_REQUIRED = ("version", "org", "default", "groups")
+_PEER_KEYS = ("endpoint", "ca", "ca_pem", "pins", "signing_key")
+_PEER_REQUIRED = ("endpoint", "signing_key")
+_GROUP_KEYS = ("members", "send_to", "receive_from", "limits")
+_GROUP_REQUIRED = ("members",)
+_LIMIT_KEYS = ("max_envelope_bytes", "ttl", "burn_on_read")
+_TTL_KEYS = ("min", "default", "max")
+_DEFAULT_POLICY = "deny"
+_BURN_CHOICES = tuple(member.value for member in BurnOnRead)
+
+# The same shape as federation_rules/schema.json says: https, a host name or
+# bracketed IP literal, an optional port and path; no user info, query or fragment.
+_ENDPOINT_RE = re.compile(
+    r"https://(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])"
+    r"(?::(?P<port>[0-9]{1,5}))?(?:/[^?#\s]*)?"
+)
+_MAX_PORT = 65535
+# Domains share their suffixes (".example"), so only a near-identical one is a likely typo.
+_PEER_HINT_CUTOFF = 0.8
+
+
+def load_rules(text: str | bytes, *, filename: str, read_file: ReadFile | None = None) -> Rules:
+    """Validate ``text`` completely; :class:`Rules` or ``RulesError`` with every issue.
+
+    ``filename`` is how issues and marks name the file (as the admin wrote it);
+    ``ca:`` paths are resolved against its directory and read with
+    ``read_file``; without one, ``ca:`` is reported as unusable here.
+    """
+    checker = _Checker(filename, read_file)
+    with paused_gc():
+        rules = checker.run(text)
+    if checker.issues or rules is None:
+        raise RulesError(checker.formatted_issues())
+    return rules
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return f"integer {value}"
+    if isinstance(value, float):
+        return f"number {value}"
+    if isinstance(value, str):
+        return f"string {value!r}"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"{type(value).__name__} {value}"
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _suggest(word: str, candidates: Iterable[str], *, cutoff: float = 0.6) -> str | None:
+    matches = difflib.get_close_matches(word, list(candidates), n=1, cutoff=cutoff)
+    return matches[0] if matches else None
+
+
+class _Checker:
+    def __init__(self, filename: str, read_file: ReadFile | None) -> None:
+        self.filename = filename
+        self.read_file = read_file
+        self.issues: list[tuple[Position, str, str]] = []
+        self.org = ""
+        self.peer_names: set[str] = set()  # every syntactically valid peer key
+        self.peer_texts: dict[str, str] = {}  # peer key as written -> normalized
+        self.bad_peer_keys: set[str] = (
+            set()
+        )  # invalid peer keys: references to them are not re-reported
+        self.user_group: dict[str, tuple[str, MarkedList, int]] = {}
+        self.ca_cache: dict[str, bytes | OSError] = {}
+        self.ca_files: list[str] = []
+
+    # -- reporting -------------------------------------------------------------
+    def error(self, position: Position, path: str, message: str) -> None:
+        self.issues.append((position, path or "(document)", message))
+
+    def formatted_issues(self) -> list[str]:
+        ordered = sorted(self.issues, key=lambda issue: (issue[0].line, issue[0].column))
+        lines = [
+            f"{self.filename}:{pos.line}:{pos.column}: {path}: {message}"
+            for pos, path, message in ordered[:MAX_REPORTED_ISSUES]
+        ]
+        if len(ordered) > MAX_REPORTED_ISSUES:
+            pos = ordered[MAX_REPORTED_ISSUES][0]
+            lines.append(
+                f"{self.filename}:{pos.line}:{pos.column}: (document): "
+                f"{len(ordered) - MAX_REPORTED_ISSUES} more issues not shown"
+            )
+        return lines
+
+    def mark(self, position: Position, path: str) -> Mark:
+        return Mark(self.filename, position.line, path)
+
+    # -- generic checks ----------------------------------------------------------
+    def check_keys(
+        self,
+        mapping: MarkedMap,
+        path: str,
+        allowed: tuple[str, ...],
+        required: tuple[str, ...],
+        where: Position,
+    ) -> None:
+        for key in mapping:
+            if key in allowed:
+                continue
+            hint = _suggest(str(key), allowed)
+            advice = f"did you mean {hint!r}?" if hint else f"known keys: {', '.join(allowed)}"
+            self.error(
+                mapping.key_position(key), _join(path, key), f"unknown key {key!r}; {advice}"
+            )
+        for key in required:
+            if key not in mapping:
+                self.error(where, _join(path, key), f"missing required key {key!r}")
+
+    def expect_map(self, value: Any, position: Position, path: str, what: str) -> MarkedMap | None:
+        if isinstance(value, MarkedMap):
+            return value
+        self.error(position, path, f"expected {what} (a mapping), got {_describe(value)}")
+        return None
+
+    def expect_list(
+        self, value: Any, position: Position, path: str, what: str
+    ) -> MarkedList | None:
+        if isinstance(value, MarkedList):
+            return value
+        hint = "; write [] for an empty list" if value is None else ""
+        self.error(position, path, f"expected {what} (a list), got {_describe(value)}{hint}")
+        return None
+
+    def expect_str(self, value: Any, position: Position, path: str, what: str) -> str | None:
+        if isinstance(value, str):
+            return value
+        self.error(position, path, f"expected {what} (a string), got {_describe(value)}")
+        return None
+
+    def domain(self, value: Any, position: Position, path: str, what: str) -> str | None:
+        text = self.expect_str(value, position, path, what)
+        if text is None:
+            return None
+        try:
+            return normalize_domain(text)
+        except AddressError as exc:
+            self.error(position, path, f"invalid {what}: {exc.message}")
+            return None
+
+    # -- the document --------------------------------------------------------------
+    def run(self, text: str | bytes) -> Rules | None:
+        if len(text) > MAX_RULES_FILE_BYTES:
+            self.error(START, "", f"the file is larger than {MAX_RULES_FILE_BYTES} bytes")
+            return None
+        if isinstance(text, bytes):
+            data = text
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                before = data[: exc.start]
+                line = before.count(b"\n") + 1
+                column = exc.start - (before.rfind(b"\n") + 1) + 1
+                self.error(Position(line, column), "", "the file is not UTF-8 text")
+                return None
+        try:
+            document = load_marked(text)
+        except YamlSyntaxError as exc:
+            self.error(exc.position, "(yaml)", exc.problem)
+            return None
+        for problem in document.problems:
+            self.error(problem.position, format_path(problem.path), problem.message)
+        root = document.root
+        if not isinstance(root, MarkedMap):
+            self.error(
+                document.position,
+                "",
+                "expected the rules (a mapping with version, org, default, peers and groups), "
+                f"got {_describe(root)}",
+            )
+            return None
+        self.check_keys(root, "", _ROOT_KEYS, _ROOT_REQUIRED, document.position)
+
+        if "version" in root:
+            version = root["version"]
+            if type(version) is not int or version != RULES_VERSION:
+                self.error(
+                    root.value_position("version"),
+                    "version",
+                    f"unsupported version {_describe(version)}; this gateway reads version "
+                    f"{RULES_VERSION}",
+                )
+        org = None
+        if "org" in root:
+            org = self.domain(root["org"], root.value_position("org"), "org", "org domain")
+        self.org = org or ""
+        default_mark = None
+        if "default" in root:
+            position = root.value_position("default")
+            default_mark = self.mark(position, "default")
+            if root["default"] != _DEFAULT_POLICY:
+                self.error(
+                    position,
+                    "default",
+                    f"got {_describe(root['default'])}; the only value is deny: the rules list "
+                    "what is allowed and everything else is denied",
+                )
+
+        peers: dict[str, Peer] = {}
+        if "peers" in root:
+            peers = self.peers(root["peers"], root.value_position("peers"))
+        groups: dict[str, Group] = {}
+        if "groups" in root:
+            groups = self.groups(root["groups"], root.value_position("groups"))
+
+        if self.issues or org is None:
+            return None
+        return Rules(
+            org=org,
+            peers=MappingProxyType(peers),
+            groups=MappingProxyType(groups),
+            source=self.filename,
+            default_mark=default_mark,
+            ca_files=tuple(self.ca_files),
+        )
+
+    # -- peers -----------------------------------------------------------------------
+    def peers(self, value: Any, position: Position) -> dict[str, Peer]:
+        mapping = self.expect_map(value, position, "peers", "the peers")
+        result: dict[str, Peer] = {}
+        if mapping is None:
+            return result
+        seen: dict[str, Position] = {}
+        for key, spec in mapping.items():
+            key_position = mapping.key_position(key)
+            path = _join("peers", key)
+            name = self.domain(key, key_position, path, "peer org domain")
+            if name is None:
+                self.bad_peer_keys.add(str(key).lower())
+            elif name == self.org:
+                self.error(
+                    key_position,
+                    path,
+                    f"{name} is this org itself; a peer is another org's gateway",
+                )
+                name = None
+            elif name in seen:
+                self.error(
+                    key_position,
+                    path,
+                    f"peer {name} is listed twice (first at line {seen[name].line})",
+                )
+                name = None
+            else:
+                seen[name] = key_position
+                self.peer_names.add(name)
+                self.peer_texts[key] = name
+            peer = self.peer(
+                name or str(key), spec, mapping.value_position(key), key_position, path
+            )
+            if name is not None and peer is not None:
+                result[name] = peer
+        return result
+
+    def peer(
+        self, name: str, value: Any, position: Position, key_position: Position, path: str
+    ) -> Peer | None:
+        spec = self.expect_map(value, position, path, f"the peer {name}")
+        if spec is None:
+            return None
+        self.check_keys(spec, path, _PEER_KEYS, _PEER_REQUIRED, key_position)
+        ok = True
+
+        endpoint = None
+        if "endpoint" in spec:
+            endpoint = self.endpoint(spec["endpoint"], spec.value_position("endpoint"), path)
+            ok = ok and endpoint is not None
+
+        ca = self.ca(spec, key_position, path)
+        ok = ok and ca is not None
+
+        pins: list[str] = []
+        if "pins" in spec:
+            pins_path = _join(path, "pins")
+            items = self.expect_list(spec["pins"], spec.value_position("pins"), pins_path, "pins")
+            ok = ok and items is not None
+            for index, item in enumerate(items or ()):
+                item_position = items.item_position(index) if items is not None else START
+                item_path = f"{pins_path}[{index}]"
+                text = self.expect_str(item, item_position, item_path, "an SPKI pin")
+                if text is None:
+                    ok = False
+                    continue
+                try:
+                    parse_pin(text)
+                except ValueError as exc:
+                    self.error(item_position, item_path, str(exc))
+                    ok = False
+                    continue
+                if text in pins:
+                    self.error(item_position, item_path, f"duplicate pin {text}")
+                    ok = False
+                    continue
+                pins.append(text)
+
+        signing_key = None
+        if "signing_key" in spec:
+            key_path = _join(path, "signing_key")
+            key_value_position = spec.value_position("signing_key")
+            text = self.expect_str(
+                spec["signing_key"], key_value_position, key_path, "a signing key"
+            )
+            if text is not None:
+                try:
+                    signing_key = parse_signing_key(text)
+                except ValueError as exc:
+                    self.error(key_value_position, key_path, str(exc))
+        if not ok or endpoint is None or ca is None or signing_key is None:
+            return None
+        ca_pem, ca_sha256, ca_file = ca
+        return Peer(
+            org=name,
+            endpoint=endpoint,
+            ca_pem=ca_pem,
+            ca_sha256=ca_sha256,
+            pins=tuple(pins),
+            signing_key=signing_key,
+            ca_file=ca_file,
+            mark=self.mark(key_position, path),
+        )
+
+    def endpoint(self, value: Any, position: Position, path: str) -> str | None:
+        path = _join(path, "endpoint")
+        text = self.expect_str(value, position, path, "an endpoint URL")
+        if text is None:
+            return None
+        match = _ENDPOINT_RE.fullmatch(text)
+        if match is None:
+            self.error(
+                position,
+                path,
+                f"invalid endpoint {text!r}: expected https://HOST[:PORT][/PATH] "
+                "(no user, query or fragment)",
+            )
+            return None
+        port = match.group("port")
+        if port is not None and not 0 < int(port) <= _MAX_PORT:
+            self.error(position, path, f"invalid endpoint {text!r}: port {port} out of range")
+            return None
+        return text
+
+    def ca(
+        self, spec: MarkedMap, key_position: Position, path: str
+    ) -> tuple[str, str, str | None] | None:
+        if "ca" in spec and "ca_pem" in spec:
+            self.error(
+                spec.key_position("ca_pem"),
+                _join(path, "ca_pem"),
+                "give either ca (a file) or ca_pem (inline), not both",
+            )
+            return None
+        if "ca" in spec:
+            ca_path = _join(path, "ca")
+            position = spec.value_position("ca")
+            relative = self.expect_str(spec["ca"], position, ca_path, "a CA file path")
+            if relative is None:
+                return None
+            if not relative:
+                self.error(position, ca_path, "the CA file path is empty")
+                return None
+            if self.read_file is None:
+                self.error(position, ca_path, "CA files cannot be read here; use ca_pem")
+                return None
+            file_path = os.path.join(os.path.dirname(self.filename), relative)
+            data = self.read_ca(file_path)
+            if isinstance(data, OSError):
+                self.error(
+                    position,
+                    ca_path,
+                    f"cannot read the CA file {file_path}: {data.strerror or data}",
+                )
+                return None
+            return self.parse_ca(data, file_path, position, ca_path, file_path)
+        if "ca_pem" in spec:
+            pem_path = _join(path, "ca_pem")
+            position = spec.value_position("ca_pem")
+            text = self.expect_str(spec["ca_pem"], position, pem_path, "a PEM CA certificate")
+            if text is None:
+                return None
+            return self.parse_ca(text.encode("utf-8"), "inline PEM", position, pem_path, None)
+        self.error(
+            key_position,
+            _join(path, "ca"),
+            "missing the peer's CA certificate: give ca (a file) or ca_pem (inline PEM)",
+        )
+        return None
+
+    def read_ca(self, file_path: str) -> bytes | OSError:
+        cached = self.ca_cache.get(file_path)
+        if cached is None:
+            assert self.read_file is not None
+            try:
+                cached = self.read_file(file_path)
+                self.ca_files.append(file_path)
+            except OSError as exc:
+                cached = exc
+            self.ca_cache[file_path] = cached
+        return cached
+
+    def parse_ca(
+        self, data: bytes, source: str, position: Position, path: str, ca_file: str | None
+    ) -> tuple[str, str, str | None] | None:
+        try:
+            cert = load_ca_pem(data, source=source)
+        except PKIError as exc:
+            self.error(position, path, exc.message)
+            return None
+        pem = cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+        fingerprint = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+        return pem, fingerprint, ca_file
+
+    # -- groups ------------------------------------------------------------------------
+    def groups(self, value: Any, position: Position) -> dict[str, Group]:
+        mapping = self.expect_map(value, position, "groups", "the groups")
+        result: dict[str, Group] = {}
+        if mapping is None:
+            return result
+        for key, spec in mapping.items():
+            key_position = mapping.key_position(key)
+            path = _join("groups", key)
+            name: str | None = None
+            if not isinstance(key, str):
+                self.error(
+                    key_position, path, f"a group name must be a string; got {_describe(key)}"
+                )
+            elif not GROUP_NAME_RE.fullmatch(key):
+                self.error(
+                    key_position,
+                    path,
+                    f"invalid group name {key!r}: 1-64 of a-z 0-9 _ -, starting with a letter "
+                    "or digit",
+                )
+            else:
+                name = key
+            group = self.group(
+                name or str(key), spec, mapping.value_position(key), key_position, path
+            )
+            if name is not None and group is not None:
+                result[name] = group
+        return result
+
+    def group(
+        self, name: str, value: Any, position: Position, key_position: Position, path: str
+    ) -> Group | None:
+        spec = self.expect_map(value, position, path, f"the group {name}")
+        if spec is None:
+            return None
+        self.check_keys(spec, path, _GROUP_KEYS, _GROUP_REQUIRED, key_position)
+        members = self.members(name, spec, path)
+        send_to = self.refs(spec, "send_to", path, with_groups=False)
+        receive_from = self.refs(spec, "receive_from", path, with_groups=True)
+        limits = self.limits(spec, path)
+        if members is None or send_to is None or receive_from is None or limits is None:
+            return None
+        return Group(
+            name=name,
+            members=members,
+            send_to=send_to,
+            receive_from=receive_from,
+            limits=limits,
+            mark=self.mark(key_position, path),
+            send_to_mark=self.key_mark(spec, "send_to", path),
+            receive_from_mark=self.key_mark(spec, "receive_from", path),
+        )
+
+    def key_mark(self, spec: MarkedMap, key: str, path: str) -> Mark | None:
+        return self.mark(spec.key_position(key), _join(path, key)) if key in spec else None
+
+    def members(self, group: str, spec: MarkedMap, path: str) -> tuple[str, ...] | None:
+        if "members" not in spec:
+            return None
+        path = _join(path, "members")
+        items = self.expect_list(spec["members"], spec.value_position("members"), path, "members")
+        if items is None:
+            return None
+        members: dict[str, int] = {}
+        user_group = self.user_group
+        ok = True
+        for index, item in enumerate(items):
+            try:
+                user = normalize_user(item) if type(item) is str else None
+            except AddressError as exc:
+                self.error(items.item_position(index), f"{path}[{index}]", exc.message)
+                ok = False
+                continue
+            if user is None:
+                self.error(
+                    items.item_position(index),
+                    f"{path}[{index}]",
+                    f"expected a user name (a string), got {_describe(item)}; quote it",
+                )
+                ok = False
+                continue
+            if user in members:
+                first = items.item_position(members[user])
+                self.error(
+                    items.item_position(index),
+                    f"{path}[{index}]",
+                    f"duplicate member {user!r} (first at line {first.line}, "
+                    f"column {first.column})",
+                )
+                ok = False
+                continue
+            owner = user_group.get(user)
+            if owner is not None:
+                other, other_items, other_index = owner
+                first = other_items.item_position(other_index)
+                self.error(
+                    items.item_position(index),
+                    f"{path}[{index}]",
+                    f"user {user!r} is already in group {other} (line {first.line}); "
+                    "a user is in one group at most",
+                )
+                ok = False
+                continue
+            members[user] = index
+            user_group[user] = (group, items, index)
+        return tuple(members) if ok else None
+
+    def refs(
+        self, spec: MarkedMap, key: str, path: str, *, with_groups: bool
+    ) -> tuple[PeerRef, ...] | None:
+        if key not in spec:
+            return ()
+        path = _join(path, key)
+        items = self.expect_list(spec[key], spec.value_position(key), path, key)
+        if items is None:
+            return None
+        refs: list[PeerRef] = []
+        seen: dict[str, int] = {}
+        ok = True
+        for index, item in enumerate(items):
+            position = items.item_position(index)
+            item_path = f"{path}[{index}]"
+            ref = self.ref(item, position, item_path, key, with_groups=with_groups)
+            if ref is None:
+                ok = False
+                continue
+            text = str(ref)
+            if text in seen:
+                first = items.item_position(seen[text])
+                self.error(
+                    position, item_path, f"{text} is listed twice (first at line {first.line})"
+                )
+                ok = False
+                continue
+            seen[text] = index
+            refs.append(ref)
+        if WILDCARD in seen and len(items) > 1:
+            self.error(
+                items.item_position(seen[WILDCARD]),
+                f"{path}[{seen[WILDCARD]}]",
+                f'"*" already means every peer; list it alone in {key}',
+            )
+            ok = False
+        return tuple(refs) if ok else None
+
+    def ref(
+        self, item: Any, position: Position, path: str, key: str, *, with_groups: bool
+    ) -> PeerRef | None:
+        what = 'a peer, peer/group or "*"' if with_groups else 'a peer or "*"'
+        text = self.expect_str(item, position, path, what)
+        if text is None:
+            return None
+        mark = self.mark(position, path)
+        if text == WILDCARD:
+            return PeerRef(WILDCARD, None, mark)
+        peer_text, slash, group = text.partition("/")
+        if slash and not with_groups:
+            self.error(
+                position,
+                path,
+                f"{key} names peers only ({text!r} names a group): the origin cannot know a "
+                "remote user's group",
+            )
+            return None
+        if slash and not GROUP_NAME_RE.fullmatch(group):
+            self.error(
+                position,
+                path,
+                f"invalid group {group!r} in {text!r}: 1-64 of a-z 0-9 _ -, starting with a "
+                "letter or digit",
+            )
+            return None
+        peer = self.peer_texts.get(peer_text)  # the common case, without the regexes
+        if peer is not None:
+            return PeerRef(peer, group if slash else None, mark)
+        if peer_text.lower() in self.bad_peer_keys:
+            return None  # its definition is already reported
+        try:
+            peer = normalize_domain(peer_text)
+        except AddressError as exc:
+            self.error(position, path, f"invalid peer: {exc.message}")
+            return None
+        if peer not in self.peer_names:
+            if peer == self.org:
+                self.error(
+                    position,
+                    path,
+                    f"{peer} is this org: users of the org reach each other without a rule",
+                )
+            else:
+                hint = _suggest(peer, self.peer_names, cutoff=_PEER_HINT_CUTOFF)
+                advice = f"; did you mean {hint}?" if hint else ""
+                self.error(position, path, f"peer {peer} is not defined in peers{advice}")
+            return None
+        return PeerRef(peer, group if slash else None, mark)
+
+    # -- limits --------------------------------------------------------------------------
+    def limits(self, spec: MarkedMap, path: str) -> Limits | None:
+        if "limits" not in spec:
+            return Limits()
+        path = _join(path, "limits")
+        mapping = self.expect_map(spec["limits"], spec.value_position("limits"), path, "the limits")
+        if mapping is None:
+            return None
+        self.check_keys(mapping, path, _LIMIT_KEYS, (), spec.key_position("limits"))
+        ok = True
+
+        max_bytes = DEFAULT_MAX_ENVELOPE_BYTES
+        max_bytes_mark = None
+        if "max_envelope_bytes" in mapping:
+            value = mapping["max_envelope_bytes"]
+            position = mapping.value_position("max_envelope_bytes")
+            value_path = _join(path, "max_envelope_bytes")
+            if type(value) is not int:
+                self.error(position, value_path, f"expected an integer, got {_describe(value)}")
+                ok = False
+            elif not MIN_ENVELOPE_BYTES <= value <= PROTOCOL_MAX_ENVELOPE_BYTES:
+                self.error(
+                    position,
+                    value_path,
+                    f"{value} is out of range {MIN_ENVELOPE_BYTES}-{PROTOCOL_MAX_ENVELOPE_BYTES} "
+                    "(the protocol's hard cap is 1 MiB)",
+                )
+                ok = False
+            else:
+                max_bytes = value
+                max_bytes_mark = self.mark(position, value_path)
+
+        ttl = DEFAULT_TTL
+        ttl_mark = None
+        if "ttl" in mapping:
+            ttl_path = _join(path, "ttl")
+            checked = self.ttl(
+                mapping["ttl"], mapping.value_position("ttl"), mapping.key_position("ttl"), ttl_path
+            )
+            if checked is None:
+                ok = False
+            else:
+                ttl = checked
+                ttl_mark = self.mark(mapping.key_position("ttl"), ttl_path)
+
+        burn = BurnOnRead.OPTIONAL
+        burn_mark = None
+        if "burn_on_read" in mapping:
+            value = mapping["burn_on_read"]
+            position = mapping.value_position("burn_on_read")
+            value_path = _join(path, "burn_on_read")
+            if not isinstance(value, str) or value not in _BURN_CHOICES:
+                choices = ", ".join(_BURN_CHOICES)
+                self.error(
+                    position, value_path, f"expected one of {choices}; got {_describe(value)}"
+                )
+                ok = False
+            else:
+                burn = BurnOnRead(value)
+                burn_mark = self.mark(position, value_path)
+
+        if not ok:
+            return None
+        return Limits(max_bytes, ttl, burn, max_bytes_mark, ttl_mark, burn_mark)
+
+    def ttl(
+        self, value: Any, position: Position, key_position: Position, path: str
+    ) -> TtlBounds | None:
+        mapping = self.expect_map(value, position, path, "the TTL bounds {min, default, max}")
+        if mapping is None:
+            return None
+        self.check_keys(mapping, path, _TTL_KEYS, (), key_position)
+        seconds = {"min": DEFAULT_TTL.min, "default": DEFAULT_TTL.default, "max": DEFAULT_TTL.max}
+        given: dict[str, Position] = {}
+        written: dict[str, str] = {}
+        ok = True
+        for key in _TTL_KEYS:
+            if key not in mapping:
+                continue
+            item_position = mapping.value_position(key)
+            item_path = _join(path, key)
+            raw = mapping[key]
+            if not isinstance(raw, str):
+                self.error(
+                    item_position,
+                    item_path,
+                    f"expected a duration like 90s, 15m, 1d; got {_describe(raw)}",
+                )
+                ok = False
+                continue
+            try:
+                parsed = parse_duration(raw)
+            except ValueError as exc:
+                self.error(item_position, item_path, str(exc))
+                ok = False
+                continue
+            if not MIN_TTL_SECONDS <= parsed <= MAX_TTL_SECONDS:
+                self.error(
+                    item_position,
+                    item_path,
+                    f"{raw} is out of range {format_duration(MIN_TTL_SECONDS)}-"
+                    f"{format_duration(MAX_TTL_SECONDS)}",
+                )
+                ok = False
+                continue
+            seconds[key] = parsed
+            given[key] = item_position
+            written[key] = raw
+        if not ok:
+            return None
+
+        def shown(key: str) -> str:
+            if key in written:
+                return f"{key} {written[key]}"
+            return f"{key} {format_duration(seconds[key])} (implied)"
+
+        def where(*keys: str) -> tuple[Position, str]:
+            for key in keys:
+                if key in given:
+                    return given[key], _join(path, key)
+            return key_position, path
+
+        if seconds["min"] > seconds["max"]:
+            pos, at = where("min", "max")
+            self.error(pos, at, f"{shown('min')} is above {shown('max')}")
+            return None
+        if not seconds["min"] <= seconds["default"] <= seconds["max"]:
+            pos, at = where("default", "max", "min")
+            self.error(pos, at, f"{shown('default')} is outside [{shown('min')}, {shown('max')}]")
+            return None
+        return TtlBounds(seconds["min"], seconds["default"], seconds["max"])

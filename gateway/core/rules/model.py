@@ -1,0 +1,156 @@
+"""The federation rules as values: what the loader returns and the evaluator compiles.
+
+Every class is a frozen dataclass. Positions in the YAML (:class:`Mark`) are
+carried for explanations but never take part in equality, so two rules files
+that differ only in layout or comments compare equal: ``diff`` and the reload
+history rely on that.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+RULES_VERSION = 1
+WILDCARD = "*"  # in send_to / receive_from: every peer in `peers`
+GROUP_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+
+PROTOCOL_MAX_ENVELOPE_BYTES = 1_048_576  # the protocol's hard cap; no group may exceed it
+MIN_ENVELOPE_BYTES = 1
+DEFAULT_MAX_ENVELOPE_BYTES = 65_536
+MIN_TTL_SECONDS = 1
+MAX_TTL_SECONDS = 365 * 86_400
+DEFAULT_TTL_MIN_SECONDS = 60
+DEFAULT_TTL_DEFAULT_SECONDS = 86_400
+DEFAULT_TTL_MAX_SECONDS = 7 * 86_400
+
+
+class BurnOnRead(enum.StrEnum):
+    OPTIONAL = "optional"  # the sender chooses
+    REQUIRED = "required"  # every envelope must be burn-on-read
+    FORBIDDEN = "forbidden"  # no envelope may be burn-on-read
+
+
+class Direction(enum.StrEnum):
+    OUTBOUND = "outbound"  # a local sender, a recipient at a peer
+    INBOUND = "inbound"  # a sender at a peer, a local recipient
+    LOCAL = "local"  # both ends in this org
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """Where a rule is written: the file, its 1-based line, and the key path."""
+
+    file: str
+    line: int
+    path: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True, slots=True)
+class TtlBounds:
+    min: int  # seconds
+    default: int
+    max: int
+
+    def contains(self, seconds: int) -> bool:
+        return self.min <= seconds <= self.max
+
+
+DEFAULT_TTL = TtlBounds(
+    DEFAULT_TTL_MIN_SECONDS, DEFAULT_TTL_DEFAULT_SECONDS, DEFAULT_TTL_MAX_SECONDS
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """A group's limits. A mark is ``None`` where the value is the default."""
+
+    max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES
+    ttl: TtlBounds = DEFAULT_TTL
+    burn_on_read: BurnOnRead = BurnOnRead.OPTIONAL
+    max_envelope_bytes_mark: Mark | None = field(default=None, compare=False)
+    ttl_mark: Mark | None = field(default=None, compare=False)
+    burn_on_read_mark: Mark | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Another org's gateway, as this org's rules describe it."""
+
+    org: str
+    endpoint: str
+    ca_pem: str  # exactly one CA certificate, PEM, as re-encoded after parsing
+    ca_sha256: str  # hex SHA-256 of the CA certificate's DER: its fingerprint
+    pins: tuple[str, ...]  # `sha256/...` SPKI pins; empty: no pinning
+    signing_key: bytes  # raw Ed25519 public key of the org's key records
+    ca_file: str | None = field(default=None, compare=False)  # the path read, None if inline
+    mark: Mark | None = field(default=None, compare=False)
+
+    @property
+    def trust(self) -> tuple[str, tuple[str, ...]]:
+        """What a federation connection from this peer was authenticated against."""
+        return (self.ca_sha256, self.pins)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRef:
+    """One entry of ``send_to`` or ``receive_from``: ``*``, ``peer`` or ``peer/group``."""
+
+    peer: str  # WILDCARD for every peer
+    group: str | None = None  # only in receive_from
+    mark: Mark | None = field(default=None, compare=False)
+
+    def __str__(self) -> str:
+        return self.peer if self.group is None else f"{self.peer}/{self.group}"
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    name: str
+    members: tuple[str, ...]  # normalized user names, in file order
+    send_to: tuple[PeerRef, ...] = ()
+    receive_from: tuple[PeerRef, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+    mark: Mark | None = field(default=None, compare=False)
+    send_to_mark: Mark | None = field(default=None, compare=False)
+    receive_from_mark: Mark | None = field(default=None, compare=False)
+
+    @property
+    def sends_to_every_peer(self) -> bool:
+        return any(ref.peer == WILDCARD for ref in self.send_to)
+
+    @property
+    def receives_from_every_peer(self) -> bool:
+        return any(ref.peer == WILDCARD for ref in self.receive_from)
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """One org's whole federation rules, validated."""
+
+    org: str
+    peers: Mapping[str, Peer]
+    groups: Mapping[str, Group]
+    source: str = field(default="", compare=False)  # the file name marks refer to
+    default_mark: Mark | None = field(default=None, compare=False)  # `default: deny`
+    ca_files: tuple[str, ...] = field(default=(), compare=False)  # CA files read, for watching
+    version: int = RULES_VERSION
+
+    @property
+    def member_count(self) -> int:
+        return sum(len(group.members) for group in self.groups.values())
+
+    def summary(self) -> str:
+        return (
+            f"{_plural(len(self.groups), 'group')}, {_plural(self.member_count, 'member')}, "
+            f"{_plural(len(self.peers), 'peer')}"
+        )
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
