@@ -17,7 +17,7 @@ from gateway.cli.common import EXIT_FAILURE, EXIT_USAGE, UsageError
 from gateway.errors import GatewayError
 
 # Command-group modules under gateway.cli, in the order `gateway --help` lists them.
-COMMAND_MODULES = ("init", "pki", "peer", "rules")
+COMMAND_MODULES = ("init", "pki", "peer", "rules", "peers", "spool")
 
 
 def build_parser() -> argparse.ArgumentParser:
