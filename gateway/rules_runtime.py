@@ -204,7 +204,8 @@ class RulesHolder:
         return (self._path, *self._current.rules.ca_files)
 
     def subscribe(self, callback: PeersDropped) -> Callable[[], None]:
-        """Call ``callback(peers)`` after each swap that drops peers; returns an unsubscribe."""
+        """Call ``callback(dropped_peers)`` after every reload that swaps rules in (the set
+        may be empty); returns an unsubscribe function."""
         self._subscribers.append(callback)
 
         def unsubscribe() -> None:
@@ -286,12 +287,14 @@ class RulesHolder:
             attempt.sha256,
             f"; peers dropped: {', '.join(sorted(dropped))}" if dropped else "",
         )
-        if dropped:
+        if trigger != "initial":
+            # Every swap, not only those that drop peers: a peer that was added needs
+            # its CA in the federation listener's context before it can connect.
             for callback in list(self._subscribers):
                 try:
                     callback(dropped)
                 except Exception:
-                    logger.exception("a rules subscriber failed on dropped peers")
+                    logger.exception("a rules subscriber failed after a reload")
         return record
 
 

@@ -185,6 +185,17 @@ class HTTPServer:
             LOGGER.info("%s: closing %d connection(s) of peer %s", self.name, closed, org)
         return closed
 
+    def set_ssl_context(self, ssl_context: ssl.SSLContext) -> None:
+        """Handshake connections accepted from now on with ``ssl_context`` (rules reload).
+
+        Open connections keep the context they were made with; to be rid of a
+        peer, :meth:`close_peer_connections` too. A listener without TLS stays
+        without it (``ValueError``).
+        """
+        if self._ssl_context is None:
+            raise ValueError(f"listener {self.name!r} serves without TLS; it cannot switch to TLS")
+        self._ssl_context = ssl_context
+
     def stop_accepting(self) -> None:
         """Begin a graceful stop; :meth:`serve` returns once drained."""
         self._draining = True

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Container
 
-from prometheus_client import Counter, Gauge, disable_created_metrics
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -56,4 +56,71 @@ TLS_HANDSHAKE_FAILURES = Counter(
     "gateway_tls_handshake_failures_total",
     "TLS handshakes that failed or whose peer identity was refused, by listener and reason.",
     ["listener", "reason"],
+)
+
+# -- federation ----------------------------------------------------------------
+# A transaction is one durable commit: milliseconds, up to the request timeout.
+TRANSACTION_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Store and forward: from a blink to a peer that was down for a week.
+DELIVERY_LATENCY_BUCKETS = (0.05, 0.25, 1.0, 5.0, 30.0, 300.0, 3600.0, 21600.0, 86400.0, 604800.0)
+FEDERATION_ENVELOPES = Counter(
+    "gateway_federation_envelopes_total",
+    "Envelopes exchanged with peers, by direction, peer and outcome "
+    "(accepted, or the reason code).",
+    ["direction", "peer", "outcome"],
+)
+FEDERATION_TRANSACTIONS = Counter(
+    "gateway_federation_transactions_total",
+    "Federation transactions, by direction, peer and result (ok, replayed, or the reason code).",
+    ["direction", "peer", "result"],
+)
+FEDERATION_TRANSACTION_DURATION = Histogram(
+    "gateway_federation_transaction_duration_seconds",
+    "Time to handle one federation transaction, from its request to its answer, by direction.",
+    ["direction"],
+    buckets=TRANSACTION_SECONDS_BUCKETS,
+)
+DELIVERY_LATENCY = Histogram(
+    "gateway_delivery_latency_seconds",
+    "From an envelope's `created` time to its arrival in a mailbox (end to end).",
+    buckets=DELIVERY_LATENCY_BUCKETS,
+)
+
+# -- peers and spool (the sender and the spool sweeper) ------------------------
+PEER_UP = Gauge(
+    "gateway_peer_up",
+    "1 if the last transaction to the peer was answered, 0 if it failed.",
+    ["peer"],
+)
+PEER_BACKOFF = Gauge(
+    "gateway_peer_backoff_seconds",
+    "Seconds left before the sender tries the peer again (0: not backing off).",
+    ["peer"],
+)
+PEER_CONSECUTIVE_FAILURES = Gauge(
+    "gateway_peer_consecutive_failures",
+    "Failed transactions to the peer since its last success.",
+    ["peer"],
+)
+SPOOL_ENVELOPES = Gauge(
+    "gateway_spool_envelopes",
+    "Envelopes waiting in the peer's spool lane.",
+    ["peer"],
+)
+SPOOL_OLDEST_AGE = Gauge(
+    "gateway_spool_oldest_age_seconds",
+    "Time since the envelope at the head of the peer's spool lane was spooled.",
+    ["peer"],
+)
+SPOOL_EXPIRED = Counter(
+    "gateway_spool_expired_total",
+    "Envelopes that expired in the spool before the peer took them, by peer.",
+    ["peer"],
+)
+
+# -- client api ----------------------------------------------------------------
+CLIENTAPI_SUBMISSIONS = Counter(
+    "gateway_clientapi_submissions_total",
+    "Envelopes submitted through the client API, by result (accepted, or the reason code).",
+    ["result"],
 )

@@ -854,3 +854,29 @@ async def test_close_peer_connections_abandons_a_request_in_flight(
 def test_identify_needs_tls() -> None:
     with pytest.raises(ValueError, match="identify needs an ssl_context"):
         HTTPServer("x", echo, identify=identify_by_san())
+
+
+async def test_set_ssl_context_applies_to_new_connections_only(
+    nursery: trio.Nursery, name: str, pki: PKI, connect: Connect
+) -> None:
+    server = mtls_server(name, pki)
+    port = await start(nursery, server)
+    before = await connect(port, pki.client(ACME))
+    assert (await before.request("GET", "/")).status == 200
+
+    # From now on only clients of the second CA get in (a rules reload does this).
+    second_ca = CertAuthority.create("Second federation CA")
+    server.set_ssl_context(
+        server_context_mtls(second_ca, pki.ca.issue("gw.test.example"), pki.directory)
+    )
+    assert (await before.request("GET", "/")).status == 200  # open: unaffected
+    assert await is_refused(port, pki.client(ACME))
+    assert tls_failures(name, Reason.CERT_UNTRUSTED) == 1
+    async with httpx.AsyncClient(verify=pki.client(GLOBEX, ca=second_ca)) as http:
+        reply = await http.get(f"https://{HOST}:{port}/who")
+    assert reply.json()["peer"] == GLOBEX
+
+
+def test_set_ssl_context_needs_a_tls_listener(pki: PKI) -> None:
+    with pytest.raises(ValueError, match="without TLS"):
+        HTTPServer("plain", echo).set_ssl_context(pki.server)

@@ -1,0 +1,430 @@
+"""The federation receiver: what a peer's transaction becomes in our mailboxes.
+
+Routes (docs/protocol.md §2): ``PUT /federation/v1/transactions/{txn_id}`` and
+``GET /federation/v1/version``, served on the mTLS federation listener, where
+``request.peer`` is the org the client certificate proved
+(:mod:`gateway.federation.trust`) and nothing else.
+
+Theory of operation
+-------------------
+One ``PUT``, in this order; every refusal changes nothing:
+
+1. **Who.** The peer must be in the rules *in force now* (a reload may have
+   dropped it while its request was on the wire): else ``403 unknown_peer``.
+   The rules object read here is the one every decision of the request uses.
+2. **Which transaction.** ``txn_id`` must be well formed (``400``). If
+   ``(peer, txn_id)`` is recorded, the same body bytes get the recorded answer
+   again (``200``), different ones ``409 txn_conflict``. Nothing else runs.
+3. **What.** The body must be a transaction (``400``), its ``origin`` the
+   peer (``403 origin_mismatch``), its ``destination`` us (``421``).
+4. **Each envelope** is judged by :func:`judge_transaction`, a pure function:
+   parse error, then the clock (``expired``), then the rules
+   (``CompiledRules.decide_inbound``: sender of the origin, recipient ours and
+   known, the recipient's group receives from the origin or its asserted
+   group, the group's limits). An id seen earlier in the same transaction is
+   answered like that earlier slot and stored at most once.
+5. **One durable commit.** The accepted envelopes and the whole answer go to
+   ``Storage.deliver`` together. It skips envelope ids accepted before (by any
+   transaction, across restarts), so a re-sent envelope is answered
+   ``accepted`` without a second copy. If a concurrent request with the same
+   ``(peer, txn_id)`` committed first, ``deliver`` says so (``replayed``) and
+   this request answers like step 2.
+6. **Only then** the ``200`` answer, one result per envelope, in body order;
+   mailbox long-polls of the new envelopes' recipients are woken
+   (``on_delivered``); outcomes are counted and decisions logged (ids, peer,
+   groups, reasons: never a ciphertext).
+
+The recorded answer is ``{envelope id: result}`` (:func:`protocol.result_map`);
+:func:`protocol.replay_results` rebuilds the exact answer from it and the
+(identical) body.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+import trio
+from prometheus_client import Counter
+
+from gateway.core.address import normalize_domain
+from gateway.core.envelope import Envelope, encode_envelope, validate_envelope
+from gateway.core.rules import CompiledRules, Decision
+from gateway.errors import AddressError, EnvelopeError, ProtocolError, Reason
+from gateway.federation.protocol import (
+    ACCEPTED,
+    MAX_TRANSACTION_ENVELOPES,
+    TRANSACTION_ROUTE,
+    VERSION_PATH,
+    EnvelopeResult,
+    EnvelopeSlot,
+    Transaction,
+    body_digest,
+    body_hash,
+    check_txn_id,
+    decode_transaction,
+    encode_results,
+    replay_results,
+    result_map,
+    version_document,
+)
+from gateway.federation.trust import RulesSource
+from gateway.http import Request, Response, Router, error_response, json_response
+from gateway.observability.metrics import (
+    DELIVERY_LATENCY,
+    FEDERATION_ENVELOPES,
+    FEDERATION_TRANSACTION_DURATION,
+    FEDERATION_TRANSACTIONS,
+    POLICY_DENIALS,
+    bounded,
+)
+from gateway.storage.base import DeliverOutcome, EnvelopeRecord, Storage, TxnRecord
+
+LOGGER = logging.getLogger("gateway.federation")
+
+DIRECTION = "inbound"
+MS_PER_SECOND = 1000
+# Result words of gateway_federation_transactions_total besides the refusal reasons.
+TXN_RESULT_OK = "ok"
+TXN_RESULT_REPLAYED = "replayed"
+JSON_CONTENT_TYPE = "application/json"
+
+OnDelivered = Callable[[Collection[str]], None]
+
+_DURATION = FEDERATION_TRANSACTION_DURATION.labels(DIRECTION)
+# Labelled children, made on first use; keys are bounded (peers from the rules x reasons).
+_ENVELOPE_COUNTERS: dict[tuple[str, str], Counter] = {}
+_TXN_COUNTERS: dict[tuple[str, str], Counter] = {}
+_DENIAL_COUNTERS: dict[str, Counter] = {}
+
+
+def _ignore_delivered(users: Collection[str]) -> None:
+    del users
+
+
+# -- judging (pure) ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What one slot of a transaction is answered, and why."""
+
+    envelope_id: str | None
+    result: str  # "accepted" or a reason code
+    envelope: Envelope | None = None  # the parsed envelope, when there is one
+    decision: Decision | None = None  # the rules' decision, when it came to that
+    repeat: bool = False  # the id appeared earlier in this transaction: never stored
+
+    @property
+    def accepted(self) -> bool:
+        return self.result == ACCEPTED
+
+    @property
+    def to_store(self) -> bool:
+        return self.accepted and not self.repeat and self.envelope is not None
+
+
+def _judge_slot(slot: EnvelopeSlot, origin: str, rules: CompiledRules, now_ms: int) -> Verdict:
+    envelope = slot.envelope
+    if envelope is None:
+        return Verdict(slot.envelope_id, (slot.error or Reason.ENVELOPE_MALFORMED).value)
+    try:
+        validate_envelope(envelope, now_ms=now_ms)
+    except EnvelopeError as exc:
+        return Verdict(envelope.id, exc.reason.value, envelope)
+    decision = rules.decide_inbound(
+        origin,
+        envelope.sender,
+        envelope.recipient,
+        asserted_group=envelope.group,
+        size=envelope.size,
+        ttl_seconds=envelope.ttl_ms // MS_PER_SECOND,
+        burn_on_read=envelope.burn_on_read,
+    )
+    result = ACCEPTED if decision.allowed else decision.reason.value
+    return Verdict(envelope.id, result, envelope, decision)
+
+
+def judge_transaction(txn: Transaction, rules: CompiledRules, *, now_ms: int) -> list[Verdict]:
+    """One verdict per slot of ``txn``, in order (docs/protocol.md §4).
+
+    The caller has checked that ``txn.origin`` is the proven peer and
+    ``txn.destination`` is us. An id that appears again is answered like its
+    first appearance, whatever the later slot holds, and is never stored again.
+    """
+    verdicts: list[Verdict] = []
+    first: dict[str, Verdict] = {}
+    for slot in txn.slots:
+        earlier = first.get(slot.envelope_id) if slot.envelope_id is not None else None
+        if earlier is not None:
+            verdicts.append(Verdict(slot.envelope_id, earlier.result, repeat=True))
+            continue
+        verdict = _judge_slot(slot, txn.origin, rules, now_ms)
+        if verdict.envelope_id is not None:
+            first[verdict.envelope_id] = verdict
+        verdicts.append(verdict)
+    return verdicts
+
+
+def mailbox_record(envelope: Envelope) -> EnvelopeRecord:
+    """An accepted envelope as the store keeps it (canonical bytes, group included)."""
+    return EnvelopeRecord(
+        envelope_id=envelope.id,
+        sender=str(envelope.sender),
+        recipient=str(envelope.recipient),
+        created_ms=envelope.created,
+        expires_ms=envelope.expires,
+        burn_on_read=envelope.burn_on_read,
+        data=encode_envelope(envelope),
+    )
+
+
+# -- counting ------------------------------------------------------------------------
+
+
+def _count_envelope(peer: str, outcome: str) -> None:
+    child = _ENVELOPE_COUNTERS.get((peer, outcome))
+    if child is None:
+        child = FEDERATION_ENVELOPES.labels(DIRECTION, peer, outcome)
+        _ENVELOPE_COUNTERS[(peer, outcome)] = child
+    child.inc()
+
+
+def _count_transaction(peer: str, result: str) -> None:
+    child = _TXN_COUNTERS.get((peer, result))
+    if child is None:
+        child = FEDERATION_TRANSACTIONS.labels(DIRECTION, peer, result)
+        _TXN_COUNTERS[(peer, result)] = child
+    child.inc()
+
+
+def _count_denial(reason: str) -> None:
+    child = _DENIAL_COUNTERS.get(reason)
+    if child is None:
+        child = POLICY_DENIALS.labels(DIRECTION, reason)
+        _DENIAL_COUNTERS[reason] = child
+    child.inc()
+
+
+# -- the receiver --------------------------------------------------------------------
+
+
+class Receiver:
+    """The federation listener's handlers; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        org: str,
+        rules: RulesSource,
+        storage: Storage,
+        clock_ms: Callable[[], int],
+        max_envelopes: int = MAX_TRANSACTION_ENVELOPES,
+        on_delivered: OnDelivered = _ignore_delivered,
+    ) -> None:
+        try:
+            self.org = normalize_domain(org)
+        except AddressError as exc:
+            raise ValueError(f"receiver org: {exc}") from exc
+        if isinstance(max_envelopes, bool) or not 1 <= max_envelopes <= MAX_TRANSACTION_ENVELOPES:
+            raise ValueError(
+                f"max_envelopes must be within 1..{MAX_TRANSACTION_ENVELOPES}, got {max_envelopes}"
+            )
+        self._rules = rules
+        self._storage = storage
+        self._clock_ms = clock_ms
+        self._max_envelopes = max_envelopes
+        self._on_delivered = on_delivered
+
+    def add_routes(self, router: Router) -> None:
+        router.add("PUT", TRANSACTION_ROUTE, self.put_transaction)
+        router.add("GET", VERSION_PATH, self.get_version)
+
+    # -- GET /federation/v1/version ---------------------------------------------------
+
+    async def get_version(self, request: Request, params: Mapping[str, str]) -> Response:
+        if request.peer is None or self._rules.current.peer(request.peer) is None:
+            return error_response(403, Reason.UNKNOWN_PEER)
+        return json_response(200, version_document())
+
+    # -- PUT /federation/v1/transactions/{txn_id} -------------------------------------
+
+    async def put_transaction(self, request: Request, params: Mapping[str, str]) -> Response:
+        started = trio.current_time()
+        rules = self._rules.current  # one snapshot for the whole request
+        peer = request.peer
+        peer_label = bounded(peer or "", rules.peers)
+        try:
+            response, result = await self._transaction(request, params["txn_id"], rules, peer)
+        except Exception:
+            _count_transaction(peer_label, Reason.INTERNAL.value)
+            raise  # the HTTP layer logs it and answers 500
+        finally:
+            _DURATION.observe(trio.current_time() - started)
+        _count_transaction(peer_label, result)
+        return response
+
+    async def _transaction(
+        self, request: Request, txn_id: str, rules: CompiledRules, peer: str | None
+    ) -> tuple[Response, str]:
+        """The answer and the word it is counted under."""
+        if peer is None or rules.peer(peer) is None:
+            LOGGER.warning(
+                "refused a transaction from %s: not a peer in the rules in force",
+                peer or "an unidentified client",
+            )
+            return error_response(403, Reason.UNKNOWN_PEER), Reason.UNKNOWN_PEER.value
+        try:
+            check_txn_id(txn_id)
+        except ProtocolError as exc:
+            return self._protocol_error(peer, txn_id, exc)
+        digest = body_hash(request.body)
+        record = await self._storage.txn_lookup(peer, txn_id)
+        if record is not None:
+            return self._recorded_answer(request.body, digest, record)
+        try:
+            txn = decode_transaction(request.body, max_envelopes=self._max_envelopes)
+        except ProtocolError as exc:
+            return self._protocol_error(peer, txn_id, exc)
+        if txn.origin != peer:
+            LOGGER.warning(
+                "refused transaction %s from %s: its origin says %s", txn_id, peer, txn.origin
+            )
+            return error_response(403, Reason.ORIGIN_MISMATCH), Reason.ORIGIN_MISMATCH.value
+        if txn.destination != self.org:
+            LOGGER.warning(
+                "refused transaction %s from %s: addressed to %s, not %s",
+                txn_id,
+                peer,
+                txn.destination,
+                self.org,
+            )
+            return (
+                error_response(421, Reason.DESTINATION_MISMATCH),
+                Reason.DESTINATION_MISMATCH.value,
+            )
+
+        now_ms = self._clock_ms()
+        verdicts = judge_transaction(txn, rules, now_ms=now_ms)
+        results = [EnvelopeResult(v.envelope_id, v.result) for v in verdicts]
+        entries = [mailbox_record(v.envelope) for v in verdicts if v.to_store and v.envelope]
+        outcome = await self._storage.deliver(
+            peer, txn_id, digest, result_map(results), entries, at_ms=now_ms
+        )
+        if outcome.replayed is not None:
+            # A concurrent copy of this request committed first: answer as it did.
+            return self._recorded_answer(request.body, digest, outcome.replayed)
+        self._after_commit(peer, txn_id, verdicts, outcome, rules, now_ms)
+        return _results_response(results), TXN_RESULT_OK
+
+    def _protocol_error(self, peer: str, txn_id: str, exc: ProtocolError) -> tuple[Response, str]:
+        LOGGER.info("refused transaction %.64r from %s: %s", txn_id, peer, exc.message)
+        body = {"error": exc.reason.value, "message": exc.message}
+        return json_response(400, body), exc.reason.value
+
+    def _recorded_answer(
+        self, body: bytes, digest: bytes, record: TxnRecord
+    ) -> tuple[Response, str]:
+        if record.body_hash != digest:
+            LOGGER.warning(
+                "refused transaction %s from %s: its id was used for another body (sha256 %s now)",
+                record.txn_id,
+                record.origin,
+                body_digest(body),
+            )
+            return error_response(409, Reason.TXN_CONFLICT), Reason.TXN_CONFLICT.value
+        try:
+            # The body was a transaction when first answered; bounds of today do not apply.
+            txn = decode_transaction(body, max_envelopes=MAX_TRANSACTION_ENVELOPES)
+            results = replay_results(txn, record.results)
+        except (ProtocolError, ValueError):
+            LOGGER.exception(
+                "transaction %s from %s: the recorded answer does not fit its body",
+                record.txn_id,
+                record.origin,
+            )
+            return error_response(500, Reason.INTERNAL), Reason.INTERNAL.value
+        LOGGER.info(
+            "transaction %s from %s again: answered as on first receipt",
+            record.txn_id,
+            record.origin,
+        )
+        return _results_response(results), TXN_RESULT_REPLAYED
+
+    def _after_commit(
+        self,
+        peer: str,
+        txn_id: str,
+        verdicts: Sequence[Verdict],
+        outcome: DeliverOutcome,
+        rules: CompiledRules,
+        now_ms: int,
+    ) -> None:
+        """Count, log and wake: everything that follows the durable commit."""
+        peer_label = bounded(peer, rules.peers)
+        stored = frozenset(outcome.stored)
+        accepted = 0
+        for verdict in verdicts:
+            _count_envelope(peer_label, verdict.result)
+            if verdict.accepted:
+                accepted += 1
+            elif verdict.decision is not None and not verdict.repeat:
+                _count_denial(verdict.result)
+            _log_verdict(peer, verdict, stored)
+            envelope = verdict.envelope
+            if envelope is not None and verdict.to_store and envelope.id in stored:
+                DELIVERY_LATENCY.observe(max(0, now_ms - envelope.created) / MS_PER_SECOND)
+        LOGGER.info(
+            "transaction %s from %s: %d envelope(s), %d accepted (%d new), %d rejected",
+            txn_id,
+            peer,
+            len(verdicts),
+            accepted,
+            len(stored),
+            len(verdicts) - accepted,
+        )
+        if outcome.recipients:
+            try:
+                self._on_delivered(outcome.recipients)
+            except Exception:
+                LOGGER.exception("waking the mailboxes of transaction %s failed", txn_id)
+
+
+def _results_response(results: Sequence[EnvelopeResult]) -> Response:
+    return Response(200, [("content-type", JSON_CONTENT_TYPE)], encode_results(results))
+
+
+def _log_verdict(peer: str, verdict: Verdict, stored: frozenset[str]) -> None:
+    envelope = verdict.envelope
+    asserted = envelope.group if envelope is not None else None
+    decision = verdict.decision
+    local_group = decision.group if decision is not None else None
+    if verdict.repeat:
+        LOGGER.info(
+            "inbound envelope %.64r from %s repeated in its transaction: answered %s",
+            verdict.envelope_id,
+            peer,
+            verdict.result,
+        )
+    elif verdict.accepted:
+        LOGGER.debug(
+            "inbound envelope %s from %s (group %s) to group %s: accepted%s",
+            verdict.envelope_id,
+            peer,
+            asserted or "-",
+            local_group or "-",
+            "" if verdict.envelope_id in stored else " (already delivered)",
+        )
+    else:
+        rule = decision.rule if decision is not None else None
+        LOGGER.info(
+            "inbound envelope %.64r from %s (group %s) to group %s rejected: %s%s%s",
+            verdict.envelope_id,
+            peer,
+            asserted or "-",
+            local_group or "-",
+            verdict.result,
+            f" by {rule}" if rule is not None else "",
+            f": {decision.detail}" if decision is not None else "",
+        )
