@@ -712,6 +712,27 @@ async def test_a_peer_removed_by_a_reload_loses_its_connection_and_its_next_hand
         assert await mailbox_ids(store, BOB) == [kept.id, from_initech.id, again.id]
 
 
+async def test_a_peer_added_by_a_reload_is_trusted_at_once(world: World, store: Storage) -> None:
+    world.write_rules([GLOBEX])
+    await world.holder.reload()
+    env = world.envelope("alice@initech.example", BOB)
+    with trio.fail_after(TEST_TIMEOUT):
+        async with receiving(world, store) as running, world.client(world.initech) as initech:
+            # Not a peer yet: its CA is not trusted, the handshake fails.
+            with pytest.raises(httpx.TransportError):
+                await put(initech, running, new_envelope_id(), transaction([env], origin=INITECH))
+            world.write_rules([GLOBEX, INITECH])
+            record = await world.holder.reload()
+            assert record is not None
+            assert record.ok
+            assert record.dropped_peers == ()
+            reply = await put(
+                initech, running, new_envelope_id(), transaction([env], origin=INITECH)
+            )
+            assert results(reply) == [(env.id, "accepted")]
+    assert await mailbox_ids(store, BOB) == [env.id]
+
+
 async def test_a_request_racing_a_reload_is_refused_with_403(world: World, store: Storage) -> None:
     # Without the app's wiring the keep-alive connection survives the reload;
     # the receiver still reads the rules in force and refuses.
@@ -803,7 +824,7 @@ class FakeListener:
         return 1
 
 
-async def test_follow_reloads_acts_only_on_drops_and_survives_a_broken_context(
+async def test_follow_reloads_closes_only_drops_and_survives_a_broken_context(
     world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
     trust = FederationTrust(
@@ -812,13 +833,17 @@ async def test_follow_reloads_acts_only_on_drops_and_survives_a_broken_context(
     listener = FakeListener()
     unsubscribe = follow_reloads(world.holder, trust, listener)
 
-    await world.holder.reload()  # nothing dropped: nothing to do
-    assert (listener.contexts, listener.closed) == ([], [])
+    # Nothing dropped: the context is rebuilt for the new rules (a peer added
+    # by a reload must be trusted at once), and no connection is closed.
+    await world.holder.reload()
+    assert listener.closed == []
+    assert listener.contexts == [trust.server_context()]
 
     world.write_rules([INITECH])
     await world.holder.reload()
     assert listener.closed == [GLOBEX]
-    assert listener.contexts == [trust.server_context()]
+    assert listener.contexts[-1] is trust.server_context()
+    assert len(listener.contexts) == 2
 
     # The gateway's own certificate has gone: the old context stays, the
     # connections close all the same, and identify refuses by the new rules.
@@ -827,7 +852,7 @@ async def test_follow_reloads_acts_only_on_drops_and_survives_a_broken_context(
     with caplog.at_level(logging.ERROR, logger="gateway.federation"):
         await world.holder.reload()
     assert listener.closed == [GLOBEX, INITECH]
-    assert len(listener.contexts) == 1
+    assert len(listener.contexts) == 2
     assert "cannot build the TLS context" in caplog.text
     assert trust.peers() == {}
 
