@@ -1,0 +1,642 @@
+"""The federation sender: one lane per peer drains its spool, in order, in transactions.
+
+Theory of operation
+-------------------
+(After Synapse's federation sender: per-destination queues, one transaction in
+flight per destination, backoff per destination.)
+
+**Lanes.** The spool holds one lane per peer. :meth:`Sender.run` keeps one trio
+task per peer of the rules in force, and that task is the lane's only
+consumer: it takes the head of the lane, sends it as one transaction, waits
+for the answer, and only then takes the next head. So envelopes leave a lane
+in the order they were spooled, and a peer never has more than one
+transaction of ours in flight. Lanes share nothing but the storage: a dead or
+slow peer holds up its own task only, and every transaction has a deadline
+(``transaction_timeout``).
+
+**Waking.** A lane with nothing to send waits for :meth:`Sender.notify` (the
+client API calls it right after spooling for that peer), or at most
+``poll_interval``, which also picks up what another process or a restart
+left in the spool.
+
+**A transaction.** ``spool_take`` returns the head of the lane without
+removing it: at most ``max_transaction_envelopes`` envelopes and
+``max_transaction_bytes`` bytes (the first one always, however large).
+Envelopes whose expiry has passed are never sent: they leave the lane at once
+with status ``expired``. The rest are decoded (one that no longer decodes
+leaves with ``rejected:<its reason>``) and encoded into one body under a fresh
+random transaction id. That batch (id, exact body bytes, envelope ids) is kept:
+while the lane's head still begins with the same envelopes, a retry resends
+the **same id and the same bytes**, which the receiver answers from its record
+(docs/protocol.md §5). It is dropped on an answer, on ``409`` (the peer holds
+that id with another body) and on ``413``, after which batches are halved
+(down to one envelope) until the next success.
+
+**Answers.** One ``spool_complete`` records every envelope's fate:
+``accepted`` becomes ``forwarded``, any other result ``rejected:<reason>``. A
+result code that is not one of ours becomes ``rejected:protocol_error``: a
+peer's text never reaches a status a local user reads. An answer that does not
+name our envelopes in the order sent counts as a failure and the batch goes
+again, which the receiver's envelope-id dedup makes harmless.
+
+**Failures.** Anything that leaves the transaction unanswered is a
+:class:`~gateway.federation.transport.TransportError`. The lane counts it,
+draws the next try with :mod:`gateway.federation.backoff` (exponential, full
+jitter, capped, and no sooner than a ``Retry-After``), and writes the
+:class:`~gateway.storage.base.PeerState` *before* it sleeps, so a restarted
+gateway reads it and does not hammer a dead peer. While it waits, the lane
+re-reads that state every ``poll_interval``: ``gateway spool retry`` (another
+process) clears it and ends the wait. A success resets it; it is written when
+it changes anything but ``last_success_ms``, and otherwise at most every
+:data:`LAST_SUCCESS_WRITE_INTERVAL_MS`, so a busy lane does not pay one more
+durable write per transaction.
+
+**Rules reloads.** The sender reconciles its lanes with the rules every
+``poll_interval``, and at once after a reload that drops peers
+(``RulesHolder.subscribe``). A new peer gets a lane. A peer whose endpoint, CA
+or pins changed gets a new lane: the old one is cancelled (its in-flight
+transaction is abandoned and its connection closed; the envelopes are still
+spooled and go again). A peer that left the rules loses its lane and its
+connection.
+
+**Envelopes for a peer that is not in the rules** stay in the spool untouched:
+no lane sends them; the spool sweeper gives them ``expired`` at their expiry;
+and if the peer comes back (a reload that undoes a mistake) its new lane
+drains them. Answering them ``rejected:unknown_peer`` at once would turn a
+typo in a rules file into lost messages. The client API never spools new ones
+for such a peer: its policy check refuses them.
+
+**Time.** Storage times (``backoff_until_ms``, ``at_ms``, expiry) are Unix ms
+from the injected ``clock_ms``; waiting uses ``trio.sleep``, so a test drives
+both from one virtual clock.
+
+**Crashes.** Nothing is removed before its answer is durable: a crash between
+sending and ``spool_complete`` sends the batch again after the restart, and
+the receiver stores nothing twice. (Several gateway nodes sharing one storage
+would each run a lane per peer; that is not supported yet.)
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import random as random_module
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final, Protocol
+
+import trio
+from prometheus_client import Counter
+
+from gateway.config import Limits
+from gateway.core.envelope import b64url_encode, decode_envelope
+from gateway.core.rules import CompiledRules, Peer
+from gateway.errors import EnvelopeError, Reason, StorageError
+from gateway.federation.backoff import (
+    BackoffPolicy,
+    RandomSource,
+    after_failure,
+    after_success,
+    remaining_seconds,
+)
+from gateway.federation.protocol import (
+    ACCEPTED,
+    MAX_TRANSACTION_ENVELOPES,
+    EnvelopeResult,
+    encode_transaction,
+)
+from gateway.federation.transport import (
+    CLOSE_TIMEOUT,
+    REASON_CODES,
+    FailureKind,
+    PeerTransport,
+    TransportError,
+)
+from gateway.observability.metrics import (
+    FEDERATION_ENVELOPES,
+    FEDERATION_TRANSACTION_DURATION,
+    FEDERATION_TRANSACTIONS,
+    PEER_BACKOFF,
+    PEER_CONSECUTIVE_FAILURES,
+    PEER_UP,
+    SPOOL_EXPIRED,
+    bounded,
+)
+from gateway.storage.base import (
+    MAX_ITEMS_PER_CALL,
+    STATUS_EXPIRED,
+    STATUS_FORWARDED,
+    PeerState,
+    SpoolEntry,
+    rejected_status,
+)
+
+LOGGER = logging.getLogger("gateway.federation.sender")
+
+DIRECTION: Final = "outbound"
+RESULT_OK: Final = "ok"  # gateway_federation_transactions_total{result} of an answered one
+OUTCOME_EXPIRED: Final = "expired"
+DEFAULT_POLL_INTERVAL: Final = 5.0  # seconds; also how often a backing-off lane re-reads its state
+LAST_SUCCESS_WRITE_INTERVAL_MS: Final = 10_000
+TXN_ID_BYTES: Final = 16  # random bytes of a transaction id (22 base64url characters)
+MAX_TRANSACTION_BYTES: Final = 2**40  # spool_take's ceiling
+MAX_TIMEOUT_SECONDS: Final = 3600.0  # a transaction deadline or poll interval beyond this is a typo
+_MAX_LOGGED_CODE: Final = 40  # characters of an unknown result code in our log
+_DEFAULT_LIMITS: Final = Limits()
+
+ClockMs = Callable[[], int]
+
+
+def system_clock_ms() -> int:
+    """The real wall clock, Unix ms."""
+    return time.time_ns() // 1_000_000
+
+
+def new_txn_id() -> str:
+    """A fresh transaction id: 16 random bytes, unpadded base64url."""
+    return b64url_encode(secrets.token_bytes(TXN_ID_BYTES))
+
+
+class SenderStorage(Protocol):
+    """The part of :class:`~gateway.storage.base.Storage` the sender uses."""
+
+    async def spool_take(
+        self, peer: str, *, max_items: int, max_bytes: int
+    ) -> list[SpoolEntry]: ...
+
+    async def spool_complete(self, peer: str, results: Mapping[str, str], *, at_ms: int) -> int: ...
+
+    async def peer_state_get(self, peer: str) -> PeerState | None: ...
+
+    async def peer_state_put(self, state: PeerState) -> None: ...
+
+
+class RulesFeed(Protocol):
+    """The rules in force and their reloads (``RulesHolder`` is one)."""
+
+    @property
+    def current(self) -> CompiledRules: ...
+
+    def subscribe(self, callback: Callable[[frozenset[str]], object]) -> Callable[[], None]: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SenderSettings:
+    """The sender's bounds. Sizes in bytes, times in seconds."""
+
+    max_transaction_envelopes: int = _DEFAULT_LIMITS.max_transaction_envelopes
+    max_transaction_bytes: int = _DEFAULT_LIMITS.max_transaction_bytes
+    backoff_initial: float = _DEFAULT_LIMITS.backoff_initial
+    backoff_max: float = _DEFAULT_LIMITS.backoff_max
+    transaction_timeout: float = _DEFAULT_LIMITS.request_timeout
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+
+    def __post_init__(self) -> None:
+        most = min(MAX_TRANSACTION_ENVELOPES, MAX_ITEMS_PER_CALL)
+        if not 1 <= self.max_transaction_envelopes <= most:
+            raise ValueError(
+                f"max_transaction_envelopes must be within 1..{most}, "
+                f"got {self.max_transaction_envelopes}"
+            )
+        if not 1 <= self.max_transaction_bytes <= MAX_TRANSACTION_BYTES:
+            raise ValueError(
+                f"max_transaction_bytes must be within 1..{MAX_TRANSACTION_BYTES}, "
+                f"got {self.max_transaction_bytes}"
+            )
+        for name in ("transaction_timeout", "poll_interval"):
+            value = getattr(self, name)
+            if not 0 < value <= MAX_TIMEOUT_SECONDS:
+                raise ValueError(
+                    f"{name} must be within (0, {MAX_TIMEOUT_SECONDS}] seconds, got {value!r}"
+                )
+        # Checked now, not at the first failure.
+        BackoffPolicy(initial=self.backoff_initial, cap=self.backoff_max)
+
+    @property
+    def backoff(self) -> BackoffPolicy:
+        return BackoffPolicy(initial=self.backoff_initial, cap=self.backoff_max)
+
+    @classmethod
+    def from_limits(
+        cls, limits: Limits, *, poll_interval: float = DEFAULT_POLL_INTERVAL
+    ) -> SenderSettings:
+        """The settings ``gateway.yaml``'s ``limits`` give."""
+        return cls(
+            max_transaction_envelopes=limits.max_transaction_envelopes,
+            max_transaction_bytes=limits.max_transaction_bytes,
+            backoff_initial=limits.backoff_initial,
+            backoff_max=limits.backoff_max,
+            transaction_timeout=limits.request_timeout,
+            poll_interval=poll_interval,
+        )
+
+
+Link = tuple[str, str, tuple[str, ...]]  # endpoint, CA fingerprint, pins
+
+
+def _link(peer: Peer) -> Link:
+    return (peer.endpoint, peer.ca_sha256, peer.pins)
+
+
+@dataclass(eq=False)
+class _Lane:
+    """One peer's lane task, as the sender tracks it."""
+
+    org: str
+    link: Link
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    wake: trio.Event = field(default_factory=trio.Event)
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """A transaction as built: resent byte for byte while its envelopes head the lane."""
+
+    txn_id: str
+    body: bytes = field(repr=False)
+    ids: tuple[str, ...]
+
+
+class Sender:
+    """Drains every peer's spool lane; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        org: str,
+        storage: SenderStorage,
+        transport: PeerTransport,
+        rules: RulesFeed,
+        clock_ms: ClockMs = system_clock_ms,
+        settings: SenderSettings = SenderSettings(),
+        random: RandomSource = random_module.random,
+    ) -> None:
+        self.org = org
+        self.settings = settings
+        self._storage = storage
+        self._transport = transport
+        self._rules = rules
+        self._clock_ms = clock_ms
+        self._random = random
+        self._lanes: dict[str, _Lane] = {}
+        self._stopping: dict[str, _Lane] = {}  # cancelled lanes still closing
+        self._nursery: trio.Nursery | None = None
+        self._reconcile_now = trio.Event()
+
+    @property
+    def lanes(self) -> frozenset[str]:
+        """Peers with a running lane."""
+        return frozenset(self._lanes)
+
+    def notify(self, peer: str) -> None:
+        """Wake ``peer``'s lane: something was just spooled for it. Safe to call any time."""
+        lane = self._lanes.get(peer)
+        if lane is not None:
+            lane.wake.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the lanes until cancelled; ``started()`` once the first ones are running."""
+        if self._nursery is not None:
+            raise RuntimeError("the sender is already running")
+        unsubscribe = self._rules.subscribe(self._on_peers_dropped)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._reconcile()
+                task_status.started()
+                while True:
+                    with trio.move_on_after(self.settings.poll_interval):
+                        await self._reconcile_now.wait()
+                    self._reconcile_now = trio.Event()
+                    self._reconcile()
+        finally:
+            unsubscribe()
+            self._nursery = None
+            self._lanes.clear()
+            self._stopping.clear()
+
+    def _on_peers_dropped(self, peers: frozenset[str]) -> None:
+        self._reconcile_now.set()
+
+    def _reconcile(self) -> None:
+        """Start, restart and stop lanes so there is one per peer of the rules in force."""
+        assert self._nursery is not None
+        peers = self._rules.current.peers
+        for org, lane in list(self._lanes.items()):
+            entry = peers.get(org)
+            if entry is not None and _link(entry) == lane.link:
+                continue
+            LOGGER.info(
+                "%s: %s; stopping its lane",
+                org,
+                "no longer a peer" if entry is None else "endpoint or trust changed",
+            )
+            lane.scope.cancel()
+            del self._lanes[org]
+            self._stopping[org] = lane
+        for org, entry in peers.items():
+            if org in self._lanes:
+                continue
+            lane = _Lane(org=org, link=_link(entry))
+            self._lanes[org] = lane
+            self._nursery.start_soon(self._run_lane, lane, self._stopping.get(org))
+
+    async def _run_lane(self, lane: _Lane, previous: _Lane | None) -> None:
+        try:
+            with lane.scope:
+                if previous is not None:
+                    # The old lane closes its connection first, so it cannot close ours.
+                    await previous.done.wait()
+                await _LaneRunner(self, lane).run()
+        finally:
+            try:
+                with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                    await self._transport.close_peer(lane.org)
+            except Exception:
+                LOGGER.exception("%s: closing its connection failed", lane.org)
+            finally:
+                lane.done.set()
+                if self._stopping.get(lane.org) is lane:
+                    del self._stopping[lane.org]
+                if self._rules.current.peer(lane.org) is None:
+                    _forget_peer_gauges(lane.org)
+
+
+def _forget_peer_gauges(org: str) -> None:
+    """Drop the gauges of a peer that left the rules, so no stale series stays."""
+    for gauge in (PEER_UP, PEER_BACKOFF, PEER_CONSECUTIVE_FAILURES):
+        with contextlib.suppress(KeyError):
+            gauge.remove(org)
+
+
+class _LaneMetrics:
+    """One lane's labelled children, made once."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.up = PEER_UP.labels(label)
+        self.backoff = PEER_BACKOFF.labels(label)
+        self.failures = PEER_CONSECUTIVE_FAILURES.labels(label)
+        self.expired = SPOOL_EXPIRED.labels(label)
+        self.duration = FEDERATION_TRANSACTION_DURATION.labels(DIRECTION)
+        self._outcomes: dict[str, Counter] = {}
+        self._results: dict[str, Counter] = {}
+
+    def outcome(self, outcome: str) -> Counter:
+        child = self._outcomes.get(outcome)
+        if child is None:
+            child = self._outcomes[outcome] = FEDERATION_ENVELOPES.labels(
+                DIRECTION, self.label, outcome
+            )
+        return child
+
+    def result(self, result: str) -> Counter:
+        child = self._results.get(result)
+        if child is None:
+            child = self._results[result] = FEDERATION_TRANSACTIONS.labels(
+                DIRECTION, self.label, result
+            )
+        return child
+
+    def show(self, state: PeerState, *, now_ms: int) -> None:
+        self.failures.set(state.failures)
+        self.backoff.set(remaining_seconds(state, now_ms=now_ms))
+        self.up.set(1 if state.failures == 0 and state.last_success_ms is not None else 0)
+
+
+class _LaneRunner:
+    """The loop of one lane. Its attributes are the lane's memory between steps."""
+
+    def __init__(self, sender: Sender, lane: _Lane) -> None:
+        self.sender = sender
+        self.lane = lane
+        self.org = lane.org
+        self.settings = sender.settings
+        self.storage = sender._storage
+        self.clock_ms = sender._clock_ms
+        self.metrics = _LaneMetrics(bounded(lane.org, sender._rules.current.peers))
+        self.state: PeerState | None = None
+        self.persisted_success_ms: int | None = None
+        self.batch: _Batch | None = None
+        self.max_items = self.settings.max_transaction_envelopes
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.step()
+            except StorageError:
+                LOGGER.exception(
+                    "%s: storage failed; the lane tries again in %ss",
+                    self.org,
+                    self.settings.poll_interval,
+                )
+                await trio.sleep(self.settings.poll_interval)
+
+    async def step(self) -> None:
+        """One turn: wait out a backoff, or wait for work, or send one transaction."""
+        if self.state is None:
+            stored = await self.storage.peer_state_get(self.org)
+            self.state = stored if stored is not None else PeerState(peer=self.org)
+            self.persisted_success_ms = self.state.last_success_ms
+            self.metrics.show(self.state, now_ms=self.clock_ms())
+        now = self.clock_ms()
+        if self.state.backoff_until_ms > now:
+            await self.wait_backoff(self.state, now)
+            return
+        self.metrics.backoff.set(0)
+        # A fresh event before looking: a notify() from here on is not lost.
+        self.lane.wake = trio.Event()
+        entries = await self.storage.spool_take(
+            self.org, max_items=self.max_items, max_bytes=self.settings.max_transaction_bytes
+        )
+        if not entries:
+            with trio.move_on_after(self.settings.poll_interval):
+                await self.lane.wake.wait()
+            return
+        now = self.clock_ms()
+        expired = [entry for entry in entries if entry.expires_ms <= now]
+        if expired:
+            await self.expire(expired, now)
+            return
+        batch = await self.batch_for(entries)
+        if batch is not None:
+            await self.send(batch, self.state)
+
+    async def wait_backoff(self, state: PeerState, now: int) -> None:
+        remaining = remaining_seconds(state, now_ms=now)
+        self.metrics.backoff.set(remaining)
+        await trio.sleep(min(remaining, self.settings.poll_interval))
+        stored = await self.storage.peer_state_get(self.org)
+        if stored is not None and stored.backoff_until_ms < state.backoff_until_ms:
+            LOGGER.info("%s: backoff cleared (gateway spool retry); trying now", self.org)
+            self.state = stored
+            self.metrics.show(stored, now_ms=self.clock_ms())
+
+    async def expire(self, expired: Sequence[SpoolEntry], now: int) -> None:
+        """Take envelopes that expired while spooled out of the lane, unsent."""
+        removed = await self.storage.spool_complete(
+            self.org, {entry.envelope_id: STATUS_EXPIRED for entry in expired}, at_ms=now
+        )
+        self.metrics.expired.inc(removed)
+        self.metrics.outcome(OUTCOME_EXPIRED).inc(removed)
+        LOGGER.info("%s: %d envelope(s) expired in the spool", self.org, removed)
+
+    async def batch_for(self, entries: Sequence[SpoolEntry]) -> _Batch | None:
+        """The batch to send for this head of the lane: the kept one if it still heads it."""
+        if self.batch is not None:
+            kept = tuple(entry.envelope_id for entry in entries[: len(self.batch.ids)])
+            if kept == self.batch.ids:
+                return self.batch
+            self.batch = None  # expired, purged or answered meanwhile: a new transaction
+        envelopes = []
+        unusable: dict[str, str] = {}
+        for entry in entries:
+            try:
+                envelope = decode_envelope(entry.data)
+            except EnvelopeError as exc:
+                # Spooled bytes that no longer decode: a bug or a damaged file. Only
+                # this envelope pays for it; the peer would refuse it anyway.
+                LOGGER.exception(
+                    "%s: spooled envelope %s does not decode", self.org, entry.envelope_id
+                )
+                unusable[entry.envelope_id] = rejected_status(exc.reason.value)
+                continue
+            if envelope.id != entry.envelope_id:
+                LOGGER.error(
+                    "%s: spooled envelope %s holds another id", self.org, entry.envelope_id
+                )
+                unusable[entry.envelope_id] = rejected_status(Reason.ENVELOPE_BAD_ID.value)
+                continue
+            envelopes.append(envelope)
+        if unusable:
+            await self.storage.spool_complete(self.org, unusable, at_ms=self.clock_ms())
+            for status in unusable.values():
+                self.metrics.outcome(status.removeprefix("rejected:")).inc()
+            return None
+        body = encode_transaction(self.sender.org, self.org, envelopes)
+        self.batch = _Batch(txn_id=new_txn_id(), body=body, ids=tuple(env.id for env in envelopes))
+        return self.batch
+
+    async def send(self, batch: _Batch, state: PeerState) -> None:
+        started = trio.current_time()
+        try:
+            with trio.fail_after(self.settings.transaction_timeout):
+                results = await self.sender._transport.send_transaction(
+                    self.org, batch.txn_id, batch.body, expected=len(batch.ids)
+                )
+            _check_results(self.org, batch, results)
+        except trio.TooSlowError:
+            failure = TransportError(
+                f"{self.org}: no answer within {self.settings.transaction_timeout}s",
+                kind=FailureKind.TIMEOUT,
+                reason=Reason.REQUEST_TIMEOUT,
+            )
+            await self.failed(batch, state, failure)
+        except TransportError as exc:
+            await self.failed(batch, state, exc)
+        except Exception as exc:
+            # A bug in a transport must not take the gateway down: count it, back off.
+            LOGGER.exception("%s: transaction %s failed unexpectedly", self.org, batch.txn_id)
+            failure = TransportError(
+                f"{self.org}: internal error ({type(exc).__name__})",
+                kind=FailureKind.INTERNAL,
+                reason=Reason.INTERNAL,
+            )
+            await self.failed(batch, state, failure)
+        else:
+            self.metrics.duration.observe(trio.current_time() - started)
+            await self.answered(batch, state, results)
+
+    async def answered(
+        self, batch: _Batch, state: PeerState, results: Sequence[EnvelopeResult]
+    ) -> None:
+        now = self.clock_ms()
+        statuses: dict[str, str] = {}
+        outcomes: collections.Counter[str] = collections.Counter()
+        for envelope_id, result in zip(batch.ids, results, strict=True):
+            if result.result == ACCEPTED:
+                statuses[envelope_id] = STATUS_FORWARDED
+                outcomes[ACCEPTED] += 1
+                continue
+            code = result.result if result.result in REASON_CODES else Reason.PROTOCOL.value
+            if code != result.result:
+                LOGGER.warning(
+                    "%s: envelope %s answered with an unknown code %r; recorded as %s",
+                    self.org,
+                    envelope_id,
+                    result.result[:_MAX_LOGGED_CODE],
+                    code,
+                )
+            statuses[envelope_id] = rejected_status(code)
+            outcomes[code] += 1
+        await self.storage.spool_complete(self.org, statuses, at_ms=now)
+        self.batch = None
+        self.max_items = self.settings.max_transaction_envelopes
+        self.metrics.result(RESULT_OK).inc()
+        for outcome, count in outcomes.items():
+            self.metrics.outcome(outcome).inc(count)
+        rejected = len(batch.ids) - outcomes[ACCEPTED]
+        LOGGER.debug(
+            "%s: transaction %s answered: %d accepted, %d rejected",
+            self.org,
+            batch.txn_id,
+            outcomes[ACCEPTED],
+            rejected,
+        )
+        if state.failures:
+            LOGGER.info("%s: reachable again after %d failure(s)", self.org, state.failures)
+        self.state = after_success(state, now_ms=now)
+        self.metrics.show(self.state, now_ms=now)
+        stale = (
+            self.persisted_success_ms is None
+            or now - self.persisted_success_ms >= LAST_SUCCESS_WRITE_INTERVAL_MS
+        )
+        if state.failures or state.backoff_until_ms or state.last_error is not None or stale:
+            await self.storage.peer_state_put(self.state)
+            self.persisted_success_ms = now
+
+    async def failed(self, batch: _Batch, state: PeerState, error: TransportError) -> None:
+        now = self.clock_ms()
+        self.state = after_failure(
+            state,
+            now_ms=now,
+            policy=self.settings.backoff,
+            random=self.sender._random,
+            error=f"{error.kind.value}: {error.message}",
+            retry_after=error.retry_after,
+        )
+        if error.kind is FailureKind.TXN_CONFLICT:
+            self.batch = None  # the peer holds this id with another body: use a new one
+        elif error.kind is FailureKind.TOO_LARGE:
+            self.batch = None
+            self.max_items = max(1, len(batch.ids) // 2)
+        self.metrics.result(error.kind.value).inc()
+        self.metrics.show(self.state, now_ms=now)
+        LOGGER.warning(
+            "%s: transaction %s (%d envelope(s)) failed: %s; failure %d, next try in %.1fs",
+            self.org,
+            batch.txn_id,
+            len(batch.ids),
+            error.message,
+            self.state.failures,
+            remaining_seconds(self.state, now_ms=now),
+        )
+        # Durable before the wait: a restart in the middle of it waits too.
+        await self.storage.peer_state_put(self.state)
+
+
+def _check_results(peer: str, batch: _Batch, results: Sequence[EnvelopeResult]) -> None:
+    """The answer must name our envelopes, in the order sent."""
+    if len(results) != len(batch.ids) or any(
+        result.envelope_id != envelope_id
+        for result, envelope_id in zip(results, batch.ids, strict=False)
+    ):
+        raise TransportError(
+            f"{peer}: the answer to transaction {batch.txn_id} does not name its envelopes "
+            "in the order sent",
+            kind=FailureKind.BAD_ANSWER,
+        )

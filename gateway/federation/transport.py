@@ -1,0 +1,447 @@
+"""Sending one transaction to one peer: the seam, and its httpx implementation.
+
+The sender sees only :class:`PeerTransport`: ``send_transaction`` returns the
+peer's per-envelope results, or raises :class:`TransportError` for anything
+that leaves the envelopes undelivered and worth another try later. Every such
+failure has a :class:`FailureKind`, a word from a small closed set that the
+metrics and the backoff use; its message is ours (never the peer's text).
+
+Theory of operation (:class:`HttpxPeerTransport`)
+-------------------------------------------------
+One ``httpx.AsyncClient`` per peer, built on first use and kept: HTTP/1.1
+only, at most one connection (kept alive), so a peer sees one persistent
+connection per sending gateway (docs/protocol.md §1). Its ``verify`` is an
+``ssl.SSLContext`` from :func:`~gateway.pki.tls.federation_client_context`
+that trusts only that peer's CA and presents our gateway certificate (never a
+CA path: httpx 0.28 would then drop the client certificate).
+
+The client dials the ``endpoint`` the rules give (its host may be an IP
+address) but verifies the server as the **peer's org**: every request carries
+httpcore's ``sni_hostname`` extension, which httpcore hands to the TLS layer
+as ``server_hostname``; so SNI is the org and OpenSSL's hostname check (the
+context has ``check_hostname``) wants the org as a dNSName SAN.
+
+When the rules pin the peer's key, the pin is checked **inside the
+handshake**: the context's ``sslobject_class`` is a subclass of
+``ssl.SSLObject`` whose ``do_handshake`` compares the server certificate's
+SPKI digest with the pins as soon as OpenSSL has verified it, and fails the
+handshake otherwise. The connection then breaks before our Finished message
+leaves, so a server that fails the pin never sees our certificate or a byte
+of the transaction. (Reading the certificate from the response's
+``network_stream`` would check it only after the envelopes were sent.)
+
+Before each request the peer's current entry in the rules is compared with
+the one the client was built for (endpoint, CA, pins); if a reload changed
+it, the old client is closed and a new one built, so new trust applies from
+the next transaction. :meth:`HttpxPeerTransport.close_peer` closes a peer's
+client (the sender calls it when a peer's lane stops).
+
+Every httpx exception is translated here, at the edge; an answer is read up to
+:data:`MAX_ANSWER_BYTES` only.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Protocol
+
+import httpx
+import trio
+from cryptography import x509
+
+from gateway import __version__
+from gateway.core.rules import CompiledRules, Peer
+from gateway.errors import PKIError, ProtocolError, Reason, RemoteError
+from gateway.federation.protocol import (
+    TRANSACTIONS_PATH,
+    EnvelopeResult,
+    check_txn_id,
+    decode_results,
+)
+from gateway.http.tls import classify_handshake_error, describe_ssl_error, find_ssl_error
+from gateway.pki.certs import parse_pin, spki_sha256
+from gateway.pki.tls import federation_client_context
+
+LOGGER = logging.getLogger("gateway.federation.transport")
+
+DEFAULT_REQUEST_TIMEOUT: Final = 30.0  # seconds per phase: connect, write, read
+# Below the receiver's idle keep-alive (60 s, docs/protocol.md §8), so we close
+# an idle connection before the peer does and never write into a dying one.
+KEEPALIVE_EXPIRY: Final = 50.0
+MAX_ANSWER_BYTES: Final = 4 * 1024 * 1024  # 1000 results of ~100 bytes, with room to spare
+MAX_RETRY_AFTER_SECONDS: Final = 86_400.0  # a Retry-After beyond a day is not believed
+CLOSE_TIMEOUT: Final = 5.0  # closing a client never holds up a reload or shutdown longer
+USER_AGENT: Final = f"federation-gateway/{__version__}"
+REASON_CODES: Final = frozenset(reason.value for reason in Reason)
+_SNI_EXTENSION: Final = "sni_hostname"  # httpcore: server_hostname for the TLS handshake
+_MAX_REPORTED_CODE: Final = 40  # characters of a peer's error code kept in our message
+
+
+class FailureKind(enum.StrEnum):
+    """Why a transaction was not answered: the metric label, a closed set."""
+
+    CONNECT = "connect"  # no TCP connection (refused, unreachable, DNS)
+    TIMEOUT = "timeout"  # connect, write or read took too long
+    TLS = "tls"  # the handshake failed (certificate not trusted, wrong name, ...)
+    PIN_MISMATCH = "pin_mismatch"  # the server's key matches none of the rules' pins
+    NETWORK = "network"  # the connection broke, or the peer spoke broken HTTP
+    HTTP_429 = "http_429"
+    HTTP_503 = "http_503"
+    HTTP_5XX = "http_5xx"  # any other 5xx
+    TXN_CONFLICT = "txn_conflict"  # 409: the peer knows this txn id with another body
+    TOO_LARGE = "too_large"  # 413: the batch is over the peer's body limit
+    HTTP_4XX = "http_4xx"  # any other 4xx: a bug on one side, or rules that disagree
+    HTTP_OTHER = "http_other"  # a status the protocol never answers (1xx, 3xx, 2xx but 200)
+    BAD_ANSWER = "bad_answer"  # 200, but not a valid answer to this transaction
+    UNKNOWN_PEER = "unknown_peer"  # not a peer in the rules in force
+    LOCAL = "local"  # ours to fix: our certificate files, the endpoint URL
+    INTERNAL = "internal"  # a bug of ours (an unexpected exception)
+
+
+class TransportError(RemoteError):
+    """A transaction that was not answered; the envelopes stay spooled for a retry.
+
+    ``kind`` is the bounded label; ``status`` the HTTP status if there was one;
+    ``retry_after`` the peer's ``Retry-After`` in seconds, if it gave one.
+    """
+
+    default_reason = Reason.PROTOCOL
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: FailureKind,
+        reason: Reason | None = None,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, reason=reason)
+        self.kind = kind
+        self.status = status
+        self.retry_after = retry_after
+
+
+class PeerTransport(Protocol):
+    """How the sender reaches peers. A fake stands in for it in tests."""
+
+    async def send_transaction(
+        self, peer: str, txn_id: str, body: bytes, *, expected: int
+    ) -> list[EnvelopeResult]:
+        """PUT one transaction; exactly ``expected`` results, in order, or ``TransportError``."""
+        ...
+
+    async def close_peer(self, peer: str) -> None:
+        """Drop any connection held for ``peer`` (its lane stopped)."""
+        ...
+
+
+class RulesView(Protocol):
+    """Where the rules in force are read (``RulesHolder`` is one)."""
+
+    @property
+    def current(self) -> CompiledRules: ...
+
+
+# -- pinning inside the handshake --------------------------------------------------
+
+
+class PinMismatchError(ssl.SSLError):
+    """Raised from the handshake when the server's key matches none of the pins."""
+
+
+def pinned_sslobject_class(pins: frozenset[bytes], *, org: str) -> type[ssl.SSLObject]:
+    """An ``ssl.SSLObject`` subclass whose handshake also requires one of ``pins``.
+
+    Install it as ``context.sslobject_class`` on a client context: trio's
+    ``SSLStream`` builds its TLS object with ``context.wrap_bio``, which uses it.
+    """
+    if not pins:
+        raise ValueError("pinning needs at least one pin")
+
+    class PinnedSSLObject(ssl.SSLObject):
+        def do_handshake(self) -> None:
+            super().do_handshake()  # raises SSLWantReadError until the handshake is done
+            der = self.getpeercert(binary_form=True)
+            if not der:
+                raise PinMismatchError(f"{org}: the server presented no certificate")
+            if spki_sha256(x509.load_der_x509_certificate(der)) not in pins:
+                raise PinMismatchError(f"{org}: the server's key matches none of its pins")
+
+    return PinnedSSLObject
+
+
+# -- the httpx transport -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Link:
+    """What a peer's client was built for; a reload that changes it rebuilds the client."""
+
+    endpoint: str
+    ca_sha256: str
+    pins: tuple[str, ...]
+
+    @classmethod
+    def of(cls, peer: Peer) -> _Link:
+        return cls(endpoint=peer.endpoint.rstrip("/"), ca_sha256=peer.ca_sha256, pins=peer.pins)
+
+
+@dataclass(frozen=True, slots=True)
+class _PeerClient:
+    link: _Link
+    http: httpx.AsyncClient
+
+
+class HttpxPeerTransport:
+    """:class:`PeerTransport` over mTLS with one persistent httpx client per peer."""
+
+    def __init__(
+        self,
+        org: str,
+        cert_file: Path,
+        key_file: Path,
+        rules: RulesView,
+        *,
+        timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
+    ) -> None:
+        if not timeout > 0:
+            raise ValueError(f"timeout must be positive, got {timeout!r}")
+        if max_answer_bytes < 1:
+            raise ValueError(f"max_answer_bytes must be positive, got {max_answer_bytes!r}")
+        self.org = org
+        self._cert_file = cert_file
+        self._key_file = key_file
+        self._rules = rules
+        self._timeout = timeout
+        self._max_answer_bytes = max_answer_bytes
+        self._clients: dict[str, _PeerClient] = {}
+
+    @property
+    def peers_connected(self) -> frozenset[str]:
+        """Peers that have a client (not necessarily an open connection)."""
+        return frozenset(self._clients)
+
+    async def send_transaction(
+        self, peer: str, txn_id: str, body: bytes, *, expected: int
+    ) -> list[EnvelopeResult]:
+        check_txn_id(txn_id)
+        client = await self._client_for(peer)
+        request = client.http.build_request(
+            "PUT",
+            f"{client.link.endpoint}{TRANSACTIONS_PATH}{txn_id}",
+            content=body,
+            headers={
+                "content-type": "application/json",
+                "accept": "application/json",
+                "user-agent": USER_AGENT,
+            },
+            extensions={_SNI_EXTENSION: peer},
+        )
+        try:
+            response = await client.http.send(request, stream=True)
+            try:
+                answer = await self._read_answer(peer, response)
+            finally:
+                await response.aclose()
+        except httpx.HTTPError as exc:
+            raise translate_httpx_error(exc, peer) from exc
+        return interpret_answer(
+            peer,
+            response.status_code,
+            answer,
+            expected=expected,
+            retry_after=response.headers.get("retry-after"),
+        )
+
+    async def _read_answer(self, peer: str, response: httpx.Response) -> bytes:
+        declared = response.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self._max_answer_bytes:
+            raise TransportError(
+                f"{peer}: answer of {declared} bytes is over our limit of {self._max_answer_bytes}",
+                kind=FailureKind.BAD_ANSWER,
+                status=response.status_code,
+            )
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > self._max_answer_bytes:
+                raise TransportError(
+                    f"{peer}: answer is over our limit of {self._max_answer_bytes} bytes",
+                    kind=FailureKind.BAD_ANSWER,
+                    status=response.status_code,
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _client_for(self, peer: str) -> _PeerClient:
+        entry = self._rules.current.peer(peer)
+        if entry is None:
+            await self.close_peer(peer)
+            raise TransportError(
+                f"{peer} is not a peer in the rules in force",
+                kind=FailureKind.UNKNOWN_PEER,
+                reason=Reason.UNKNOWN_PEER,
+            )
+        link = _Link.of(entry)
+        existing = self._clients.get(peer)
+        if existing is not None:
+            if existing.link == link:
+                return existing
+            LOGGER.info("%s: endpoint or trust changed in the rules; reconnecting", peer)
+            await self.close_peer(peer)
+        context = self._context_for(entry)
+        http = httpx.AsyncClient(
+            verify=context,
+            http1=True,
+            http2=False,
+            trust_env=False,  # no proxy or CA bundle from the environment
+            follow_redirects=False,
+            timeout=httpx.Timeout(self._timeout),
+            limits=httpx.Limits(
+                max_connections=1, max_keepalive_connections=1, keepalive_expiry=KEEPALIVE_EXPIRY
+            ),
+        )
+        client = _PeerClient(link=link, http=http)
+        self._clients[peer] = client
+        return client
+
+    def _context_for(self, peer: Peer) -> ssl.SSLContext:
+        try:
+            context = federation_client_context(
+                cert_file=self._cert_file,
+                key_file=self._key_file,
+                peer_ca_pem=peer.ca_pem.encode("ascii"),
+            )
+        except PKIError as exc:
+            raise TransportError(
+                f"{peer.org}: cannot build the TLS context: {exc}",
+                kind=FailureKind.LOCAL,
+                reason=Reason.PKI,
+            ) from exc
+        if peer.pins:
+            try:
+                digests = frozenset(parse_pin(pin) for pin in peer.pins)
+            except ValueError as exc:  # the rules loader checked them; a bug if we get here
+                raise TransportError(
+                    f"{peer.org}: {exc}", kind=FailureKind.LOCAL, reason=Reason.RULES
+                ) from exc
+            context.sslobject_class = pinned_sslobject_class(digests, org=peer.org)
+        return context
+
+    async def close_peer(self, peer: str) -> None:
+        client = self._clients.pop(peer, None)
+        if client is None:
+            return
+        with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+            await client.http.aclose()
+
+    async def aclose(self) -> None:
+        """Close every peer's client."""
+        for peer in list(self._clients):
+            await self.close_peer(peer)
+
+
+# -- translating at the edge (pure) ----------------------------------------------------
+
+
+def translate_httpx_error(exc: httpx.HTTPError, peer: str) -> TransportError:
+    """The :class:`TransportError` for an httpx exception on the way to ``peer``."""
+    current: BaseException | None = exc
+    for _ in range(8):  # short chains; never walk a cycle
+        if current is None:
+            break
+        if isinstance(current, PinMismatchError):
+            return TransportError(
+                str(current.args[0]) if current.args else f"{peer}: pin mismatch",
+                kind=FailureKind.PIN_MISMATCH,
+                reason=Reason.PIN_MISMATCH,
+            )
+        current = current.__cause__ or current.__context__
+    if isinstance(exc, httpx.TimeoutException):
+        return TransportError(
+            f"{peer}: timed out ({type(exc).__name__})",
+            kind=FailureKind.TIMEOUT,
+            reason=Reason.REQUEST_TIMEOUT,
+        )
+    if find_ssl_error(exc) is not None:
+        return TransportError(
+            f"{peer}: TLS failed: {describe_ssl_error(exc)}",
+            kind=FailureKind.TLS,
+            reason=classify_handshake_error(exc),
+        )
+    if isinstance(exc, httpx.ConnectError):
+        return TransportError(f"{peer}: cannot connect: {exc}", kind=FailureKind.CONNECT)
+    if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
+        return TransportError(
+            f"{peer}: the endpoint URL cannot be used: {exc}", kind=FailureKind.LOCAL
+        )
+    return TransportError(
+        f"{peer}: connection failed ({type(exc).__name__})", kind=FailureKind.NETWORK
+    )
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """``Retry-After`` in seconds (the delta form; an HTTP date is ignored)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value.isascii() or not value.isdigit() or len(value) > len("86400000"):
+        return None
+    return min(float(value), MAX_RETRY_AFTER_SECONDS)
+
+
+def _error_code(body: bytes) -> str | None:
+    """The peer's ``{"error": code}`` if the code is one of ours, for our log."""
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    code = obj.get("error") if isinstance(obj, dict) else None
+    if isinstance(code, str) and len(code) <= _MAX_REPORTED_CODE and code in REASON_CODES:
+        return code
+    return None
+
+
+_STATUS_KINDS: Final = {
+    409: FailureKind.TXN_CONFLICT,
+    413: FailureKind.TOO_LARGE,
+    429: FailureKind.HTTP_429,
+    503: FailureKind.HTTP_503,
+}
+_OK = 200
+
+
+def interpret_answer(
+    peer: str, status: int, body: bytes, *, expected: int, retry_after: str | None = None
+) -> list[EnvelopeResult]:
+    """The results of a ``200``, or the :class:`TransportError` any other status means."""
+    if status == _OK:
+        try:
+            return decode_results(body, expected=expected)
+        except ProtocolError as exc:
+            raise TransportError(
+                f"{peer}: 200 but not a valid answer: {exc}", kind=FailureKind.BAD_ANSWER
+            ) from exc
+    kind = _STATUS_KINDS.get(status)
+    if kind is None:
+        if 500 <= status <= 599:
+            kind = FailureKind.HTTP_5XX
+        elif 400 <= status <= 499:
+            kind = FailureKind.HTTP_4XX
+        else:
+            kind = FailureKind.HTTP_OTHER
+    code = _error_code(body)
+    raise TransportError(
+        f"{peer}: HTTP {status}" + (f" ({code})" if code else ""),
+        kind=kind,
+        status=status,
+        retry_after=parse_retry_after(retry_after),
+    )
