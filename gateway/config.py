@@ -12,6 +12,7 @@
     endpoint: https://127.0.0.1:8443    # the URL partners dial
     storage: sqlite                     # data_dir/gateway.sqlite3, or a postgresql:// URL
     limits: {max_body_bytes: 8388608, backoff_initial: 1s, ...}
+    log: {format: text, level: info}    # format: text (default) or json (JSON lines)
 
 Every key but ``org`` has a default, which is the layout `gateway init` writes.
 Relative paths are relative to the directory of the file, and come out
@@ -172,6 +173,16 @@ _SIZE_LIMITS = frozenset(
 _TIME_LIMITS = frozenset(f.name for f in fields(Limits)) - _SIZE_LIMITS
 
 
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str = "text"  # one of LOG_FORMATS
+    level: str = "info"  # one of LOG_LEVELS
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     path: Path  # the file this came from, absolute
@@ -185,6 +196,7 @@ class GatewayConfig:
     endpoint: str
     storage: StorageConfig
     limits: Limits
+    log: LogConfig = LogConfig()
 
     @property
     def base_dir(self) -> Path:
@@ -204,7 +216,9 @@ _TOP_KEYS = (
     "endpoint",
     "storage",
     "limits",
+    "log",
 )
+_LOG_KEYS = ("format", "level")
 _TLS_KEYS = ("cert", "key", "ca")
 _CLIENT_TLS_KEYS = ("cert", "key")
 _LISTEN_KEYS = ("federation", "client", "metrics")
@@ -407,6 +421,18 @@ def load_config(path: Path | str) -> GatewayConfig:
             f"{limits.backoff_initial}s is more than limits.backoff_max ({limits.backoff_max}s)",
         )
 
+    log_section = reader.mapping(top.get("log", {}), "log", _LOG_KEYS)
+    log_values: dict[str, str] = {}
+    for name, allowed in (("format", LOG_FORMATS), ("level", LOG_LEVELS)):
+        if name in log_section:
+            value = log_section[name]
+            if value not in allowed:
+                raise reader.error(
+                    f"log.{name}", f"expected one of {', '.join(allowed)}, got {value!r}"
+                )
+            log_values[name] = value
+    log = LogConfig(**log_values)
+
     return GatewayConfig(
         path=path,
         org=org,
@@ -419,4 +445,5 @@ def load_config(path: Path | str) -> GatewayConfig:
         endpoint=endpoint,
         storage=storage,
         limits=limits,
+        log=log,
     )

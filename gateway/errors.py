@@ -20,6 +20,7 @@ its reason code, counted, and changes nothing.
         ├── AddressError              a `user@org` that does not parse
         ├── EnvelopeError             an envelope that does not parse or validate
         ├── EnvelopeOpenError         seal/open failed; one detail-free message, always
+        ├── KeyRecordError            a signed key record failed verification; detail-free
         ├── PeerAuthError             a peer whose certificate or claims do not check out
         └── ProtocolError             a request that breaks the wire protocol
 
@@ -57,6 +58,7 @@ class Reason(enum.StrEnum):
     ENVELOPE_OPEN_FAILED = "envelope_open_failed"  # the one crypto failure
     EXPIRED = "expired"
     KEY_RECORD_MALFORMED = "key_record_malformed"  # a user's public keys do not parse
+    KEY_RECORD_INVALID = "key_record_invalid"  # a signed key record failed verification
 
     # -- policy decisions (see docs/rules.md) -------------------------------
     ALLOWED = "allowed"
@@ -91,6 +93,13 @@ class Reason(enum.StrEnum):
     NOT_FOUND = "not_found"  # no route for the path (404)
     METHOD_NOT_ALLOWED = "method_not_allowed"  # route exists, method does not (405)
     INTERNAL = "internal_error"  # a bug of ours; the body never says more (500)
+
+    # -- client API (docs/client-api.md) --------------------------------------
+    UNAUTHORIZED = "unauthorized"  # no, unknown or revoked bearer token (401)
+    FORBIDDEN = "forbidden"  # authenticated, but not allowed to do that (403)
+    SENDER_MISMATCH = "sender_mismatch"  # envelope `from` is not the token's user (403)
+    ENVELOPE_ID_CONFLICT = "envelope_id_conflict"  # id already used by another envelope (409)
+    PEER_UNAVAILABLE = "peer_unavailable"  # a peer could not answer a key lookup (502)
 
     # -- ours ---------------------------------------------------------------
     CONFIG = "config_error"
@@ -167,6 +176,15 @@ class EnvelopeOpenError(RemoteError):
 
     def __init__(self) -> None:
         super().__init__("envelope could not be opened")
+
+
+class KeyRecordError(RemoteError):
+    """The one error of key record verification. Its message never says what failed."""
+
+    default_reason = Reason.KEY_RECORD_INVALID
+
+    def __init__(self) -> None:
+        super().__init__("key record is not valid")
 
 
 class PeerAuthError(RemoteError):

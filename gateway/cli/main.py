@@ -17,7 +17,7 @@ from gateway.cli.common import EXIT_FAILURE, EXIT_USAGE, UsageError
 from gateway.errors import GatewayError
 
 # Command-group modules under gateway.cli, in the order `gateway --help` lists them.
-COMMAND_MODULES = ("init", "pki", "peer", "rules", "peers", "spool")
+COMMAND_MODULES = ("init", "run", "pki", "peer", "rules", "peers", "spool", "token")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +34,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _single_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one error of the project's own kind inside a group from a trio nursery, if any."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    ours = [exc for exc in leaves if isinstance(exc, GatewayError | OSError)]
+    return ours[0] if ours and len(ours) == len(leaves) else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -42,7 +58,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        return int(handler(args))
+        try:
+            return int(handler(args))
+        except BaseExceptionGroup as group:
+            single = _single_error(group)
+            if single is None:
+                raise
+            raise single from group
     except UsageError as exc:
         print(f"gateway: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,1 +1,41 @@
+"""The client API: what the org's own messaging clients call, on the client listener.
 
+Bearer tokens (:mod:`.tokens`), envelope submission one at a time or in
+batches, mailbox long-poll and acknowledgement (:mod:`.mailbox_wait` wakes the
+polls), delivery statuses, and signed key records (:mod:`.api`).
+docs/client-api.md and docs/openapi.yaml are the specification.
+
+Wiring, in the app::
+
+    waiters = MailboxWaiters()
+    api = ClientAPI(org=config.org, rules=holder, storage=store,
+                    org_signing_seed=seed, waiters=waiters,
+                    on_spooled=sender.wake, remote_key_lookup=federation_keys)
+    router = Router()
+    api.add_routes(router)
+    # the federation receiver calls waiters.notify(outcome.recipients) after deliver()
+"""
+
+from gateway.clientapi.api import (
+    MAX_BATCH_ENVELOPES,
+    MAX_FETCH_LIMIT,
+    MAX_WAIT_SECONDS,
+    ClientAPI,
+    RemoteKeyLookup,
+    RulesSource,
+    no_remote_key_lookup,
+)
+from gateway.clientapi.mailbox_wait import MailboxWaiters, MailboxWatch, TooManyWatches
+
+__all__ = [
+    "MAX_BATCH_ENVELOPES",
+    "MAX_FETCH_LIMIT",
+    "MAX_WAIT_SECONDS",
+    "ClientAPI",
+    "MailboxWaiters",
+    "MailboxWatch",
+    "RemoteKeyLookup",
+    "RulesSource",
+    "TooManyWatches",
+    "no_remote_key_lookup",
+]

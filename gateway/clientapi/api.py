@@ -1,0 +1,619 @@
+"""The client API's handlers: what the org's own clients call (docs/client-api.md).
+
+Theory of operation
+-------------------
+Every request first proves a user: ``Authorization: Bearer <token>`` is hashed
+and looked up (:mod:`gateway.clientapi.tokens`). No, unknown or revoked token:
+``401 unauthorized``. A token whose user the rules in force no longer name
+(removed from every group): ``403 no_group``, on every endpoint, so removing a
+user from the rules cuts them off without revoking anything. The rules are
+read once per request (``rules.current``), so one request sees one version.
+
+A submission goes through, in order: parse (``400`` with the envelope's reason
+code), ``from`` must be the token's user (``403 sender_mismatch``), the clock
+checks of :func:`~gateway.core.envelope.validate_envelope` (``400``, e.g.
+``expired``), then the outbound rule and the sender group's limits
+(``403`` with the reason code and the rule's ``file:line``). A refused
+envelope is answered at once and nothing is stored. An allowed one gets the
+sender's group (``env.with_group``) and is written durably: into the
+recipient's mailbox for a local recipient (status ``delivered``; the
+recipient's long-polls are woken), or into the spool lane of the recipient's
+org (status ``queued``; ``on_spooled(peer)`` wakes that lane's sender). Only
+after that write returned is the client told ``202``.
+
+A batch runs every envelope through the same checks and writes all allowed
+ones with at most two storage calls (one for local recipients, one for the
+spool), which the store commits as groups: that is the throughput path.
+
+Idempotency: the store refuses an envelope id it has seen. An id the caller
+already submitted is answered again with its current status and stored
+nothing; an id someone else's envelope holds is ``409 envelope_id_conflict``
+(and says nothing about that envelope).
+
+Long-poll (``GET /v1/mailbox?wait=S``): a :class:`~.mailbox_wait.MailboxWatch`
+is taken *before* the mailbox is read, so an arrival between the read and the
+wait is not missed; an empty read then waits for a wakeup or the deadline and
+reads again.
+
+Key records: ``PUT /v1/keys`` signs the caller's public keys with the org
+signing key and stores the record; ``GET /v1/keys/{address}`` serves ours
+from the store and a peer's through ``remote_key_lookup``, checked against the
+signing key the rules pin for that peer before it is passed on.
+
+Nothing here logs a token or a ciphertext: decisions are logged with the
+envelope id, the group and the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Final, NoReturn, Protocol
+
+import trio
+from prometheus_client import Counter
+
+from gateway.clientapi.mailbox_wait import MailboxWaiters, TooManyWatches
+from gateway.clientapi.tokens import authenticate
+from gateway.core.address import Address
+from gateway.core.envelope import (
+    ENVELOPE_ID_RE,
+    Envelope,
+    decode_envelope,
+    encode_envelope,
+    validate_envelope,
+)
+from gateway.core.rules import CompiledRules, Group, Mark
+from gateway.crypto.key_records import (
+    KEY_BYTES,
+    parse_verified_key_record,
+    sign_key_record,
+)
+from gateway.crypto.keys import PublicKeys
+from gateway.errors import (
+    EnvelopeError,
+    GatewayError,
+    KeyRecordError,
+    ProtocolError,
+    Reason,
+)
+from gateway.http import Request, Response, Router, error_response, json_response
+from gateway.http.messages import JSON_CONTENT_TYPE
+from gateway.observability.metrics import (
+    CLIENTAPI_LOCAL_DELIVERIES,
+    CLIENTAPI_SUBMISSIONS,
+    POLICY_DENIALS,
+)
+from gateway.storage.base import (
+    STATUS_DELIVERED,
+    STATUS_QUEUED,
+    EnvelopeRecord,
+    SpoolItem,
+    Storage,
+)
+
+log = logging.getLogger("gateway.clientapi")
+
+# -- bounds (docs/client-api.md, "Limits") ---------------------------------------
+MAX_BATCH_ENVELOPES: Final = 256  # envelopes in one POST /v1/envelopes/batch
+MAX_WAIT_SECONDS: Final = 60  # longest long-poll a client may ask for
+DEFAULT_WAIT_SECONDS: Final = 0
+MAX_FETCH_LIMIT: Final = 500  # envelopes in one mailbox answer
+DEFAULT_FETCH_LIMIT: Final = 100
+MAX_ACK_IDS: Final = 500  # ids in one POST /v1/mailbox/ack
+MAX_KEYS_BODY_BYTES: Final = 16 * 1024  # PUT /v1/keys body; real ones are ~150 bytes
+MS_PER_SECOND: Final = 1000
+
+RESULT_ACCEPTED: Final = "accepted"  # the submissions counter's label for a stored envelope
+WWW_AUTHENTICATE: Final = ("www-authenticate", 'Bearer realm="gateway"')
+
+ClockMs = Callable[[], int]
+OnSpooled = Callable[[str], None]
+RemoteKeyLookup = Callable[[Address], Awaitable[bytes | None]]
+
+
+class RulesSource(Protocol):
+    """What the client API needs of :class:`~gateway.rules_runtime.RulesHolder`."""
+
+    @property
+    def current(self) -> CompiledRules: ...
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _no_spool_listener(peer: str) -> None:
+    """The default ``on_spooled``: nobody to wake (tests, a gateway without a sender)."""
+
+
+async def no_remote_key_lookup(address: Address) -> bytes | None:
+    """The default ``remote_key_lookup``: peers' keys are not looked up."""
+    return None
+
+
+# -- the outcome of one submitted envelope ----------------------------------------
+@dataclass(frozen=True, slots=True)
+class _Refused:
+    envelope_id: str | None
+    status: int  # HTTP status of a single submission
+    reason: Reason
+    message: str | None = None  # for the client about its own input; never a policy detail
+    rule: Mark | None = None
+
+    def to_json(self, *, with_id: bool) -> dict[str, object]:
+        body: dict[str, object] = {"id": self.envelope_id} if with_id else {}
+        body["error"] = self.reason.value
+        if self.rule is not None:
+            body["rule"] = _rule_text(self.rule)
+        if self.message is not None:
+            body["message"] = self.message
+        return body
+
+
+@dataclass(frozen=True, slots=True)
+class _Allowed:
+    env: Envelope  # with the sender's group asserted
+    peer: str | None  # the recipient's org; None for a local recipient
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    envelope_id: str
+    status: str
+
+
+_Outcome = _Refused | _Stored
+
+
+@dataclass(frozen=True, slots=True)
+class _Caller:
+    address: Address
+    group: Group
+    rules: CompiledRules  # the rules read for this request, used throughout it
+
+    @property
+    def user(self) -> str:
+        return str(self.address)
+
+
+def _rule_text(mark: Mark) -> str:
+    # The file's name only: clients need not learn the gateway's directory layout.
+    return f"{os.path.basename(mark.file)}:{mark.line}"
+
+
+def _ttl_seconds(env: Envelope) -> int:
+    # Whole seconds, rounded down, exactly as the federation receiver computes it:
+    # what the origin accepts, a peer with the same bounds accepts too.
+    return env.ttl_ms // MS_PER_SECOND
+
+
+class ClientAPI:
+    """The client API's handlers; :meth:`add_routes` puts them on a router."""
+
+    def __init__(
+        self,
+        *,
+        org: str,
+        rules: RulesSource,
+        storage: Storage,
+        org_signing_seed: bytes,
+        waiters: MailboxWaiters,
+        clock_ms: ClockMs = wall_clock_ms,
+        on_spooled: OnSpooled = _no_spool_listener,
+        remote_key_lookup: RemoteKeyLookup = no_remote_key_lookup,
+        max_wait_seconds: float = MAX_WAIT_SECONDS,
+    ) -> None:
+        if not isinstance(org_signing_seed, bytes) or len(org_signing_seed) != KEY_BYTES:
+            raise ValueError(f"org_signing_seed must be {KEY_BYTES} bytes")
+        if not 0 < max_wait_seconds <= MAX_WAIT_SECONDS:
+            raise ValueError(f"max_wait_seconds must be within (0, {MAX_WAIT_SECONDS}]")
+        self._org = org
+        self._rules = rules
+        self._storage = storage
+        self._seed = org_signing_seed
+        self._waiters = waiters
+        self._clock_ms = clock_ms
+        self._on_spooled = on_spooled
+        self._remote_key_lookup = remote_key_lookup
+        self._max_wait = max_wait_seconds
+        self._submissions: dict[str, Counter] = {}
+        self._denials: dict[tuple[str, str], Counter] = {}
+
+    def add_routes(self, router: Router) -> None:
+        router.add("GET", "/v1/me", self.get_me)
+        router.add("POST", "/v1/envelopes", self.post_envelope)
+        router.add("POST", "/v1/envelopes/batch", self.post_batch)
+        router.add("GET", "/v1/mailbox", self.get_mailbox)
+        router.add("POST", "/v1/mailbox/ack", self.post_ack)
+        router.add("GET", "/v1/status/{envelope_id}", self.get_status)
+        router.add("PUT", "/v1/keys", self.put_keys)
+        router.add("GET", "/v1/keys/{address}", self.get_keys)
+
+    # -- authentication ------------------------------------------------------------
+    async def _caller(self, request: Request) -> _Caller | Response:
+        address = await authenticate(self._storage, request.header("authorization"))
+        if address is None or address.org != self._org:
+            return error_response(401, Reason.UNAUTHORIZED, headers=[WWW_AUTHENTICATE])
+        rules = self._rules.current
+        group = rules.group_of(address.user)
+        if group is None:
+            return error_response(403, Reason.NO_GROUP)
+        return _Caller(address, group, rules)
+
+    # -- GET /v1/me ------------------------------------------------------------------
+    async def get_me(self, request: Request, params: Mapping[str, str]) -> Response:
+        caller = await self._caller(request)
+        if isinstance(caller, Response):
+            return caller
+        limits = caller.group.limits
+        return json_response(
+            200,
+            {
+                "address": caller.user,
+                "group": caller.group.name,
+                "limits": {
+                    "max_envelope_bytes": limits.max_envelope_bytes,
+                    "ttl": {
+                        "min": limits.ttl.min,
+                        "default": limits.ttl.default,
+                        "max": limits.ttl.max,
+                    },
+                    "burn_on_read": limits.burn_on_read.value,
+                },
+            },
+        )
+
+    # -- submissions -------------------------------------------------------------------
+    async def post_envelope(self, request: Request, params: Mapping[str, str]) -> Response:
+        caller = await self._caller(request)
+        if isinstance(caller, Response):
+            return caller
+        item: Envelope | _Refused
+        try:
+            item = decode_envelope(request.body)
+        except EnvelopeError as exc:
+            item = _Refused(None, 400, exc.reason, exc.message)
+        (outcome,) = await self._submit(caller, [item])
+        if isinstance(outcome, _Refused):
+            return json_response(outcome.status, outcome.to_json(with_id=False))
+        return json_response(202, {"id": outcome.envelope_id, "status": outcome.status})
+
+    async def post_batch(self, request: Request, params: Mapping[str, str]) -> Response:
+        caller = await self._caller(request)
+        if isinstance(caller, Response):
+            return caller
+        body = _object_body(request.body, "batch", {"envelopes"})
+        envelopes = body["envelopes"]
+        if not isinstance(envelopes, list) or not 1 <= len(envelopes) <= MAX_BATCH_ENVELOPES:
+            raise ProtocolError(
+                f"batch field 'envelopes' must be a list of 1 to {MAX_BATCH_ENVELOPES} envelopes"
+            )
+        items: list[Envelope | _Refused] = []
+        for obj in envelopes:
+            try:
+                items.append(Envelope.from_json(obj))
+            except EnvelopeError as exc:
+                claimed = obj.get("id") if isinstance(obj, dict) else None
+                shown = claimed if isinstance(claimed, str) and len(claimed) <= 64 else None
+                items.append(_Refused(shown, 400, exc.reason, exc.message))
+        outcomes = await self._submit(caller, items)
+        results = [
+            {"id": o.envelope_id, "status": o.status}
+            if isinstance(o, _Stored)
+            else o.to_json(with_id=True)
+            for o in outcomes
+        ]
+        return json_response(200, {"results": results})
+
+    async def _submit(self, caller: _Caller, items: list[Envelope | _Refused]) -> list[_Outcome]:
+        """Check every item, write the allowed ones (at most two commits), answer each."""
+        now_ms = self._clock_ms()
+        verdicts = [
+            item if isinstance(item, _Refused) else self._check(caller, item, now_ms)
+            for item in items
+        ]
+        local: list[EnvelopeRecord] = []
+        spool: list[SpoolItem] = []
+        for verdict in verdicts:
+            if isinstance(verdict, _Allowed):
+                if verdict.peer is None:
+                    local.append(_mailbox_record(verdict.env))
+                else:
+                    spool.append(_spool_item(verdict.env, verdict.peer))
+
+        stored: dict[str, str] = {}
+        if local:
+            outcome = await self._storage.mailbox_put_local(local, at_ms=now_ms)
+            stored.update(dict.fromkeys(outcome.stored, STATUS_DELIVERED))
+            CLIENTAPI_LOCAL_DELIVERIES.inc(len(outcome.stored))
+            self._waiters.notify(outcome.recipients)
+        if spool:
+            spooled = await self._storage.spool_put(spool, at_ms=now_ms)
+            stored.update(dict.fromkeys(spooled, STATUS_QUEUED))
+            spooled_now = set(spooled)
+            for peer in sorted({item.peer for item in spool if item.envelope_id in spooled_now}):
+                self._wake_sender(peer)
+
+        outcomes: list[_Outcome] = []
+        for verdict in verdicts:
+            result: _Outcome
+            if isinstance(verdict, _Allowed):
+                status = stored.get(verdict.env.id)
+                if status is None:
+                    result = await self._resubmitted(caller, verdict.env)
+                else:
+                    result = _Stored(verdict.env.id, status)
+                    log.debug(
+                        "accepted envelope %s of group %s for %s: %s",
+                        verdict.env.id,
+                        caller.group.name,
+                        verdict.peer or "local delivery",
+                        status,
+                    )
+            else:
+                result = verdict
+            self._count(result)
+            outcomes.append(result)
+        return outcomes
+
+    def _check(self, caller: _Caller, env: Envelope, now_ms: int) -> _Allowed | _Refused:
+        if env.sender != caller.address:
+            return _Refused(
+                env.id,
+                403,
+                Reason.SENDER_MISMATCH,
+                f"envelope 'from' {env.sender} is not the token's user {caller.user}",
+            )
+        try:
+            validate_envelope(env, now_ms=now_ms)
+        except EnvelopeError as exc:
+            return _Refused(env.id, 400, exc.reason, exc.message)
+        decision = caller.rules.decide_outbound(
+            env.sender,
+            env.recipient,
+            size=env.size,
+            ttl_seconds=_ttl_seconds(env),
+            burn_on_read=env.burn_on_read,
+        )
+        if not decision.allowed:
+            self._count_denial(decision.direction.value, decision.reason)
+            log.info(
+                "refused envelope %s of group %s: %s (%s)",
+                env.id,
+                decision.group,
+                decision.reason,
+                decision.detail,
+            )
+            return _Refused(env.id, 403, decision.reason, rule=decision.rule)
+        peer = None if env.recipient.org == self._org else env.recipient.org
+        return _Allowed(env.with_group(caller.group.name), peer)
+
+    async def _resubmitted(self, caller: _Caller, env: Envelope) -> _Outcome:
+        """The answer for an allowed envelope the store had seen before."""
+        known = await self._storage.status_get(env.id)
+        if known is not None and known.sender == caller.user:
+            return _Stored(env.id, known.status)
+        return _Refused(
+            env.id,
+            409,
+            Reason.ENVELOPE_ID_CONFLICT,
+            "this envelope id is already used; submit with a fresh id",
+        )
+
+    def _wake_sender(self, peer: str) -> None:
+        try:
+            self._on_spooled(peer)
+        except Exception:
+            # The envelopes are durable already: a failing listener delays them, loses none.
+            log.exception("on_spooled(%s) failed", peer)
+
+    def _count(self, result: _Outcome) -> None:
+        if isinstance(result, _Stored):
+            label = RESULT_ACCEPTED
+        else:
+            label = result.reason.value
+            if result.rule is None:  # policy refusals were logged with their detail
+                log.info("refused envelope %s: %s", result.envelope_id, result.reason)
+        child = self._submissions.get(label)
+        if child is None:
+            child = self._submissions[label] = CLIENTAPI_SUBMISSIONS.labels(label)
+        child.inc()
+
+    def _count_denial(self, direction: str, reason: Reason) -> None:
+        key = (direction, reason.value)
+        child = self._denials.get(key)
+        if child is None:
+            child = self._denials[key] = POLICY_DENIALS.labels(direction, reason.value)
+        child.inc()
+
+    # -- mailbox -----------------------------------------------------------------------
+    async def get_mailbox(self, request: Request, params: Mapping[str, str]) -> Response:
+        caller = await self._caller(request)
+        if isinstance(caller, Response):
+            return caller
+        wait = _int_query(request, "wait", DEFAULT_WAIT_SECONDS, 0, int(self._max_wait))
+        limit = _int_query(request, "limit", DEFAULT_FETCH_LIMIT, 1, MAX_FETCH_LIMIT)
+        deadline = trio.current_time() + wait
+        while True:
+            try:
+                with self._waiters.watch(caller.user) as watch:
+                    # Watch first, read second: an arrival in between still wakes us.
+                    entries = await self._storage.mailbox_fetch(
+                        caller.user, limit=limit, now_ms=self._clock_ms()
+                    )
+                    if entries or wait == 0 or self._waiters.closed:
+                        break
+                    if not await watch.wait_until(deadline):
+                        break
+            except TooManyWatches:
+                return error_response(429, Reason.TOO_MANY_CONNECTIONS)
+        # The stored bytes are encode_envelope()'s compact JSON: spliced, not re-encoded.
+        body = b'{"envelopes":[' + b",".join(entry.data for entry in entries) + b"]}"
+        return Response(200, [("content-type", JSON_CONTENT_TYPE)], body)
+
+    async def post_ack(self, request: Request, params: Mapping[str, str]) -> Response:
+        caller = await self._caller(request)
+        if isinstance(caller, Response):
+            return caller
+        ids = _object_body(request.body, "acknowledgement", {"ids"})["ids"]
+        if not isinstance(ids, list) or len(ids) > MAX_ACK_IDS:
+            raise ProtocolError(f"field 'ids' must be a list of at most {MAX_ACK_IDS} ids")
+        for envelope_id in ids:
+            if not isinstance(envelope_id, str) or not ENVELOPE_ID_RE.fullmatch(envelope_id):
+                raise ProtocolError(
+                    "field 'ids' must hold envelope ids (22 characters of base64url)",
+                    reason=Reason.ENVELOPE_BAD_ID,
+                )
+        unique = list(dict.fromkeys(ids))
+        deleted = await self._storage.mailbox_ack(caller.user, unique) if unique else 0
+        return json_response(200, {"deleted": deleted})
+
+    # -- delivery statuses -----------------------------------------------------------------
+    async def get_status(self, request: Request, params: Mapping[str, str]) -> Response:
+        caller = await self._caller(request)
+        if isinstance(caller, Response):
+            return caller
+        envelope_id = params["envelope_id"]
+        known = (
+            await self._storage.status_get(envelope_id)
+            if ENVELOPE_ID_RE.fullmatch(envelope_id)
+            else None
+        )
+        # Someone else's envelope looks exactly like no envelope.
+        if known is None or known.sender != caller.user:
+            return error_response(404, Reason.NOT_FOUND)
+        return json_response(
+            200, {"id": known.envelope_id, "status": known.status, "at": known.at_ms}
+        )
+
+    # -- key records ------------------------------------------------------------------------
+    async def put_keys(self, request: Request, params: Mapping[str, str]) -> Response:
+        caller = await self._caller(request)
+        if isinstance(caller, Response):
+            return caller
+        if len(request.body) > MAX_KEYS_BODY_BYTES:
+            return error_response(413, Reason.BODY_TOO_LARGE)
+        public = PublicKeys.from_json(_json_body(request.body, "public keys"))
+        if public.address != caller.address:
+            return json_response(
+                403,
+                {
+                    "error": Reason.FORBIDDEN.value,
+                    "message": f"a token of {caller.user} may publish only its own keys",
+                },
+            )
+        now_ms = self._clock_ms()
+        record = sign_key_record(public, org_signing_seed=self._seed, issued_ms=now_ms)
+        data = record.encode()
+        await self._storage.user_keys_put(caller.user, data, at_ms=now_ms)
+        log.info("published key record of %s", caller.user)
+        return Response(200, [("content-type", JSON_CONTENT_TYPE)], data)
+
+    async def get_keys(self, request: Request, params: Mapping[str, str]) -> Response:
+        caller = await self._caller(request)
+        if isinstance(caller, Response):
+            return caller
+        address = Address.parse(params["address"])  # AddressError: 400 with its reason
+        if address.org == self._org:
+            if caller.rules.group_of(address.user) is None:
+                return error_response(404, Reason.NOT_FOUND)
+            data = await self._storage.user_keys_get(str(address))
+            if data is None:
+                return error_response(404, Reason.NOT_FOUND)
+            return Response(200, [("content-type", JSON_CONTENT_TYPE)], data)
+        peer = caller.rules.peer(address.org)
+        if peer is None:
+            return error_response(404, Reason.UNKNOWN_PEER)
+        try:
+            found = await self._remote_key_lookup(address)
+        except GatewayError as exc:
+            log.info("key lookup of %s at %s failed: %s", address, peer.org, exc.reason)
+            return error_response(502, Reason.PEER_UNAVAILABLE)
+        if found is None:
+            return error_response(404, Reason.NOT_FOUND)
+        try:
+            record = parse_verified_key_record(
+                found,  # bounded by MAX_KEY_RECORD_BYTES there
+                org_verify_key=peer.signing_key,
+                expected_address=address,
+            )
+        except KeyRecordError:
+            log.warning(
+                "peer %s served a key record for %s that does not verify", peer.org, address
+            )
+            return error_response(502, Reason.KEY_RECORD_INVALID)
+        return Response(200, [("content-type", JSON_CONTENT_TYPE)], record.encode())
+
+
+# -- storage values -------------------------------------------------------------------
+def _mailbox_record(env: Envelope) -> EnvelopeRecord:
+    return EnvelopeRecord(
+        envelope_id=env.id,
+        sender=str(env.sender),
+        recipient=str(env.recipient),
+        created_ms=env.created,
+        expires_ms=env.expires,
+        burn_on_read=env.burn_on_read,
+        data=encode_envelope(env),
+    )
+
+
+def _spool_item(env: Envelope, peer: str) -> SpoolItem:
+    return SpoolItem(
+        envelope_id=env.id,
+        sender=str(env.sender),
+        recipient=str(env.recipient),
+        created_ms=env.created,
+        expires_ms=env.expires,
+        burn_on_read=env.burn_on_read,
+        data=encode_envelope(env),
+        peer=peer,
+    )
+
+
+# -- request bodies and queries ---------------------------------------------------------
+def _json_body(body: bytes, what: str) -> object:
+    """The body as strict JSON (no duplicate keys, no NaN); ``ProtocolError`` otherwise."""
+    try:
+        return json.loads(
+            body.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant
+        )
+    except (ValueError, RecursionError):
+        raise ProtocolError(f"{what}: request body is not JSON") from None
+
+
+def _object_body(body: bytes, what: str, fields: set[str]) -> dict[str, object]:
+    obj = _json_body(body, what)
+    if not isinstance(obj, dict) or set(obj) != fields:
+        names = ", ".join(repr(name) for name in sorted(fields))
+        raise ProtocolError(f"{what}: body must be a JSON object with exactly {names}")
+    return obj
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("duplicate key")
+    return obj
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _int_query(request: Request, name: str, default: int, low: int, high: int) -> int:
+    values = request.query.get(name)
+    if not values:
+        return default
+    text = values[0]
+    if len(values) > 1 or not text.isascii() or not text.isdigit() or len(text) > len(str(high)):
+        raise ProtocolError(f"query parameter {name!r} must be one whole number {low}-{high}")
+    value = int(text)
+    if not low <= value <= high:
+        raise ProtocolError(f"query parameter {name!r} must be within {low}-{high}, got {value}")
+    return value
