@@ -1,0 +1,299 @@
+"""One gateway: builds the parts from a :class:`~gateway.config.GatewayConfig` and runs them.
+
+Theory of operation
+-------------------
+Start-up does everything that can fail for a reason the admin must fix
+*before* it binds a port: rules are loaded and validated, key material is
+read, TLS contexts are built, the database is opened and migrated. Any of
+these failing is a :class:`~gateway.errors.LocalError` that ``gateway run``
+prints as one line.
+
+Then one nursery holds everything:
+
+* three listeners on the one HTTP layer (:mod:`gateway.http`): federation
+  (mTLS, the receiver), client API (the org's clients), metrics (Prometheus,
+  health, readiness);
+* the sender (one task per peer lane), the spool sweeper, the mailbox
+  sweeper;
+* the rules watcher and the SIGHUP handler (hot reload), and the federation
+  listener following reloads (new CA set, dropped peers disconnected).
+
+The listeners run in an inner nursery. SIGTERM or SIGINT makes every listener
+stop accepting and finish the requests in flight (each bounded by its
+``drain_timeout``); when the inner nursery is empty, the outer one is
+cancelled, which stops the senders and sweepers. A transaction cut short
+that way is harmless: it is resent after the restart and deduplicated by the
+receiver.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+import trio
+
+from gateway.clientapi.api import ClientAPI
+from gateway.clientapi.mailbox_wait import MailboxWaiters
+from gateway.config import GatewayConfig
+from gateway.errors import ConfigError, StorageError
+from gateway.federation.receiver import Receiver
+from gateway.federation.sender import Sender, SenderSettings
+from gateway.federation.sweeper import run_spool_sweeper
+from gateway.federation.transport import HttpxPeerTransport
+from gateway.federation.trust import FederationTrust, follow_reloads
+from gateway.http import HTTPServer, Router, ServerLimits
+from gateway.observability.certs import CLIENT_API, FEDERATION, ORG_CA, CertificateGauges
+from gateway.observability.endpoints import MetricsEndpoints
+from gateway.observability.gauges import run_gauge_refresher
+from gateway.pki import dev
+from gateway.pki.tls import client_api_server_context
+from gateway.rules_runtime import RulesHolder, watch_rules_file, watch_sighup
+from gateway.storage.base import Storage
+from gateway.storage.sqlite import open_sqlite_storage
+
+LOGGER = logging.getLogger("gateway.app")
+
+#: How often expired envelopes leave the mailboxes (the spool sweeper has its own).
+MAILBOX_SWEEP_INTERVAL = 60.0
+#: How often the rules file is checked for changes.
+RULES_POLL_INTERVAL = 2.0
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class BoundPorts:
+    """Where the listeners ended up (port 0 in the config means "any free port")."""
+
+    federation: int
+    client: int
+    metrics: int
+
+
+def _server_limits(config: GatewayConfig, *, long_poll: bool = False) -> ServerLimits:
+    limits = config.limits
+    return ServerLimits(
+        max_header_bytes=limits.max_header_bytes,
+        max_body_bytes=limits.max_body_bytes,
+        request_timeout=limits.request_timeout,
+        idle_timeout=max(limits.idle_timeout, limits.long_poll_max + 5.0)
+        if long_poll
+        else limits.idle_timeout,
+        handshake_timeout=limits.handshake_timeout,
+        max_connections=limits.max_connections,
+    )
+
+
+async def _mailbox_sweeper(
+    storage: Storage, *, clock_ms: Callable[[], int], interval: float
+) -> None:
+    """Expired envelopes leave the mailboxes (and the file's bytes: secure_delete + scrub)."""
+    while True:
+        try:
+            removed = 0
+            while True:
+                expired = await storage.mailbox_expire(clock_ms())
+                removed += len(expired)
+                if not expired:
+                    break
+            if removed:
+                LOGGER.info("mailboxes: %d expired envelope(s) removed", removed)
+                await storage.scrub()
+        except StorageError:
+            LOGGER.exception("mailbox sweep failed; trying again in %ss", interval)
+        await trio.sleep(interval)
+
+
+async def _wait_for_stop_signal(servers: list[HTTPServer]) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            LOGGER.info(
+                "%s: stopping; listeners finish their requests in flight",
+                signal.Signals(signum).name,
+            )
+            for server in servers:
+                server.stop_accepting()
+            return
+
+
+async def run_gateway(
+    config: GatewayConfig,
+    *,
+    clock_ms: Callable[[], int] = wall_clock_ms,
+    handle_signals: bool = True,
+    task_status: trio.TaskStatus[BoundPorts] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run one gateway until SIGTERM/SIGINT (or until cancelled)."""
+    rules = RulesHolder.load(str(config.rules))
+    trust = FederationTrust(
+        rules, cert_file=config.tls.cert, key_file=config.tls.key, clock_ms=clock_ms
+    )
+    federation_context = trust.update()
+    client_context = (
+        client_api_server_context(cert_file=config.client_tls.cert, key_file=config.client_tls.key)
+        if config.client_tls is not None
+        else None
+    )
+    org_signing_seed = dev.load_signing_key(config.signing_key).private_bytes_raw()
+    if config.storage.engine != "sqlite" or config.storage.sqlite_path is None:
+        raise ConfigError(
+            f"{config.path}: storage: only sqlite is available in this version of the gateway"
+        )
+
+    async with open_sqlite_storage(config.storage.sqlite_path) as storage:
+        transport = HttpxPeerTransport(
+            config.org,
+            config.tls.cert,
+            config.tls.key,
+            rules,
+            timeout=config.limits.request_timeout,
+        )
+        sender = Sender(
+            org=config.org,
+            storage=storage,
+            transport=transport,
+            rules=rules,
+            clock_ms=clock_ms,
+            settings=SenderSettings.from_limits(config.limits),
+        )
+        waiters = MailboxWaiters()
+        receiver = Receiver(
+            org=config.org,
+            rules=rules,
+            storage=storage,
+            clock_ms=clock_ms,
+            on_delivered=waiters.notify,
+        )
+        client_api = ClientAPI(
+            org=config.org,
+            rules=rules,
+            storage=storage,
+            org_signing_seed=org_signing_seed,
+            waiters=waiters,
+            clock_ms=clock_ms,
+            on_spooled=sender.notify,
+            max_wait_seconds=config.limits.long_poll_max,
+        )
+
+        federation_router, client_router, metrics_router = Router(), Router(), Router()
+        receiver.add_routes(federation_router)
+        client_api.add_routes(client_router)
+
+        federation = HTTPServer(
+            "federation",
+            federation_router,
+            ssl_context=federation_context,
+            identify=trust.identify,
+            limits=_server_limits(config),
+        )
+        client = HTTPServer(
+            "client",
+            client_router,
+            ssl_context=client_context,
+            limits=_server_limits(config, long_poll=True),
+        )
+        servers = [federation, client]
+
+        async def storage_ready() -> bool:
+            await storage.peer_states()
+            return True
+
+        async def listeners_ready() -> bool:
+            return all(server.port is not None for server in servers)
+
+        async def rules_ready() -> bool:
+            return rules.current is not None
+
+        checks: Mapping[str, Callable[[], Awaitable[bool]]] = {
+            "rules": rules_ready,
+            "storage": storage_ready,
+            "listeners": listeners_ready,
+        }
+        MetricsEndpoints(checks).add_routes(metrics_router)
+        metrics = HTTPServer("metrics", metrics_router, limits=_server_limits(config))
+        servers.append(metrics)
+
+        unfollow = follow_reloads(rules, trust, federation)
+        certificates = CertificateGauges()
+        unfollow_certificates = certificates.follow(rules)
+        own_certificates = {FEDERATION: config.tls.cert, ORG_CA: config.tls.ca}
+        if config.client_tls is not None:
+            own_certificates[CLIENT_API] = config.client_tls.cert
+        try:
+            async with trio.open_nursery() as root:
+                await root.start(sender.run)
+                await root.start(
+                    lambda *, task_status: run_spool_sweeper(
+                        storage,
+                        clock_ms=clock_ms,
+                        peers=lambda: rules.current.peers.keys(),
+                        task_status=task_status,
+                    )
+                )
+                await root.start(
+                    lambda *, task_status: run_gauge_refresher(
+                        storage,
+                        rules,
+                        clock_ms=clock_ms,
+                        own_certificates=own_certificates,
+                        certificates=certificates,
+                        task_status=task_status,
+                    )
+                )
+                root.start_soon(
+                    lambda: _mailbox_sweeper(
+                        storage, clock_ms=clock_ms, interval=MAILBOX_SWEEP_INTERVAL
+                    )
+                )
+                await root.start(
+                    lambda *, task_status: watch_rules_file(
+                        rules, poll_interval=RULES_POLL_INTERVAL, task_status=task_status
+                    )
+                )
+                if handle_signals:
+                    await root.start(watch_sighup, rules)
+                async with trio.open_nursery() as listeners:
+                    listen = config.listen
+                    ports = BoundPorts(
+                        federation=await listeners.start(
+                            federation.serve, listen.federation.host, listen.federation.port
+                        ),
+                        client=await listeners.start(
+                            client.serve, listen.client.host, listen.client.port
+                        ),
+                        metrics=await listeners.start(
+                            metrics.serve, listen.metrics.host, listen.metrics.port
+                        ),
+                    )
+                    LOGGER.info(
+                        "gateway %s ready: federation %s:%d, client API %s:%d (%s), "
+                        "metrics %s:%d; rules %s (sha256 %s)",
+                        config.org,
+                        listen.federation.host,
+                        ports.federation,
+                        listen.client.host,
+                        ports.client,
+                        "tls" if client_context is not None else "plain",
+                        listen.metrics.host,
+                        ports.metrics,
+                        config.rules,
+                        rules.sha256[:12],
+                    )
+                    task_status.started(ports)
+                    if handle_signals:
+                        listeners.start_soon(_wait_for_stop_signal, servers)
+                # Every listener has drained: stop the rest.
+                root.cancel_scope.cancel()
+        finally:
+            unfollow()
+            unfollow_certificates()
+            waiters.close()
+            with trio.CancelScope(shield=True):
+                await transport.aclose()
+    LOGGER.info("gateway %s stopped", config.org)

@@ -1,0 +1,185 @@
+"""The client API seen from a client: one session, one method per endpoint.
+
+:class:`ClientSession` speaks docs/client-api.md over one persistent httpx
+connection pool. It knows nothing of keys or plaintext: it moves envelopes
+(already sealed) and signed key records. The reference client
+(``gateway client``), the demo and the benchmark are built on it.
+
+Errors are translated at this edge: a transport failure is a
+:class:`ClientTransportError`; an answer with an error code is a
+:class:`ClientAPIError` carrying the gateway's reason code and HTTP status.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from gateway.core.envelope import Envelope
+from gateway.errors import GatewayError, Reason, RemoteError
+
+#: Time to connect, send and get an answer (a long-poll adds its own wait on top).
+DEFAULT_TIMEOUT = 30.0
+
+
+class ClientTransportError(GatewayError):
+    """The gateway could not be reached or did not answer."""
+
+
+class ClientAPIError(RemoteError):
+    """The gateway answered with an error; ``code`` is its reason code."""
+
+    def __init__(self, status: int, code: str, message: str | None = None) -> None:
+        self.status = status
+        self.code = code
+        text = f"gateway answered {status} {code}"
+        super().__init__(text + (f": {message}" if message else ""), reason=Reason.PROTOCOL)
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """The answer to one submitted envelope: its id, and a status or an error code."""
+
+    envelope_id: str | None
+    status: str | None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def client_ssl_context(ca_file: Path | None) -> ssl.SSLContext:
+    """Verify the gateway against ``ca_file`` (the org CA), or the system's CAs."""
+    context = ssl.create_default_context(cafile=str(ca_file) if ca_file is not None else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+class ClientSession:
+    """One user's session with its gateway's client API."""
+
+    def __init__(
+        self,
+        server: str,
+        token: str,
+        *,
+        ca_file: Path | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_connections: int = 4,
+    ) -> None:
+        self.server = server.rstrip("/")
+        verify: ssl.SSLContext | bool = (
+            client_ssl_context(ca_file) if self.server.startswith("https://") else False
+        )
+        self._timeout = timeout
+        self._http = httpx.AsyncClient(
+            base_url=self.server,
+            headers={"authorization": f"Bearer {token}"},
+            verify=verify,
+            timeout=timeout,
+            limits=httpx.Limits(max_connections=max_connections),
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> ClientSession:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: object = None,
+        params: dict[str, int] | None = None,
+        extra_time: float = 0.0,
+        ok: Sequence[int] = (200, 202),
+    ) -> Any:
+        try:
+            answer = await self._http.request(
+                method,
+                path,
+                json=json,
+                params=params,
+                timeout=self._timeout + extra_time,
+            )
+        except httpx.HTTPError as exc:
+            raise ClientTransportError(
+                f"{self.server}: {type(exc).__name__}: {exc or 'no answer'}"
+            ) from exc
+        if answer.status_code not in ok:
+            code, message = "http_error", None
+            try:
+                body = answer.json()
+                code = str(body.get("error", code))
+                message = body.get("message")
+            except ValueError:
+                pass
+            raise ClientAPIError(answer.status_code, code, message)
+        try:
+            return answer.json()
+        except ValueError as exc:
+            raise ClientTransportError(f"{self.server}: answer is not JSON") from exc
+
+    async def me(self) -> dict[str, Any]:
+        """``GET /v1/me``: the caller's address, group and the group's limits."""
+        result: dict[str, Any] = await self._call("GET", "/v1/me")
+        return result
+
+    async def submit(self, envelope: Envelope) -> Submitted:
+        """``POST /v1/envelopes``; a refusal raises :class:`ClientAPIError`."""
+        body = await self._call("POST", "/v1/envelopes", json=envelope.to_json())
+        return Submitted(body.get("id"), body.get("status"))
+
+    async def submit_batch(self, envelopes: Sequence[Envelope]) -> list[Submitted]:
+        """``POST /v1/envelopes/batch``: one answer per envelope, in order."""
+        body = await self._call(
+            "POST", "/v1/envelopes/batch", json={"envelopes": [e.to_json() for e in envelopes]}
+        )
+        return [
+            Submitted(item.get("id"), item.get("status"), item.get("error"))
+            for item in body["results"]
+        ]
+
+    async def fetch(self, *, wait: int = 0, limit: int = 100) -> list[Envelope]:
+        """``GET /v1/mailbox``: up to ``limit`` envelopes, waiting up to ``wait`` s for one."""
+        body = await self._call(
+            "GET", "/v1/mailbox", params={"wait": wait, "limit": limit}, extra_time=wait
+        )
+        return [Envelope.from_json(item) for item in body["envelopes"]]
+
+    async def ack(self, envelope_ids: Sequence[str]) -> int:
+        """``POST /v1/mailbox/ack``: delete these from the mailbox; returns how many went."""
+        body = await self._call("POST", "/v1/mailbox/ack", json={"ids": list(envelope_ids)})
+        return int(body["deleted"])
+
+    async def status(self, envelope_id: str) -> dict[str, Any]:
+        """``GET /v1/status/{id}``: ``{"id", "status", "at"}`` of an envelope we sent."""
+        result: dict[str, Any] = await self._call("GET", f"/v1/status/{envelope_id}")
+        return result
+
+    async def publish_keys(self, public_keys: dict[str, object]) -> dict[str, Any]:
+        """``PUT /v1/keys``: publish our public keys; returns the org-signed record."""
+        result: dict[str, Any] = await self._call("PUT", "/v1/keys", json=public_keys)
+        return result
+
+    async def lookup_keys(self, address: str) -> dict[str, Any]:
+        """``GET /v1/keys/{address}``: the signed key record (local, or through the peer)."""
+        result: dict[str, Any] = await self._call("GET", f"/v1/keys/{address}")
+        return result
