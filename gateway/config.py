@@ -35,10 +35,9 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
-import yaml
-
 from gateway.core.address import normalize_domain
 from gateway.core.durations import parse_duration
+from gateway.core.yamlmarks import MarkedMap, YamlSyntaxError, format_path, load_marked
 from gateway.errors import AddressError, ConfigError
 
 MAX_CONFIG_BYTES = 1024 * 1024
@@ -242,12 +241,26 @@ _T = TypeVar("_T")
 class _Reader:
     """Reads one file's mapping, turning every mistake into ``FILE: key.path: message``."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, root: object = None) -> None:
         self.path = path
         self.base = path.parent
+        self.root = root
 
-    def error(self, key: str, message: str) -> ConfigError:
-        return ConfigError(f"{self.path}: {key}: {message}" if key else f"{self.path}: {message}")
+    def where(self, key: str, *, at_key: bool = False) -> str:
+        """``FILE:LINE:COLUMN`` of the value at dotted ``key`` (as deep as it exists)."""
+        node, position = self.root, None
+        parts = key.split(".") if key else []
+        for index, part in enumerate(parts):
+            if not isinstance(node, MarkedMap) or part not in node:
+                break
+            last = index == len(parts) - 1
+            position = node.key_position(part) if at_key and last else node.value_position(part)
+            node = node[part]
+        return f"{self.path}:{position}" if position is not None else str(self.path)
+
+    def error(self, key: str, message: str, *, at_key: bool = False) -> ConfigError:
+        where = self.where(key, at_key=at_key)
+        return ConfigError(f"{where}: {key}: {message}" if key else f"{where}: {message}")
 
     def mapping(self, value: object, key: str, known: tuple[str, ...]) -> Mapping[str, Any]:
         if not isinstance(value, dict):
@@ -259,7 +272,9 @@ class _Reader:
                 where = f"{key}.{name}" if key else name
                 close = difflib.get_close_matches(name, known, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise self.error(where, f"unknown key{hint}; known keys: {', '.join(known)}")
+                raise self.error(
+                    where, f"unknown key{hint}; known keys: {', '.join(known)}", at_key=True
+                )
         return value
 
     def string(self, value: object, key: str) -> str:
@@ -306,22 +321,6 @@ def _storage(value: object, data_dir: Path) -> StorageConfig:
     raise ValueError(f"expected sqlite or a postgresql:// URL, got {shown}")
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key written twice instead of keeping the last."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[object] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if isinstance(key, str | int | float | bool) or key is None:
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key!r} is written twice", key_node.start_mark
-                    )
-                seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
 def _read_yaml(path: Path) -> object:
     try:
         with path.open("rb") as handle:
@@ -335,20 +334,24 @@ def _read_yaml(path: Path) -> object:
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
     try:
-        return yaml.load(data, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        raise ConfigError(f"{where}: not valid YAML: {exc.problem or exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        document = load_marked(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid YAML: not UTF-8 text") from None
+    except YamlSyntaxError as exc:
+        raise ConfigError(f"{path}:{exc.position}: not valid YAML: {exc.problem}") from None
+    if document.problems:
+        problem = document.problems[0]
+        raise ConfigError(
+            f"{path}:{problem.position}: {format_path(problem.path)}: {problem.message}"
+        )
+    return document.root
 
 
 def load_config(path: Path | str) -> GatewayConfig:
     """Read and check ``gateway.yaml``; ``ConfigError`` naming the file and key on any mistake."""
     path = Path(os.path.abspath(Path(path).expanduser()))
-    reader = _Reader(path)
     document = _read_yaml(path)
+    reader = _Reader(path, document)
     if document is None:
         raise reader.error("", "is empty; it needs at least `org: <your domain>`")
     top = reader.mapping(document, "", _TOP_KEYS)

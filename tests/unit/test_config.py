@@ -180,12 +180,35 @@ def test_config_is_frozen(tmp_path: Path) -> None:
         ("- org\n", "expected a mapping with keys org,"),
         ("org: acme.example\n1: x\n", "key 1 is not a string"),
         ("org: [acme.example\n", "gateway.yaml:2:1: not valid YAML"),
-        ("org: a.example\norg: b.example\n", "gateway.yaml:2:1: not valid YAML: key 'org' is"),
-        ("org: a.example\ntls:\n  cert: a\n  cert: b\n", "gateway.yaml:4:3: not valid YAML"),
+        ("org: a.example\norg: b.example\n", "gateway.yaml:2:1: org: duplicate key 'org'"),
+        ("org: a.example\ntls:\n  cert: a\n  cert: b\n", "gateway.yaml:4:3: tls.cert: duplicate"),
     ],
 )
 def test_mistakes_name_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
     assert expected in error_of(tmp_path, text)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("org: acme.example\ntsl: {}\n", "gateway.yaml:2:1: tsl: unknown key"),
+        ("org: acme.example\nlimits:\n  max_body_byte: 5\n", "gateway.yaml:3:3: limits.max_body"),
+        ("org: acme.example\nlisten:\n  client: nope\n", "gateway.yaml:3:11: listen.client:"),
+        ("org: 5\n", "gateway.yaml:1:6: org: expected a non-empty string"),
+        ("tls: {}\n", "gateway.yaml: org: missing"),
+    ],
+)
+def test_mistakes_point_at_line_and_column(tmp_path: Path, text: str, expected: str) -> None:
+    assert expected in error_of(tmp_path, text)
+
+
+def test_the_log_section_is_checked(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "org: acme.example\nlog: {format: json, level: debug}\n"))
+    assert (config.log.format, config.log.level) == ("json", "debug")
+    assert load_config(write(tmp_path, "org: acme.example\n")).log.format == "text"
+    assert "log.format: expected one of text, json" in error_of(
+        tmp_path, "org: acme.example\nlog: {format: xml}\n"
+    )
 
 
 def test_a_bad_storage_url_is_not_echoed(tmp_path: Path) -> None:
