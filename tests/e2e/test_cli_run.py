@@ -1,0 +1,129 @@
+"""`gateway run` as an admin meets it: start-up errors, SIGTERM, SIGHUP and file reloads."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.devnet import DevNet, DevOrg, GatewayProcess, gateway_command
+
+pytestmark = pytest.mark.e2e
+
+ACME = "acme.example"
+RUN_TIMEOUT = 30
+
+
+def run_once(org: DevOrg) -> subprocess.CompletedProcess[str]:
+    """`gateway run` expected to fail at start-up."""
+    return subprocess.run(
+        gateway_command("run", "-c", str(org.config_path)),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+
+
+def one_error_line(done: subprocess.CompletedProcess[str]) -> str:
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("gateway: error:")]
+    assert len(errors) == 1, done.stderr
+    return errors[0]
+
+
+def reloads(proc: GatewayProcess, result: str) -> float:
+    match = re.search(
+        rf'^gateway_rules_reloads_total{{result="{result}"}} (\S+)$', proc.metrics(), re.M
+    )
+    return float(match.group(1)) if match else 0.0
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture
+def net(tmp_path: Path) -> Iterator[DevNet]:
+    with DevNet(tmp_path) as dev_net:
+        dev_net.add_org(ACME).write_rules(groups={"engineering": {"members": ["alice"]}})
+        yield dev_net
+
+
+def test_a_port_in_use_is_one_line_and_a_failure(net: DevNet) -> None:
+    org = net.orgs[ACME]
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind((org.federation.host, org.federation.port))
+        taken.listen()
+        line = one_error_line(run_once(org))
+    assert "federation listener: cannot listen on" in line
+    assert str(org.federation.port) in line
+
+
+def test_an_unreadable_certificate_is_one_line_and_a_failure(net: DevNet) -> None:
+    org = net.orgs[ACME]
+    (org.directory / "pki" / "gateway.pem").write_text("not a certificate\n")
+    line = one_error_line(run_once(org))
+    assert "gateway.pem" in line
+
+
+def test_invalid_rules_are_one_line_naming_the_place(net: DevNet) -> None:
+    org = net.orgs[ACME]
+    org.rules_path.write_text(org.rules_path.read_text() + "surprise: 1\n")
+    line = one_error_line(run_once(org))
+    assert re.search(r"rules\.yaml:\d+:\d+: surprise: unknown key", line), line
+
+
+def test_a_missing_config_is_one_line(tmp_path: Path) -> None:
+    done = subprocess.run(
+        gateway_command("run", "-c", str(tmp_path / "nowhere.yaml")),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+    assert "no such file" in one_error_line(done)
+
+
+def test_sigterm_stops_cleanly_with_exit_zero(net: DevNet) -> None:
+    proc = net.start(ACME)
+    assert proc.process is not None
+    proc.process.send_signal(signal.SIGTERM)
+    assert proc.process.wait(timeout=RUN_TIMEOUT) == 0
+    assert "gateway acme.example stopped" in proc.log_tail()
+
+
+def test_sighup_and_file_changes_reload_and_bad_rules_keep_the_old(net: DevNet) -> None:
+    org = net.orgs[ACME]
+    proc = net.start(ACME)
+    assert proc.process is not None
+    good = reloads(proc, "success")
+
+    # SIGHUP: reloaded even though nothing changed.
+    proc.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: reloads(proc, "success") == good + 1)
+
+    # A broken file: refused, counted, the old rules stay in force.
+    org.rules_path.write_text("version: 1\norg: acme.example\ndefault: allow\ngroups: {}\n")
+    wait_until(lambda: reloads(proc, "failure") >= 1)
+    assert "default" in proc.log_tail(60)
+    with urllib.request.urlopen(org.metrics_url + "/readyz", timeout=5) as answer:
+        assert answer.status == 200
+
+    # A good file again: picked up by the watcher, no signal needed.
+    org.write_rules(groups={"engineering": {"members": ["alice", "bob"]}})
+    wait_until(lambda: reloads(proc, "success") == good + 2)
+    assert proc.stop() == 0
