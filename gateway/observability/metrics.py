@@ -124,3 +124,34 @@ CLIENTAPI_SUBMISSIONS = Counter(
     "Envelopes submitted through the client API, by result (accepted, or the reason code).",
     ["result"],
 )
+CLIENTAPI_LOCAL_DELIVERIES = Counter(
+    "gateway_clientapi_local_deliveries_total",
+    "Envelopes the client API wrote straight into a local mailbox (sender and recipient "
+    "both of this org).",
+)
+
+# -- mailboxes (refreshed by gateway.observability.gauges) ---------------------
+MAILBOX_ENVELOPES = Gauge(
+    "gateway_mailbox_envelopes",
+    "Envelopes waiting in local mailboxes, summed by the recipient's group (users in no "
+    "group: other).",
+    ["group"],
+)
+MAILBOX_BYTES = Gauge(
+    "gateway_mailbox_bytes",
+    "Bytes of the envelopes waiting in local mailboxes, summed by the recipient's group.",
+    ["group"],
+)
+
+# -- certificates (gateway.observability.certs) --------------------------------
+CERTIFICATE_NOT_AFTER = Gauge(
+    "gateway_certificate_not_after_timestamp_seconds",
+    "Unix time at which a certificate expires: own ones (federation, client_api, org_ca) "
+    "and each peer's CA from the rules (labelled with the peer's org).",
+    ["certificate"],
+)
+CERTIFICATE_READ_ERRORS = Counter(
+    "gateway_certificate_read_errors_total",
+    "Times an own certificate file could not be read or parsed for its expiry, by certificate.",
+    ["certificate"],
+)
