@@ -413,6 +413,10 @@ class Storage(Protocol):
 
     async def mailbox_depth(self, user: str) -> MailboxDepth: ...
 
+    async def mailbox_stats(self) -> dict[str, MailboxDepth]:
+        """Depth of every non-empty mailbox, by recipient address (for the metrics)."""
+        ...
+
     # -- delivery statuses ---------------------------------------------------
     async def status_set(
         self, envelope_id: str, sender: str, status: str, *, at_ms: int

@@ -600,6 +600,17 @@ class SqliteStorage:
 
         return await self.engine.read(op)
 
+    async def mailbox_stats(self) -> dict[str, MailboxDepth]:
+        def op(conn: sqlite3.Connection) -> dict[str, MailboxDepth]:
+            # One row per non-empty mailbox (the trigger deletes emptied ones).
+            rows = conn.execute("SELECT recipient, depth, bytes FROM mailbox_counts").fetchall()
+            return {
+                recipient: MailboxDepth(envelopes=depth, bytes=size)
+                for recipient, depth, size in rows
+            }
+
+        return await self.engine.read(op)
+
     # -- delivery statuses ---------------------------------------------------------
     async def status_set(self, envelope_id: str, sender: str, status: str, *, at_ms: int) -> None:
         check_text("envelope_id", envelope_id, MAX_ENVELOPE_ID_LENGTH)
