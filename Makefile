@@ -1,5 +1,5 @@
 # Two entry points, both self-contained on a machine with Python 3.11+ and pip:
-#   make demo   set up .venv and run the main job
+#   make demo   set up .venv and run `gateway demo`: two orgs, narrated, end to end
 #   make test   set up .venv and run the whole suite: pytest, ruff, mypy
 PYTHON ?= python3
 VENV   := .venv
@@ -16,12 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m gateway --help
-	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
-	  $(BIN)/gateway init --org acme.example --dir "$$tmp/acme" && \
-	  $(BIN)/gateway pki show --dir "$$tmp/acme" && \
-	  $(BIN)/gateway peer card --dir "$$tmp/acme" && \
-	  $(BIN)/gateway rules check "$$tmp/acme/rules.yaml"
+	$(BIN)/gateway demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -39,13 +39,16 @@ import trio
 from gateway.clientapi.api import ClientAPI
 from gateway.clientapi.mailbox_wait import MailboxWaiters
 from gateway.config import GatewayConfig
+from gateway.core.address import Address
 from gateway.errors import ConfigError, StorageError
+from gateway.federation.keys import KeyDirectory, fetch_remote_keys
 from gateway.federation.receiver import Receiver
 from gateway.federation.sender import Sender, SenderSettings
 from gateway.federation.sweeper import run_spool_sweeper
 from gateway.federation.transport import HttpxPeerTransport
 from gateway.federation.trust import FederationTrust, follow_reloads
 from gateway.http import HTTPServer, Router, ServerLimits
+from gateway.observability.audit import AuditWriter
 from gateway.observability.certs import CLIENT_API, FEDERATION, ORG_CA, CertificateGauges
 from gateway.observability.endpoints import MetricsEndpoints
 from gateway.observability.gauges import run_gauge_refresher
@@ -146,6 +149,7 @@ async def run_gateway(
             f"{config.path}: storage: only sqlite is available in this version of the gateway"
         )
 
+    audit = AuditWriter(config.audit_path, max_bytes=config.audit_max_bytes)
     async with open_sqlite_storage(config.storage.sqlite_path) as storage:
         transport = HttpxPeerTransport(
             config.org,
@@ -169,7 +173,13 @@ async def run_gateway(
             storage=storage,
             clock_ms=clock_ms,
             on_delivered=waiters.notify,
+            audit=audit,
         )
+
+        async def remote_key_lookup(address: Address) -> bytes | None:
+            # Over the peer's persistent mTLS client; ClientAPI verifies the record.
+            return await fetch_remote_keys(transport, address.org, address.user)
+
         client_api = ClientAPI(
             org=config.org,
             rules=rules,
@@ -178,11 +188,14 @@ async def run_gateway(
             waiters=waiters,
             clock_ms=clock_ms,
             on_spooled=sender.notify,
+            remote_key_lookup=remote_key_lookup,
             max_wait_seconds=config.limits.long_poll_max,
+            audit=audit,
         )
 
         federation_router, client_router, metrics_router = Router(), Router(), Router()
         receiver.add_routes(federation_router)
+        KeyDirectory(org=config.org, rules=rules, storage=storage).add_routes(federation_router)
         client_api.add_routes(client_router)
 
         federation = HTTPServer(
@@ -220,6 +233,9 @@ async def run_gateway(
         servers.append(metrics)
 
         unfollow = follow_reloads(rules, trust, federation)
+        unaudit = rules.subscribe_records(
+            lambda record: audit.record_reload(record, rules.current.peers)
+        )
         certificates = CertificateGauges()
         unfollow_certificates = certificates.follow(rules)
         own_certificates = {FEDERATION: config.tls.cert, ORG_CA: config.tls.ca}
@@ -227,6 +243,8 @@ async def run_gateway(
             own_certificates[CLIENT_API] = config.client_tls.cert
         try:
             async with trio.open_nursery() as root:
+                await root.start(audit.run)
+                audit.record_reload(rules.history[-1], rules.current.peers)  # the initial load
                 await root.start(sender.run)
                 await root.start(
                     lambda *, task_status: run_spool_sweeper(
@@ -292,6 +310,7 @@ async def run_gateway(
                 root.cancel_scope.cancel()
         finally:
             unfollow()
+            unaudit()
             unfollow_certificates()
             waiters.close()
             with trio.CancelScope(shield=True):

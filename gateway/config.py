@@ -13,6 +13,8 @@
     storage: sqlite                     # data_dir/gateway.sqlite3, or a postgresql:// URL
     limits: {max_body_bytes: 8388608, backoff_initial: 1s, ...}
     log: {format: text, level: info}    # format: text (default) or json (JSON lines)
+    audit_log: data/audit.log           # the hash-chained audit log (docs/audit.md)
+    audit_max_bytes: 67108864           # rotate the audit log past this size
 
 Every key but ``org`` has a default, which is the layout `gateway init` writes.
 Relative paths are relative to the directory of the file, and come out
@@ -43,6 +45,9 @@ from gateway.errors import AddressError, ConfigError
 MAX_CONFIG_BYTES = 1024 * 1024
 MAX_SIZE_LIMIT = 1 << 40  # a sanity ceiling for any count or size in `limits`
 SQLITE_FILENAME = "gateway.sqlite3"
+AUDIT_FILENAME = "audit.log"  # in data_dir unless `audit_log` says otherwise
+DEFAULT_AUDIT_MAX_BYTES = 64 * 1024 * 1024
+MIN_AUDIT_MAX_BYTES = 4096
 PLAIN = "plain"  # client_tls: plain, for a client API behind a TLS-terminating proxy
 
 DEFAULT_FEDERATION_PORT = 8443
@@ -196,6 +201,13 @@ class GatewayConfig:
     storage: StorageConfig
     limits: Limits
     log: LogConfig = LogConfig()
+    audit_log: Path | None = None  # None: data_dir/audit.log
+    audit_max_bytes: int = DEFAULT_AUDIT_MAX_BYTES
+
+    @property
+    def audit_path(self) -> Path:
+        """The audit log's file (``audit_log``, or ``audit.log`` in ``data_dir``)."""
+        return self.audit_log if self.audit_log is not None else self.data_dir / AUDIT_FILENAME
 
     @property
     def base_dir(self) -> Path:
@@ -216,6 +228,8 @@ _TOP_KEYS = (
     "storage",
     "limits",
     "log",
+    "audit_log",
+    "audit_max_bytes",
 )
 _LOG_KEYS = ("format", "level")
 _TLS_KEYS = ("cert", "key", "ca")
@@ -436,6 +450,18 @@ def load_config(path: Path | str) -> GatewayConfig:
             log_values[name] = value
     log = LogConfig(**log_values)
 
+    audit_log = data_dir / AUDIT_FILENAME
+    if "audit_log" in top:
+        audit_text = reader.string(top["audit_log"], "audit_log")
+        audit_log = Path(os.path.normpath(reader.base / Path(audit_text).expanduser()))
+    audit_max_bytes = reader.converted(
+        top.get("audit_max_bytes", DEFAULT_AUDIT_MAX_BYTES), "audit_max_bytes", _positive_int
+    )
+    if audit_max_bytes < MIN_AUDIT_MAX_BYTES:
+        raise reader.error(
+            "audit_max_bytes", f"must be at least {MIN_AUDIT_MAX_BYTES}, got {audit_max_bytes}"
+        )
+
     return GatewayConfig(
         path=path,
         org=org,
@@ -449,4 +475,6 @@ def load_config(path: Path | str) -> GatewayConfig:
         storage=storage,
         limits=limits,
         log=log,
+        audit_log=audit_log,
+        audit_max_bytes=audit_max_bytes,
     )

@@ -59,6 +59,7 @@ class Reason(enum.StrEnum):
     EXPIRED = "expired"
     KEY_RECORD_MALFORMED = "key_record_malformed"  # a user's public keys do not parse
     KEY_RECORD_INVALID = "key_record_invalid"  # a signed key record failed verification
+    KEY_CHANGED = "key_changed"  # a contact's keys differ from those the client remembers
 
     # -- policy decisions (see docs/rules.md) -------------------------------
     ALLOWED = "allowed"

@@ -61,6 +61,7 @@ _RELOADS_SUCCESS = RULES_RELOADS.labels(result="success")
 _RELOADS_FAILURE = RULES_RELOADS.labels(result="failure")
 
 PeersDropped = Callable[[frozenset[str]], object]
+ReloadListener = Callable[["ReloadRecord"], object]
 
 
 def read_bytes(path: str) -> bytes:
@@ -79,6 +80,7 @@ class ReloadRecord:
     issues: tuple[str, ...] = ()  # the first MAX_RECORDED_ISSUES issues of a failure
     issue_count: int = 0
     dropped_peers: tuple[str, ...] = ()
+    added_peers: tuple[str, ...] = ()  # peers the new rules name that the old did not
 
     @property
     def result(self) -> str:
@@ -149,6 +151,7 @@ class RulesHolder:
         self._fingerprint = ""
         self._history: collections.deque[ReloadRecord] = collections.deque(maxlen=history_size)
         self._subscribers: list[PeersDropped] = []
+        self._record_listeners: list[ReloadListener] = []
         self._lock = trio.Lock()
 
     @classmethod
@@ -214,6 +217,24 @@ class RulesHolder:
 
         return unsubscribe
 
+    def subscribe_records(self, callback: ReloadListener) -> Callable[[], None]:
+        """Call ``callback(record)`` after every later load attempt, good or bad (the
+        audit log); synchronous, on the trio thread. Returns an unsubscribe function."""
+        self._record_listeners.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._record_listeners:
+                self._record_listeners.remove(callback)
+
+        return unsubscribe
+
+    def _tell_listeners(self, record: ReloadRecord) -> None:
+        for callback in list(self._record_listeners):
+            try:
+                callback(record)
+            except Exception:
+                logger.exception("a rules reload listener failed")
+
     # -- reloading ----------------------------------------------------------------------
     async def reload(
         self, *, trigger: str = "manual", only_if_changed: bool = False
@@ -244,6 +265,7 @@ class RulesHolder:
                 issue_count=len(attempt.issues),
             )
             self._history.append(record)
+            self._tell_listeners(record)
             logger.error(
                 "rules %s (%s) failed with %d issue(s), sha256 %s; the rules in force "
                 "(sha256 %s) stay",
@@ -252,6 +274,13 @@ class RulesHolder:
                 len(attempt.issues),
                 attempt.sha256 or "-",
                 self._sha256 or "-",
+                extra={
+                    "event": "rules_reload",
+                    "result": "failure",
+                    "trigger": trigger,
+                    "sha256": attempt.sha256,
+                    "issue_count": len(attempt.issues),
+                },
             )
             for issue in attempt.issues[:MAX_RECORDED_ISSUES]:
                 logger.error("%s", issue)
@@ -262,6 +291,11 @@ class RulesHolder:
         old = self._current
         dropped = (
             dropped_peers(old.rules, attempt.compiled.rules)
+            if trigger != "initial"
+            else frozenset()
+        )
+        added = (
+            frozenset(attempt.compiled.rules.peers) - frozenset(old.rules.peers)
             if trigger != "initial"
             else frozenset()
         )
@@ -277,8 +311,10 @@ class RulesHolder:
             sha256=attempt.sha256,
             summary=summary,
             dropped_peers=tuple(sorted(dropped)),
+            added_peers=tuple(sorted(added)),
         )
         self._history.append(record)
+        self._tell_listeners(record)
         logger.info(
             "rules %s (%s) loaded: %s, sha256 %s%s",
             self._path,
@@ -286,6 +322,14 @@ class RulesHolder:
             summary,
             attempt.sha256,
             f"; peers dropped: {', '.join(sorted(dropped))}" if dropped else "",
+            extra={
+                "event": "rules_reload",
+                "result": "success",
+                "trigger": trigger,
+                "sha256": attempt.sha256,
+                "peers_added": sorted(added),
+                "peers_dropped": sorted(dropped),
+            },
         )
         if trigger != "initial":
             # Every swap, not only those that drop peers: a peer that was added needs

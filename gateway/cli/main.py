@@ -17,7 +17,20 @@ from gateway.cli.common import EXIT_FAILURE, EXIT_USAGE, UsageError
 from gateway.errors import GatewayError
 
 # Command-group modules under gateway.cli, in the order `gateway --help` lists them.
-COMMAND_MODULES = ("init", "run", "pki", "peer", "rules", "peers", "spool", "token")
+COMMAND_MODULES = (
+    "init",
+    "run",
+    "pki",
+    "peer",
+    "rules",
+    "peers",
+    "spool",
+    "token",
+    "audit",
+    "bench",
+    "client",
+    "demo",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

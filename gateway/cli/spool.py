@@ -38,6 +38,7 @@ from gateway.cli._storage import (
 )
 from gateway.cli.common import EXIT_FAILURE, EXIT_OK, Registrar, UsageError, set_handler
 from gateway.config import GatewayConfig
+from gateway.observability.audit import append_event
 from gateway.storage.base import LIST_LIMIT, STATUS_PURGED, SpoolSummary, Storage
 
 DEFAULT_LS_LIMIT = 50
@@ -289,6 +290,14 @@ def run_purge(args: argparse.Namespace, *, confirm: Confirm = ask_on_terminal) -
             print("not confirmed: nothing purged")
             return EXIT_FAILURE
     purged = run_on_storage(config, purge)
+    append_event(
+        config.audit_path,
+        "spool_purged",
+        max_bytes=config.audit_max_bytes,
+        peer=peer or "*",
+        older_than_s=older_than,
+        count=purged,
+    )
     if args.json:
         print(
             json.dumps(

@@ -25,6 +25,7 @@ from gateway.config import GatewayConfig, load_config
 from gateway.core.address import Address
 from gateway.core.rules import CompiledRules, load_rules
 from gateway.errors import ConfigError
+from gateway.observability.audit import append_event
 from gateway.storage.sqlite import open_sqlite_storage
 
 DEFAULT_CONFIG = "gateway.yaml"
@@ -103,6 +104,10 @@ def run_issue(args: argparse.Namespace) -> int:
             return await issue_token(storage, user, at_ms=_now_ms())
 
     token = trio.run(issue)
+    # Audited before it is shown: a token the audit log does not know is never handed out.
+    append_event(
+        config.audit_path, "token_issued", max_bytes=config.audit_max_bytes, user=str(user)
+    )
     print(token)
     print(f"token issued for {user}; it is shown only this once", file=sys.stderr)
     return 0
@@ -121,5 +126,12 @@ def run_revoke(args: argparse.Namespace) -> int:
             return await revoke_tokens(storage, user)
 
     count = trio.run(revoke)
+    append_event(
+        config.audit_path,
+        "token_revoked",
+        max_bytes=config.audit_max_bytes,
+        user=str(user),
+        count=count,
+    )
     print(f"revoked {count} token{'' if count == 1 else 's'} of {user}")
     return 0

@@ -35,10 +35,13 @@ class ClientTransportError(GatewayError):
 class ClientAPIError(RemoteError):
     """The gateway answered with an error; ``code`` is its reason code."""
 
-    def __init__(self, status: int, code: str, message: str | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str | None = None, *, rule: str | None = None
+    ) -> None:
         self.status = status
         self.code = code
-        text = f"gateway answered {status} {code}"
+        self.rule = rule  # the deciding rule's `file:line` of a policy refusal
+        text = f"gateway answered {status} {code}" + (f" (rule {rule})" if rule else "")
         super().__init__(text + (f": {message}" if message else ""), reason=Reason.PROTOCOL)
 
 
@@ -124,14 +127,20 @@ class ClientSession:
                 f"{self.server}: {type(exc).__name__}: {exc or 'no answer'}"
             ) from exc
         if answer.status_code not in ok:
-            code, message = "http_error", None
+            code, message, rule = "http_error", None, None
             try:
                 body = answer.json()
                 code = str(body.get("error", code))
                 message = body.get("message")
+                rule = body.get("rule")
             except ValueError:
                 pass
-            raise ClientAPIError(answer.status_code, code, message)
+            raise ClientAPIError(
+                answer.status_code,
+                code,
+                message,
+                rule=rule if isinstance(rule, str) else None,
+            )
         try:
             return answer.json()
         except ValueError as exc:
@@ -183,3 +192,11 @@ class ClientSession:
         """``GET /v1/keys/{address}``: the signed key record (local, or through the peer)."""
         result: dict[str, Any] = await self._call("GET", f"/v1/keys/{address}")
         return result
+
+    async def org_signing_key(self, org: str) -> str:
+        """``GET /v1/orgs/{org}``: the org key records are checked with (``ed25519:...``)."""
+        body = await self._call("GET", f"/v1/orgs/{org}")
+        key = body.get("signing_key") if isinstance(body, dict) else None
+        if not isinstance(key, str):
+            raise ClientTransportError(f"{self.server}: /v1/orgs/{org}: no signing_key")
+        return key

@@ -39,6 +39,9 @@ Key records: ``PUT /v1/keys`` signs the caller's public keys with the org
 signing key and stores the record; ``GET /v1/keys/{address}`` serves ours
 from the store and a peer's through ``remote_key_lookup``, checked against the
 signing key the rules pin for that peer before it is passed on.
+``GET /v1/orgs/{org}`` tells a client which org key to check records with:
+ours (from the org signing seed), or the ``signing_key`` our rules pin for a
+peer; the admin who pins partner keys is the client's trust anchor.
 
 Nothing here logs a token or a ciphertext: decisions are logged with the
 envelope id, the group and the reason.
@@ -59,7 +62,7 @@ from prometheus_client import Counter
 
 from gateway.clientapi.mailbox_wait import MailboxWaiters, TooManyWatches
 from gateway.clientapi.tokens import authenticate
-from gateway.core.address import Address
+from gateway.core.address import Address, normalize_domain
 from gateway.core.envelope import (
     ENVELOPE_ID_RE,
     Envelope,
@@ -67,9 +70,11 @@ from gateway.core.envelope import (
     encode_envelope,
     validate_envelope,
 )
-from gateway.core.rules import CompiledRules, Group, Mark
+from gateway.core.keytext import format_signing_key
+from gateway.core.rules import CompiledRules, Decision, Group, Mark
 from gateway.crypto.key_records import (
     KEY_BYTES,
+    org_verify_key,
     parse_verified_key_record,
     sign_key_record,
 )
@@ -83,6 +88,7 @@ from gateway.errors import (
 )
 from gateway.http import Request, Response, Router, error_response, json_response
 from gateway.http.messages import JSON_CONTENT_TYPE
+from gateway.observability.audit import AuditSink, NoAudit
 from gateway.observability.metrics import (
     CLIENTAPI_LOCAL_DELIVERIES,
     CLIENTAPI_SUBMISSIONS,
@@ -144,6 +150,7 @@ class _Refused:
     reason: Reason
     message: str | None = None  # for the client about its own input; never a policy detail
     rule: Mark | None = None
+    decision: Decision | None = None  # the rules' refusal, for the audit log
 
     def to_json(self, *, with_id: bool) -> dict[str, object]:
         body: dict[str, object] = {"id": self.envelope_id} if with_id else {}
@@ -207,6 +214,7 @@ class ClientAPI:
         on_spooled: OnSpooled = _no_spool_listener,
         remote_key_lookup: RemoteKeyLookup = no_remote_key_lookup,
         max_wait_seconds: float = MAX_WAIT_SECONDS,
+        audit: AuditSink | None = None,
     ) -> None:
         if not isinstance(org_signing_seed, bytes) or len(org_signing_seed) != KEY_BYTES:
             raise ValueError(f"org_signing_seed must be {KEY_BYTES} bytes")
@@ -216,11 +224,13 @@ class ClientAPI:
         self._rules = rules
         self._storage = storage
         self._seed = org_signing_seed
+        self._org_verify_key = org_verify_key(org_signing_seed)
         self._waiters = waiters
         self._clock_ms = clock_ms
         self._on_spooled = on_spooled
         self._remote_key_lookup = remote_key_lookup
         self._max_wait = max_wait_seconds
+        self._audit: AuditSink = audit if audit is not None else NoAudit()
         self._submissions: dict[str, Counter] = {}
         self._denials: dict[tuple[str, str], Counter] = {}
 
@@ -233,6 +243,7 @@ class ClientAPI:
         router.add("GET", "/v1/status/{envelope_id}", self.get_status)
         router.add("PUT", "/v1/keys", self.put_keys)
         router.add("GET", "/v1/keys/{address}", self.get_keys)
+        router.add("GET", "/v1/orgs/{org}", self.get_org)
 
     # -- authentication ------------------------------------------------------------
     async def _caller(self, request: Request) -> _Caller | Response:
@@ -354,12 +365,40 @@ class ClientAPI:
                         caller.group.name,
                         verdict.peer or "local delivery",
                         status,
+                        extra={
+                            "event": "envelope_accepted",
+                            "direction": "outbound",
+                            "envelope_id": verdict.env.id,
+                            "group": caller.group.name,
+                            "peer": verdict.peer,
+                            "status": status,
+                        },
                     )
             else:
                 result = verdict
             self._count(result)
             outcomes.append(result)
+        for verdict in verdicts:
+            if isinstance(verdict, _Refused) and verdict.decision is not None:
+                await self._audit_denial(caller, verdict.envelope_id, verdict.decision)
         return outcomes
+
+    async def _audit_denial(
+        self, caller: _Caller, envelope_id: str | None, decision: Decision
+    ) -> None:
+        """The audit record of one refusal by the rules (waits for room: never dropped)."""
+        rule = decision.rule
+        await self._audit.record(
+            "policy_denial",
+            direction=decision.direction.value,
+            envelope_id=envelope_id,
+            user=caller.user,
+            group=decision.group,
+            peer=decision.peer,
+            reason=decision.reason.value,
+            rule=f"{rule.file}:{rule.line}" if rule is not None else None,
+            detail=decision.detail,
+        )
 
     def _check(self, caller: _Caller, env: Envelope, now_ms: int) -> _Allowed | _Refused:
         if env.sender != caller.address:
@@ -388,8 +427,17 @@ class ClientAPI:
                 decision.group,
                 decision.reason,
                 decision.detail,
+                extra={
+                    "event": "envelope_rejected",
+                    "direction": decision.direction.value,
+                    "envelope_id": env.id,
+                    "group": decision.group,
+                    "peer": decision.peer,
+                    "reason": decision.reason.value,
+                    "rule": str(decision.rule) if decision.rule is not None else None,
+                },
             )
-            return _Refused(env.id, 403, decision.reason, rule=decision.rule)
+            return _Refused(env.id, 403, decision.reason, rule=decision.rule, decision=decision)
         peer = None if env.recipient.org == self._org else env.recipient.org
         return _Allowed(env.with_group(caller.group.name), peer)
 
@@ -418,7 +466,17 @@ class ClientAPI:
         else:
             label = result.reason.value
             if result.rule is None:  # policy refusals were logged with their detail
-                log.info("refused envelope %s: %s", result.envelope_id, result.reason)
+                log.info(
+                    "refused envelope %s: %s",
+                    result.envelope_id,
+                    result.reason,
+                    extra={
+                        "event": "envelope_rejected",
+                        "direction": "outbound",
+                        "envelope_id": result.envelope_id,
+                        "reason": result.reason.value,
+                    },
+                )
         child = self._submissions.get(label)
         if child is None:
             child = self._submissions[label] = CLIENTAPI_SUBMISSIONS.labels(label)
@@ -548,6 +606,22 @@ class ClientAPI:
             )
             return error_response(502, Reason.KEY_RECORD_INVALID)
         return Response(200, [("content-type", JSON_CONTENT_TYPE)], record.encode())
+
+    # -- org signing keys -------------------------------------------------------------------
+    async def get_org(self, request: Request, params: Mapping[str, str]) -> Response:
+        """The org key a client checks key records against: ours, or a peer's pinned one."""
+        caller = await self._caller(request)
+        if isinstance(caller, Response):
+            return caller
+        org = normalize_domain(params["org"])  # AddressError: 400 with its reason
+        if org == self._org:
+            key = self._org_verify_key
+        else:
+            peer = caller.rules.peer(org)
+            if peer is None:
+                return error_response(404, Reason.UNKNOWN_PEER)
+            key = peer.signing_key
+        return json_response(200, {"org": org, "signing_key": format_signing_key(key)})
 
 
 # -- storage values -------------------------------------------------------------------

@@ -71,6 +71,7 @@ from gateway.federation.protocol import (
 )
 from gateway.federation.trust import RulesSource
 from gateway.http import Request, Response, Router, error_response, json_response
+from gateway.observability.audit import AuditSink, NoAudit
 from gateway.observability.metrics import (
     DELIVERY_LATENCY,
     FEDERATION_ENVELOPES,
@@ -89,6 +90,7 @@ MS_PER_SECOND = 1000
 TXN_RESULT_OK = "ok"
 TXN_RESULT_REPLAYED = "replayed"
 JSON_CONTENT_TYPE = "application/json"
+MAX_LOGGED_ID = 64  # ids come from the peer: a log shows at most this much of one
 
 OnDelivered = Callable[[Collection[str]], None]
 
@@ -222,6 +224,7 @@ class Receiver:
         clock_ms: Callable[[], int],
         max_envelopes: int = MAX_TRANSACTION_ENVELOPES,
         on_delivered: OnDelivered = _ignore_delivered,
+        audit: AuditSink | None = None,
     ) -> None:
         try:
             self.org = normalize_domain(org)
@@ -236,6 +239,7 @@ class Receiver:
         self._clock_ms = clock_ms
         self._max_envelopes = max_envelopes
         self._on_delivered = on_delivered
+        self._audit: AuditSink = audit if audit is not None else NoAudit()
 
     def add_routes(self, router: Router) -> None:
         router.add("PUT", TRANSACTION_ROUTE, self.put_transaction)
@@ -273,6 +277,7 @@ class Receiver:
             LOGGER.warning(
                 "refused a transaction from %s: not a peer in the rules in force",
                 peer or "an unidentified client",
+                extra=_refusal(peer, txn_id, Reason.UNKNOWN_PEER.value),
             )
             return error_response(403, Reason.UNKNOWN_PEER), Reason.UNKNOWN_PEER.value
         try:
@@ -289,7 +294,11 @@ class Receiver:
             return self._protocol_error(peer, txn_id, exc)
         if txn.origin != peer:
             LOGGER.warning(
-                "refused transaction %s from %s: its origin says %s", txn_id, peer, txn.origin
+                "refused transaction %s from %s: its origin says %s",
+                txn_id,
+                peer,
+                txn.origin,
+                extra=_refusal(peer, txn_id, Reason.ORIGIN_MISMATCH.value),
             )
             return error_response(403, Reason.ORIGIN_MISMATCH), Reason.ORIGIN_MISMATCH.value
         if txn.destination != self.org:
@@ -299,6 +308,7 @@ class Receiver:
                 peer,
                 txn.destination,
                 self.org,
+                extra=_refusal(peer, txn_id, Reason.DESTINATION_MISMATCH.value),
             )
             return (
                 error_response(421, Reason.DESTINATION_MISMATCH),
@@ -316,10 +326,40 @@ class Receiver:
             # A concurrent copy of this request committed first: answer as it did.
             return self._recorded_answer(request.body, digest, outcome.replayed)
         self._after_commit(peer, txn_id, verdicts, outcome, rules, now_ms)
+        await self._audit_denials(peer, txn_id, verdicts)
         return _results_response(results), TXN_RESULT_OK
 
+    async def _audit_denials(self, peer: str, txn_id: str, verdicts: Sequence[Verdict]) -> None:
+        """One audit record per envelope the rules refused (waits for room: never dropped)."""
+        for verdict in verdicts:
+            decision = verdict.decision
+            if decision is None or decision.allowed or verdict.repeat:
+                continue
+            envelope = verdict.envelope
+            rule = decision.rule
+            await self._audit.record(
+                "policy_denial",
+                direction=DIRECTION,
+                envelope_id=verdict.envelope_id,
+                txn_id=txn_id,
+                peer=peer,
+                group=decision.group,
+                asserted_group=envelope.group if envelope is not None else None,
+                sender=str(envelope.sender) if envelope is not None else None,
+                recipient=str(envelope.recipient) if envelope is not None else None,
+                reason=verdict.result,
+                rule=f"{rule.file}:{rule.line}" if rule is not None else None,
+                detail=decision.detail,
+            )
+
     def _protocol_error(self, peer: str, txn_id: str, exc: ProtocolError) -> tuple[Response, str]:
-        LOGGER.info("refused transaction %.64r from %s: %s", txn_id, peer, exc.message)
+        LOGGER.info(
+            "refused transaction %.64r from %s: %s",
+            txn_id,
+            peer,
+            exc.message,
+            extra=_refusal(peer, txn_id, exc.reason.value),
+        )
         body = {"error": exc.reason.value, "message": exc.message}
         return json_response(400, body), exc.reason.value
 
@@ -332,6 +372,7 @@ class Receiver:
                 record.txn_id,
                 record.origin,
                 body_digest(body),
+                extra=_refusal(record.origin, record.txn_id, Reason.TXN_CONFLICT.value),
             )
             return error_response(409, Reason.TXN_CONFLICT), Reason.TXN_CONFLICT.value
         try:
@@ -383,12 +424,30 @@ class Receiver:
             accepted,
             len(stored),
             len(verdicts) - accepted,
+            extra={
+                "event": "transaction_received",
+                "txn_id": txn_id,
+                "peer": peer,
+                "envelopes": len(verdicts),
+                "accepted": accepted,
+                "rejected": len(verdicts) - accepted,
+            },
         )
         if outcome.recipients:
             try:
                 self._on_delivered(outcome.recipients)
             except Exception:
                 LOGGER.exception("waking the mailboxes of transaction %s failed", txn_id)
+
+
+def _refusal(peer: str | None, txn_id: str, reason: str) -> dict[str, object]:
+    """The ``extra=`` fields of a refused transaction's log event."""
+    return {
+        "event": "transaction_refused",
+        "peer": peer,
+        "txn_id": txn_id[:MAX_LOGGED_ID],
+        "reason": reason,
+    }
 
 
 def _results_response(results: Sequence[EnvelopeResult]) -> Response:
@@ -406,6 +465,7 @@ def _log_verdict(peer: str, verdict: Verdict, stored: frozenset[str]) -> None:
             verdict.envelope_id,
             peer,
             verdict.result,
+            extra=_verdict_fields(peer, verdict, "envelope_repeated"),
         )
     elif verdict.accepted:
         LOGGER.debug(
@@ -415,6 +475,7 @@ def _log_verdict(peer: str, verdict: Verdict, stored: frozenset[str]) -> None:
             asserted or "-",
             local_group or "-",
             "" if verdict.envelope_id in stored else " (already delivered)",
+            extra=_verdict_fields(peer, verdict, "envelope_accepted"),
         )
     else:
         rule = decision.rule if decision is not None else None
@@ -427,4 +488,21 @@ def _log_verdict(peer: str, verdict: Verdict, stored: frozenset[str]) -> None:
             verdict.result,
             f" by {rule}" if rule is not None else "",
             f": {decision.detail}" if decision is not None else "",
+            extra=_verdict_fields(peer, verdict, "envelope_rejected"),
         )
+
+
+def _verdict_fields(peer: str, verdict: Verdict, event: str) -> dict[str, object]:
+    """The ``extra=`` fields of one inbound envelope's log event: ids, never content."""
+    envelope, decision = verdict.envelope, verdict.decision
+    rule = decision.rule if decision is not None else None
+    return {
+        "event": event,
+        "direction": DIRECTION,
+        "envelope_id": (verdict.envelope_id or "")[:MAX_LOGGED_ID] or None,
+        "peer": peer,
+        "group": decision.group if decision is not None else None,
+        "asserted_group": envelope.group if envelope is not None else None,
+        "reason": None if verdict.accepted else verdict.result,
+        "rule": str(rule) if rule is not None else None,
+    }

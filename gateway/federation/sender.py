@@ -573,6 +573,20 @@ class _LaneRunner:
                 )
             statuses[envelope_id] = rejected_status(code)
             outcomes[code] += 1
+            LOGGER.info(
+                "%s: envelope %s rejected by the peer: %s",
+                self.org,
+                envelope_id,
+                code,
+                extra={
+                    "event": "envelope_rejected_by_peer",
+                    "direction": "outbound",
+                    "envelope_id": envelope_id,
+                    "txn_id": batch.txn_id,
+                    "peer": self.org,
+                    "reason": code,
+                },
+            )
         await self.storage.spool_complete(self.org, statuses, at_ms=now)
         self.batch = None
         self.max_items = self.settings.max_transaction_envelopes
@@ -586,6 +600,14 @@ class _LaneRunner:
             batch.txn_id,
             outcomes[ACCEPTED],
             rejected,
+            extra={
+                "event": "transaction_sent",
+                "txn_id": batch.txn_id,
+                "peer": self.org,
+                "envelopes": len(batch.ids),
+                "accepted": outcomes[ACCEPTED],
+                "rejected": rejected,
+            },
         )
         if state.failures:
             LOGGER.info("%s: reachable again after %d failure(s)", self.org, state.failures)
@@ -624,6 +646,14 @@ class _LaneRunner:
             error.message,
             self.state.failures,
             remaining_seconds(self.state, now_ms=now),
+            extra={
+                "event": "transaction_failed",
+                "txn_id": batch.txn_id,
+                "peer": self.org,
+                "envelopes": len(batch.ids),
+                "reason": error.kind.value,
+                "failures": self.state.failures,
+            },
         )
         # Durable before the wait: a restart in the middle of it waits too.
         await self.storage.peer_state_put(self.state)

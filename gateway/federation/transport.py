@@ -260,11 +260,42 @@ class HttpxPeerTransport:
             retry_after=response.headers.get("retry-after"),
         )
 
-    async def _read_answer(self, peer: str, response: httpx.Response) -> bytes:
+    async def get(self, peer: str, path: str, *, max_bytes: int) -> tuple[int, bytes]:
+        """``GET path`` on the peer's persistent mTLS client: (status, body).
+
+        The same client, SNI and in-handshake pin check as transactions. The
+        body is read up to ``max_bytes`` only (``TransportError`` beyond);
+        every httpx error is translated. The status is the caller's to judge.
+        """
+        if not path.startswith("/federation/"):
+            raise ValueError(f"not a federation path: {path!r}")
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes!r}")
+        client = await self._client_for(peer)
+        request = client.http.build_request(
+            "GET",
+            f"{client.link.endpoint}{path}",
+            headers={"accept": "application/json", "user-agent": USER_AGENT},
+            extensions={_SNI_EXTENSION: peer},
+        )
+        try:
+            response = await client.http.send(request, stream=True)
+            try:
+                body = await self._read_answer(peer, response, limit=max_bytes)
+            finally:
+                await response.aclose()
+        except httpx.HTTPError as exc:
+            raise translate_httpx_error(exc, peer) from exc
+        return response.status_code, body
+
+    async def _read_answer(
+        self, peer: str, response: httpx.Response, *, limit: int | None = None
+    ) -> bytes:
+        limit = self._max_answer_bytes if limit is None else limit
         declared = response.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self._max_answer_bytes:
+        if declared is not None and declared.isdigit() and int(declared) > limit:
             raise TransportError(
-                f"{peer}: answer of {declared} bytes is over our limit of {self._max_answer_bytes}",
+                f"{peer}: answer of {declared} bytes is over our limit of {limit}",
                 kind=FailureKind.BAD_ANSWER,
                 status=response.status_code,
             )
@@ -272,9 +303,9 @@ class HttpxPeerTransport:
         size = 0
         async for chunk in response.aiter_bytes():
             size += len(chunk)
-            if size > self._max_answer_bytes:
+            if size > limit:
                 raise TransportError(
-                    f"{peer}: answer is over our limit of {self._max_answer_bytes} bytes",
+                    f"{peer}: answer is over our limit of {limit} bytes",
                     kind=FailureKind.BAD_ANSWER,
                     status=response.status_code,
                 )

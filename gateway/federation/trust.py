@@ -170,6 +170,11 @@ def follow_reloads(
             LOGGER.exception("federation listener: cannot build the TLS context of the new rules")
         for org in sorted(dropped):
             closed = server.close_peer_connections(org)
-            LOGGER.info("peer %s left the rules: %d open connection(s) closed", org, closed)
+            LOGGER.info(
+                "peer %s left the rules: %d open connection(s) closed",
+                org,
+                closed,
+                extra={"event": "peer_dropped", "peer": org, "connections_closed": closed},
+            )
 
     return holder.subscribe(on_dropped)

@@ -349,7 +349,19 @@ class HTTPServer:
             self._handshake_failures[reason] = child
         child.inc()
         log = LOGGER.debug if reason is Reason.HANDSHAKE_FAILED else LOGGER.info
-        log("%s: refused TLS from %s: %s (%s)", self.name, _fmt(conn.remote), reason, detail)
+        log(
+            "%s: refused TLS from %s: %s (%s)",
+            self.name,
+            _fmt(conn.remote),
+            reason,
+            detail,
+            extra={
+                "event": "handshake_refused",
+                "listener": self.name,
+                "remote": _fmt(conn.remote),
+                "reason": reason.value,
+            },
+        )
 
     def _count_refused(self, counted_as: str) -> None:
         self._refused[counted_as].inc()

@@ -86,7 +86,7 @@ DELIVERY_LATENCY = Histogram(
     buckets=DELIVERY_LATENCY_BUCKETS,
 )
 
-# -- peers and spool (the sender and the spool sweeper) ------------------------
+# -- peers (the sender) and spool (the sweeper and observability.gauges) ------
 PEER_UP = Gauge(
     "gateway_peer_up",
     "1 if the last transaction to the peer was answered, 0 if it failed.",
@@ -154,4 +154,19 @@ CERTIFICATE_READ_ERRORS = Counter(
     "gateway_certificate_read_errors_total",
     "Times an own certificate file could not be read or parsed for its expiry, by certificate.",
     ["certificate"],
+)
+
+# -- audit log (gateway.observability.audit) -----------------------------------
+AUDIT_RECORDS_WRITTEN = Counter(
+    "gateway_audit_records_written_total",
+    "Records appended to the audit log (durably, fsynced) by this process.",
+)
+AUDIT_RECORDS_DROPPED = Counter(
+    "gateway_audit_records_dropped_total",
+    "Audit records dropped because the writer's queue was full (reload records only; "
+    "denials wait for room).",
+)
+AUDIT_WRITE_FAILURES = Counter(
+    "gateway_audit_write_failures_total",
+    "Attempts to append a batch to the audit log that failed (retried until written).",
 )
