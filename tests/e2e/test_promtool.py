@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from gateway.devnet import DevNet
-from tests.e2e.traffic import metric_value, require_tool, run_flow
+from tests.e2e.traffic import metric_value, require_tool, run_flow, wait_for_metric
 
 pytestmark = pytest.mark.e2e
 
@@ -72,8 +72,13 @@ async def test_check_metrics_accepts_real_metrics_output(tmp_path: Path) -> None
     with DevNet(tmp_path) as net:
         flow = await run_flow(net, envelopes=ENVELOPES)
         for proc in (flow.proc_acme, flow.proc_globex):
+            # The output checked really carries the traffic (not an empty registry). The
+            # sender counts its envelopes when it has read globex's answer, a moment after
+            # globex counted them: wait for both.
+            await wait_for_metric(
+                proc, "gateway_federation_envelopes_total", ENVELOPES, 30.0, outcome="accepted"
+            )
             text = await trio.to_thread.run_sync(proc.metrics)
-            # The output checked really carries the traffic (not an empty registry).
             accepted = metric_value(text, "gateway_federation_envelopes_total", outcome="accepted")
             assert accepted == ENVELOPES
             done = await trio.to_thread.run_sync(
