@@ -113,7 +113,7 @@ async def _mailbox_sweeper(
         await trio.sleep(interval)
 
 
-async def _wait_for_stop_signal(servers: list[HTTPServer]) -> None:
+async def _wait_for_stop_signal(servers: list[HTTPServer], waiters: MailboxWaiters) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             LOGGER.info(
@@ -122,6 +122,8 @@ async def _wait_for_stop_signal(servers: list[HTTPServer]) -> None:
             )
             for server in servers:
                 server.stop_accepting()
+            # Long-polls answer now (with what they have) instead of holding the drain.
+            waiters.close()
             return
 
 
@@ -305,7 +307,7 @@ async def run_gateway(
                     )
                     task_status.started(ports)
                     if handle_signals:
-                        listeners.start_soon(_wait_for_stop_signal, servers)
+                        listeners.start_soon(_wait_for_stop_signal, servers, waiters)
                 # Every listener has drained: stop the rest.
                 root.cancel_scope.cancel()
         finally:

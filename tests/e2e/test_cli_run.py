@@ -12,7 +12,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
+from gateway.client.api import ClientSession
 from gateway.devnet import DevNet, DevOrg, GatewayProcess, gateway_command
 
 pytestmark = pytest.mark.e2e
@@ -127,3 +129,28 @@ def test_sighup_and_file_changes_reload_and_bad_rules_keep_the_old(net: DevNet) 
     org.write_rules(groups={"engineering": {"members": ["alice", "bob"]}})
     wait_until(lambda: reloads(proc, "success") == good + 2)
     assert proc.stop() == 0
+
+
+async def test_sigterm_answers_waiting_long_polls_at_once(net: DevNet) -> None:
+    org = net.orgs[ACME]
+    proc = net.process(ACME)
+    proc.start()
+    await trio.to_thread.run_sync(proc.wait_ready)
+    token = org.issue_token("alice")
+    assert proc.process is not None
+    async with ClientSession(org.client_url, token, ca_file=org.ca_file) as alice:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                answered: list[float] = []
+
+                async def long_poll() -> None:
+                    assert await alice.fetch(wait=60) == []
+                    answered.append(trio.current_time())
+
+                nursery.start_soon(long_poll)
+                await trio.sleep(0.5)  # the poll is waiting in the gateway
+                stopped_at = trio.current_time()
+                proc.process.send_signal(signal.SIGTERM)
+    # Answered at once, not after the poll's 60 s nor the listener's drain bound.
+    assert answered[0] - stopped_at < 5
+    assert await trio.to_thread.run_sync(proc.process.wait) == 0
