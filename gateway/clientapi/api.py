@@ -15,7 +15,8 @@ checks of :func:`~gateway.core.envelope.validate_envelope` (``400``, e.g.
 ``expired``), then the outbound rule and the sender group's limits
 (``403`` with the reason code and the rule's ``file:line``). A refused
 envelope is answered at once and nothing is stored. An allowed one gets the
-sender's group (``env.with_group``) and is written durably: into the
+sender's group asserted (encoded from the submitted JSON object itself, see
+:func:`~gateway.core.envelope.encode_validated`) and is written durably: into the
 recipient's mailbox for a local recipient (status ``delivered``; the
 recipient's long-polls are woken), or into the spool lane of the recipient's
 org (status ``queued``; ``on_spooled(peer)`` wakes that lane's sender). Only
@@ -66,9 +67,10 @@ from gateway.core.address import Address, normalize_domain
 from gateway.core.envelope import (
     ENVELOPE_ID_RE,
     Envelope,
+    check_envelope_clock,
     decode_envelope,
     encode_envelope,
-    validate_envelope,
+    encode_validated,
 )
 from gateway.core.keytext import format_signing_key
 from gateway.core.rules import CompiledRules, Decision, Group, Mark
@@ -164,8 +166,9 @@ class _Refused:
 
 @dataclass(frozen=True, slots=True)
 class _Allowed:
-    env: Envelope  # with the sender's group asserted
+    env: Envelope  # as submitted
     peer: str | None  # the recipient's org; None for a local recipient
+    data: bytes  # its stored form: encode_envelope() with the sender's group asserted
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +178,14 @@ class _Stored:
 
 
 _Outcome = _Refused | _Stored
+
+
+@dataclass(frozen=True, slots=True)
+class _Submitted:
+    """A well-formed envelope and, from a batch, the JSON object it was parsed from."""
+
+    env: Envelope
+    raw: dict[str, object] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,9 +295,9 @@ class ClientAPI:
         caller = await self._caller(request)
         if isinstance(caller, Response):
             return caller
-        item: Envelope | _Refused
+        item: _Submitted | _Refused
         try:
-            item = decode_envelope(request.body)
+            item = _Submitted(decode_envelope(request.body))
         except EnvelopeError as exc:
             item = _Refused(None, 400, exc.reason, exc.message)
         (outcome,) = await self._submit(caller, [item])
@@ -304,10 +315,12 @@ class ClientAPI:
             raise ProtocolError(
                 f"batch field 'envelopes' must be a list of 1 to {MAX_BATCH_ENVELOPES} envelopes"
             )
-        items: list[Envelope | _Refused] = []
+        items: list[_Submitted | _Refused] = []
         for obj in envelopes:
             try:
-                items.append(Envelope.from_json(obj))
+                env = Envelope.from_json(obj)
+                # from_json accepts only a dict; the object is kept to encode from.
+                items.append(_Submitted(env, obj if isinstance(obj, dict) else None))
             except EnvelopeError as exc:
                 claimed = obj.get("id") if isinstance(obj, dict) else None
                 shown = claimed if isinstance(claimed, str) and len(claimed) <= 64 else None
@@ -321,7 +334,7 @@ class ClientAPI:
         ]
         return json_response(200, {"results": results})
 
-    async def _submit(self, caller: _Caller, items: list[Envelope | _Refused]) -> list[_Outcome]:
+    async def _submit(self, caller: _Caller, items: list[_Submitted | _Refused]) -> list[_Outcome]:
         """Check every item, write the allowed ones (at most two commits), answer each."""
         now_ms = self._clock_ms()
         verdicts = [
@@ -333,9 +346,9 @@ class ClientAPI:
         for verdict in verdicts:
             if isinstance(verdict, _Allowed):
                 if verdict.peer is None:
-                    local.append(_mailbox_record(verdict.env))
+                    local.append(_mailbox_record(verdict))
                 else:
-                    spool.append(_spool_item(verdict.env, verdict.peer))
+                    spool.append(_spool_item(verdict, verdict.peer))
 
         stored: dict[str, str] = {}
         if local:
@@ -400,7 +413,8 @@ class ClientAPI:
             detail=decision.detail,
         )
 
-    def _check(self, caller: _Caller, env: Envelope, now_ms: int) -> _Allowed | _Refused:
+    def _check(self, caller: _Caller, item: _Submitted, now_ms: int) -> _Allowed | _Refused:
+        env = item.env
         if env.sender != caller.address:
             return _Refused(
                 env.id,
@@ -409,7 +423,8 @@ class ClientAPI:
                 f"envelope 'from' {env.sender} is not the token's user {caller.user}",
             )
         try:
-            validate_envelope(env, now_ms=now_ms)
+            # from_json made every check that needs no clock.
+            check_envelope_clock(env, now_ms=now_ms)
         except EnvelopeError as exc:
             return _Refused(env.id, 400, exc.reason, exc.message)
         decision = caller.rules.decide_outbound(
@@ -439,7 +454,13 @@ class ClientAPI:
             )
             return _Refused(env.id, 403, decision.reason, rule=decision.rule, decision=decision)
         peer = None if env.recipient.org == self._org else env.recipient.org
-        return _Allowed(env.with_group(caller.group.name), peer)
+        group = caller.group.name
+        data = (
+            encode_envelope(env.with_group(group))
+            if item.raw is None
+            else encode_validated(item.raw, group)
+        )
+        return _Allowed(env, peer, data)
 
     async def _resubmitted(self, caller: _Caller, env: Envelope) -> _Outcome:
         """The answer for an allowed envelope the store had seen before."""
@@ -625,7 +646,8 @@ class ClientAPI:
 
 
 # -- storage values -------------------------------------------------------------------
-def _mailbox_record(env: Envelope) -> EnvelopeRecord:
+def _mailbox_record(allowed: _Allowed) -> EnvelopeRecord:
+    env = allowed.env
     return EnvelopeRecord(
         envelope_id=env.id,
         sender=str(env.sender),
@@ -633,11 +655,12 @@ def _mailbox_record(env: Envelope) -> EnvelopeRecord:
         created_ms=env.created,
         expires_ms=env.expires,
         burn_on_read=env.burn_on_read,
-        data=encode_envelope(env),
+        data=allowed.data,
     )
 
 
-def _spool_item(env: Envelope, peer: str) -> SpoolItem:
+def _spool_item(allowed: _Allowed, peer: str) -> SpoolItem:
+    env = allowed.env
     return SpoolItem(
         envelope_id=env.id,
         sender=str(env.sender),
@@ -645,7 +668,7 @@ def _spool_item(env: Envelope, peer: str) -> SpoolItem:
         created_ms=env.created,
         expires_ms=env.expires,
         burn_on_read=env.burn_on_read,
-        data=encode_envelope(env),
+        data=allowed.data,
         peer=peer,
     )
 

@@ -21,6 +21,17 @@ Three layers of checking, each a superset of the one before:
 
 The ``group`` field is the sender's security group, asserted by the origin
 gateway after the client signed; it is deliberately outside the signature.
+
+Cost (docs/performance.md): a gateway never needs the ciphertext's bytes, only
+its size and its text, so an envelope parsed by :meth:`Envelope.from_json`
+keeps the ciphertext as the canonical base64url text it arrived in. The text
+is checked in C without decoding (:func:`is_canonical_b64url`: the alphabet,
+then the unused bits of its last character), and its length gives the exact
+byte count; the bytes are decoded on first use of ``env.ciphertext`` (the
+recipient's client), and :func:`encode_envelope` writes the text back as it
+came, without a JSON encoder scanning it. Every envelope, parsed
+or built in code, still has one value and one encoding: equality, hashing and
+``dataclasses.replace`` see the bytes.
 """
 
 from __future__ import annotations
@@ -28,12 +39,15 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import json
 import re
 import secrets
 import struct
+import types
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NoReturn, TypeVar
+from typing import Final, NoReturn, TypeVar, cast
 
 from gateway.errors import AddressError, EnvelopeError, Reason
 
@@ -52,6 +66,9 @@ MAX_CLOCK_SKEW_MS = 5 * 60 * 1000  # how far in the future `created` may lie
 # of at most 318 characters, the id, the group, times, keys, the base64 of the
 # signature, and generous slack for whitespace a partner's encoder may add.
 _MAX_HEADER_BYTES = 4096
+# Parsed addresses remembered (a batch names the same few again and again);
+# at most ~650 bytes each, so the cache stays under a megabyte.
+ADDRESS_CACHE_SIZE: Final = 1024
 
 
 def _b64url_length(n: int) -> int:
@@ -66,7 +83,13 @@ MAX_ENCODED_ENVELOPE_BYTES = MAX_CIPHERTEXT_B64_CHARS + _MAX_HEADER_BYTES
 # two bits, so it is one of A Q g w (the other four bits are zero).
 ENVELOPE_ID_RE = re.compile(r"[A-Za-z0-9_-]{21}[AQgw]")
 GROUP_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
-_B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
+_B64URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+# The last character of unpadded base64url whose unused trailing bits are zero
+# (RFC 4648 section 3.5), by length mod 4: a final group of two characters
+# carries 8 bits in 12, so its last one is one of A Q g w; a group of three
+# carries 16 bits in 18, so its last one has the low two bits clear. A
+# length of 1 mod 4 encodes nothing.
+_CANONICAL_LAST = {2: frozenset("AQgw"), 3: frozenset("AEIMQUYcgkosw048")}
 
 SIGNING_DOMAIN = b"gateway-envelope-v1\x00"
 
@@ -100,7 +123,8 @@ class Envelope:
     @property
     def size(self) -> int:
         """The size that policy limits (``max_envelope_bytes``) apply to."""
-        return len(self.ciphertext)
+        held = _CIPHERTEXT_SLOT.__get__(self, Envelope)
+        return held.size if type(held) is _WireCiphertext else len(held)
 
     @property
     def ttl_ms(self) -> int:
@@ -110,7 +134,19 @@ class Envelope:
         """This envelope with the origin gateway's group assertion set (or removed)."""
         if group is not None:
             _check_group(group)
-        return dataclasses.replace(self, group=group)
+        # Not dataclasses.replace: that would read (so decode) the ciphertext.
+        return Envelope(
+            version=self.version,
+            id=self.id,
+            sender=self.sender,
+            recipient=self.recipient,
+            created=self.created,
+            expires=self.expires,
+            burn_on_read=self.burn_on_read,
+            ciphertext=_CIPHERTEXT_SLOT.__get__(self, Envelope),
+            signature=self.signature,
+            group=group,
+        )
 
     def to_json(self) -> dict[str, object]:
         obj: dict[str, object] = {
@@ -124,7 +160,8 @@ class Envelope:
         }
         if self.group is not None:
             obj["group"] = self.group
-        obj["ciphertext"] = b64url_encode(self.ciphertext)
+        held = _CIPHERTEXT_SLOT.__get__(self, Envelope)
+        obj["ciphertext"] = held.text if type(held) is _WireCiphertext else b64url_encode(held)
         obj["signature"] = b64url_encode(self.signature)
         return obj
 
@@ -144,12 +181,13 @@ class Envelope:
                 f"(this gateway speaks {ENVELOPE_VERSION})",
                 Reason.ENVELOPE_BAD_VERSION,
             )
-        unknown = [key for key in obj if key not in _ALL_FIELDS]
-        if unknown:
+        keys = obj.keys()
+        if not keys <= _ALL_FIELDS:  # set comparisons in C; the lists only for the message
+            unknown = [key for key in obj if key not in _ALL_FIELDS]
             names = ", ".join(_short(key) for key in sorted(map(str, unknown))[:5])
             _fail(f"envelope has unknown field(s): {names}")
-        missing = sorted(_REQUIRED_FIELDS - obj.keys())
-        if missing:
+        if not keys >= _REQUIRED_FIELDS:
+            missing = sorted(_REQUIRED_FIELDS - keys)
             _fail(f"envelope is missing field(s): {', '.join(missing)}")
 
         # The size check comes before any decoding, so a huge ciphertext costs
@@ -167,9 +205,7 @@ class Envelope:
         expires = _get(obj, "expires", int)
         burn_on_read = _get(obj, "burn_on_read", bool)
         group = _get(obj, "group", str) if "group" in obj else None
-        try:
-            ciphertext = b64url_decode_canonical(ciphertext_text)
-        except ValueError:
+        if not is_canonical_b64url(ciphertext_text):
             _fail("envelope field 'ciphertext' is not canonical unpadded base64url")
         try:
             signature = b64url_decode_canonical(_get(obj, "signature", str))
@@ -186,20 +222,154 @@ class Envelope:
             created=created,
             expires=expires,
             burn_on_read=burn_on_read,
-            ciphertext=ciphertext,
+            ciphertext=_WireCiphertext.held(ciphertext_text),
             signature=signature,
             group=group,
         )
-        check_envelope(env)
+        # The addresses were parsed into their normal form just above.
+        _check_values(env, addresses=False)
         return env
+
+
+class _WireCiphertext:
+    """A ciphertext in its canonical base64url text, decoded on first use.
+
+    Made only by :meth:`Envelope.from_json` after the text was checked
+    canonical, so ``size`` is exact and decoding cannot fail.
+    """
+
+    __slots__ = ("_raw", "size", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.size = len(text) * 3 // 4  # 6 bits a character, trailing bits unused
+        self._raw: bytes | None = None
+
+    @classmethod
+    def held(cls, text: str) -> bytes:
+        """One to put in an ``Envelope``'s ``ciphertext`` (typed as what reading it gives)."""
+        return cast(bytes, cls(text))
+
+    def raw(self) -> bytes:
+        if self._raw is None:
+            # Written by this gateway into a frozen envelope's slot: a cache, not state.
+            self._raw = base64.urlsafe_b64decode(self.text + "=" * (-len(self.text) % 4))
+        return self._raw
+
+
+class _CiphertextField:
+    """``Envelope.ciphertext``: always bytes to a reader, whatever the slot holds.
+
+    It replaces the slot's own descriptor on the class (and uses it to reach
+    the slot), so the dataclass machinery, ``__eq__``, ``__hash__`` and
+    ``dataclasses.replace`` included, works unchanged and sees bytes.
+    """
+
+    def __init__(self, slot: types.MemberDescriptorType) -> None:
+        self._slot = slot
+
+    def __get__(self, obj: Envelope | None, owner: type | None = None) -> object:
+        if obj is None:
+            return self
+        held = self._slot.__get__(obj, owner)
+        return held.raw() if type(held) is _WireCiphertext else held
+
+    def __set__(self, obj: Envelope, value: object) -> None:
+        self._slot.__set__(obj, value)
+
+
+_CIPHERTEXT_SLOT: Final = cast(types.MemberDescriptorType, Envelope.__dict__["ciphertext"])
+setattr(Envelope, "ciphertext", _CiphertextField(_CIPHERTEXT_SLOT))  # noqa: B010 -- see above
 
 
 # -- encoding ------------------------------------------------------------------
 
 
+# One encoder, built once: json.dumps with options builds a new one per call.
+_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+
+
 def encode_envelope(env: Envelope) -> bytes:
     """Compact JSON with sorted keys: the one encoding this gateway writes."""
-    return json.dumps(env.to_json(), sort_keys=True, separators=(",", ":")).encode("ascii")
+    held = _CIPHERTEXT_SLOT.__get__(env, Envelope)
+    if type(held) is _WireCiphertext:
+        ciphertext = held.text  # only from_json and with_group make these, from checked values
+    else:
+        try:
+            check_envelope(env)
+        except EnvelopeError:
+            # A broken envelope (a test builds them on purpose): let JSON escape what it must.
+            return _CANONICAL_JSON(env.to_json()).encode("ascii")
+        ciphertext = b64url_encode(held)
+    return _encode_checked(
+        version=env.version,
+        envelope_id=env.id,
+        sender=str(env.sender),
+        recipient=str(env.recipient),
+        created=env.created,
+        expires=env.expires,
+        burn_on_read=env.burn_on_read,
+        group=env.group,
+        ciphertext=ciphertext,
+        signature=b64url_encode(env.signature),
+    )
+
+
+def encode_validated(raw: Mapping[str, object], group: str | None) -> bytes:
+    """``encode_envelope(Envelope.from_json(raw).with_group(group))``, from ``raw`` itself.
+
+    Only for a ``raw`` that :meth:`Envelope.from_json` accepted, unchanged since:
+    that accepts only the exact ``to_json()`` of its envelope (known keys,
+    strict types, addresses in normal form, canonical base64url), so its values
+    are written as they are, with no second encoding. ``group`` replaces the one
+    in ``raw`` (``None`` removes it) and is checked.
+    """
+    if group is not None:
+        _check_group(group)
+    return _encode_checked(
+        version=cast(int, raw["v"]),
+        envelope_id=cast(str, raw["id"]),
+        sender=cast(str, raw["from"]),
+        recipient=cast(str, raw["to"]),
+        created=cast(int, raw["created"]),
+        expires=cast(int, raw["expires"]),
+        burn_on_read=cast(bool, raw["burn_on_read"]),
+        group=group,
+        ciphertext=cast(str, raw["ciphertext"]),
+        signature=cast(str, raw["signature"]),
+    )
+
+
+def _encode_checked(
+    *,
+    version: int,
+    envelope_id: str,
+    sender: str,
+    recipient: str,
+    created: int,
+    expires: int,
+    burn_on_read: bool,
+    group: str | None,
+    ciphertext: str,
+    signature: str,
+) -> bytes:
+    """The canonical encoding of checked values, written directly.
+
+    Byte for byte what ``json.dumps(to_json(), sort_keys=True,
+    separators=(",", ":"))`` gives, because every string of a checked envelope
+    (addresses in normal form, base64url, the id and group patterns) is
+    printable ASCII without quote or backslash, so JSON writes it as it is, and
+    JSON writes an integer as ``str()`` does. The keys are in sorted order.
+    The JSON encoder, which would scan every character of a ciphertext of up
+    to a megabyte for escapes, is not needed.
+    """
+    group_member = "" if group is None else f'"group":"{group}",'
+    return (
+        f'{{"burn_on_read":{"true" if burn_on_read else "false"},'
+        f'"ciphertext":"{ciphertext}","created":{created},"expires":{expires},'
+        f'"from":"{sender}",{group_member}"id":"{envelope_id}",'
+        f'"signature":"{signature}","to":"{recipient}","v":{version}}}'
+    ).encode("ascii")
 
 
 def decode_envelope(data: bytes | bytearray | memoryview) -> Envelope:
@@ -247,15 +417,24 @@ def b64url_decode_canonical(text: str) -> bytes:
     Padding and non-zero unused trailing bits are refused, so one byte string
     has one text form (``ValueError`` otherwise).
     """
-    if not _B64URL_RE.fullmatch(text) or len(text) % 4 == 1:
-        raise ValueError("not unpadded base64url")
+    if not is_canonical_b64url(text):
+        raise ValueError("not canonical unpadded base64url")
     try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except binascii.Error as exc:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except binascii.Error as exc:  # not reached: the patterns admit only valid text
         raise ValueError("not base64url") from exc
-    if b64url_encode(raw) != text:
-        raise ValueError("not canonical base64url")
-    return raw
+
+
+def is_canonical_b64url(text: str) -> bool:
+    """Whether ``text`` is what :func:`b64url_encode` writes for some bytes.
+
+    Two passes in C (no decoding): ASCII, then nothing left once the alphabet
+    is deleted; then the last character's unused bits must be zero.
+    """
+    tail = len(text) % 4
+    if tail == 1 or not text.isascii() or text.encode("ascii").translate(None, _B64URL_ALPHABET):
+        return False
+    return tail == 0 or text[-1] in _CANONICAL_LAST[tail]
 
 
 def new_envelope_id() -> str:
@@ -295,6 +474,10 @@ def signing_bytes(env: Envelope) -> bytes:
 
 def check_envelope(env: Envelope) -> None:
     """Every check that needs no clock; ``EnvelopeError`` with the reason of the first failure."""
+    _check_values(env, addresses=True)
+
+
+def _check_values(env: Envelope, *, addresses: bool) -> None:
     if type(env.version) is not int or env.version != ENVELOPE_VERSION:
         _fail(
             f"envelope version {_short(env.version)} is not supported",
@@ -305,8 +488,9 @@ def check_envelope(env: Envelope) -> None:
             f"envelope id {_short(env.id)} is not 16 bytes of unpadded base64url (22 characters)",
             Reason.ENVELOPE_BAD_ID,
         )
-    _check_address(env.sender, "from", Reason.ENVELOPE_BAD_FROM)
-    _check_address(env.recipient, "to", Reason.ENVELOPE_BAD_TO)
+    if addresses:
+        _check_address(env.sender, "from", Reason.ENVELOPE_BAD_FROM)
+        _check_address(env.recipient, "to", Reason.ENVELOPE_BAD_TO)
     for name, value in (("created", env.created), ("expires", env.expires)):
         if type(value) is not int or not 0 <= value <= MAX_TIME_MS:
             _fail(
@@ -325,11 +509,14 @@ def check_envelope(env: Envelope) -> None:
         _fail("envelope field 'burn_on_read' must be true or false")
     if env.group is not None:
         _check_group(env.group)
-    if not isinstance(env.ciphertext, bytes) or not env.ciphertext:
+    held = _CIPHERTEXT_SLOT.__get__(env, Envelope)
+    if type(held) is not _WireCiphertext and not isinstance(held, bytes):
         _fail("envelope ciphertext must be non-empty bytes")
-    if len(env.ciphertext) > MAX_CIPHERTEXT_BYTES:
+    if not env.size:
+        _fail("envelope ciphertext must be non-empty bytes")
+    if env.size > MAX_CIPHERTEXT_BYTES:
         _fail(
-            f"envelope ciphertext of {len(env.ciphertext)} bytes exceeds the protocol "
+            f"envelope ciphertext of {env.size} bytes exceeds the protocol "
             f"limit of {MAX_CIPHERTEXT_BYTES}",
             Reason.ENVELOPE_TOO_LARGE,
         )
@@ -340,6 +527,15 @@ def check_envelope(env: Envelope) -> None:
 def validate_envelope(env: Envelope, *, now_ms: int) -> None:
     """:func:`check_envelope`, then the clock: ``EXPIRED`` or ``ENVELOPE_BAD_TIME``."""
     check_envelope(env)
+    check_envelope_clock(env, now_ms=now_ms)
+
+
+def check_envelope_clock(env: Envelope, *, now_ms: int) -> None:
+    """The checks of :func:`validate_envelope` that need the time, alone.
+
+    For an envelope :meth:`Envelope.from_json` (or :func:`decode_envelope`)
+    returned, which made every other check already.
+    """
     if env.created > now_ms + MAX_CLOCK_SKEW_MS:
         _fail(
             f"envelope was created {env.created - now_ms} ms in the future "
@@ -391,9 +587,20 @@ def _get(obj: dict[str, object], key: str, kind: type[_T]) -> _T:
     return value
 
 
+@functools.lru_cache(maxsize=ADDRESS_CACHE_SIZE)
+def _cached_parse(text: str) -> Address:
+    # A pure function of its argument; errors are raised, so never cached.
+    return Address.parse(text)
+
+
+@functools.lru_cache(maxsize=ADDRESS_CACHE_SIZE)
+def _is_normal(user: str, org: str) -> bool:
+    return Address.of(user, org) == Address(user, org)
+
+
 def _parse_address(text: str, field: str, reason: Reason) -> Address:
     try:
-        address = Address.parse(text)
+        address = _cached_parse(text)
     except AddressError as exc:
         raise EnvelopeError(f"envelope field {field!r}: {exc}", reason=reason) from exc
     # One envelope has one wire form: `Bob@Globex.example.` is refused, not folded.
@@ -405,11 +612,13 @@ def _parse_address(text: str, field: str, reason: Reason) -> Address:
 def _check_address(address: object, field: str, reason: Reason) -> None:
     if not isinstance(address, Address):
         _fail(f"envelope field {field!r} must be an address", reason)
+    if type(address.user) is not str or type(address.org) is not str:
+        _fail(f"envelope field {field!r} must be an address", reason)
     try:
-        normalized = Address.of(address.user, address.org)
+        normal = _is_normal(address.user, address.org)
     except AddressError as exc:
         raise EnvelopeError(f"envelope field {field!r}: {exc}", reason=reason) from exc
-    if normalized != address:
+    if not normal:
         _fail(f"envelope field {field!r}: address is not in its normal form", reason)
 
 

@@ -14,7 +14,12 @@ One ``PUT``, in this order; every refusal changes nothing:
    The rules object read here is the one every decision of the request uses.
 2. **Which transaction.** ``txn_id`` must be well formed (``400``). If
    ``(peer, txn_id)`` is recorded, the same body bytes get the recorded answer
-   again (``200``), different ones ``409 txn_conflict``. Nothing else runs.
+   again (``200``), different ones ``409 txn_conflict``, and nothing is
+   stored. The record is not read up front: the commit of step 5 reads it
+   atomically anyway, so a new transaction (nearly every one) costs one trip
+   to the storage, not two. Each refusal of step 3 reads it first, so a
+   recorded id still gets its recorded answer or ``409`` whatever the body
+   holds (docs/protocol.md §5).
 3. **What.** The body must be a transaction (``400``), its ``origin`` the
    peer (``403 origin_mismatch``), its ``destination`` us (``421``).
 4. **Each envelope** is judged by :func:`judge_transaction`, a pure function:
@@ -26,9 +31,12 @@ One ``PUT``, in this order; every refusal changes nothing:
 5. **One durable commit.** The accepted envelopes and the whole answer go to
    ``Storage.deliver`` together. It skips envelope ids accepted before (by any
    transaction, across restarts), so a re-sent envelope is answered
-   ``accepted`` without a second copy. If a concurrent request with the same
-   ``(peer, txn_id)`` committed first, ``deliver`` says so (``replayed``) and
-   this request answers like step 2.
+   ``accepted`` without a second copy. If ``(peer, txn_id)`` is recorded
+   (a retry, or a concurrent request that committed first), ``deliver`` says
+   so (``replayed``), stores nothing, and this request answers like step 2.
+   An accepted envelope is stored as the canonical bytes of the JSON object
+   it was parsed from (:func:`protocol.canonical_envelope_bytes`), which are
+   exactly what ``encode_envelope`` would give.
 6. **Only then** the ``200`` answer, one result per envelope, in body order;
    mailbox long-polls of the new envelopes' recipients are woken
    (``on_delivered``); outcomes are counted and decisions logged (ids, peer,
@@ -41,9 +49,10 @@ The recorded answer is ``{envelope id: result}`` (:func:`protocol.result_map`);
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 from prometheus_client import Counter
@@ -62,6 +71,7 @@ from gateway.federation.protocol import (
     Transaction,
     body_digest,
     body_hash,
+    canonical_envelope_bytes,
     check_txn_id,
     decode_transaction,
     encode_results,
@@ -117,6 +127,8 @@ class Verdict:
     envelope: Envelope | None = None  # the parsed envelope, when there is one
     decision: Decision | None = None  # the rules' decision, when it came to that
     repeat: bool = False  # the id appeared earlier in this transaction: never stored
+    # The JSON object the envelope was parsed from: its canonical bytes are stored.
+    raw: Mapping[str, object] | None = field(default=None, repr=False, compare=False)
 
     @property
     def accepted(self) -> bool:
@@ -145,7 +157,7 @@ def _judge_slot(slot: EnvelopeSlot, origin: str, rules: CompiledRules, now_ms: i
         burn_on_read=envelope.burn_on_read,
     )
     result = ACCEPTED if decision.allowed else decision.reason.value
-    return Verdict(envelope.id, result, envelope, decision)
+    return Verdict(envelope.id, result, envelope, decision, raw=slot.raw)
 
 
 def judge_transaction(txn: Transaction, rules: CompiledRules, *, now_ms: int) -> list[Verdict]:
@@ -169,8 +181,15 @@ def judge_transaction(txn: Transaction, rules: CompiledRules, *, now_ms: int) ->
     return verdicts
 
 
-def mailbox_record(envelope: Envelope) -> EnvelopeRecord:
-    """An accepted envelope as the store keeps it (canonical bytes, group included)."""
+def mailbox_record(
+    envelope: Envelope, *, raw: Mapping[str, object] | None = None
+) -> EnvelopeRecord:
+    """An accepted envelope as the store keeps it (canonical bytes, group included).
+
+    With ``raw``, the JSON object ``envelope`` was parsed from, the bytes are
+    dumped from it in C instead of encoding the envelope again: the same
+    bytes (:func:`protocol.canonical_envelope_bytes`).
+    """
     return EnvelopeRecord(
         envelope_id=envelope.id,
         sender=str(envelope.sender),
@@ -178,19 +197,19 @@ def mailbox_record(envelope: Envelope) -> EnvelopeRecord:
         created_ms=envelope.created,
         expires_ms=envelope.expires,
         burn_on_read=envelope.burn_on_read,
-        data=encode_envelope(envelope),
+        data=encode_envelope(envelope) if raw is None else canonical_envelope_bytes(raw),
     )
 
 
 # -- counting ------------------------------------------------------------------------
 
 
-def _count_envelope(peer: str, outcome: str) -> None:
+def _count_envelopes(peer: str, outcome: str, count: int) -> None:
     child = _ENVELOPE_COUNTERS.get((peer, outcome))
     if child is None:
         child = FEDERATION_ENVELOPES.labels(DIRECTION, peer, outcome)
         _ENVELOPE_COUNTERS[(peer, outcome)] = child
-    child.inc()
+    child.inc(count)
 
 
 def _count_transaction(peer: str, result: str) -> None:
@@ -285,13 +304,15 @@ class Receiver:
         except ProtocolError as exc:
             return self._protocol_error(peer, txn_id, exc)
         digest = body_hash(request.body)
-        record = await self._storage.txn_lookup(peer, txn_id)
-        if record is not None:
-            return self._recorded_answer(request.body, digest, record)
         try:
             txn = decode_transaction(request.body, max_envelopes=self._max_envelopes)
         except ProtocolError as exc:
-            return self._protocol_error(peer, txn_id, exc)
+            recorded = await self._recorded_if_any(request.body, digest, peer, txn_id)
+            return recorded or self._protocol_error(peer, txn_id, exc)
+        if txn.origin != peer or txn.destination != self.org:
+            recorded = await self._recorded_if_any(request.body, digest, peer, txn_id)
+            if recorded is not None:
+                return recorded
         if txn.origin != peer:
             LOGGER.warning(
                 "refused transaction %s from %s: its origin says %s",
@@ -318,13 +339,15 @@ class Receiver:
         now_ms = self._clock_ms()
         verdicts = judge_transaction(txn, rules, now_ms=now_ms)
         results = [EnvelopeResult(v.envelope_id, v.result) for v in verdicts]
-        entries = [mailbox_record(v.envelope) for v in verdicts if v.to_store and v.envelope]
+        entries = [
+            mailbox_record(v.envelope, raw=v.raw) for v in verdicts if v.to_store and v.envelope
+        ]
         outcome = await self._storage.deliver(
             peer, txn_id, digest, result_map(results), entries, at_ms=now_ms
         )
         if outcome.replayed is not None:
-            # A concurrent copy of this request committed first: answer as it did.
-            return self._recorded_answer(request.body, digest, outcome.replayed)
+            # A retry, or a concurrent copy that committed first: answer as first answered.
+            return self._recorded_answer(request.body, digest, outcome.replayed, txn)
         self._after_commit(peer, txn_id, verdicts, outcome, rules, now_ms)
         await self._audit_denials(peer, txn_id, verdicts)
         return _results_response(results), TXN_RESULT_OK
@@ -363,8 +386,15 @@ class Receiver:
         body = {"error": exc.reason.value, "message": exc.message}
         return json_response(400, body), exc.reason.value
 
+    async def _recorded_if_any(
+        self, body: bytes, digest: bytes, peer: str, txn_id: str
+    ) -> tuple[Response, str] | None:
+        """The answer a recorded ``(peer, txn_id)`` gets (before any refusal), or None."""
+        record = await self._storage.txn_lookup(peer, txn_id)
+        return None if record is None else self._recorded_answer(body, digest, record)
+
     def _recorded_answer(
-        self, body: bytes, digest: bytes, record: TxnRecord
+        self, body: bytes, digest: bytes, record: TxnRecord, txn: Transaction | None = None
     ) -> tuple[Response, str]:
         if record.body_hash != digest:
             LOGGER.warning(
@@ -376,8 +406,9 @@ class Receiver:
             )
             return error_response(409, Reason.TXN_CONFLICT), Reason.TXN_CONFLICT.value
         try:
-            # The body was a transaction when first answered; bounds of today do not apply.
-            txn = decode_transaction(body, max_envelopes=MAX_TRANSACTION_ENVELOPES)
+            if txn is None:
+                # The body was a transaction when first answered; bounds of today do not apply.
+                txn = decode_transaction(body, max_envelopes=MAX_TRANSACTION_ENVELOPES)
             results = replay_results(txn, record.results)
         except (ProtocolError, ValueError):
             LOGGER.exception(
@@ -405,14 +436,18 @@ class Receiver:
         """Count, log and wake: everything that follows the durable commit."""
         peer_label = bounded(peer, rules.peers)
         stored = frozenset(outcome.stored)
+        for result, count in collections.Counter(v.result for v in verdicts).items():
+            _count_envelopes(peer_label, result, count)
+        # An accepted envelope is logged at DEBUG: skip building its fields when that is off.
+        log_accepted = LOGGER.isEnabledFor(logging.DEBUG)
         accepted = 0
         for verdict in verdicts:
-            _count_envelope(peer_label, verdict.result)
             if verdict.accepted:
                 accepted += 1
             elif verdict.decision is not None and not verdict.repeat:
                 _count_denial(verdict.result)
-            _log_verdict(peer, verdict, stored)
+            if log_accepted or verdict.repeat or not verdict.accepted:
+                _log_verdict(peer, verdict, stored)
             envelope = verdict.envelope
             if envelope is not None and verdict.to_store and envelope.id in stored:
                 DELIVERY_LATENCY.observe(max(0, now_ms - envelope.created) / MS_PER_SECOND)

@@ -22,10 +22,16 @@ left in the spool.
 **A transaction.** ``spool_take`` returns the head of the lane without
 removing it: at most ``max_transaction_envelopes`` envelopes and
 ``max_transaction_bytes`` bytes (the first one always, however large).
-Envelopes whose expiry has passed are never sent: they leave the lane at once
-with status ``expired``. The rest are decoded (one that no longer decodes
-leaves with ``rejected:<its reason>``) and encoded into one body under a fresh
-random transaction id. That batch (id, exact body bytes, envelope ids) is kept:
+Envelopes whose expiry has passed (``SpoolEntry.expires_ms``) are never sent:
+they leave the lane at once with status ``expired``. The spool holds each
+envelope's canonical bytes (group included), so the rest are not decoded and
+encoded again: their bytes are spliced into one body
+(:func:`~gateway.federation.protocol.splice_transaction`) under a fresh random
+transaction id, and one parse in C checks that the body holds exactly these
+envelope ids in order. Only if it does not (a damaged or foreign spool entry)
+is each envelope decoded: one that no longer decodes, or holds another id,
+leaves with ``rejected:<its reason>`` and costs no other envelope anything.
+That batch (id, exact body bytes, envelope ids) is kept:
 while the lane's head still begins with the same envelopes, a retry resends
 the **same id and the same bytes**, which the receiver answers from its record
 (docs/protocol.md §5). It is dropped on an answer, on ``409`` (the peer holds
@@ -33,7 +39,13 @@ that id with another body) and on ``413``, after which batches are halved
 (down to one envelope) until the next success.
 
 **Answers.** One ``spool_complete`` records every envelope's fate:
-``accepted`` becomes ``forwarded``, any other result ``rejected:<reason>``. A
+``accepted`` becomes ``forwarded``, any other result ``rejected:<reason>``.
+That durable write runs in the background while the lane sends its next
+transaction (it changes nothing the peer sees, and the peer already holds
+the envelopes): the lane leaves the answered envelopes out of what it takes
+next, and keeps at most one such write outstanding, so writes land in lane
+order. If it fails, the envelopes are still spooled and go again, which the
+receiver's envelope-id dedup makes harmless. A
 result code that is not one of ours becomes ``rejected:protocol_error``: a
 peer's text never reaches a status a local user reads. An answer that does not
 name our envelopes in the order sent counts as a failure and the batch goes
@@ -107,6 +119,8 @@ from gateway.federation.protocol import (
     MAX_TRANSACTION_ENVELOPES,
     EnvelopeResult,
     encode_transaction,
+    splice_transaction,
+    spliced_body_holds,
 )
 from gateway.federation.transport import (
     CLOSE_TIMEOUT,
@@ -250,6 +264,15 @@ class _Lane:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     wake: trio.Event = field(default_factory=trio.Event)
     done: trio.Event = field(default_factory=trio.Event)
+
+
+@dataclass(eq=False)
+class _Completion:
+    """An answered batch whose ``spool_complete`` is running in the background."""
+
+    ids: frozenset[str]
+    done: trio.Event = field(default_factory=trio.Event)
+    error: StorageError | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,8 +446,15 @@ class _LaneRunner:
         self.persisted_success_ms: int | None = None
         self.batch: _Batch | None = None
         self.max_items = self.settings.max_transaction_envelopes
+        self.completion: _Completion | None = None
+        self.nursery: trio.Nursery | None = None
 
     async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            await self.loop()
+
+    async def loop(self) -> None:
         while True:
             try:
                 await self.step()
@@ -450,9 +480,7 @@ class _LaneRunner:
         self.metrics.backoff.set(0)
         # A fresh event before looking: a notify() from here on is not lost.
         self.lane.wake = trio.Event()
-        entries = await self.storage.spool_take(
-            self.org, max_items=self.max_items, max_bytes=self.settings.max_transaction_bytes
-        )
+        entries = await self.take()
         if not entries:
             with trio.move_on_after(self.settings.poll_interval):
                 await self.lane.wake.wait()
@@ -465,6 +493,35 @@ class _LaneRunner:
         batch = await self.batch_for(entries)
         if batch is not None:
             await self.send(batch, self.state)
+
+    async def take(self) -> list[SpoolEntry]:
+        """The head of the lane, less the envelopes whose completion is being written."""
+        completion = self.completion
+        answered = completion.ids if completion is not None else frozenset()
+        entries = await self.storage.spool_take(
+            self.org,
+            max_items=self.max_items + len(answered),
+            max_bytes=self.settings.max_transaction_bytes,
+        )
+        if not answered:
+            return entries
+        fresh = [entry for entry in entries if entry.envelope_id not in answered]
+        if entries and not fresh:
+            # Only answered envelopes (or a byte budget they used up): wait for their
+            # write, then look again, rather than wait for a wake-up.
+            await self.settle()
+            return await self.take()
+        return fresh[: self.max_items]
+
+    async def settle(self) -> None:
+        """Wait for the outstanding ``spool_complete``; its ``StorageError`` is raised here."""
+        completion = self.completion
+        if completion is None:
+            return
+        await completion.done.wait()
+        self.completion = None
+        if completion.error is not None:
+            raise completion.error
 
     async def wait_backoff(self, state: PeerState, now: int) -> None:
         remaining = remaining_seconds(state, now_ms=now)
@@ -492,6 +549,19 @@ class _LaneRunner:
             if kept == self.batch.ids:
                 return self.batch
             self.batch = None  # expired, purged or answered meanwhile: a new transaction
+        ids = tuple(entry.envelope_id for entry in entries)
+        body = splice_transaction(self.sender.org, self.org, [entry.data for entry in entries])
+        if not spliced_body_holds(body, ids):
+            return await self.batch_decoded(entries)
+        self.batch = _Batch(txn_id=new_txn_id(), body=body, ids=ids)
+        return self.batch
+
+    async def batch_decoded(self, entries: Sequence[SpoolEntry]) -> _Batch | None:
+        """The slow way, for a head whose spliced bytes are not a sound transaction.
+
+        Each envelope is decoded; those that do not decode (or hold another
+        id) leave the lane rejected, and the next turn builds a new batch.
+        """
         envelopes = []
         unusable: dict[str, str] = {}
         for entry in entries:
@@ -517,6 +587,9 @@ class _LaneRunner:
             for status in unusable.values():
                 self.metrics.outcome(status.removeprefix("rejected:")).inc()
             return None
+        # Every envelope decodes, yet the spliced body was not sound (bytes that
+        # are not this gateway's canonical form): encode them afresh.
+        LOGGER.warning("%s: spooled bytes did not splice into a sound transaction", self.org)
         body = encode_transaction(self.sender.org, self.org, envelopes)
         self.batch = _Batch(txn_id=new_txn_id(), body=body, ids=tuple(env.id for env in envelopes))
         return self.batch
@@ -587,12 +660,15 @@ class _LaneRunner:
                     "reason": code,
                 },
             )
-        await self.storage.spool_complete(self.org, statuses, at_ms=now)
+        # One write outstanding at a time: the previous one lands first.
+        await self.settle()
+        completion = _Completion(frozenset(statuses))
+        self.completion = completion
+        assert self.nursery is not None
+        self.nursery.start_soon(self.complete, completion, statuses, outcomes, now)
         self.batch = None
         self.max_items = self.settings.max_transaction_envelopes
         self.metrics.result(RESULT_OK).inc()
-        for outcome, count in outcomes.items():
-            self.metrics.outcome(outcome).inc(count)
         rejected = len(batch.ids) - outcomes[ACCEPTED]
         LOGGER.debug(
             "%s: transaction %s answered: %d accepted, %d rejected",
@@ -620,6 +696,24 @@ class _LaneRunner:
         if state.failures or state.backoff_until_ms or state.last_error is not None or stale:
             await self.storage.peer_state_put(self.state)
             self.persisted_success_ms = now
+
+    async def complete(
+        self,
+        completion: _Completion,
+        statuses: Mapping[str, str],
+        outcomes: collections.Counter[str],
+        now: int,
+    ) -> None:
+        """Record an answered batch's fates, then count them (the background write)."""
+        try:
+            await self.storage.spool_complete(self.org, statuses, at_ms=now)
+        except StorageError as exc:
+            completion.error = exc  # raised in the lane by settle()
+        else:
+            for outcome, count in outcomes.items():
+                self.metrics.outcome(outcome).inc(count)
+        finally:
+            completion.done.set()
 
     async def failed(self, batch: _Batch, state: PeerState, error: TransportError) -> None:
         now = self.clock_ms()

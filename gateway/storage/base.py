@@ -27,7 +27,10 @@ Mailboxes (inbound, one per local user)
 Delivery statuses
     ``queued`` (spooled), ``forwarded`` (the peer accepted it), ``delivered``
     (it is in a local mailbox), ``rejected:<reason>``, ``expired``. They are
-    written in the same commit as the change they describe.
+    written in the same commit as the change they describe. An engine may
+    answer ``queued`` from the spool entry itself (with its spool time) rather
+    than keep a status row for it: what :meth:`Storage.status_get` answers is
+    the same.
 
 Time
     Nothing here reads a clock: every time is passed in as Unix milliseconds

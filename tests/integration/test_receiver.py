@@ -31,7 +31,7 @@ import trio.testing
 from prometheus_client import REGISTRY
 
 from gateway.core.address import Address
-from gateway.core.envelope import Envelope, decode_envelope, new_envelope_id
+from gateway.core.envelope import Envelope, decode_envelope, encode_envelope, new_envelope_id
 from gateway.core.keytext import format_signing_key
 from gateway.crypto.envelope_crypto import open_envelope, seal
 from gateway.crypto.keys import UserKeys
@@ -44,7 +44,7 @@ from gateway.pki import dev
 from gateway.pki.certs import spki_pin
 from gateway.pki.tls import federation_client_context
 from gateway.rules_runtime import RulesHolder
-from gateway.storage.base import Storage
+from gateway.storage.base import Storage, TxnRecord
 from gateway.storage.sqlite import open_sqlite_storage
 
 ACME = "acme.example"
@@ -237,7 +237,12 @@ class Running:
 
 @asynccontextmanager
 async def receiving(
-    world: World, store: Storage, *, follow: bool = True, max_body_bytes: int = MAX_BODY_BYTES
+    world: World,
+    store: Storage,
+    *,
+    follow: bool = True,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    max_envelopes: int = MAX_ENVELOPES,
 ) -> AsyncIterator[Running]:
     """acme's federation listener with the receiver, wired as the app wires it."""
     name = f"federation-{next(_names)}"
@@ -246,7 +251,7 @@ async def receiving(
         rules=world.holder,
         storage=store,
         clock_ms=world.clock,
-        max_envelopes=MAX_ENVELOPES,
+        max_envelopes=max_envelopes,
         on_delivered=world.on_delivered,
     )
     router = Router()
@@ -473,6 +478,70 @@ async def test_a_replayed_transaction_gets_the_same_answer_and_stores_nothing_tw
         assert await mailbox_ids(store, BOB) == [allowed.id]
         assert world.delivered == [frozenset({BOB})]
     assert replays() == {"replayed": 1.0}
+
+
+class CountingLookups:
+    """The store, counting ``txn_lookup`` calls (each a trip to a reader thread)."""
+
+    def __init__(self, store: Storage) -> None:
+        self._store = store
+        self.lookups = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def txn_lookup(self, origin: str, txn_id: str) -> TxnRecord | None:
+        self.lookups += 1
+        return await self._store.txn_lookup(origin, txn_id)
+
+
+async def test_the_replay_check_rides_in_the_commit_and_the_recorded_id_still_decides_first(
+    world: World, store: Storage
+) -> None:
+    counting = CountingLookups(store)
+    receiver_store: Any = counting  # a Storage in every way the receiver uses
+    env = world.envelope("alice@globex.example", BOB, group="engineering")
+    body = transaction([env])
+    txn_id = new_envelope_id()
+    replays = Deltas(lambda: {"replayed": txns_counted(GLOBEX, "replayed")})
+    with trio.fail_after(TEST_TIMEOUT):
+        async with (
+            receiving(world, receiver_store, max_envelopes=2) as running,
+            world.client(world.globex) as http,
+        ):
+            first = await put(http, running, txn_id, body)
+            again = await put(http, running, txn_id, body)
+            # New and replayed transactions alike: no read before the commit.
+            assert counting.lookups == 0
+            assert results(first) == [(env.id, "accepted")]
+            assert again.content == first.content
+            # A body refused for any reason still gets 409 when its id is recorded...
+            for other in (
+                b"{",
+                transaction([env], origin=INITECH),
+                encode_transaction(GLOBEX, INITECH, [env]),
+                transaction([env, env, env]),  # over this receiver's bound of 2
+            ):
+                conflict = await put(http, running, txn_id, other)
+                assert conflict.status_code == 409, other[:60]
+            assert counting.lookups == 4
+        # ...and a recorded body over today's bound gets its recorded answer.
+        big = transaction([env, env, env])
+        big_id = new_envelope_id()
+        async with receiving(world, store) as running, world.client(world.globex) as http:
+            answered = await put(http, running, big_id, big)
+        async with (
+            receiving(world, store, max_envelopes=2) as running,
+            world.client(world.globex) as http,
+        ):
+            replayed = await put(http, running, big_id, big)
+        assert replayed.content == answered.content
+        assert results(replayed) == [(env.id, "accepted")] * 3
+        # The mailbox holds one copy, byte for byte what encode_envelope writes (group too).
+        (entry,) = await store.mailbox_fetch(BOB, limit=10)
+        assert entry.data == encode_envelope(env)
+        assert b'"group":"engineering"' in entry.data
+    assert replays() == {"replayed": 2.0}
 
 
 async def test_an_envelope_accepted_before_is_accepted_again_but_never_stored_twice(

@@ -44,7 +44,7 @@ from prometheus_client import REGISTRY
 from gateway.core.address import Address
 from gateway.core.envelope import Envelope, decode_envelope, encode_envelope, new_envelope_id
 from gateway.core.keytext import format_signing_key
-from gateway.errors import Reason
+from gateway.errors import Reason, StorageError
 from gateway.federation.protocol import (
     ACCEPTED,
     TRANSACTIONS_PATH,
@@ -52,6 +52,7 @@ from gateway.federation.protocol import (
     decode_transaction,
     encode_results,
     encode_transaction,
+    splice_transaction,
 )
 from gateway.federation.sender import Sender, SenderSettings, SenderStorage, new_txn_id
 from gateway.federation.sweeper import run_spool_sweeper, sweep_spool
@@ -486,6 +487,120 @@ async def test_rejected_results_become_rejected_statuses(
         outcome="peer_not_allowed",
     )
     assert after == before + 1
+
+
+async def test_the_body_is_the_spooled_bytes_spliced_and_stays_the_same_on_a_retry(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    storage, transport = MemoryStorage(), FakeTransport()
+    transport.scripted[A] = [TransportError("down", kind=FailureKind.CONNECT)]
+    sender = make_sender(storage, transport, load_rules(tmp_path, [A]))
+    items = [make_item(A, size=size) for size in (1, 100, 1000)]
+    async with running(sender):
+        await spool(storage, sender, items)
+        await wait_until(lambda: storage.depth(A) == 0)
+    first, second = transport.attempts
+    assert (first.txn_id, first.body) == (second.txn_id, second.body)
+    assert first.body == splice_transaction(ORG, A, [item.data for item in items])
+    decoded = [decode_envelope(item.data) for item in items]
+    assert first.body == encode_transaction(ORG, A, decoded)  # what decode + encode gave
+    assert all(env.group == "engineering" for env in decoded)
+
+
+def damaged_item(peer: str, data: bytes) -> SpoolItem:
+    return dataclasses.replace(make_item(peer), data=data)
+
+
+async def test_damaged_spool_entries_are_rejected_and_cost_no_other_envelope(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    storage, transport = MemoryStorage(), FakeTransport()
+    sender = make_sender(storage, transport, load_rules(tmp_path, [A]))
+    good = [make_item(A) for _ in range(4)]
+    truncated = damaged_item(A, good[0].data[:-10])
+    two_in_one = damaged_item(A, good[1].data + b"," + good[2].data)
+    other_id = damaged_item(A, make_item(A).data)
+    items = [good[0], truncated, good[1], two_in_one, other_id, good[2], good[3]]
+    async with running(sender):
+        await spool(storage, sender, items)
+        await wait_until(lambda: storage.depth(A) == 0)
+    assert storage.statuses[truncated.envelope_id] == "rejected:envelope_malformed"
+    assert storage.statuses[two_in_one.envelope_id] == "rejected:envelope_malformed"
+    assert storage.statuses[other_id.envelope_id] == "rejected:envelope_bad_id"
+    assert {storage.statuses[item.envelope_id] for item in good} == {STATUS_FORWARDED}
+    assert transport.delivered[A] == [item.envelope_id for item in good]  # in lane order
+    (attempt,) = transport.attempts  # every body sent was sound (FakeTransport checks)
+    assert attempt.body == splice_transaction(ORG, A, [item.data for item in good])
+
+
+class SlowCompletions(MemoryStorage):
+    """``spool_complete`` holds until released; records how many run at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = trio.Event()
+        self.running = 0
+        self.most_at_once = 0
+        self.failures_left = 0
+
+    async def spool_complete(self, peer: str, results: Mapping[str, str], *, at_ms: int) -> int:
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            await self.release.wait()
+            if self.failures_left:
+                self.failures_left -= 1
+                raise StorageError("disk full")
+            return await super().spool_complete(peer, results, at_ms=at_ms)
+        finally:
+            self.running -= 1
+
+
+async def test_the_next_transaction_goes_while_the_last_answer_is_written(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    storage, transport = SlowCompletions(), FakeTransport()
+    sender = make_sender(
+        storage,
+        transport,
+        load_rules(tmp_path, [A]),
+        settings=dataclasses.replace(FAST, max_transaction_envelopes=3),
+    )
+    items = [make_item(A) for _ in range(7)]
+    async with running(sender):
+        await spool(storage, sender, items)
+        # The first answer's write is held, yet the second batch goes, without those ids...
+        await wait_until(lambda: len(transport.attempts) == 2)
+        first, second = transport.attempts
+        assert first.ids == tuple(item.envelope_id for item in items[:3])
+        assert second.ids == tuple(item.envelope_id for item in items[3:6])
+        # ...and no third: its answer waits for the first write (one outstanding at a time).
+        await trio.sleep(10 * MINUTE)
+        assert len(transport.attempts) == 2
+        assert storage.depth(A) == 7  # nothing removed before its write
+        storage.release.set()
+        await wait_until(lambda: storage.depth(A) == 0)
+    assert [a.ids for a in transport.attempts][2:] == [(items[6].envelope_id,)]
+    assert storage.most_at_once == 1
+    assert {storage.statuses[item.envelope_id] for item in items} == {STATUS_FORWARDED}
+    assert transport.delivered[A] == [item.envelope_id for item in items]
+
+
+async def test_a_failed_background_write_sends_the_envelopes_again(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    storage, transport = SlowCompletions(), FakeTransport()
+    storage.release.set()
+    storage.failures_left = 1
+    sender = make_sender(storage, transport, load_rules(tmp_path, [A]))
+    items = [make_item(A) for _ in range(2)]
+    async with running(sender):
+        await spool(storage, sender, items)
+        await wait_until(lambda: storage.depth(A) == 0)
+    ids = tuple(item.envelope_id for item in items)
+    assert [a.ids for a in transport.attempts] == [ids, ids]  # the receiver dedups the copy
+    assert transport.delivered[A] == list(ids)
+    assert {storage.statuses[i] for i in ids} == {STATUS_FORWARDED}
 
 
 # -- failures and backoff ---------------------------------------------------------------------

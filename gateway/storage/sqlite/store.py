@@ -80,6 +80,8 @@ _SET_STATUS = (
     "ON CONFLICT (envelope_id) DO UPDATE SET status = excluded.status, at_ms = excluded.at_ms"
 )
 
+_HAS_STATUS = "SELECT 1 FROM statuses WHERE envelope_id = ?"
+
 _TXN_SELECT = "SELECT body_hash, results, at_ms FROM transactions WHERE origin = ? AND txn_id = ?"
 
 Row = tuple[Any, ...]
@@ -274,16 +276,12 @@ class SqliteStorage:
         def op(conn: sqlite3.Connection) -> list[str]:
             spooled: list[str] = []
             for item in items:
-                # The status row is the "seen on the sending side" marker: it
-                # exists from spool_put on, and outlives the spool entry.
+                # "Seen on the sending side" is: in the spool (status `queued`,
+                # read from the spool row itself), or with a status row, which
+                # the spool entry's removal writes in the same commit.
+                if conn.execute(_HAS_STATUS, (item.envelope_id,)).fetchone() is not None:
+                    continue  # answered, expired, purged or delivered locally
                 fresh = conn.execute(
-                    "INSERT INTO statuses (envelope_id, sender, status, at_ms) "
-                    "VALUES (?, ?, ?, ?) ON CONFLICT (envelope_id) DO NOTHING",
-                    (item.envelope_id, item.sender, STATUS_QUEUED, at_ms),
-                )
-                if fresh.rowcount != 1:
-                    continue  # spooled before, answered, or delivered locally
-                conn.execute(
                     "INSERT INTO spool (envelope_id, peer, sender, recipient, created_ms, "
                     "expires_ms, spooled_ms, size, burn_on_read, data) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (envelope_id) DO NOTHING",
@@ -300,7 +298,8 @@ class SqliteStorage:
                         item.data,
                     ),
                 )
-                spooled.append(item.envelope_id)
+                if fresh.rowcount == 1:  # else: spooled before
+                    spooled.append(item.envelope_id)
             return spooled
 
         return await self.engine.write(op)
@@ -627,9 +626,18 @@ class SqliteStorage:
         check_text("envelope_id", envelope_id, MAX_ENVELOPE_ID_LENGTH)
 
         def op(conn: sqlite3.Connection) -> DeliveryStatus | None:
+            # One read transaction: a spool entry and the status row that
+            # replaces it are committed together, so one of them is seen.
             row = conn.execute(
                 "SELECT sender, status, at_ms FROM statuses WHERE envelope_id = ?", (envelope_id,)
             ).fetchone()
+            if row is None:
+                # Spooled and not answered yet: `queued` since it was spooled.
+                # (Databases written before this kept a `queued` row instead.)
+                row = conn.execute(
+                    "SELECT sender, ?, spooled_ms FROM spool WHERE envelope_id = ?",
+                    (STATUS_QUEUED, envelope_id),
+                ).fetchone()
             if row is None:
                 return None
             return DeliveryStatus(
