@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Final
 
 from gateway.core.address import Address
-from gateway.core.envelope import b64url_decode_canonical, b64url_encode
+from gateway.core.encoding import b64url_decode_canonical, b64url_encode
 from gateway.crypto.keys import PublicKeys
 from gateway.errors import AddressError, ConfigError, Reason, RemoteError
 

@@ -50,13 +50,12 @@ envelope id, the group and the reason.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Final, NoReturn, Protocol
+from typing import Final, Protocol
 
 import trio
 from prometheus_client import Counter
@@ -64,6 +63,7 @@ from prometheus_client import Counter
 from gateway.clientapi.mailbox_wait import MailboxWaiters, TooManyWatches
 from gateway.clientapi.tokens import authenticate
 from gateway.core.address import Address, normalize_domain
+from gateway.core.encoding import loads_strict
 from gateway.core.envelope import (
     ENVELOPE_ID_RE,
     Envelope,
@@ -677,10 +677,8 @@ def _spool_item(allowed: _Allowed, peer: str) -> SpoolItem:
 def _json_body(body: bytes, what: str) -> object:
     """The body as strict JSON (no duplicate keys, no NaN); ``ProtocolError`` otherwise."""
     try:
-        return json.loads(
-            body.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant
-        )
-    except (ValueError, RecursionError):
+        return loads_strict(body)
+    except ValueError:
         raise ProtocolError(f"{what}: request body is not JSON") from None
 
 
@@ -690,17 +688,6 @@ def _object_body(body: bytes, what: str, fields: set[str]) -> dict[str, object]:
         names = ", ".join(repr(name) for name in sorted(fields))
         raise ProtocolError(f"{what}: body must be a JSON object with exactly {names}")
     return obj
-
-
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise ValueError("duplicate key")
-    return obj
-
-
-def _no_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not JSON")
 
 
 def _int_query(request: Request, name: str, default: int, low: int, high: int) -> int:

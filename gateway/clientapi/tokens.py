@@ -18,7 +18,7 @@ import re
 import secrets
 
 from gateway.core.address import Address
-from gateway.core.envelope import b64url_encode
+from gateway.core.encoding import b64url_encode
 from gateway.core.rules import CompiledRules
 from gateway.errors import AddressError
 from gateway.storage.base import Storage

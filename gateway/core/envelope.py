@@ -37,7 +37,6 @@ or built in code, still has one value and one encoding: equality, hashing and
 from __future__ import annotations
 
 import base64
-import binascii
 import dataclasses
 import functools
 import json
@@ -52,6 +51,7 @@ from typing import Final, NoReturn, TypeVar, cast
 from gateway.errors import AddressError, EnvelopeError, Reason
 
 from .address import Address
+from .encoding import b64url_decode_canonical, b64url_encode, is_canonical_b64url, loads_strict
 
 ENVELOPE_VERSION = 1
 
@@ -83,13 +83,6 @@ MAX_ENCODED_ENVELOPE_BYTES = MAX_CIPHERTEXT_B64_CHARS + _MAX_HEADER_BYTES
 # two bits, so it is one of A Q g w (the other four bits are zero).
 ENVELOPE_ID_RE = re.compile(r"[A-Za-z0-9_-]{21}[AQgw]")
 GROUP_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
-_B64URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-# The last character of unpadded base64url whose unused trailing bits are zero
-# (RFC 4648 section 3.5), by length mod 4: a final group of two characters
-# carries 8 bits in 12, so its last one is one of A Q g w; a group of three
-# carries 16 bits in 18, so its last one has the low two bits clear. A
-# length of 1 mod 4 encodes nothing.
-_CANONICAL_LAST = {2: frozenset("AQgw"), 3: frozenset("AEIMQUYcgkosw048")}
 
 SIGNING_DOMAIN = b"gateway-envelope-v1\x00"
 
@@ -386,55 +379,10 @@ def decode_envelope(data: bytes | bytearray | memoryview) -> Envelope:
     except UnicodeDecodeError:
         _fail("envelope is not UTF-8")
     try:
-        obj = json.loads(
-            text, object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant
-        )
-    except (ValueError, RecursionError):
-        # ValueError covers JSONDecodeError, our hooks and over-long integers;
-        # RecursionError is what deeply nested arrays give.
+        obj = loads_strict(text)
+    except ValueError:
         _fail("envelope is not valid JSON")
     return Envelope.from_json(obj)
-
-
-def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise ValueError("duplicate key")
-    return obj
-
-
-def _reject_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not JSON")
-
-
-def b64url_encode(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def b64url_decode_canonical(text: str) -> bytes:
-    """Decode unpadded base64url that is exactly what :func:`b64url_encode` writes.
-
-    Padding and non-zero unused trailing bits are refused, so one byte string
-    has one text form (``ValueError`` otherwise).
-    """
-    if not is_canonical_b64url(text):
-        raise ValueError("not canonical unpadded base64url")
-    try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except binascii.Error as exc:  # not reached: the patterns admit only valid text
-        raise ValueError("not base64url") from exc
-
-
-def is_canonical_b64url(text: str) -> bool:
-    """Whether ``text`` is what :func:`b64url_encode` writes for some bytes.
-
-    Two passes in C (no decoding): ASCII, then nothing left once the alphabet
-    is deleted; then the last character's unused bits must be zero.
-    """
-    tail = len(text) % 4
-    if tail == 1 or not text.isascii() or text.encode("ascii").translate(None, _B64URL_ALPHABET):
-        return False
-    return tail == 0 or text[-1] in _CANONICAL_LAST[tail]
 
 
 def new_envelope_id() -> str:

@@ -7,29 +7,12 @@ wire. This is what `gateway peer card` prints and a partner pastes under
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
+
+from gateway.core.encoding import b64url_decode_canonical, b64url_encode
 
 SIGNING_KEY_PREFIX = "ed25519:"
 _KEY_RE = re.compile(r"ed25519:[A-Za-z0-9_-]{43}")
-
-
-def b64url_encode(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def b64url_decode(text: str) -> bytes:
-    """Decode unpadded (or padded) base64url; ``ValueError`` on anything else."""
-    if not isinstance(text, str) or not re.fullmatch(r"[A-Za-z0-9_-]*={0,2}", text):
-        raise ValueError("not base64url")
-    stripped = text.rstrip("=")
-    if len(stripped) % 4 == 1:
-        raise ValueError("not base64url: impossible length")
-    try:
-        return base64.urlsafe_b64decode(stripped + "=" * (-len(stripped) % 4))
-    except binascii.Error as exc:
-        raise ValueError("not base64url") from exc
 
 
 def format_signing_key(public_key: bytes) -> str:
@@ -45,7 +28,10 @@ def parse_signing_key(text: str) -> bytes:
             f"invalid signing key {text!r}: expected ed25519: and 43 characters of "
             "base64url (see `gateway peer card`)"
         )
-    raw = b64url_decode(text[len(SIGNING_KEY_PREFIX) :])
+    try:
+        raw = b64url_decode_canonical(text[len(SIGNING_KEY_PREFIX) :])
+    except ValueError:
+        raise ValueError(f"invalid signing key {text!r}: not canonical base64url") from None
     if len(raw) != 32:
         raise ValueError(f"invalid signing key {text!r}: not 32 bytes")
     return raw

@@ -37,7 +37,8 @@ from nacl.exceptions import CryptoError
 from nacl.signing import SigningKey, VerifyKey
 
 from gateway.core.address import Address
-from gateway.core.envelope import MAX_TIME_MS, b64url_decode_canonical, b64url_encode
+from gateway.core.encoding import b64url_decode_canonical, b64url_encode, loads_strict
+from gateway.core.envelope import MAX_TIME_MS
 from gateway.crypto.keys import PublicKeys
 from gateway.errors import AddressError, KeyRecordError
 
@@ -187,24 +188,9 @@ def _load(data: bytes | bytearray | memoryview) -> object:
     if len(data) > MAX_KEY_RECORD_BYTES:
         _fail(f"larger than {MAX_KEY_RECORD_BYTES} bytes")
     try:
-        return json.loads(
-            bytes(data).decode("utf-8"),
-            object_pairs_hook=_no_duplicate_keys,
-            parse_constant=_no_constant,
-        )
-    except (ValueError, RecursionError):
+        return loads_strict(data)
+    except ValueError:
         _fail("not JSON")
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise ValueError("duplicate key")
-    return obj
-
-
-def _no_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not JSON")
 
 
 def _parse(obj: object) -> KeyRecord:

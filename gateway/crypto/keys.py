@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.core.address import Address
-from gateway.core.envelope import b64url_decode_canonical, b64url_encode
+from gateway.core.encoding import b64url_decode_canonical, b64url_encode
 from gateway.crypto.envelope_crypto import KEY_BYTES, derive_public_keys, generate_secret
 from gateway.errors import AddressError, PKIError, ProtocolError, Reason
 

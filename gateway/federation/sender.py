@@ -104,7 +104,8 @@ import trio
 from prometheus_client import Counter
 
 from gateway.config import Limits
-from gateway.core.envelope import b64url_encode, decode_envelope
+from gateway.core.encoding import b64url_encode
+from gateway.core.envelope import decode_envelope
 from gateway.core.rules import CompiledRules, Peer
 from gateway.errors import EnvelopeError, Reason, StorageError
 from gateway.federation.backoff import (

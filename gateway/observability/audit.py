@@ -64,6 +64,7 @@ from typing import Final, Protocol
 
 import trio
 
+from gateway.core.encoding import loads_strict
 from gateway.errors import LocalError
 from gateway.observability.metrics import (
     AUDIT_RECORDS_DROPPED,
@@ -238,20 +239,13 @@ class ChainReport:
         return self.broken is None
 
 
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise ValueError("duplicate key")
-    return obj
-
-
 def parse_record(line: bytes) -> dict[str, object]:
     """A line as a record; ``ValueError`` saying what is wrong with its form."""
     if len(line) > MAX_RECORD_BYTES:
         raise ValueError(f"longer than {MAX_RECORD_BYTES} bytes")
     try:
-        record = json.loads(line.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as exc:
+        record = loads_strict(line)
+    except ValueError as exc:
         raise ValueError(f"not a JSON record ({exc})") from None
     if not isinstance(record, dict):
         raise ValueError("not a JSON object")

@@ -16,12 +16,9 @@ from gateway.core.address import (
     normalize_user,
 )
 from gateway.core.durations import format_duration, parse_duration
-from gateway.core.keytext import (
-    b64url_decode,
-    b64url_encode,
-    format_signing_key,
-    parse_signing_key,
-)
+from gateway.core.encoding import b64url_decode_canonical as b64url_decode
+from gateway.core.encoding import b64url_encode, loads_strict
+from gateway.core.keytext import format_signing_key, parse_signing_key
 from gateway.errors import AddressError, Reason
 
 LABEL_63 = "a" * 63
@@ -294,10 +291,25 @@ def test_b64url_garbage_raises_only_value_error(text: str) -> None:
     assert b64url_decode(b64url_encode(raw)) == raw
 
 
-@pytest.mark.parametrize("text", ["A", "AAAAA", "AA+A", "AA/A", "A A", "AB=C", "Ä"])
+@pytest.mark.parametrize(
+    "text", ["A", "AAAAA", "AA+A", "AA/A", "A A", "AB=C", "Ä", "AA==", "AB", "AAB"]
+)
 def test_b64url_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="base64url"):
         b64url_decode(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"a": 1, "a": 2}', '{"a": NaN}', "[Infinity]", "-Infinity", "[" * 100_000, b"\xff"],
+)
+def test_strict_json_refuses_with_value_error(text: str | bytes) -> None:
+    with pytest.raises(ValueError, match=r"JSON|duplicate key|utf-8"):
+        loads_strict(text)
+
+
+def test_strict_json_accepts_json() -> None:
+    assert loads_strict(b'{"a": [1, 2.5, "x", null, true]}') == {"a": [1, 2.5, "x", None, True]}
 
 
 def test_signing_key_text_round_trip() -> None:

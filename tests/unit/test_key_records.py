@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.core.address import Address
-from gateway.core.envelope import b64url_encode
+from gateway.core.encoding import b64url_encode
 from gateway.crypto.key_records import (
     MAX_KEY_RECORD_BYTES,
     key_record_signing_bytes,
