@@ -216,7 +216,8 @@ async def run_gateway(
         servers = [federation, client]
 
         async def storage_ready() -> bool:
-            await storage.peer_states()
+            # A real write through the writer thread: a full disk or a lost lock shows here.
+            await storage.check_writable()
             return True
 
         async def listeners_ready() -> bool:

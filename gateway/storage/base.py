@@ -454,6 +454,16 @@ class Storage(Protocol):
     async def user_keys_get(self, user: str) -> bytes | None: ...
 
     # -- housekeeping ------------------------------------------------------------
+    async def check_writable(self) -> None:
+        """Prove the store accepts durable writes now, or raise ``StorageError``.
+
+        A cheap write transaction through the same path as every write (so it
+        waits behind them: a stuck writer shows as a slow answer), changing
+        nothing. For readiness checks: a caller may cancel it (e.g. with
+        ``trio.move_on_after``) and the store is none the worse.
+        """
+        ...
+
     async def prune(
         self, *, seen_before_ms: int, statuses_before_ms: int, txns_before_ms: int
     ) -> PruneCounts:

@@ -527,6 +527,113 @@ async def test_a_failing_op_fails_alone_and_its_batch_commits(store: SqliteStora
     assert await store.token_lookup(b"\x99") is None  # rolled back with its op
 
 
+async def test_a_failing_op_alone_is_rolled_back_and_the_writer_goes_on(
+    store: SqliteStorage,
+) -> None:
+    def write_then_raise(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO tokens (token_hash, user, created_ms) VALUES (x'99', 'x', 1)")
+        raise ValueError("changed my mind")
+
+    with pytest.raises(ValueError, match="changed my mind"):
+        await store.engine.write(write_then_raise)
+    assert await store.token_lookup(b"\x99") is None
+    assert await store.spool_put([spool_item("e1")], at_ms=1) == ["e1"]
+    assert [s.envelope_id for s in await store.spool_list()] == ["e1"]
+
+
+async def test_batch_operations_keep_per_envelope_answers(store: SqliteStorage) -> None:
+    # One statement per batch must still answer per envelope: repeats within
+    # a call, ids known from before, ids of another lane.
+    await store.spool_put([spool_item("x1", peer=INITECH)], at_ms=1)
+    await store.status_set("old", ALICE, STATUS_DELIVERED, at_ms=1)
+    items = [spool_item(i) for i in ("a", "b", "a", "old", "x1", "c")]
+    assert await store.spool_put(items, at_ms=2) == ["a", "b", "c"]
+    lane = await store.spool_take(GLOBEX, max_items=9, max_bytes=9_999)
+    assert [(e.envelope_id, e.peer) for e in lane] == [("a", GLOBEX), ("b", GLOBEX), ("c", GLOBEX)]
+    removed = await store.spool_complete(
+        GLOBEX, {"a": STATUS_FORWARDED, "x1": STATUS_FORWARDED, "gone": STATUS_FORWARDED}, at_ms=3
+    )
+    assert removed == 1  # x1 waits in another lane, "gone" in none
+    assert (await store.status_get("x1")).status == STATUS_QUEUED  # type: ignore[union-attr]
+    assert await store.status_get("gone") is None
+
+    first, again = mail("m1", data=b"first"), mail("m1", data=b"again")
+    other = mail("m2", recipient=CAROL)
+    out = await store.deliver(
+        GLOBEX, "t1", HASH, accepted(first, other), [first, again, other], at_ms=4
+    )
+    assert out.stored == ("m1", "m2")
+    assert out.recipients == {BOB, CAROL}
+    assert [e.data for e in await store.mailbox_fetch(BOB, limit=9)] == [b"first"]
+    # A mailbox row whose dedup row was pruned early is still not doubled.
+    await store.prune(seen_before_ms=FAR + 1, statuses_before_ms=0, txns_before_ms=0)
+    out = await store.deliver(GLOBEX, "t2", HASH, accepted(first), [first], at_ms=5)
+    assert out.stored == ()
+    assert await store.mailbox_ack(BOB, ["m1", "m1", "m2", "nope"]) == 1  # m2 is Carol's
+    assert (await store.mailbox_depth(CAROL)).envelopes == 1
+
+
+async def test_check_writable_commits_a_real_write_and_changes_nothing(db_path: Path) -> None:
+    async with open_sqlite_storage(db_path) as store:
+        assert await store.scrub()  # the WAL is empty now
+        wal = db_path.with_name(db_path.name + "-wal")
+        before = store.commits
+        await store.check_writable()
+        assert store.commits - before == 1
+        assert wal.stat().st_size > 0  # a page went to the WAL (and was synced)
+    with sqlite3.connect(db_path) as conn:
+        versions = [row[0] for row in conn.execute("SELECT version FROM schema_version")]
+    assert versions == [m.version for m in MIGRATIONS]
+
+
+async def test_check_writable_fails_when_the_database_takes_no_writes(
+    store: SqliteStorage, db_path: Path
+) -> None:
+    def short_wait(conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA busy_timeout = 20")
+
+    await store.engine.write_alone(short_wait)
+    other = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        with pytest.raises(StorageError, match="locked"):
+            await store.check_writable()
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    await store.check_writable()  # and recovers with the database
+
+
+async def test_check_writable_on_a_closed_store(db_path: Path) -> None:
+    async with open_sqlite_storage(db_path) as store:
+        await store.check_writable()
+    with pytest.raises(StorageError, match="closed"):
+        await store.check_writable()
+
+
+async def test_check_writable_can_be_abandoned_while_the_writer_is_stuck(
+    store: SqliteStorage,
+) -> None:
+    gate = WriterGate(store)
+    scope = trio.CancelScope()
+    gave_up: list[bool] = []
+
+    async def probe() -> None:
+        with scope:
+            await store.check_writable()
+        gave_up.append(scope.cancelled_caught)
+
+    async with trio.open_nursery() as nursery:
+        await gate.hold(nursery)
+        nursery.start_soon(probe)
+        await trio.testing.wait_all_tasks_blocked()
+        scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert gave_up == [True]  # returned while the writer is still held
+        gate.release.set()
+    await store.check_writable()
+
+
 async def test_a_closed_store_refuses_work(db_path: Path) -> None:
     async with open_sqlite_storage(db_path) as store:
         pass

@@ -20,7 +20,7 @@ import os
 import sqlite3
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from gateway.core.address import MAX_DOMAIN_LENGTH
 from gateway.storage.base import (
@@ -64,6 +64,7 @@ from gateway.storage.sqlite.schema import migrate
 
 DELETE_CHUNK: Final = 1_000  # rows per commit for purges and prunes
 _TRUNCATED: Final = " [truncated]"
+_PROBE_VERSION: Final = -1  # check_writable's transient row; real versions start at 1
 
 _SPOOL_COLUMNS = (
     "seq, envelope_id, peer, sender, recipient, created_ms, expires_ms, spooled_ms, "
@@ -80,11 +81,24 @@ _SET_STATUS = (
     "ON CONFLICT (envelope_id) DO UPDATE SET status = excluded.status, at_ms = excluded.at_ms"
 )
 
-_HAS_STATUS = "SELECT 1 FROM statuses WHERE envelope_id = ?"
+# "Which of these ids does this table hold?": one statement for a whole batch.
+_AMONG = "IN (SELECT value FROM json_each(?))"
+_STATUS_AMONG = f"SELECT envelope_id FROM statuses WHERE envelope_id {_AMONG}"  # noqa: S608
+_SPOOLED_AMONG = f"SELECT envelope_id FROM spool WHERE envelope_id {_AMONG}"  # noqa: S608
+_SEEN_AMONG = f"SELECT envelope_id FROM seen_envelopes WHERE envelope_id {_AMONG}"  # noqa: S608
+_MAILBOX_AMONG = f"SELECT envelope_id FROM mailbox WHERE envelope_id {_AMONG}"  # noqa: S608
+
+# The status of a spooled envelope on its peer's answer (nothing if it left the lane).
+_COMPLETE_STATUS = (
+    "INSERT INTO statuses (envelope_id, sender, status, at_ms) "
+    "SELECT envelope_id, sender, ?, ? FROM spool WHERE envelope_id = ? AND peer = ? "
+    "ON CONFLICT (envelope_id) DO UPDATE SET status = excluded.status, at_ms = excluded.at_ms"
+)
 
 _TXN_SELECT = "SELECT body_hash, results, at_ms FROM transactions WHERE origin = ? AND txn_id = ?"
 
 Row = tuple[Any, ...]
+_R = TypeVar("_R", bound=EnvelopeRecord)
 
 
 # -- argument checks (before anything is queued) ---------------------------------
@@ -209,25 +223,52 @@ def _peer_state(row: Row) -> PeerState:
 
 
 # -- ops shared by several methods -------------------------------------------------
+def _ids_json(ids: Sequence[str]) -> str:
+    """Ids as one JSON array: a batch is one bound value, so one cached statement
+    (``IN (SELECT value FROM json_each(?))``) serves every batch size."""
+    return json.dumps(ids, separators=(",", ":"))
+
+
+def _present(conn: sqlite3.Connection, sql: str, ids: Sequence[str]) -> set[str]:
+    """Which of ``ids`` the one-column query ``sql`` (bound to their JSON array) finds."""
+    if not ids:
+        return set()
+    return {row[0] for row in conn.execute(sql, (_ids_json(ids),))}
+
+
+def _first_unseen(entries: Sequence[_R], skip: set[str]) -> list[_R]:
+    """Entries whose id is not in ``skip``, each id once (its first occurrence), in order."""
+    fresh: list[_R] = []
+    for entry in entries:
+        if entry.envelope_id not in skip:
+            skip.add(entry.envelope_id)
+            fresh.append(entry)
+    return fresh
+
+
 def _store_in_mailboxes(
     conn: sqlite3.Connection, entries: Sequence[EnvelopeRecord], at_ms: int
 ) -> tuple[list[EnvelopeRecord], set[str]]:
-    """Insert entries whose ids were never seen; return those stored and their recipients."""
-    stored: list[EnvelopeRecord] = []
-    recipients: set[str] = set()
-    for entry in entries:
-        seen = conn.execute(
-            "INSERT INTO seen_envelopes (envelope_id, expires_ms) VALUES (?, ?) "
-            "ON CONFLICT (envelope_id) DO NOTHING",
-            (entry.envelope_id, entry.expires_ms),
-        )
-        if seen.rowcount != 1:
-            continue
-        # A mailbox row whose seen row was pruned early must still not double.
-        inserted = conn.execute(
-            "INSERT INTO mailbox (envelope_id, recipient, sender, created_ms, expires_ms, "
-            "stored_ms, size, burn_on_read, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (envelope_id) DO NOTHING",
+    """Insert entries whose ids were never seen; return those stored and their recipients.
+
+    Set-based: one lookup of the batch's known ids, then one ``executemany``
+    per table. Inside the write transaction nothing else writes, so the ids
+    found absent stay absent until the inserts (which would fail loudly, not
+    skip silently, if that ever changed).
+    """
+    ids = [entry.envelope_id for entry in entries]
+    fresh = _first_unseen(entries, _present(conn, _SEEN_AMONG, ids))
+    conn.executemany(
+        "INSERT INTO seen_envelopes (envelope_id, expires_ms) VALUES (?, ?)",
+        [(entry.envelope_id, entry.expires_ms) for entry in fresh],
+    )
+    # A mailbox row whose seen row was pruned early must still not double.
+    held = _present(conn, _MAILBOX_AMONG, [entry.envelope_id for entry in fresh])
+    stored = [entry for entry in fresh if entry.envelope_id not in held] if held else fresh
+    conn.executemany(
+        "INSERT INTO mailbox (envelope_id, recipient, sender, created_ms, expires_ms, "
+        "stored_ms, size, burn_on_read, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
             (
                 entry.envelope_id,
                 entry.recipient,
@@ -238,12 +279,11 @@ def _store_in_mailboxes(
                 entry.size,
                 int(entry.burn_on_read),
                 entry.data,
-            ),
-        )
-        if inserted.rowcount == 1:
-            stored.append(entry)
-            recipients.add(entry.recipient)
-    return stored, recipients
+            )
+            for entry in stored
+        ],
+    )
+    return stored, {entry.recipient for entry in stored}
 
 
 def _delete_chunked_sql(table: str, key: str, where: str) -> str:
@@ -274,17 +314,19 @@ class SqliteStorage:
         items = list(items)
 
         def op(conn: sqlite3.Connection) -> list[str]:
-            spooled: list[str] = []
-            for item in items:
-                # "Seen on the sending side" is: in the spool (status `queued`,
-                # read from the spool row itself), or with a status row, which
-                # the spool entry's removal writes in the same commit.
-                if conn.execute(_HAS_STATUS, (item.envelope_id,)).fetchone() is not None:
-                    continue  # answered, expired, purged or delivered locally
-                fresh = conn.execute(
-                    "INSERT INTO spool (envelope_id, peer, sender, recipient, created_ms, "
-                    "expires_ms, spooled_ms, size, burn_on_read, data) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (envelope_id) DO NOTHING",
+            # "Seen on the sending side" is: in the spool (status `queued`,
+            # read from the spool row itself), or with a status row (answered,
+            # expired, purged or delivered locally), which the spool entry's
+            # removal writes in the same commit.
+            ids = [item.envelope_id for item in items]
+            known = _present(conn, _STATUS_AMONG, ids) | _present(conn, _SPOOLED_AMONG, ids)
+            fresh = _first_unseen(items, known)
+            # executemany keeps the order, so lane order is still item order.
+            conn.executemany(
+                "INSERT INTO spool (envelope_id, peer, sender, recipient, created_ms, "
+                "expires_ms, spooled_ms, size, burn_on_read, data) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
                     (
                         item.envelope_id,
                         item.peer,
@@ -296,11 +338,11 @@ class SqliteStorage:
                         item.size,
                         int(item.burn_on_read),
                         item.data,
-                    ),
-                )
-                if fresh.rowcount == 1:  # else: spooled before
-                    spooled.append(item.envelope_id)
-            return spooled
+                    )
+                    for item in fresh
+                ],
+            )
+            return [item.envelope_id for item in fresh]
 
         return await self.engine.write(op)
 
@@ -336,16 +378,14 @@ class SqliteStorage:
         check_ms("at_ms", at_ms)
 
         def op(conn: sqlite3.Connection) -> int:
-            removed = 0
-            for envelope_id, status in pairs:
-                row = conn.execute(
-                    "DELETE FROM spool WHERE envelope_id = ? AND peer = ? RETURNING sender",
-                    (envelope_id, peer),
-                ).fetchone()
-                if row is not None:
-                    conn.execute(_SET_STATUS, (envelope_id, row[0], status, at_ms))
-                    removed += 1
-            return removed
+            # The status rows first (they read the sender from the spool row),
+            # then the removal; only ids still in this peer's lane match either.
+            rows = [(status, at_ms, envelope_id, peer) for envelope_id, status in pairs]
+            conn.executemany(_COMPLETE_STATUS, rows)
+            return conn.executemany(
+                "DELETE FROM spool WHERE envelope_id = ? AND peer = ?",
+                [(envelope_id, peer) for envelope_id, _status in pairs],
+            ).rowcount
 
         return await self.engine.write(op)
 
@@ -555,14 +595,11 @@ class SqliteStorage:
         ids = _ids("mailbox_ack", envelope_ids)
 
         def op(conn: sqlite3.Connection) -> int:
-            deleted = 0
-            for envelope_id in ids:
-                cur = conn.execute(
-                    "DELETE FROM mailbox WHERE recipient = ? AND envelope_id = ?",
-                    (user, envelope_id),
-                )
-                deleted += cur.rowcount
-            return deleted
+            # executemany's rowcount is the sum over the ids (a repeated id counts once).
+            return conn.executemany(
+                "DELETE FROM mailbox WHERE recipient = ? AND envelope_id = ?",
+                [(user, envelope_id) for envelope_id in ids],
+            ).rowcount
 
         return await self.engine.write(op)
 
@@ -748,6 +785,20 @@ class SqliteStorage:
         return await self.engine.read(op)
 
     # -- housekeeping ----------------------------------------------------------------
+    async def check_writable(self) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            # A row written and removed again: the page really changes, so the
+            # commit appends to the WAL and syncs it (an empty transaction, or
+            # a row rewritten with its own values, proves only the lock), yet
+            # no reader ever sees the row and nothing is left of it.
+            conn.execute(
+                "INSERT INTO schema_version (version, description, applied_ms) VALUES (?, ?, 0)",
+                (_PROBE_VERSION, "check_writable"),
+            )
+            conn.execute("DELETE FROM schema_version WHERE version = ?", (_PROBE_VERSION,))
+
+        await self.engine.write(op, cancellable=True)
+
     async def prune(
         self, *, seen_before_ms: int, statuses_before_ms: int, txns_before_ms: int
     ) -> PruneCounts:
