@@ -26,12 +26,8 @@ new contacts are simply trusted again on their next use.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import json
-import os
-import secrets
-import stat
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,6 +37,7 @@ from gateway.core.address import Address
 from gateway.core.encoding import b64url_decode_canonical, b64url_encode
 from gateway.crypto.keys import PublicKeys
 from gateway.errors import AddressError, ConfigError, Reason, RemoteError
+from gateway.files import read_private, write_atomically
 
 CONTACTS_FILE_VERSION: Final = 1
 CONTACTS_FILE_KIND: Final = "gateway-contacts"
@@ -179,51 +176,24 @@ class ContactBook:
             },
         }
         data = (json.dumps(obj, indent=2) + "\n").encode("ascii")
-        temp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(8)}.tmp")
         try:
-            fd = os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, CONTACTS_FILE_MODE)
-            try:
-                os.fchmod(fd, CONTACTS_FILE_MODE)  # exact, whatever the umask
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(temp, self.path)
+            write_atomically(self.path, data, mode=CONTACTS_FILE_MODE, replace=True)
         except OSError as exc:
             raise ConfigError(
                 f"{self.path}: cannot write the contacts file: {exc.strerror or exc}"
             ) from exc
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
         self._dirty = False
 
 
 def _read_private(path: Path) -> bytes | None:
     try:
-        fd = os.open(path, os.O_RDONLY)
+        return read_private(path, max_bytes=MAX_CONTACTS_FILE_BYTES, what="contacts file")
     except FileNotFoundError:
         return None
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the contacts file: {exc.strerror or exc}") from exc
-    try:
-        info = os.fstat(fd)  # the file checked is the file read
-        if not stat.S_ISREG(info.st_mode):
-            raise ConfigError(f"{path}: the contacts file is not a regular file")
-        if info.st_mode & 0o077:
-            raise ConfigError(
-                f"{path}: the contacts file is accessible by group or others "
-                f"(mode {stat.S_IMODE(info.st_mode):04o}); run: chmod 600 {path}"
-            )
-        if info.st_size > MAX_CONTACTS_FILE_BYTES:
-            raise ConfigError(f"{path}: too large for a contacts file ({info.st_size} bytes)")
-        return os.read(fd, MAX_CONTACTS_FILE_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the contacts file: {exc.strerror or exc}") from exc
-    finally:
-        os.close(fd)
 
 
 def _parse(obj: object) -> dict[Address, Contact]:

@@ -20,11 +20,8 @@ or others may read or write.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import secrets
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +29,7 @@ from gateway.core.address import Address
 from gateway.core.encoding import b64url_decode_canonical, b64url_encode
 from gateway.crypto.envelope_crypto import KEY_BYTES, derive_public_keys, generate_secret
 from gateway.errors import AddressError, PKIError, ProtocolError, Reason
+from gateway.files import read_private, write_atomically
 
 KEY_FILE_VERSION = 1
 KEY_FILE_KIND = "gateway-user-keys"
@@ -108,22 +106,12 @@ class UserKeys:
         """
         target = Path(path)
         data = (json.dumps(self.to_file_json(), indent=2, sort_keys=True) + "\n").encode("ascii")
-        temp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
         try:
-            _write_private(temp, data)
-            if overwrite:
-                os.replace(temp, target)
-            else:
-                # link() fails if the target exists: no check-then-write race.
-                os.link(temp, target)
-            _fsync_directory(target.parent)
+            write_atomically(target, data, mode=KEY_FILE_MODE, replace=overwrite)
         except FileExistsError:
             raise PKIError(f"{target}: key file exists; refusing to overwrite it") from None
         except OSError as exc:
             raise PKIError(f"{target}: cannot write key file: {exc.strerror or exc}") from exc
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> UserKeys:
@@ -143,50 +131,15 @@ class UserKeys:
 # -- file helpers --------------------------------------------------------------
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, KEY_FILE_MODE)
-    try:
-        os.fchmod(fd, KEY_FILE_MODE)  # exact, whatever the umask
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _read_private(path: Path) -> bytes:
     try:
-        fd = os.open(path, os.O_RDONLY)
+        return read_private(path, max_bytes=MAX_KEY_FILE_BYTES, what="key file")
     except FileNotFoundError:
         raise PKIError(f"{path}: no such key file") from None
+    except ValueError as exc:
+        raise PKIError(f"{path}: {exc}") from None
     except OSError as exc:
         raise PKIError(f"{path}: cannot read key file: {exc.strerror or exc}") from exc
-    try:
-        # fstat on the open descriptor: the file checked is the file read.
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise PKIError(f"{path}: not a regular file")
-        if info.st_mode & 0o077:
-            raise PKIError(
-                f"{path}: key file is accessible by group or others "
-                f"(mode {stat.S_IMODE(info.st_mode):04o}); run: chmod 600 {path}"
-            )
-        if info.st_size > MAX_KEY_FILE_BYTES:
-            raise PKIError(f"{path}: too large for a key file ({info.st_size} bytes)")
-        return os.read(fd, MAX_KEY_FILE_BYTES + 1)
-    except OSError as exc:
-        raise PKIError(f"{path}: cannot read key file: {exc.strerror or exc}") from exc
-    finally:
-        os.close(fd)
 
 
 def _parse_key_file(obj: object) -> UserKeys:

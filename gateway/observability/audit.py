@@ -66,6 +66,7 @@ import trio
 
 from gateway.core.encoding import loads_strict
 from gateway.errors import LocalError
+from gateway.files import fsync_directory
 from gateway.observability.metrics import (
     AUDIT_RECORDS_DROPPED,
     AUDIT_RECORDS_WRITTEN,
@@ -413,14 +414,6 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _rotated_name(path: Path, at: float) -> Path:
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(at)) + f"{int(at * 1000) % 1000:03d}Z"
     candidate = path.with_name(f"{path.name}.{stamp}")
@@ -470,7 +463,7 @@ def append_events(
                 fd = -1
                 os.rename(path, rotated)
                 fd = _open_log(path)
-                _fsync_dir(path.parent)
+                fsync_directory(path.parent)
                 pending.append(AuditEvent.of("audit_rotated", at=now, previous_file=rotated.name))
                 LOGGER.info("audit log %s rotated to %s", path, rotated.name)
             records: list[dict[str, object]] = []

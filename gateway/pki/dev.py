@@ -22,9 +22,7 @@ one, and a private key is never readable by anyone else, not even for a moment.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
-import os
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -37,6 +35,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.core.address import normalize_domain
 from gateway.errors import AddressError, PKIError
+from gateway.files import write_atomically
 from gateway.pki.certs import load_certificates_pem, public_key_pin
 
 CA_VALIDITY_DAYS = 3650
@@ -310,14 +309,6 @@ def signing_public_key_raw(key: ed25519.Ed25519PrivateKey) -> bytes:
 # -- files --------------------------------------------------------------------------
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_file(path: Path, data: bytes, *, mode: int, replace: bool) -> None:
     """Write ``data`` to ``path`` atomically with exactly ``mode``.
 
@@ -326,32 +317,11 @@ def write_file(path: Path, data: bytes, *, mode: int, replace: bool) -> None:
     process raced us to it. ``OSError`` is translated into ``PKIError`` naming
     the file.
     """
-    directory = path.parent
-    tmp = directory / f".{path.name}.{secrets.token_hex(8)}.tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        try:
-            os.fchmod(fd, mode)  # the umask may have taken bits we want (never added any)
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if replace:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            finally:
-                tmp.unlink()
-        _fsync_dir(directory)
+        write_atomically(path, data, mode=mode, replace=replace)
     except FileExistsError as exc:
         raise PKIError(f"{path}: already exists; not replacing it") from exc
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise PKIError(f"{path}: cannot write: {exc.strerror or exc}") from exc
 
 
