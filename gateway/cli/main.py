@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from gateway import __version__
 from gateway.cli.common import EXIT_FAILURE, EXIT_USAGE, UsageError
+from gateway.core.envelope import ENVELOPE_ID_RE
 from gateway.errors import GatewayError
 
 # Command-group modules under gateway.cli, in the order `gateway --help` lists them.
@@ -63,9 +64,25 @@ def _single_error(group: BaseExceptionGroup[BaseException]) -> BaseException | N
     return ours[0] if ours and len(ours) == len(leaves) else None
 
 
+def protect_envelope_ids(argv: Sequence[str]) -> list[str]:
+    """Move envelope ids that begin with ``-`` behind ``--``.
+
+    An envelope id is 22 characters of base64url, and one in 64 begins with
+    ``-``: argparse would take ``gateway client status -5jvy...`` for an unknown
+    option. No option of ours looks like an id, so such a token is an id.
+    """
+    args = list(argv)
+    if "--" in args:
+        return args
+    ids = [arg for arg in args if arg.startswith("-") and ENVELOPE_ID_RE.fullmatch(arg)]
+    if not ids:
+        return args
+    return [arg for arg in args if arg not in ids] + ["--", *ids]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(protect_envelope_ids(sys.argv[1:] if argv is None else argv))
     handler = getattr(args, "handler", None)
     if handler is None:
         parser.print_help(sys.stderr)
