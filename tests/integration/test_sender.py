@@ -81,7 +81,6 @@ from gateway.storage.base import (
     SpoolEntry,
     SpoolItem,
 )
-from gateway.storage.sqlite import open_sqlite_storage
 
 ORG = "acme.example"
 A = "globex.example"
@@ -650,52 +649,39 @@ async def test_a_failing_peer_backs_off_exponentially_and_persists_its_state(
 async def test_a_restarted_sender_honours_the_persisted_backoff(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
+    # The in-memory storage with the engines' semantics: the virtual clock must
+    # not jump while a task waits for a storage thread (it would race past the
+    # envelope's expiry). That peer state survives a reopen of the real store is
+    # tests/integration/test_storage_sqlite.py's to show; here: a new Sender
+    # reads the stored backoff and waits it out.
     rules = load_rules(tmp_path, [A])
-    transport = FakeTransport(down={A})
+    storage, transport = MemoryStorage(), FakeTransport(down={A})
     settings = dataclasses.replace(FAST, backoff_initial=600.0, backoff_max=600.0)
-    async with open_sqlite_storage(tmp_path / "gateway.sqlite3") as store:
-        item = make_item(A)
-        await store.spool_put([item], at_ms=clock_ms())
-        # The autojump clock also jumps while a task waits for a storage thread, so
-        # the test must not poll the store while the first sender runs (the clock
-        # would reach its next try): it learns of the stored failure from the store's
-        # own call, and stops the sender at once.
-        persisted = trio.Event()
+    item = make_item(A)
+    await storage.spool_put([item], at_ms=clock_ms())
+    first = make_sender(storage, transport, rules, settings=settings)
+    async with running(first):
+        await wait_until(lambda: A in storage.states, step=0.01)
+    state = storage.states[A]
+    assert state.failures == 1
+    failed_at = transport.attempts[0].at
+    assert virtual(state.backoff_until_ms) >= failed_at + 600 - 0.002
 
-        class Watched:
-            def __getattr__(self, name: str) -> object:
-                return getattr(store, name)
-
-            async def peer_state_put(self, state: PeerState) -> None:
-                await store.peer_state_put(state)
-                persisted.set()
-
-        first = make_sender(Watched(), transport, rules, settings=settings)  # type: ignore[arg-type]
-        async with running(first):
-            await persisted.wait()
-        state = await store.peer_state_get(A)
-        assert state is not None
-        assert state.failures == 1
-        failed_at = transport.attempts[0].at
-        assert virtual(state.backoff_until_ms) >= failed_at + 600 - 0.002
-
-        # The peer is back, and the gateway restarts: the stored backoff still holds.
-        transport.down.clear()
-        before_restart = len(transport.attempts)
-        second = make_sender(store, transport, rules, settings=settings)
-        async with running(second):
-            while (status := await store.status_get(item.envelope_id)) is None or (
-                status.status != STATUS_FORWARDED
-            ):
-                await trio.sleep(1)
-            # The reset state is written right after the statuses (its own commit).
-            while (after := await store.peer_state_get(A)) is None or after.failures:
-                await trio.sleep(1)
-        after_restart = transport.attempts[before_restart:]
-        assert len(after_restart) == 1  # no hammering: one attempt after the restart
-        assert after_restart[0].at >= virtual(state.backoff_until_ms) - 0.002
-        assert (after.failures, after.backoff_until_ms) == (0, 0)
-        assert after.last_success_ms is not None
+    # The peer is back, and the gateway restarts: the stored backoff still holds.
+    transport.down.clear()
+    before_restart = len(transport.attempts)
+    second = make_sender(storage, transport, rules, settings=settings)
+    async with running(second):
+        done = await wait_until(lambda: storage.depth(A) == 0, step=1)
+        await wait_until(lambda: storage.states[A].failures == 0, step=1)
+    after_restart = transport.attempts[before_restart:]
+    assert len(after_restart) == 1  # no hammering: one attempt after the restart
+    assert after_restart[0].at >= virtual(state.backoff_until_ms) - 0.002
+    assert done <= virtual(state.backoff_until_ms) + settings.poll_interval + 1
+    assert storage.statuses[item.envelope_id] == STATUS_FORWARDED
+    after = storage.states[A]
+    assert (after.failures, after.backoff_until_ms) == (0, 0)
+    assert after.last_success_ms is not None
 
 
 async def test_spool_retry_from_an_admin_ends_the_backoff(
