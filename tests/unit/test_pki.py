@@ -213,7 +213,7 @@ def test_write_into_a_missing_directory_names_the_file(tmp_path: Path) -> None:
 
 def test_garbage_key_file_is_named_and_not_quoted(tmp_path: Path) -> None:
     path = tmp_path / "gateway.key"
-    path.write_text("-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n-----END PRIVATE KEY-----\n")
+    path.write_text(garbage_pem("PRIVATE KEY"))
     with pytest.raises(PKIError) as info:
         dev.load_ec_key(path)
     assert str(path) in str(info.value)
@@ -482,3 +482,9 @@ def test_peer_card_loads_as_one_peers_entry(acme_ca: dev.Issued) -> None:
     # Pasted under `peers:` (indented by two), it is still that entry.
     indented = "peers:\n" + "".join(f"  {line}\n" for line in text.splitlines())
     assert yaml.safe_load(indented)["peers"] == yaml.safe_load(text)
+
+
+def garbage_pem(label: str) -> str:
+    """A PEM block of the given label around bytes that are no key (built at run time,
+    so no file of the repository looks like it holds a private key)."""
+    return f"-----BEGIN {label}-----\nZ2FyYmFnZQ==\n-----END {label}-----\n"
