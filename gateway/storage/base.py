@@ -46,12 +46,14 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, Self, TypeVar
 
 from gateway.core.address import MAX_ADDRESS_LENGTH, MAX_DOMAIN_LENGTH
 
 if TYPE_CHECKING:  # only read: the store never parses an envelope
     from gateway.core.envelope import Envelope
+
+_T = TypeVar("_T")
 
 # -- bounds ----------------------------------------------------------------------
 MAX_ENVELOPE_ID_LENGTH = 128  # generous: the envelope format's ids are far shorter
@@ -170,6 +172,24 @@ class EnvelopeRecord:
             raise ValueError(f"burn_on_read of {self.envelope_id} must be a bool")
         check_bytes(f"data of {self.envelope_id}", self.data)
 
+    @classmethod
+    def _from_trusted(cls, **values: object) -> Self:
+        """A record of ``values`` *without* the checks of ``__post_init__``.
+
+        For hot paths whose values are already known valid, and only those:
+        rows read back from our own database (written only from checked
+        records) and records built from an envelope that passed the envelope
+        checks (:func:`envelope_record`, :func:`spool_item`). Never for
+        anything a client, a peer or a config file supplied directly: that
+        goes through the public constructor. ``values`` must name every field
+        of ``cls`` exactly once, with its declared type (the tests hold each
+        caller to this); the result is then indistinguishable from the
+        checked construction (``==``, ``hash``, ``repr``). It costs about a
+        third of the checked one, which calls a checker and formats its
+        message for every field of every record.
+        """
+        return _trusted(cls, values)
+
     @property
     def size(self) -> int:
         return len(self.data)
@@ -186,31 +206,81 @@ class SpoolItem(EnvelopeRecord):
         check_text(f"peer of {self.envelope_id}", self.peer, MAX_DOMAIN_LENGTH)
 
 
+# Record values taken from a checked envelope need no second check: the envelope
+# checks (Envelope.from_json, check_envelope) are stricter than the record's. Its
+# id is 22 characters of base64url (at most MAX_ENVELOPE_ID_LENGTH here), its
+# addresses are normalized ``user@org`` of at most MAX_ADDRESS_LENGTH, its times
+# lie within 0..2**53-1 (MAX_TIME_MS here is 2**62) and burn_on_read is a bool.
+# `data` and `peer` are not part of the envelope, so they keep their checks
+# (inline for the common case, the checker itself for its message otherwise).
 def envelope_record(envelope: Envelope, data: bytes) -> EnvelopeRecord:
-    """The store's record of ``envelope``, whose canonical encoding is ``data``."""
-    return EnvelopeRecord(
+    """The store's record of ``envelope``, whose canonical encoding is ``data``.
+
+    ``envelope`` must have passed the envelope checks (it came from
+    :meth:`~gateway.core.envelope.Envelope.from_json` or
+    :func:`~gateway.core.envelope.decode_envelope`, or passed
+    :func:`~gateway.core.envelope.check_envelope`): its fields are not checked
+    again. ``Envelope(...)`` built in code checks nothing; use the
+    :class:`EnvelopeRecord` constructor for that.
+    """
+    return EnvelopeRecord._from_trusted(
         envelope_id=envelope.id,
         sender=str(envelope.sender),
         recipient=str(envelope.recipient),
         created_ms=envelope.created,
         expires_ms=envelope.expires,
         burn_on_read=envelope.burn_on_read,
-        data=data,
+        data=_checked_data(envelope.id, data),
     )
 
 
 def spool_item(envelope: Envelope, data: bytes, peer: str) -> SpoolItem:
-    """``envelope`` (encoded as ``data``) for the lane of ``peer``."""
-    return SpoolItem(
+    """``envelope`` (encoded as ``data``) for the lane of ``peer``.
+
+    ``envelope`` must have passed the envelope checks, as for
+    :func:`envelope_record`; ``data`` and ``peer`` are checked.
+    """
+    if type(peer) is not str or not 0 < len(peer) <= MAX_DOMAIN_LENGTH:
+        check_text(f"peer of {envelope.id}", peer, MAX_DOMAIN_LENGTH)
+    return SpoolItem._from_trusted(
         envelope_id=envelope.id,
         sender=str(envelope.sender),
         recipient=str(envelope.recipient),
         created_ms=envelope.created,
         expires_ms=envelope.expires,
         burn_on_read=envelope.burn_on_read,
-        data=data,
+        data=_checked_data(envelope.id, data),
         peer=peer,
     )
+
+
+def _checked_data(envelope_id: str, data: bytes) -> bytes:
+    if type(data) is not bytes:
+        check_bytes(f"data of {envelope_id}", data)  # a bytes subclass passes, as before
+    return data
+
+
+# How _from_trusted fills a record. A dataclass without slots keeps its fields
+# in the instance __dict__, so the whole dict is installed at once (the keyword
+# arguments' dict is always a fresh one); with slots anywhere in the class's
+# bases each field is set on its own. Both bypass the frozen __setattr__, as the
+# dataclass's own __init__ does.
+_new_object = object.__new__
+_set_attribute = object.__setattr__
+_FIELDS_IN_DICT: dict[type, bool] = {}  # per record class, filled on first use
+
+
+def _trusted(cls: type[_T], values: dict[str, object]) -> _T:
+    record = _new_object(cls)
+    in_dict = _FIELDS_IN_DICT.get(cls)
+    if in_dict is None:
+        in_dict = _FIELDS_IN_DICT[cls] = not any("__slots__" in vars(k) for k in cls.__mro__)
+    if in_dict:
+        _set_attribute(record, "__dict__", values)
+    else:
+        for name, value in values.items():
+            _set_attribute(record, name, value)
+    return record
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -346,11 +416,15 @@ class Storage(Protocol):
         """
         ...
 
-    async def spool_take(self, peer: str, *, max_items: int, max_bytes: int) -> list[SpoolEntry]:
+    async def spool_take(
+        self, peer: str, *, max_items: int, max_bytes: int, after_seq: int = 0
+    ) -> list[SpoolEntry]:
         """The head of ``peer``'s lane, oldest first, without removing it.
 
         At most ``max_items`` entries and ``max_bytes`` of data, except that the
         first entry is always returned, however large, so no lane can stall.
+        Only entries whose ``seq`` is greater than ``after_seq``: a sender with
+        transactions in flight takes what follows them.
         """
         ...
 

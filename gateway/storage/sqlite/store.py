@@ -154,9 +154,13 @@ def _txn_results(results: Mapping[str, str], entries: Sequence[EnvelopeRecord]) 
 
 
 # -- row mapping -----------------------------------------------------------------
+# Envelope rows (spool_take, mailbox_fetch: once per envelope sent or fetched)
+# become records without the record checks: this file is ours, and every such
+# row was written (spool_put, _store_in_mailboxes) from a record that passed
+# them, with times from check_ms. See EnvelopeRecord._from_trusted.
 def _spool_entry(row: Row) -> SpoolEntry:
     seq, envelope_id, peer, sender, recipient, created, expires, spooled, burn, data = row
-    return SpoolEntry(
+    return SpoolEntry._from_trusted(
         seq=seq,
         envelope_id=envelope_id,
         peer=peer,
@@ -187,7 +191,7 @@ def _spool_summary(row: Row) -> SpoolSummary:
 
 def _mailbox_entry(row: Row) -> MailboxEntry:
     seq, envelope_id, recipient, sender, created, expires, stored, burn, data = row
-    return MailboxEntry(
+    return MailboxEntry._from_trusted(
         seq=seq,
         envelope_id=envelope_id,
         recipient=recipient,
@@ -346,18 +350,21 @@ class SqliteStorage:
 
         return await self.engine.write(op)
 
-    async def spool_take(self, peer: str, *, max_items: int, max_bytes: int) -> list[SpoolEntry]:
+    async def spool_take(
+        self, peer: str, *, max_items: int, max_bytes: int, after_seq: int = 0
+    ) -> list[SpoolEntry]:
         _peer(peer)
         check_count("max_items", max_items, maximum=MAX_ITEMS_PER_CALL)
         check_count("max_bytes", max_bytes, maximum=2**40)
+        check_ms("after_seq", after_seq)
 
         def op(conn: sqlite3.Connection) -> list[SpoolEntry]:
             taken: list[SpoolEntry] = []
             total = 0
             cur = conn.execute(
-                f"SELECT {_SPOOL_COLUMNS} FROM spool WHERE peer = ? "  # noqa: S608
+                f"SELECT {_SPOOL_COLUMNS} FROM spool WHERE peer = ? AND seq > ? "  # noqa: S608
                 "ORDER BY seq LIMIT ?",
-                (peer, max_items),
+                (peer, after_seq, max_items),
             )
             try:
                 for row in cur:
