@@ -159,6 +159,7 @@ async def run_gateway(
             config.tls.key,
             rules,
             timeout=config.limits.request_timeout,
+            connections_per_peer=config.limits.max_inflight_transactions,
         )
         sender = Sender(
             org=config.org,

@@ -2,15 +2,23 @@
 
 Theory of operation
 -------------------
-(After Synapse's federation sender: per-destination queues, one transaction in
-flight per destination, backoff per destination.)
+(After Synapse's federation sender: per-destination queues, idempotent
+transactions, backoff per destination; unlike it, a lane may keep a few
+transactions in flight, so that a backlog drains with both gateways working.)
 
 **Lanes.** The spool holds one lane per peer. :meth:`Sender.run` keeps one trio
 task per peer of the rules in force, and that task is the lane's only
-consumer: it takes the head of the lane, sends it as one transaction, waits
-for the answer, and only then takes the next head. So envelopes leave a lane
-in the order they were spooled, and a peer never has more than one
-transaction of ours in flight. Lanes share nothing but the storage: a dead or
+consumer. It takes envelopes in spool order and sends each batch as one
+transaction in a task of its own, up to ``inflight_transactions`` at once
+(``limits.max_inflight_transactions``; the transport keeps one persistent
+connection per slot). While transactions are in flight the lane takes what
+follows them (``spool_take(after_seq=...)``, a cursor reset whenever the lane
+is idle), so no envelope is in two transactions at once; a second slot is
+used only for a full batch, so a backlog fills every slot while a trickle
+goes one transaction at a time, each gathering what arrived meanwhile.
+Envelopes leave a lane in spool order; with more than one transaction in
+flight the peer may store two consecutive transactions in either order (one
+slot keeps strict order). Lanes share nothing but the storage: a dead or
 slow peer holds up its own task only, and every transaction has a deadline
 (``transaction_timeout``).
 
@@ -31,20 +39,22 @@ transaction id, and one parse in C checks that the body holds exactly these
 envelope ids in order. Only if it does not (a damaged or foreign spool entry)
 is each envelope decoded: one that no longer decodes, or holds another id,
 leaves with ``rejected:<its reason>`` and costs no other envelope anything.
-That batch (id, exact body bytes, envelope ids) is kept:
+A batch that fails (id, exact body bytes, envelope ids) is kept:
 while the lane's head still begins with the same envelopes, a retry resends
 the **same id and the same bytes**, which the receiver answers from its record
 (docs/protocol.md §5). It is dropped on an answer, on ``409`` (the peer holds
 that id with another body) and on ``413``, after which batches are halved
-(down to one envelope) until the next success.
+(down to one envelope) until the next success. (Of several failing at once,
+the first is kept; the others go again under new ids, which the receiver's
+envelope-id dedup makes harmless.)
 
 **Answers.** One ``spool_complete`` records every envelope's fate:
 ``accepted`` becomes ``forwarded``, any other result ``rejected:<reason>``.
 That durable write runs in the background while the lane sends its next
 transaction (it changes nothing the peer sees, and the peer already holds
-the envelopes): the lane leaves the answered envelopes out of what it takes
-next, and keeps at most one such write outstanding, so writes land in lane
-order. If it fails, the envelopes are still spooled and go again, which the
+the envelopes): the cursor keeps the answered envelopes out of what the lane
+takes next, and at most one such write is outstanding, so writes land in the
+order of the answers. If it fails, the envelopes are still spooled and go again, which the
 receiver's envelope-id dedup makes harmless. A
 result code that is not one of ours becomes ``rejected:protocol_error``: a
 peer's text never reaches a status a local user reads. An answer that does not
@@ -125,6 +135,7 @@ from gateway.federation.protocol import (
 )
 from gateway.federation.transport import (
     CLOSE_TIMEOUT,
+    MAX_CONNECTIONS_PER_PEER,
     REASON_CODES,
     FailureKind,
     PeerTransport,
@@ -179,7 +190,7 @@ class SenderStorage(Protocol):
     """The part of :class:`~gateway.storage.base.Storage` the sender uses."""
 
     async def spool_take(
-        self, peer: str, *, max_items: int, max_bytes: int
+        self, peer: str, *, max_items: int, max_bytes: int, after_seq: int = 0
     ) -> list[SpoolEntry]: ...
 
     async def spool_complete(self, peer: str, results: Mapping[str, str], *, at_ms: int) -> int: ...
@@ -208,8 +219,14 @@ class SenderSettings:
     backoff_max: float = _DEFAULT_LIMITS.backoff_max
     transaction_timeout: float = _DEFAULT_LIMITS.request_timeout
     poll_interval: float = DEFAULT_POLL_INTERVAL
+    inflight_transactions: int = _DEFAULT_LIMITS.max_inflight_transactions
 
     def __post_init__(self) -> None:
+        if not 1 <= self.inflight_transactions <= MAX_CONNECTIONS_PER_PEER:
+            raise ValueError(
+                f"inflight_transactions must be within 1..{MAX_CONNECTIONS_PER_PEER}, "
+                f"got {self.inflight_transactions}"
+            )
         most = min(MAX_TRANSACTION_ENVELOPES, MAX_ITEMS_PER_CALL)
         if not 1 <= self.max_transaction_envelopes <= most:
             raise ValueError(
@@ -246,6 +263,7 @@ class SenderSettings:
             backoff_max=limits.backoff_max,
             transaction_timeout=limits.request_timeout,
             poll_interval=poll_interval,
+            inflight_transactions=limits.max_inflight_transactions,
         )
 
 
@@ -445,9 +463,17 @@ class _LaneRunner:
         self.metrics = _LaneMetrics(bounded(lane.org, sender._rules.current.peers))
         self.state: PeerState | None = None
         self.persisted_success_ms: int | None = None
-        self.batch: _Batch | None = None
+        self.batch: _Batch | None = None  # a failed batch, resent as it was while it heads the lane
         self.max_items = self.settings.max_transaction_envelopes
         self.completion: _Completion | None = None
+        self.completion_lock = trio.Lock()  # one spool_complete outstanding at a time
+        self.slots = trio.Semaphore(self.settings.inflight_transactions)
+        self.flights = 0  # transactions sent and not yet answered or failed
+        # The highest seq taken into a transaction since the lane was last idle (no
+        # transaction in flight, no answer being written): the next take starts after it.
+        self.cursor = 0
+        self.error: StorageError | None = None  # a transaction task's, raised by the next step
+        self.landed = trio.Event()  # set when a transaction ends (answered or failed)
         self.nursery: trio.Nursery | None = None
 
     async def run(self) -> None:
@@ -468,51 +494,101 @@ class _LaneRunner:
                 await trio.sleep(self.settings.poll_interval)
 
     async def step(self) -> None:
-        """One turn: wait out a backoff, or wait for work, or send one transaction."""
+        """One turn: wait out a backoff, or wait for work, or start one transaction."""
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
         if self.state is None:
             stored = await self.storage.peer_state_get(self.org)
             self.state = stored if stored is not None else PeerState(peer=self.org)
             self.persisted_success_ms = self.state.last_success_ms
             self.metrics.show(self.state, now_ms=self.clock_ms())
-        now = self.clock_ms()
-        if self.state.backoff_until_ms > now:
-            await self.wait_backoff(self.state, now)
-            return
-        self.metrics.backoff.set(0)
-        # A fresh event before looking: a notify() from here on is not lost.
-        self.lane.wake = trio.Event()
-        entries = await self.take()
-        if not entries:
-            with trio.move_on_after(self.settings.poll_interval):
-                await self.lane.wake.wait()
-            return
-        now = self.clock_ms()
-        expired = [entry for entry in entries if entry.expires_ms <= now]
-        if expired:
-            await self.expire(expired, now)
-            return
-        batch = await self.batch_for(entries)
-        if batch is not None:
-            await self.send(batch, self.state)
+        # A free transaction slot first: with every slot in flight there is nothing to do.
+        await self.slots.acquire()
+        started = False
+        wait_for: trio.Event | None = None  # what to wait for once the slot is given back
+        try:
+            now = self.clock_ms()
+            if self.state.backoff_until_ms > now:
+                self.slots.release()
+                started = True  # released
+                await self.wait_backoff(self.state, now)
+                return
+            self.metrics.backoff.set(0)
+            # Fresh events before looking: a notify() or a transaction ending from
+            # here on is not lost.
+            self.lane.wake = trio.Event()
+            self.landed = trio.Event()
+            entries, from_head = await self.take()
+            if entries:
+                now = self.clock_ms()
+                expired = [entry for entry in entries if entry.expires_ms <= now]
+                if expired:
+                    await self.expire(expired, now)
+                    return
+                if self.flights and not self.is_full(entries):
+                    # Another transaction is in flight and this one would be small: let
+                    # it fill up until that one ends (a backlog fills every slot; a
+                    # trickle goes one transaction at a time, in larger batches).
+                    wait_for = self.landed
+                    return
+                batch = await self.batch_for(entries, from_head=from_head)
+                if batch is not None:
+                    self.cursor = max(self.cursor, entries[len(batch.ids) - 1].seq)
+                    self.flights += 1
+                    assert self.nursery is not None
+                    self.nursery.start_soon(self.fly, batch)
+                    started = True
+                return
+            wait_for = self.lane.wake
+        finally:
+            if not started:
+                self.slots.release()
+            if wait_for is not None:
+                with trio.move_on_after(self.settings.poll_interval):
+                    await wait_for.wait()
 
-    async def take(self) -> list[SpoolEntry]:
-        """The head of the lane, less the envelopes whose completion is being written."""
+    def is_full(self, entries: Sequence[SpoolEntry]) -> bool:
+        """Whether ``entries`` make a transaction as large as the bounds allow."""
+        if len(entries) >= self.max_items:
+            return True
+        total = sum(entry.size for entry in entries)
+        return total + max(entry.size for entry in entries) > self.settings.max_transaction_bytes
+
+    async def take(self) -> tuple[list[SpoolEntry], bool]:
+        """What follows the transactions in flight (the lane's head when it is idle).
+
+        Also tells whether it was taken from the head of the lane.
+        """
         completion = self.completion
-        answered = completion.ids if completion is not None else frozenset()
+        if (
+            completion is not None
+            and completion.done.is_set()
+            and not self.completion_lock.locked()
+        ):
+            await self.settle()  # its StorageError is raised here
+        from_head = self.flights == 0 and self.completion is None
+        if from_head:
+            self.cursor = 0
         entries = await self.storage.spool_take(
             self.org,
-            max_items=self.max_items + len(answered),
+            max_items=self.max_items,
             max_bytes=self.settings.max_transaction_bytes,
+            after_seq=self.cursor,
         )
-        if not answered:
-            return entries
-        fresh = [entry for entry in entries if entry.envelope_id not in answered]
-        if entries and not fresh:
-            # Only answered envelopes (or a byte budget they used up): wait for their
-            # write, then look again, rather than wait for a wake-up.
-            await self.settle()
-            return await self.take()
-        return fresh[: self.max_items]
+        return entries, from_head
+
+    async def fly(self, batch: _Batch) -> None:
+        """One transaction's task: send, then record the answer or the failure."""
+        try:
+            await self.send(batch)
+        except StorageError as exc:
+            self.error = exc
+        finally:
+            self.flights -= 1
+            self.slots.release()
+            self.lane.wake.set()
+            self.landed.set()
 
     async def settle(self) -> None:
         """Wait for the outstanding ``spool_complete``; its ``StorageError`` is raised here."""
@@ -520,7 +596,8 @@ class _LaneRunner:
         if completion is None:
             return
         await completion.done.wait()
-        self.completion = None
+        if self.completion is completion:
+            self.completion = None
         if completion.error is not None:
             raise completion.error
 
@@ -543,9 +620,9 @@ class _LaneRunner:
         self.metrics.outcome(OUTCOME_EXPIRED).inc(removed)
         LOGGER.info("%s: %d envelope(s) expired in the spool", self.org, removed)
 
-    async def batch_for(self, entries: Sequence[SpoolEntry]) -> _Batch | None:
-        """The batch to send for this head of the lane: the kept one if it still heads it."""
-        if self.batch is not None:
+    async def batch_for(self, entries: Sequence[SpoolEntry], *, from_head: bool) -> _Batch | None:
+        """The batch to send for these entries: the kept one if it still heads the lane."""
+        if self.batch is not None and from_head:
             kept = tuple(entry.envelope_id for entry in entries[: len(self.batch.ids)])
             if kept == self.batch.ids:
                 return self.batch
@@ -554,8 +631,7 @@ class _LaneRunner:
         body = splice_transaction(self.sender.org, self.org, [entry.data for entry in entries])
         if not spliced_body_holds(body, ids):
             return await self.batch_decoded(entries)
-        self.batch = _Batch(txn_id=new_txn_id(), body=body, ids=ids)
-        return self.batch
+        return _Batch(txn_id=new_txn_id(), body=body, ids=ids)
 
     async def batch_decoded(self, entries: Sequence[SpoolEntry]) -> _Batch | None:
         """The slow way, for a head whose spliced bytes are not a sound transaction.
@@ -592,10 +668,9 @@ class _LaneRunner:
         # are not this gateway's canonical form): encode them afresh.
         LOGGER.warning("%s: spooled bytes did not splice into a sound transaction", self.org)
         body = encode_transaction(self.sender.org, self.org, envelopes)
-        self.batch = _Batch(txn_id=new_txn_id(), body=body, ids=tuple(env.id for env in envelopes))
-        return self.batch
+        return _Batch(txn_id=new_txn_id(), body=body, ids=tuple(env.id for env in envelopes))
 
-    async def send(self, batch: _Batch, state: PeerState) -> None:
+    async def send(self, batch: _Batch) -> None:
         started = trio.current_time()
         try:
             with trio.fail_after(self.settings.transaction_timeout):
@@ -609,9 +684,9 @@ class _LaneRunner:
                 kind=FailureKind.TIMEOUT,
                 reason=Reason.REQUEST_TIMEOUT,
             )
-            await self.failed(batch, state, failure)
+            await self.failed(batch, failure)
         except TransportError as exc:
-            await self.failed(batch, state, exc)
+            await self.failed(batch, exc)
         except Exception as exc:
             # A bug in a transport must not take the gateway down: count it, back off.
             LOGGER.exception("%s: transaction %s failed unexpectedly", self.org, batch.txn_id)
@@ -620,15 +695,12 @@ class _LaneRunner:
                 kind=FailureKind.INTERNAL,
                 reason=Reason.INTERNAL,
             )
-            await self.failed(batch, state, failure)
+            await self.failed(batch, failure)
         else:
             self.metrics.duration.observe(trio.current_time() - started)
-            await self.answered(batch, state, results)
+            await self.answered(batch, results)
 
-    async def answered(
-        self, batch: _Batch, state: PeerState, results: Sequence[EnvelopeResult]
-    ) -> None:
-        now = self.clock_ms()
+    async def answered(self, batch: _Batch, results: Sequence[EnvelopeResult]) -> None:
         statuses: dict[str, str] = {}
         outcomes: collections.Counter[str] = collections.Counter()
         for envelope_id, result in zip(batch.ids, results, strict=True):
@@ -661,13 +733,16 @@ class _LaneRunner:
                     "reason": code,
                 },
             )
-        # One write outstanding at a time: the previous one lands first.
-        await self.settle()
-        completion = _Completion(frozenset(statuses))
-        self.completion = completion
-        assert self.nursery is not None
-        self.nursery.start_soon(self.complete, completion, statuses, outcomes, now)
-        self.batch = None
+        async with self.completion_lock:
+            # One write outstanding at a time: the previous one lands first.
+            await self.settle()
+            now = self.clock_ms()
+            completion = _Completion(frozenset(statuses))
+            self.completion = completion
+            assert self.nursery is not None
+            self.nursery.start_soon(self.complete, completion, statuses, outcomes, now)
+        if self.batch is batch:
+            self.batch = None
         self.max_items = self.settings.max_transaction_envelopes
         self.metrics.result(RESULT_OK).inc()
         rejected = len(batch.ids) - outcomes[ACCEPTED]
@@ -686,6 +761,8 @@ class _LaneRunner:
                 "rejected": rejected,
             },
         )
+        state = self.state
+        assert state is not None
         if state.failures:
             LOGGER.info("%s: reachable again after %d failure(s)", self.org, state.failures)
         self.state = after_success(state, now_ms=now)
@@ -715,9 +792,12 @@ class _LaneRunner:
                 self.metrics.outcome(outcome).inc(count)
         finally:
             completion.done.set()
+            self.lane.wake.set()
 
-    async def failed(self, batch: _Batch, state: PeerState, error: TransportError) -> None:
+    async def failed(self, batch: _Batch, error: TransportError) -> None:
         now = self.clock_ms()
+        state = self.state
+        assert state is not None
         self.state = after_failure(
             state,
             now_ms=now,
@@ -727,10 +807,14 @@ class _LaneRunner:
             retry_after=error.retry_after,
         )
         if error.kind is FailureKind.TXN_CONFLICT:
-            self.batch = None  # the peer holds this id with another body: use a new one
+            if self.batch is batch:
+                self.batch = None  # the peer holds this id with another body: use a new one
         elif error.kind is FailureKind.TOO_LARGE:
-            self.batch = None
+            if self.batch is batch:
+                self.batch = None
             self.max_items = max(1, len(batch.ids) // 2)
+        elif self.batch is None:
+            self.batch = batch  # resent byte for byte while it heads the lane
         self.metrics.result(error.kind.value).inc()
         self.metrics.show(self.state, now_ms=now)
         LOGGER.warning(

@@ -73,6 +73,7 @@ DEFAULT_REQUEST_TIMEOUT: Final = 30.0  # seconds per phase: connect, write, read
 # Below the receiver's idle keep-alive (60 s, docs/protocol.md §8), so we close
 # an idle connection before the peer does and never write into a dying one.
 KEEPALIVE_EXPIRY: Final = 50.0
+MAX_CONNECTIONS_PER_PEER: Final = 8  # transactions in flight to one peer (limits.py: 16 per peer)
 MAX_ANSWER_BYTES: Final = 4 * 1024 * 1024  # 1000 results of ~100 bytes, with room to spare
 MAX_RETRY_AFTER_SECONDS: Final = 86_400.0  # a Retry-After beyond a day is not believed
 CLOSE_TIMEOUT: Final = 5.0  # closing a client never holds up a reload or shutdown longer
@@ -199,7 +200,12 @@ class _PeerClient:
 
 
 class HttpxPeerTransport:
-    """:class:`PeerTransport` over mTLS with one persistent httpx client per peer."""
+    """:class:`PeerTransport` over mTLS with one persistent httpx client per peer.
+
+    The client keeps ``connections_per_peer`` persistent connections: one per
+    transaction the sender may have in flight to that peer (HTTP/1.1 carries
+    one request at a time per connection).
+    """
 
     def __init__(
         self,
@@ -210,12 +216,20 @@ class HttpxPeerTransport:
         *,
         timeout: float = DEFAULT_REQUEST_TIMEOUT,
         max_answer_bytes: int = MAX_ANSWER_BYTES,
+        connections_per_peer: int = 1,
     ) -> None:
         if not timeout > 0:
             raise ValueError(f"timeout must be positive, got {timeout!r}")
         if max_answer_bytes < 1:
             raise ValueError(f"max_answer_bytes must be positive, got {max_answer_bytes!r}")
+        if not 1 <= connections_per_peer <= MAX_CONNECTIONS_PER_PEER:
+            raise ValueError(
+                f"connections_per_peer must be within 1..{MAX_CONNECTIONS_PER_PEER}, "
+                f"got {connections_per_peer!r}"
+            )
         self.org = org
+        # One persistent connection per transaction the sender keeps in flight.
+        self._connections_per_peer = connections_per_peer
         self._cert_file = cert_file
         self._key_file = key_file
         self._rules = rules
@@ -337,7 +351,9 @@ class HttpxPeerTransport:
             follow_redirects=False,
             timeout=httpx.Timeout(self._timeout),
             limits=httpx.Limits(
-                max_connections=1, max_keepalive_connections=1, keepalive_expiry=KEEPALIVE_EXPIRY
+                max_connections=self._connections_per_peer,
+                max_keepalive_connections=self._connections_per_peer,
+                keepalive_expiry=KEEPALIVE_EXPIRY,
             ),
         )
         client = _PeerClient(link=link, http=http)

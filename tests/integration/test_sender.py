@@ -161,12 +161,14 @@ class MemoryStorage:
             spooled.append(item.envelope_id)
         return spooled
 
-    async def spool_take(self, peer: str, *, max_items: int, max_bytes: int) -> list[SpoolEntry]:
+    async def spool_take(
+        self, peer: str, *, max_items: int, max_bytes: int, after_seq: int = 0
+    ) -> list[SpoolEntry]:
         await trio.lowlevel.checkpoint()
         taken: list[SpoolEntry] = []
         total = 0
         for entry in self.spool:
-            if entry.peer != peer:
+            if entry.peer != peer or entry.seq <= after_seq:
                 continue
             if len(taken) == max_items or (taken and total + entry.size > max_bytes):
                 break
@@ -375,9 +377,17 @@ async def running(sender: Sender, *extra: Callable[..., object]) -> AsyncIterato
         nursery.cancel_scope.cancel()
 
 
-async def wait_until(predicate: Callable[[], bool], *, step: float = 0.1) -> float:
+WAIT_LIMIT = 24 * 3600.0  # virtual seconds: a predicate that never holds fails the test
+
+
+async def wait_until(
+    predicate: Callable[[], bool], *, step: float = 0.1, limit: float = WAIT_LIMIT
+) -> float:
     """Poll ``predicate`` on the virtual clock; return the time it became true."""
+    deadline = trio.current_time() + limit
     while not predicate():
+        if trio.current_time() > deadline:
+            raise AssertionError(f"not true after {limit} virtual seconds")
         await trio.sleep(step)
     return trio.current_time()
 
@@ -563,7 +573,7 @@ async def test_the_next_transaction_goes_while_the_last_answer_is_written(
         storage,
         transport,
         load_rules(tmp_path, [A]),
-        settings=dataclasses.replace(FAST, max_transaction_envelopes=3),
+        settings=dataclasses.replace(FAST, max_transaction_envelopes=3, inflight_transactions=1),
     )
     items = [make_item(A) for _ in range(7)]
     async with running(sender):
@@ -600,6 +610,114 @@ async def test_a_failed_background_write_sends_the_envelopes_again(
     assert [a.ids for a in transport.attempts] == [ids, ids]  # the receiver dedups the copy
     assert transport.delivered[A] == list(ids)
     assert {storage.statuses[i] for i in ids} == {STATUS_FORWARDED}
+
+
+# -- several transactions in flight -------------------------------------------------------------
+
+
+@dataclass
+class GatedTransport(FakeTransport):
+    """Holds every transaction until ``gate`` is set; records how many were in flight at once."""
+
+    gate: trio.Event = field(default_factory=trio.Event)
+    in_flight: int = 0
+    most_in_flight: int = 0
+    fail_first: bool = False  # the first transaction fails (after the gate), the rest answer
+
+    async def send_transaction(
+        self, peer: str, txn_id: str, body: bytes, *, expected: int
+    ) -> list[EnvelopeResult]:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            first = not self.attempts
+            results = await super().send_transaction(peer, txn_id, body, expected=expected)
+            await self.gate.wait()
+            if first and self.fail_first:
+                # Lost on the way back: the receiver stored them, the sender will resend.
+                raise TransportError(f"{peer}: connection reset", kind=FailureKind.NETWORK)
+            return results
+        finally:
+            self.in_flight -= 1
+
+
+async def test_two_transactions_go_at_once_each_envelope_in_one_and_in_lane_order(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    storage, transport = MemoryStorage(), GatedTransport()
+    settings = dataclasses.replace(FAST, max_transaction_envelopes=3, inflight_transactions=2)
+    sender = make_sender(storage, transport, load_rules(tmp_path, [A]), settings=settings)
+    items = [make_item(A) for _ in range(8)]
+    ids = [item.envelope_id for item in items]
+    async with running(sender):
+        await spool(storage, sender, items)
+        await wait_until(lambda: len(transport.attempts) == 2)
+        # Both slots are taken: nothing more goes until one is answered (or times out).
+        await trio.sleep(FAST.transaction_timeout / 2)
+        assert [a.ids for a in transport.attempts] == [tuple(ids[0:3]), tuple(ids[3:6])]
+        assert transport.in_flight == 2
+        transport.gate.set()
+        await wait_until(lambda: storage.depth(A) == 0)
+    assert transport.most_in_flight == 2
+    assert [a.ids for a in transport.attempts] == [
+        tuple(ids[0:3]),
+        tuple(ids[3:6]),
+        tuple(ids[6:8]),
+    ]
+    assert transport.delivered[A] == ids
+    assert {storage.statuses[i] for i in ids} == {STATUS_FORWARDED}
+
+
+async def test_a_failed_transaction_beside_an_answered_one_goes_again_and_nothing_twice(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    storage, transport = MemoryStorage(), GatedTransport(fail_first=True)
+    settings = dataclasses.replace(FAST, max_transaction_envelopes=3, inflight_transactions=2)
+    sender = make_sender(storage, transport, load_rules(tmp_path, [A]), settings=settings)
+    items = [make_item(A) for _ in range(6)]
+    ids = [item.envelope_id for item in items]
+    async with running(sender):
+        await spool(storage, sender, items)
+        await wait_until(lambda: len(transport.attempts) == 2)
+        transport.gate.set()
+        await wait_until(lambda: storage.depth(A) == 0)
+    attempts = [a.ids for a in transport.attempts]
+    assert attempts[:2] == [tuple(ids[0:3]), tuple(ids[3:6])]
+    # The failed batch goes again, as it was (same id and bytes: it heads the lane).
+    assert attempts[2:] == [tuple(ids[0:3])]
+    assert transport.attempts[2].txn_id == transport.attempts[0].txn_id
+    assert transport.attempts[2].body == transport.attempts[0].body
+    assert transport.delivered[A] == ids  # the receiver's dedup: each id stored once
+    assert {storage.statuses[i] for i in ids} == {STATUS_FORWARDED}
+
+
+async def test_one_in_flight_keeps_strict_order_across_transactions(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    storage, transport = MemoryStorage(), GatedTransport()
+    transport.gate.set()
+    settings = dataclasses.replace(FAST, max_transaction_envelopes=2, inflight_transactions=1)
+    sender = make_sender(storage, transport, load_rules(tmp_path, [A]), settings=settings)
+    items = [make_item(A) for _ in range(7)]
+    async with running(sender):
+        await spool(storage, sender, items)
+        await wait_until(lambda: storage.depth(A) == 0)
+    assert transport.most_in_flight == 1
+    assert transport.delivered[A] == [item.envelope_id for item in items]
+
+
+def test_inflight_transactions_out_of_range_is_refused(tmp_path: Path) -> None:
+    for bad in (0, 9):
+        with pytest.raises(ValueError, match=r"inflight_transactions must be within 1\.\.8"):
+            dataclasses.replace(FAST, inflight_transactions=bad)
+        with pytest.raises(ValueError, match=r"connections_per_peer must be within 1\.\.8"):
+            HttpxPeerTransport(
+                ORG,
+                tmp_path / "cert.pem",
+                tmp_path / "key.pem",
+                load_rules(tmp_path, [A]),
+                connections_per_peer=bad,
+            )
 
 
 # -- failures and backoff ---------------------------------------------------------------------

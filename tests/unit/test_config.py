@@ -121,6 +121,14 @@ def test_limits_accept_durations_and_seconds(tmp_path: Path) -> None:
     assert config.limits.backoff_initial == 2.0
     assert config.limits.backoff_max == 600.0
     assert config.limits.max_transaction_envelopes == 10
+    assert config.limits.max_inflight_transactions == 2  # the default
+
+
+def test_max_inflight_transactions_is_read(tmp_path: Path) -> None:
+    config = load_config(
+        write(tmp_path, "org: acme.example\nlimits:\n  max_inflight_transactions: 1\n")
+    )
+    assert config.limits.max_inflight_transactions == 1
 
 
 def test_config_is_frozen(tmp_path: Path) -> None:
@@ -171,6 +179,10 @@ def test_config_is_frozen(tmp_path: Path) -> None:
         (
             "org: acme.example\nlimits: {backoff_initial: 10m, backoff_max: 5m}\n",
             "limits.backoff_initial: 600.0s is more than limits.backoff_max",
+        ),
+        (
+            "org: acme.example\nlimits: {max_inflight_transactions: 9}\n",
+            "limits.max_inflight_transactions: must be within 1..8, got 9",
         ),
         (
             "org: acme.example\nlimits: {max_body_bytes: 10, max_transaction_bytes: 11}\n",
