@@ -283,6 +283,9 @@ class _Lane:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     wake: trio.Event = field(default_factory=trio.Event)
     done: trio.Event = field(default_factory=trio.Event)
+    # The spool may hold something the lane has not taken: set by notify(), a
+    # failure, a full take and the poll; the lane reads its spool only then.
+    dirty: bool = True
 
 
 @dataclass(eq=False)
@@ -338,6 +341,7 @@ class Sender:
         """Wake ``peer``'s lane: something was just spooled for it. Safe to call any time."""
         lane = self._lanes.get(peer)
         if lane is not None:
+            lane.dirty = True
             lane.wake.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -474,6 +478,9 @@ class _LaneRunner:
         self.cursor = 0
         self.error: StorageError | None = None  # a transaction task's, raised by the next step
         self.landed = trio.Event()  # set when a transaction ends (answered or failed)
+        # Envelopes were left behind the cursor (a failed transaction or write):
+        # once idle, the lane takes from its head again.
+        self.behind = False
         self.nursery: trio.Nursery | None = None
 
     async def run(self) -> None:
@@ -503,10 +510,19 @@ class _LaneRunner:
             self.state = stored if stored is not None else PeerState(peer=self.org)
             self.persisted_success_ms = self.state.last_success_ms
             self.metrics.show(self.state, now_ms=self.clock_ms())
+        lane = self.lane
+        if not lane.dirty:
+            # Nothing new to take: wait for a notify(), a transaction ending (its
+            # failure makes the lane dirty), or the poll (another process, a restart).
+            lane.wake = trio.Event()
+            with trio.move_on_after(self.settings.poll_interval) as poll:
+                await lane.wake.wait()
+            if poll.cancelled_caught:
+                lane.dirty = True
+            return
         # A free transaction slot first: with every slot in flight there is nothing to do.
         await self.slots.acquire()
         started = False
-        wait_for: trio.Event | None = None  # what to wait for once the slot is given back
         try:
             now = self.clock_ms()
             if self.state.backoff_until_ms > now:
@@ -515,38 +531,47 @@ class _LaneRunner:
                 await self.wait_backoff(self.state, now)
                 return
             self.metrics.backoff.set(0)
-            # Fresh events before looking: a notify() or a transaction ending from
-            # here on is not lost.
-            self.lane.wake = trio.Event()
+            # Cleared before looking: a notify() from here on makes it dirty again.
+            lane.dirty = False
             self.landed = trio.Event()
-            entries, from_head = await self.take()
-            if entries:
-                now = self.clock_ms()
-                expired = [entry for entry in entries if entry.expires_ms <= now]
-                if expired:
-                    await self.expire(expired, now)
-                    return
-                if self.flights and not self.is_full(entries):
-                    # Another transaction is in flight and this one would be small: let
-                    # it fill up until that one ends (a backlog fills every slot; a
-                    # trickle goes one transaction at a time, in larger batches).
-                    wait_for = self.landed
-                    return
-                batch = await self.batch_for(entries, from_head=from_head)
-                if batch is not None:
-                    self.cursor = max(self.cursor, entries[len(batch.ids) - 1].seq)
-                    self.flights += 1
-                    assert self.nursery is not None
-                    self.nursery.start_soon(self.fly, batch)
-                    started = True
+            try:
+                entries, from_head = await self.take()
+            except StorageError:
+                lane.dirty = True
+                raise
+            if not entries:
                 return
-            wait_for = self.lane.wake
+            now = self.clock_ms()
+            expired = [entry for entry in entries if entry.expires_ms <= now]
+            if expired:
+                lane.dirty = True
+                await self.expire(expired, now)
+                return
+            full = self.is_full(entries)
+            if self.flights and not full:
+                # Another transaction is in flight and this one would be small: let it
+                # fill up until that one ends (a backlog fills every slot; a trickle
+                # goes one transaction at a time, each gathering what came meanwhile).
+                lane.dirty = True
+                self.slots.release()
+                started = True  # released
+                with trio.move_on_after(self.settings.poll_interval):
+                    await self.landed.wait()
+                return
+            batch = await self.batch_for(entries, from_head=from_head)
+            if batch is None:
+                lane.dirty = True  # unusable entries left the lane: look again
+                return
+            if full or len(batch.ids) < len(entries):
+                lane.dirty = True  # more may follow at once
+            self.cursor = max(self.cursor, entries[len(batch.ids) - 1].seq)
+            self.flights += 1
+            assert self.nursery is not None
+            self.nursery.start_soon(self.fly, batch)
+            started = True
         finally:
             if not started:
                 self.slots.release()
-            if wait_for is not None:
-                with trio.move_on_after(self.settings.poll_interval):
-                    await wait_for.wait()
 
     def is_full(self, entries: Sequence[SpoolEntry]) -> bool:
         """Whether ``entries`` make a transaction as large as the bounds allow."""
@@ -570,6 +595,7 @@ class _LaneRunner:
         from_head = self.flights == 0 and self.completion is None
         if from_head:
             self.cursor = 0
+            self.behind = False
         entries = await self.storage.spool_take(
             self.org,
             max_items=self.max_items,
@@ -587,8 +613,14 @@ class _LaneRunner:
         finally:
             self.flights -= 1
             self.slots.release()
+            self.look_again_if_behind()
             self.lane.wake.set()
             self.landed.set()
+
+    def look_again_if_behind(self) -> None:
+        """Once idle, a lane that left envelopes behind its cursor takes from its head."""
+        if self.behind and self.flights == 0:
+            self.lane.dirty = True
 
     async def settle(self) -> None:
         """Wait for the outstanding ``spool_complete``; its ``StorageError`` is raised here."""
@@ -787,14 +819,18 @@ class _LaneRunner:
             await self.storage.spool_complete(self.org, statuses, at_ms=now)
         except StorageError as exc:
             completion.error = exc  # raised in the lane by settle()
+            self.behind = True  # the envelopes are still spooled: they go again
         else:
             for outcome, count in outcomes.items():
                 self.metrics.outcome(outcome).inc(count)
         finally:
             completion.done.set()
+            self.look_again_if_behind()
             self.lane.wake.set()
 
     async def failed(self, batch: _Batch, error: TransportError) -> None:
+        # The envelopes are still spooled: they go again (after the backoff).
+        self.behind = self.lane.dirty = True
         now = self.clock_ms()
         state = self.state
         assert state is not None

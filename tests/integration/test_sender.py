@@ -679,8 +679,13 @@ async def test_a_failed_transaction_beside_an_answered_one_goes_again_and_nothin
     async with running(sender):
         await spool(storage, sender, items)
         await wait_until(lambda: len(transport.attempts) == 2)
+        opened = trio.current_time()
         transport.gate.set()
         await wait_until(lambda: storage.depth(A) == 0)
+    # Resent at once (the other answer shows the peer is up and ends the backoff)
+    # or when the backoff (exactly 1 s here) ends, whichever lands last; never at
+    # the next poll (5 s).
+    assert transport.attempts[2].at - opened <= 1.0 + 0.01
     attempts = [a.ids for a in transport.attempts]
     assert attempts[:2] == [tuple(ids[0:3]), tuple(ids[3:6])]
     # The failed batch goes again, as it was (same id and bytes: it heads the lane).
