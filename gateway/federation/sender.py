@@ -562,6 +562,9 @@ class _LaneRunner:
             if batch is None:
                 lane.dirty = True  # unusable entries left the lane: look again
                 return
+            if self.state.backoff_until_ms > self.clock_ms():
+                lane.dirty = True  # a transaction in flight failed meanwhile: back off first
+                return
             if full or len(batch.ids) < len(entries):
                 lane.dirty = True  # more may follow at once
             self.cursor = max(self.cursor, entries[len(batch.ids) - 1].seq)
@@ -704,6 +707,8 @@ class _LaneRunner:
 
     async def send(self, batch: _Batch) -> None:
         started = trio.current_time()
+        assert self.state is not None
+        failures_before = self.state.failures
         try:
             with trio.fail_after(self.settings.transaction_timeout):
                 results = await self.sender._transport.send_transaction(
@@ -716,9 +721,9 @@ class _LaneRunner:
                 kind=FailureKind.TIMEOUT,
                 reason=Reason.REQUEST_TIMEOUT,
             )
-            await self.failed(batch, failure)
+            await self.failed(batch, failure, failures_before=failures_before)
         except TransportError as exc:
-            await self.failed(batch, exc)
+            await self.failed(batch, exc, failures_before=failures_before)
         except Exception as exc:
             # A bug in a transport must not take the gateway down: count it, back off.
             LOGGER.exception("%s: transaction %s failed unexpectedly", self.org, batch.txn_id)
@@ -727,7 +732,7 @@ class _LaneRunner:
                 kind=FailureKind.INTERNAL,
                 reason=Reason.INTERNAL,
             )
-            await self.failed(batch, failure)
+            await self.failed(batch, failure, failures_before=failures_before)
         else:
             self.metrics.duration.observe(trio.current_time() - started)
             await self.answered(batch, results)
@@ -828,20 +833,26 @@ class _LaneRunner:
             self.look_again_if_behind()
             self.lane.wake.set()
 
-    async def failed(self, batch: _Batch, error: TransportError) -> None:
+    async def failed(self, batch: _Batch, error: TransportError, *, failures_before: int) -> None:
+        """Record a failed transaction; ``failures_before``: the count when it was sent."""
         # The envelopes are still spooled: they go again (after the backoff).
         self.behind = self.lane.dirty = True
         now = self.clock_ms()
         state = self.state
         assert state is not None
-        self.state = after_failure(
-            state,
-            now_ms=now,
-            policy=self.settings.backoff,
-            random=self.sender._random,
-            error=f"{error.kind.value}: {error.message}",
-            retry_after=error.retry_after,
-        )
+        if state.failures <= failures_before:
+            self.state = after_failure(
+                state,
+                now_ms=now,
+                policy=self.settings.backoff,
+                random=self.sender._random,
+                error=f"{error.kind.value}: {error.message}",
+                retry_after=error.retry_after,
+            )
+        # else: a transaction sent beside this one has failed since, and its failure
+        # set the backoff: one outage is one failure per round, however many were
+        # in flight, or the backoff would grow twice as fast with two.
+        assert self.state is not None
         if error.kind is FailureKind.TXN_CONFLICT:
             if self.batch is batch:
                 self.batch = None  # the peer holds this id with another body: use a new one

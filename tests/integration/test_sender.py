@@ -622,7 +622,7 @@ class GatedTransport(FakeTransport):
     gate: trio.Event = field(default_factory=trio.Event)
     in_flight: int = 0
     most_in_flight: int = 0
-    fail_first: bool = False  # the first transaction fails (after the gate), the rest answer
+    failing: frozenset[int] = frozenset()  # attempts (0-based) that fail after the gate
 
     async def send_transaction(
         self, peer: str, txn_id: str, body: bytes, *, expected: int
@@ -630,10 +630,10 @@ class GatedTransport(FakeTransport):
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
-            first = not self.attempts
+            attempt = len(self.attempts)
             results = await super().send_transaction(peer, txn_id, body, expected=expected)
             await self.gate.wait()
-            if first and self.fail_first:
+            if attempt in self.failing:
                 # Lost on the way back: the receiver stored them, the sender will resend.
                 raise TransportError(f"{peer}: connection reset", kind=FailureKind.NETWORK)
             return results
@@ -671,7 +671,7 @@ async def test_two_transactions_go_at_once_each_envelope_in_one_and_in_lane_orde
 async def test_a_failed_transaction_beside_an_answered_one_goes_again_and_nothing_twice(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    storage, transport = MemoryStorage(), GatedTransport(fail_first=True)
+    storage, transport = MemoryStorage(), GatedTransport(failing=frozenset({0}))
     settings = dataclasses.replace(FAST, max_transaction_envelopes=3, inflight_transactions=2)
     sender = make_sender(storage, transport, load_rules(tmp_path, [A]), settings=settings)
     items = [make_item(A) for _ in range(6)]
@@ -694,6 +694,30 @@ async def test_a_failed_transaction_beside_an_answered_one_goes_again_and_nothin
     assert transport.attempts[2].body == transport.attempts[0].body
     assert transport.delivered[A] == ids  # the receiver's dedup: each id stored once
     assert {storage.statuses[i] for i in ids} == {STATUS_FORWARDED}
+
+
+async def test_transactions_failing_together_count_as_one_failure(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    storage, transport = MemoryStorage(), GatedTransport(failing=frozenset({0, 1}))
+    settings = dataclasses.replace(FAST, max_transaction_envelopes=3, inflight_transactions=2)
+    sender = make_sender(storage, transport, load_rules(tmp_path, [A]), settings=settings)
+    items = [make_item(A) for _ in range(6)]
+    async with running(sender):
+        await spool(storage, sender, items)
+        await wait_until(lambda: len(transport.attempts) == 2)
+        failed_at = trio.current_time()
+        transport.gate.set()
+        await wait_until(lambda: A in storage.states and storage.states[A].failures > 0)
+        await trio.sleep(0.001)  # let the second failure be recorded too
+        # Two transactions failed in one round: one failure, the first backoff (1 s).
+        assert storage.states[A].failures == 1
+        assert virtual(storage.states[A].backoff_until_ms) == pytest.approx(
+            failed_at + 1.0, abs=0.002
+        )
+        await wait_until(lambda: storage.depth(A) == 0)
+    assert round(transport.attempts[2].at - failed_at, 3) == 1.0
+    assert transport.delivered[A] == [item.envelope_id for item in items]
 
 
 async def test_one_in_flight_keeps_strict_order_across_transactions(
