@@ -38,6 +38,8 @@ from gateway.storage.sqlite import (
     migrate,
     open_sqlite_storage,
 )
+from gateway.storage.sqlite import engine as engine_module
+from gateway.storage.sqlite.store import SMALL_READ_ROWS
 
 GLOBEX = "globex.example"
 INITECH = "initech.example"
@@ -876,3 +878,64 @@ def test_every_acknowledged_write_survives_sigkill(db_path: Path) -> None:
     stored = trio.run(stored_ids)
     missing = [envelope_id for envelope_id in acknowledged if envelope_id not in stored]
     assert missing == []
+
+
+# -- small reads on the trio thread ----------------------------------------------------
+async def test_takes_and_fetches_past_the_small_read_are_whole_and_in_order(
+    store: SqliteStorage,
+) -> None:
+    count = 3 * SMALL_READ_ROWS + 1
+    items = [spool_item(f"e{i}", data=bytes(100)) for i in range(count)]
+    await store.spool_put(items, at_ms=1)
+    ids = [f"e{i}" for i in range(count)]
+    for most in (1, SMALL_READ_ROWS - 1, SMALL_READ_ROWS, SMALL_READ_ROWS + 1, count, count + 5):
+        taken = await store.spool_take(GLOBEX, max_items=most, max_bytes=10**6)
+        assert [e.envelope_id for e in taken] == ids[:most]
+    # The byte bound cuts the take wherever it falls, small read or not.
+    taken = await store.spool_take(GLOBEX, max_items=count, max_bytes=100 * SMALL_READ_ROWS + 150)
+    assert [e.envelope_id for e in taken] == ids[: SMALL_READ_ROWS + 1]
+    # after_seq: what follows a transaction in flight.
+    head = await store.spool_take(GLOBEX, max_items=2, max_bytes=10**6)
+    rest = await store.spool_take(GLOBEX, max_items=count, max_bytes=10**6, after_seq=head[-1].seq)
+    assert [e.envelope_id for e in rest] == ids[2:]
+
+    entries = [mail(f"m{i}") for i in range(count)]
+    await store.deliver(GLOBEX, "t1", HASH, accepted(*entries), entries, at_ms=1)
+    names = [f"m{i}" for i in range(count)]
+    for limit in (1, SMALL_READ_ROWS, SMALL_READ_ROWS + 1, count, count + 5):
+        fetched = await store.mailbox_fetch(BOB, limit=limit)
+        assert [e.envelope_id for e in fetched] == names[:limit]
+
+
+async def test_a_small_read_that_meets_a_lock_goes_to_a_reader_thread(
+    store: SqliteStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = engine_module._run_read
+    where: list[str] = []
+
+    def run_read(conn: sqlite3.Connection, fn: Any) -> Any:
+        where.append(threading.current_thread().name)
+        if threading.current_thread() is threading.main_thread():
+            busy = sqlite3.OperationalError("database is locked")
+            busy.sqlite_errorcode = sqlite3.SQLITE_BUSY  # as SQLite sets it
+            raise busy
+        return real(conn, fn)
+
+    monkeypatch.setattr(engine_module, "_run_read", run_read)
+    assert await store.engine.read_small(lambda conn: conn.execute("SELECT 7").fetchone()) == (7,)
+    assert where[0] == threading.main_thread().name
+    assert where[1].startswith("gateway-storage-reader-")
+
+
+async def test_a_small_read_that_fails_otherwise_is_a_storage_error(store: SqliteStorage) -> None:
+    with pytest.raises(StorageError, match="no such table"):
+        await store.engine.read_small(lambda conn: conn.execute("SELECT * FROM nope"))
+    # The connection is still good for the next one.
+    assert await store.engine.read_small(lambda conn: conn.execute("SELECT 1").fetchone()) == (1,)
+
+
+async def test_a_small_read_on_a_closed_engine_is_refused(db_path: Path) -> None:
+    async with open_sqlite_storage(db_path) as store:
+        assert await store.token_lookup(b"\x01" * 32) is None  # opens the inline connection
+    with pytest.raises(StorageError, match="closed"):
+        await store.engine.read_small(lambda conn: None)
