@@ -25,7 +25,7 @@ The hot path avoids Python-level work per envelope where the bytes are
 already right: a sender splices the canonical envelope bytes its spool holds
 into a body (:func:`splice_transaction`, checked in C by
 :func:`spliced_body_holds`), a receiver stores the canonical bytes of an
-accepted envelope by dumping the JSON object it parsed
+accepted envelope by writing out the values of the JSON object it parsed
 (:func:`canonical_envelope_bytes`), and answers are joined from pieces
 (:func:`encode_results`). Each gives exactly the bytes the slow, obvious
 encoding gives; the tests prove it.
@@ -49,7 +49,7 @@ from typing import NoReturn
 
 from gateway import __version__
 from gateway.core.address import normalize_domain
-from gateway.core.envelope import Envelope, encode_envelope
+from gateway.core.envelope import Envelope, encode_envelope, encode_validated
 from gateway.errors import AddressError, EnvelopeError, ProtocolError, Reason
 
 PROTOCOL_VERSION = "v1"
@@ -215,7 +215,6 @@ def decode_transaction(
 
 
 _COMPACT = json.JSONEncoder(separators=(",", ":")).encode  # what json.dumps(..., separators) does
-_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
 
 
 def splice_transaction(origin: str, destination: str, envelopes: Sequence[bytes]) -> bytes:
@@ -266,10 +265,14 @@ def canonical_envelope_bytes(raw: Mapping[str, object]) -> bytes:
     Equal to ``encode_envelope(Envelope.from_json(raw))`` whenever
     ``from_json`` accepts ``raw``: it accepts only objects that are exactly
     the ``to_json()`` of their envelope (known fields, strict types, addresses
-    in normal form, canonical base64url; docs/envelope.md), so dumping ``raw``
-    with sorted keys gives the same bytes, in C, without a second encoding.
+    in normal form, canonical base64url; docs/envelope.md), so its values are
+    written as they are (:func:`~gateway.core.envelope.encode_validated`):
+    no second encoding, and the ciphertext is copied, not scanned for
+    characters to escape (a JSON dump of a 64 KiB envelope spends ~100 µs on
+    that scan).
     """
-    return _CANONICAL(raw).encode("ascii")
+    group = raw.get("group")
+    return encode_validated(raw, group if isinstance(group, str) else None)
 
 
 # -- answers -----------------------------------------------------------------------
