@@ -616,9 +616,10 @@ class _LaneRunner:
         finally:
             self.flights -= 1
             self.slots.release()
-            self.look_again_if_behind()
-            self.lane.wake.set()
             self.landed.set()
+            self.look_again_if_behind()
+            if self.lane.dirty:  # a failure: the lane has to look again
+                self.lane.wake.set()
 
     def look_again_if_behind(self) -> None:
         """Once idle, a lane that left envelopes behind its cursor takes from its head."""
@@ -831,7 +832,8 @@ class _LaneRunner:
         finally:
             completion.done.set()
             self.look_again_if_behind()
-            self.lane.wake.set()
+            if self.lane.dirty:
+                self.lane.wake.set()
 
     async def failed(self, batch: _Batch, error: TransportError, *, failures_before: int) -> None:
         """Record a failed transaction; ``failures_before``: the count when it was sent."""
