@@ -22,10 +22,11 @@ slot keeps strict order). Lanes share nothing but the storage: a dead or
 slow peer holds up its own task only, and every transaction has a deadline
 (``transaction_timeout``).
 
-**Waking.** A lane with nothing to send waits for :meth:`Sender.notify` (the
-client API calls it right after spooling for that peer), or at most
-``poll_interval``, which also picks up what another process or a restart
-left in the spool.
+**Waking.** A lane reads its spool only when something may be there: after
+:meth:`Sender.notify` (the client API calls it right after spooling for that
+peer), a failure, a take that filled a whole batch, or ``poll_interval``
+without news, which also picks up what another process or a restart left in
+the spool.
 
 **A transaction.** ``spool_take`` returns the head of the lane without
 removing it: at most ``max_transaction_envelopes`` envelopes and
@@ -54,8 +55,9 @@ That durable write runs in the background while the lane sends its next
 transaction (it changes nothing the peer sees, and the peer already holds
 the envelopes): the cursor keeps the answered envelopes out of what the lane
 takes next, and at most one such write is outstanding, so writes land in the
-order of the answers. If it fails, the envelopes are still spooled and go again, which the
-receiver's envelope-id dedup makes harmless. A
+order of the answers. If it fails, the envelopes are still spooled and go
+again (the lane takes from its head once idle), which the receiver's
+envelope-id dedup makes harmless. A
 result code that is not one of ours becomes ``rejected:protocol_error``: a
 peer's text never reaches a status a local user reads. An answer that does not
 name our envelopes in the order sent counts as a failure and the batch goes
@@ -71,7 +73,10 @@ re-reads that state every ``poll_interval``: ``gateway spool retry`` (another
 process) clears it and ends the wait. A success resets it; it is written when
 it changes anything but ``last_success_ms``, and otherwise at most every
 :data:`LAST_SUCCESS_WRITE_INTERVAL_MS`, so a busy lane does not pay one more
-durable write per transaction.
+durable write per transaction. Transactions in flight together that fail count
+as one failure (each remembers the count it was sent under), and no
+transaction starts once one beside it has failed; a success beside a failure
+ends the backoff (the peer answers), and the failed envelopes go again.
 
 **Rules reloads.** The sender reconciles its lanes with the rules every
 ``poll_interval``, and at once after a reload that drops peers
@@ -292,7 +297,6 @@ class _Lane:
 class _Completion:
     """An answered batch whose ``spool_complete`` is running in the background."""
 
-    ids: frozenset[str]
     done: trio.Event = field(default_factory=trio.Event)
     error: StorageError | None = None
 
@@ -775,7 +779,7 @@ class _LaneRunner:
             # One write outstanding at a time: the previous one lands first.
             await self.settle()
             now = self.clock_ms()
-            completion = _Completion(frozenset(statuses))
+            completion = _Completion()
             self.completion = completion
             assert self.nursery is not None
             self.nursery.start_soon(self.complete, completion, statuses, outcomes, now)
