@@ -152,6 +152,7 @@ from gateway.observability.metrics import (
     FEDERATION_TRANSACTIONS,
     PEER_BACKOFF,
     PEER_CONSECUTIVE_FAILURES,
+    PEER_TRANSACTIONS_IN_FLIGHT,
     PEER_UP,
     SPOOL_EXPIRED,
     bounded,
@@ -418,7 +419,7 @@ class Sender:
 
 def _forget_peer_gauges(org: str) -> None:
     """Drop the gauges of a peer that left the rules, so no stale series stays."""
-    for gauge in (PEER_UP, PEER_BACKOFF, PEER_CONSECUTIVE_FAILURES):
+    for gauge in (PEER_UP, PEER_BACKOFF, PEER_CONSECUTIVE_FAILURES, PEER_TRANSACTIONS_IN_FLIGHT):
         with contextlib.suppress(KeyError):
             gauge.remove(org)
 
@@ -431,6 +432,8 @@ class _LaneMetrics:
         self.up = PEER_UP.labels(label)
         self.backoff = PEER_BACKOFF.labels(label)
         self.failures = PEER_CONSECUTIVE_FAILURES.labels(label)
+        self.in_flight = PEER_TRANSACTIONS_IN_FLIGHT.labels(label)
+        self.in_flight.set(0)  # a lane restarted (new endpoint, CA or pins) starts with none
         self.expired = SPOOL_EXPIRED.labels(label)
         self.duration = FEDERATION_TRANSACTION_DURATION.labels(DIRECTION)
         self._outcomes: dict[str, Counter] = {}
@@ -573,6 +576,7 @@ class _LaneRunner:
                 lane.dirty = True  # more may follow at once
             self.cursor = max(self.cursor, entries[len(batch.ids) - 1].seq)
             self.flights += 1
+            self.metrics.in_flight.set(self.flights)
             assert self.nursery is not None
             self.nursery.start_soon(self.fly, batch)
             started = True
@@ -619,6 +623,7 @@ class _LaneRunner:
             self.error = exc
         finally:
             self.flights -= 1
+            self.metrics.in_flight.set(self.flights)
             self.slots.release()
             self.landed.set()
             self.look_again_if_behind()

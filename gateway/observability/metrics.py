@@ -102,6 +102,11 @@ PEER_CONSECUTIVE_FAILURES = Gauge(
     "Failed transactions to the peer since its last success.",
     ["peer"],
 )
+PEER_TRANSACTIONS_IN_FLIGHT = Gauge(
+    "gateway_peer_transactions_in_flight",
+    "Transactions sent to the peer and not yet answered or failed.",
+    ["peer"],
+)
 SPOOL_ENVELOPES = Gauge(
     "gateway_spool_envelopes",
     "Envelopes waiting in the peer's spool lane.",

@@ -656,8 +656,10 @@ async def test_two_transactions_go_at_once_each_envelope_in_one_and_in_lane_orde
         await trio.sleep(FAST.transaction_timeout / 2)
         assert [a.ids for a in transport.attempts] == [tuple(ids[0:3]), tuple(ids[3:6])]
         assert transport.in_flight == 2
+        assert sample("gateway_peer_transactions_in_flight", peer=A) == 2
         transport.gate.set()
         await wait_until(lambda: storage.depth(A) == 0)
+        assert sample("gateway_peer_transactions_in_flight", peer=A) == 0
     assert transport.most_in_flight == 2
     assert [a.ids for a in transport.attempts] == [
         tuple(ids[0:3]),
