@@ -1236,6 +1236,70 @@ async def test_the_httpx_transport_speaks_mtls_as_the_rules_say(tmp_path: Path) 
             nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("connections", [1, 2])
+async def test_the_httpx_transport_keeps_one_connection_per_transaction_in_flight(
+    tmp_path: Path, connections: int
+) -> None:
+    acme, globex = make_side(tmp_path, ORG), make_side(tmp_path, A)
+    holding = 0
+    most_held = 0
+    remotes: set[object] = set()
+    both_here = trio.Event()
+
+    async def receiver(request: Request) -> Response:
+        nonlocal holding, most_held
+        remotes.add(request.remote)
+        holding += 1
+        most_held = max(most_held, holding)
+        try:
+            if holding == 2:
+                both_here.set()
+            if connections == 2:
+                await both_here.wait()  # each answer waits until both are here at once
+        finally:
+            holding -= 1
+        txn = decode_transaction(request.body)
+        results = [EnvelopeResult(slot.envelope_id, ACCEPTED) for slot in txn.slots]
+        return Response(200, [("content-type", "application/json")], encode_results(results))
+
+    context = federation_server_context(
+        cert_file=globex.cert_file, key_file=globex.key_file, trusted_ca_pems=[acme.ca.cert_pem()]
+    )
+    trust = {ORG: PeerTrust(org=ORG, ca=acme.ca.cert)}
+
+    def identify(stream: trio.SSLStream[trio.SocketStream]) -> str:
+        return verify_peer_certificate(peer_certificate_der(stream), trust, now=datetime.now(UTC))
+
+    server = HTTPServer("federation", receiver, ssl_context=context, identify=identify)
+    with trio.fail_after(TLS_TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(server.serve, "127.0.0.1", 0)
+            rules = RulesHolder.load(write_rules(tmp_path, {A: f"https://127.0.0.1:{port}"}))
+            transport = HttpxPeerTransport(
+                ORG,
+                acme.cert_file,
+                acme.key_file,
+                rules,
+                timeout=10.0,
+                connections_per_peer=connections,
+            )
+            try:
+                body = encode_transaction(ORG, A, [decode_envelope(make_item(A).data)])
+
+                async with trio.open_nursery() as senders:
+                    for _ in range(2):
+                        senders.start_soon(
+                            partial(transport.send_transaction, A, new_txn_id(), body, expected=1)
+                        )
+            finally:
+                await transport.aclose()
+            nursery.cancel_scope.cancel()
+    # With two connections both transactions were at the receiver at once; with one,
+    # the second went after the first's answer, on the same connection.
+    assert most_held == connections
+    assert len(remotes) == connections
+
+
 async def test_nothing_listening_is_a_connect_failure(tmp_path: Path) -> None:
     acme = make_side(tmp_path, ORG)
     make_side(tmp_path, A)  # its CA file, for the rules
