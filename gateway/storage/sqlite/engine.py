@@ -164,11 +164,15 @@ def _configure(conn: sqlite3.Connection, path: str, *, reader: bool, busy_timeou
         conn.execute("PRAGMA query_only = ON")
 
 
+def _storage_error(path: str, exc: sqlite3.Error) -> StorageError:
+    return StorageError(f"storage {path}: {type(exc).__name__}: {exc}")
+
+
 def _translate(path: str, result: outcome.Outcome[T]) -> T:
     try:
         return result.unwrap()
     except sqlite3.Error as exc:
-        raise StorageError(f"storage {path}: {type(exc).__name__}: {exc}") from exc
+        raise _storage_error(path, exc) from exc
 
 
 class SqliteEngine:
@@ -232,11 +236,10 @@ class SqliteEngine:
             if conn is None:
                 conn = self._inline = connect(self.path, reader=True, busy_timeout_ms=0)
             return _run_read(conn, fn)
-        except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode not in _BUSY_CODES:
-                raise StorageError(f"storage {self.path}: {type(exc).__name__}: {exc}") from exc
         except sqlite3.Error as exc:
-            raise StorageError(f"storage {self.path}: {type(exc).__name__}: {exc}") from exc
+            busy = isinstance(exc, sqlite3.OperationalError) and exc.sqlite_errorcode in _BUSY_CODES
+            if not busy:
+                raise _storage_error(self.path, exc) from exc
         return await self.read(fn)
 
     async def _submit_write(self, fn: WriteOp[T], *, alone: bool, cancellable: bool = False) -> T:

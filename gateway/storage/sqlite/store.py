@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final, TypeVar
 
@@ -104,6 +104,7 @@ _TXN_SELECT = "SELECT body_hash, results, at_ms FROM transactions WHERE origin =
 
 Row = tuple[Any, ...]
 _R = TypeVar("_R", bound=EnvelopeRecord)
+_E = TypeVar("_E")
 
 
 # -- argument checks (before anything is queued) ---------------------------------
@@ -245,6 +246,27 @@ def _present(conn: sqlite3.Connection, sql: str, ids: Sequence[str]) -> set[str]
     return {row[0] for row in conn.execute(sql, (_ids_json(ids),))}
 
 
+async def _small_first(
+    engine: SqliteEngine,
+    op: Callable[[sqlite3.Connection, int], tuple[list[_E], bool]],
+    limit: int,
+) -> list[_E]:
+    """``op(conn, limit)``'s rows, read on the trio thread when they are few.
+
+    ``op(conn, n)`` reads at most ``n`` rows and tells whether they are all it
+    would read with any larger ``n``. It first runs with at most
+    :data:`SMALL_READ_ROWS` on the trio thread (``engine.read_small``); only if
+    that was not the whole read does it run again, with ``limit``, on a reader
+    thread.
+    """
+    small = min(limit, SMALL_READ_ROWS)
+    rows, whole = await engine.read_small(lambda conn: op(conn, small))
+    if whole or small == limit:
+        return rows
+    rows, _whole = await engine.read(lambda conn: op(conn, limit))
+    return rows
+
+
 def _first_unseen(entries: Sequence[_R], skip: set[str]) -> list[_R]:
     """Entries whose id is not in ``skip``, each id once (its first occurrence), in order."""
     fresh: list[_R] = []
@@ -381,16 +403,10 @@ class SqliteStorage:
                     total += entry.size
             finally:
                 cur.close()
-            return taken, len(taken) < limit or limit == max_items
+            return taken, len(taken) < limit
 
-        # A lane that is keeping up holds a few envelopes: read them on the trio
-        # thread; a backlog is read on a reader thread.
-        small = min(max_items, SMALL_READ_ROWS)
-        taken, whole = await self.engine.read_small(lambda conn: op(conn, small))
-        if whole:
-            return taken
-        taken, _whole = await self.engine.read(lambda conn: op(conn, max_items))
-        return taken
+        # A lane that is keeping up holds a few envelopes; a backlog, more.
+        return await _small_first(self.engine, op, max_items)
 
     async def spool_complete(self, peer: str, results: Mapping[str, str], *, at_ms: int) -> int:
         _peer(peer)
@@ -600,21 +616,16 @@ class SqliteStorage:
         # Expired-but-not-yet-swept envelopes are never handed out.
         not_expired = -1 if now_ms is None else check_ms("now_ms", now_ms)
 
-        def op(conn: sqlite3.Connection, rows_at_most: int) -> list[MailboxEntry]:
+        def op(conn: sqlite3.Connection, rows_at_most: int) -> tuple[list[MailboxEntry], bool]:
             rows = conn.execute(
                 f"SELECT {_MAILBOX_COLUMNS} FROM mailbox "  # noqa: S608
                 "WHERE recipient = ? AND seq > ? AND expires_ms > ? ORDER BY seq LIMIT ?",
                 (user, after_seq, not_expired, rows_at_most),
             ).fetchall()
-            return [_mailbox_entry(row) for row in rows]
+            return [_mailbox_entry(row) for row in rows], len(rows) < rows_at_most
 
-        # A mailbox read as it fills holds a few envelopes: read them on the trio
-        # thread; a fuller one is read on a reader thread.
-        small = min(limit, SMALL_READ_ROWS)
-        entries = await self.engine.read_small(lambda conn: op(conn, small))
-        if len(entries) < small or small == limit:
-            return entries
-        return await self.engine.read(lambda conn: op(conn, limit))
+        # A mailbox read as it fills holds a few envelopes; a fuller one, more.
+        return await _small_first(self.engine, op, limit)
 
     async def mailbox_ack(self, user: str, envelope_ids: Collection[str]) -> int:
         _user(user)
