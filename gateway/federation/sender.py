@@ -118,7 +118,7 @@ from typing import Final, Protocol
 import trio
 from prometheus_client import Counter
 
-from gateway.config import Limits
+from gateway.config import MAX_INFLIGHT_TRANSACTIONS, Limits
 from gateway.core.encoding import b64url_encode
 from gateway.core.envelope import decode_envelope
 from gateway.core.rules import CompiledRules, Peer
@@ -140,7 +140,6 @@ from gateway.federation.protocol import (
 )
 from gateway.federation.transport import (
     CLOSE_TIMEOUT,
-    MAX_CONNECTIONS_PER_PEER,
     REASON_CODES,
     FailureKind,
     PeerTransport,
@@ -228,9 +227,9 @@ class SenderSettings:
     inflight_transactions: int = _DEFAULT_LIMITS.max_inflight_transactions
 
     def __post_init__(self) -> None:
-        if not 1 <= self.inflight_transactions <= MAX_CONNECTIONS_PER_PEER:
+        if not 1 <= self.inflight_transactions <= MAX_INFLIGHT_TRANSACTIONS:
             raise ValueError(
-                f"inflight_transactions must be within 1..{MAX_CONNECTIONS_PER_PEER}, "
+                f"inflight_transactions must be within 1..{MAX_INFLIGHT_TRANSACTIONS}, "
                 f"got {self.inflight_transactions}"
             )
         most = min(MAX_TRANSACTION_ENVELOPES, MAX_ITEMS_PER_CALL)
@@ -529,12 +528,14 @@ class _LaneRunner:
             return
         # A free transaction slot first: with every slot in flight there is nothing to do.
         await self.slots.acquire()
-        started = False
+        # True once the slot is given back, or handed to a transaction's task (which
+        # gives it back when it ends); otherwise the ``finally`` gives it back.
+        released = False
         try:
             now = self.clock_ms()
             if self.state.backoff_until_ms > now:
                 self.slots.release()
-                started = True  # released
+                released = True
                 await self.wait_backoff(self.state, now)
                 return
             self.metrics.backoff.set(0)
@@ -561,7 +562,7 @@ class _LaneRunner:
                 # goes one transaction at a time, each gathering what came meanwhile).
                 lane.dirty = True
                 self.slots.release()
-                started = True  # released
+                released = True
                 with trio.move_on_after(self.settings.poll_interval):
                     await self.landed.wait()
                 return
@@ -579,9 +580,9 @@ class _LaneRunner:
             self.metrics.in_flight.set(self.flights)
             assert self.nursery is not None
             self.nursery.start_soon(self.fly, batch)
-            started = True
+            released = True
         finally:
-            if not started:
+            if not released:
                 self.slots.release()
 
     def is_full(self, entries: Sequence[SpoolEntry]) -> bool:

@@ -55,6 +55,7 @@ import trio
 from cryptography import x509
 
 from gateway import __version__
+from gateway.config import MAX_INFLIGHT_TRANSACTIONS
 from gateway.core.rules import CompiledRules, Peer
 from gateway.errors import PKIError, ProtocolError, Reason, RemoteError
 from gateway.federation.protocol import (
@@ -73,7 +74,9 @@ DEFAULT_REQUEST_TIMEOUT: Final = 30.0  # seconds per phase: connect, write, read
 # Below the receiver's idle keep-alive (60 s, docs/protocol.md §8), so we close
 # an idle connection before the peer does and never write into a dying one.
 KEEPALIVE_EXPIRY: Final = 50.0
-MAX_CONNECTIONS_PER_PEER: Final = 8  # transactions in flight to one peer (limits.py: 16 per peer)
+# One connection per transaction the sender may keep in flight to a peer (below the
+# receiver's default cap of 16 connections per peer, gateway/http/limits.py).
+MAX_CONNECTIONS_PER_PEER: Final = MAX_INFLIGHT_TRANSACTIONS
 MAX_ANSWER_BYTES: Final = 4 * 1024 * 1024  # 1000 results of ~100 bytes, with room to spare
 MAX_RETRY_AFTER_SECONDS: Final = 86_400.0  # a Retry-After beyond a day is not believed
 CLOSE_TIMEOUT: Final = 5.0  # closing a client never holds up a reload or shutdown longer
