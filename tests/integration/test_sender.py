@@ -63,7 +63,7 @@ from gateway.federation.transport import (
     interpret_answer,
     translate_httpx_error,
 )
-from gateway.http.messages import Request, Response
+from gateway.http.messages import Handler, Request, Response
 from gateway.http.server import HTTPServer
 from gateway.pki import dev
 from gateway.pki.certs import spki_pin
@@ -1145,6 +1145,32 @@ def make_side(directory: Path, org: str) -> Side:
     return Side(org, ca, gateway, cert_file, key_file)
 
 
+def answer_accepting_all(request: Request) -> Response:
+    """A receiver's answer that accepts every envelope of the transaction."""
+    txn = decode_transaction(request.body)
+    results = [EnvelopeResult(slot.envelope_id, ACCEPTED) for slot in txn.slots]
+    return Response(200, [("content-type", "application/json")], encode_results(results))
+
+
+def federation_server(
+    receiving: Side, sending: Side, handler: Handler, *, names: list[str | None] | None = None
+) -> HTTPServer:
+    """``receiving``'s federation listener, trusting ``sending`` (SNI names go to ``names``)."""
+    context = federation_server_context(
+        cert_file=receiving.cert_file,
+        key_file=receiving.key_file,
+        trusted_ca_pems=[sending.ca.cert_pem()],
+    )
+    if names is not None:
+        context.sni_callback = lambda _obj, name, _ctx: names.append(name)
+    trust = {sending.org: PeerTrust(org=sending.org, ca=sending.ca.cert)}
+
+    def identify(stream: trio.SSLStream[trio.SocketStream]) -> str:
+        return verify_peer_certificate(peer_certificate_der(stream), trust, now=datetime.now(UTC))
+
+    return HTTPServer("federation", handler, ssl_context=context, identify=identify)
+
+
 async def test_the_httpx_transport_speaks_mtls_as_the_rules_say(tmp_path: Path) -> None:
     acme, globex = make_side(tmp_path, ORG), make_side(tmp_path, A)
     seen: list[Request] = []
@@ -1152,20 +1178,9 @@ async def test_the_httpx_transport_speaks_mtls_as_the_rules_say(tmp_path: Path) 
 
     async def receiver(request: Request) -> Response:
         seen.append(request)
-        txn = decode_transaction(request.body)
-        results = [EnvelopeResult(slot.envelope_id, ACCEPTED) for slot in txn.slots]
-        return Response(200, [("content-type", "application/json")], encode_results(results))
+        return answer_accepting_all(request)
 
-    context = federation_server_context(
-        cert_file=globex.cert_file, key_file=globex.key_file, trusted_ca_pems=[acme.ca.cert_pem()]
-    )
-    context.sni_callback = lambda _obj, name, _ctx: server_names.append(name)
-    trust = {ORG: PeerTrust(org=ORG, ca=acme.ca.cert)}
-
-    def identify(stream: trio.SSLStream[trio.SocketStream]) -> str:
-        return verify_peer_certificate(peer_certificate_der(stream), trust, now=datetime.now(UTC))
-
-    server = HTTPServer("federation", receiver, ssl_context=context, identify=identify)
+    server = federation_server(globex, acme, receiver, names=server_names)
     with trio.fail_after(TLS_TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
             port = await nursery.start(server.serve, "127.0.0.1", 0)
@@ -1258,19 +1273,9 @@ async def test_the_httpx_transport_keeps_one_connection_per_transaction_in_fligh
                 await both_here.wait()  # each answer waits until both are here at once
         finally:
             holding -= 1
-        txn = decode_transaction(request.body)
-        results = [EnvelopeResult(slot.envelope_id, ACCEPTED) for slot in txn.slots]
-        return Response(200, [("content-type", "application/json")], encode_results(results))
+        return answer_accepting_all(request)
 
-    context = federation_server_context(
-        cert_file=globex.cert_file, key_file=globex.key_file, trusted_ca_pems=[acme.ca.cert_pem()]
-    )
-    trust = {ORG: PeerTrust(org=ORG, ca=acme.ca.cert)}
-
-    def identify(stream: trio.SSLStream[trio.SocketStream]) -> str:
-        return verify_peer_certificate(peer_certificate_der(stream), trust, now=datetime.now(UTC))
-
-    server = HTTPServer("federation", receiver, ssl_context=context, identify=identify)
+    server = federation_server(globex, acme, receiver)
     with trio.fail_after(TLS_TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
             port = await nursery.start(server.serve, "127.0.0.1", 0)
