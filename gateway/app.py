@@ -42,6 +42,7 @@ from gateway.config import GatewayConfig
 from gateway.core.address import Address
 from gateway.errors import ConfigError, StorageError
 from gateway.federation.keys import KeyDirectory, fetch_remote_keys
+from gateway.federation.liveness import greet_peers, hearing
 from gateway.federation.receiver import Receiver
 from gateway.federation.sender import Sender, SenderSettings
 from gateway.federation.sweeper import run_spool_sweeper
@@ -203,7 +204,8 @@ async def run_gateway(
 
         federation = HTTPServer(
             "federation",
-            federation_router,
+            # Any request from a peer is news that it is up: its lane stops backing off.
+            hearing(federation_router, sender.heard_from),
             ssl_context=federation_context,
             identify=trust.identify,
             limits=_server_limits(config),
@@ -308,6 +310,8 @@ async def run_gateway(
                         rules.sha256[:12],
                     )
                     task_status.started(ports)
+                    # Peers that backed off from us while we were down hear we are back.
+                    root.start_soon(greet_peers, transport, list(rules.current.peers))
                     if handle_signals:
                         listeners.start_soon(_wait_for_stop_signal, servers, waiters)
                 # Every listener has drained: stop the rest.

@@ -70,7 +70,14 @@ jitter, capped, and no sooner than a ``Retry-After``), and writes the
 :class:`~gateway.storage.base.PeerState` *before* it sleeps, so a restarted
 gateway reads it and does not hammer a dead peer. While it waits, the lane
 re-reads that state every ``poll_interval``: ``gateway spool retry`` (another
-process) clears it and ends the wait. A success resets it; it is written when
+process) clears it and ends the wait. So does news that the peer is up
+(:meth:`Sender.heard_from`: the federation listener calls it on every
+authenticated request from a peer of the rules, and a gateway greets its peers
+when it starts, see :mod:`gateway.federation.liveness`): the lane tries at
+once, at most once per ``backoff_initial``, keeping its failure count, so a
+peer that is reachable but still failing goes on backing off longer each time
+(after Synapse, which wakes a destination when that server contacts it).
+A success resets the state; it is written when
 it changes anything but ``last_success_ms``, and otherwise at most every
 :data:`LAST_SUCCESS_WRITE_INTERVAL_MS`, so a busy lane does not pay one more
 durable write per transaction. Transactions in flight together that fail count
@@ -107,7 +114,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
+import math
 import random as random_module
 import secrets
 import time
@@ -150,6 +159,7 @@ from gateway.observability.metrics import (
     FEDERATION_TRANSACTION_DURATION,
     FEDERATION_TRANSACTIONS,
     PEER_BACKOFF,
+    PEER_BACKOFF_CUT,
     PEER_CONSECUTIVE_FAILURES,
     PEER_TRANSACTIONS_IN_FLIGHT,
     PEER_UP,
@@ -170,6 +180,9 @@ LOGGER = logging.getLogger("gateway.federation.sender")
 DIRECTION: Final = "outbound"
 RESULT_OK: Final = "ok"  # gateway_federation_transactions_total{result} of an answered one
 OUTCOME_EXPIRED: Final = "expired"
+# gateway_peer_backoff_cut_total{cause}: what ended a backoff before its time
+BACKOFF_CUT_HEARD: Final = "heard"  # an authenticated request from the peer
+BACKOFF_CUT_RETRY: Final = "retry"  # gateway spool retry
 DEFAULT_POLL_INTERVAL: Final = 5.0  # seconds; also how often a backing-off lane re-reads its state
 LAST_SUCCESS_WRITE_INTERVAL_MS: Final = 10_000
 TXN_ID_BYTES: Final = 16  # random bytes of a transaction id (22 base64url characters)
@@ -291,6 +304,10 @@ class _Lane:
     # The spool may hold something the lane has not taken: set by notify(), a
     # failure, a full take and the poll; the lane reads its spool only then.
     dirty: bool = True
+    # Set by heard_from() while the lane waits out a backoff: the peer is up.
+    heard: trio.Event = field(default_factory=trio.Event)
+    backing_off: bool = False
+    heard_cut_at: float = -math.inf  # trio time the last news from the peer ended a backoff
 
 
 @dataclass(eq=False)
@@ -347,6 +364,21 @@ class Sender:
         if lane is not None:
             lane.dirty = True
             lane.wake.set()
+
+    def heard_from(self, peer: str) -> None:
+        """``peer`` reached us (an authenticated request): if its lane is backing off, try now.
+
+        A peer that just opened an mTLS connection to us is most likely up
+        again. Cheap enough for every request: a dict lookup and a flag. The
+        lane ends a backoff this way at most once per ``backoff_initial``.
+        """
+        lane = self._lanes.get(peer)
+        if (
+            lane is not None
+            and lane.backing_off
+            and trio.current_time() - lane.heard_cut_at >= self.settings.backoff_initial
+        ):
+            lane.heard.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the lanes until cancelled; ``started()`` once the first ones are running."""
@@ -437,6 +469,13 @@ class _LaneMetrics:
         self.duration = FEDERATION_TRANSACTION_DURATION.labels(DIRECTION)
         self._outcomes: dict[str, Counter] = {}
         self._results: dict[str, Counter] = {}
+        self._cuts: dict[str, Counter] = {}
+
+    def backoff_cut(self, cause: str) -> Counter:
+        child = self._cuts.get(cause)
+        if child is None:
+            child = self._cuts[cause] = PEER_BACKOFF_CUT.labels(self.label, cause)
+        return child
 
     def outcome(self, outcome: str) -> Counter:
         child = self._outcomes.get(outcome)
@@ -648,13 +687,37 @@ class _LaneRunner:
             raise completion.error
 
     async def wait_backoff(self, state: PeerState, now: int) -> None:
+        """Wait out (part of) a backoff; it ends early on news of the peer or an admin's retry."""
         remaining = remaining_seconds(state, now_ms=now)
         self.metrics.backoff.set(remaining)
-        await trio.sleep(min(remaining, self.settings.poll_interval))
+        lane = self.lane
+        lane.heard = trio.Event()
+        lane.backing_off = True
+        try:
+            with trio.move_on_after(min(remaining, self.settings.poll_interval)):
+                await lane.heard.wait()
+        finally:
+            lane.backing_off = False
+        if lane.heard.is_set() and self.state is state:
+            lane.heard_cut_at = trio.current_time()
+            now = self.clock_ms()
+            LOGGER.info(
+                "%s: heard from the peer while backing off (%d failure(s)); trying now",
+                self.org,
+                state.failures,
+                extra={"event": "peer_heard", "peer": self.org},
+            )
+            # The failure count stays: if the peer still fails, the next wait is longer.
+            until = min(now, state.backoff_until_ms)
+            self.state = dataclasses.replace(state, backoff_until_ms=until)
+            self.metrics.backoff_cut(BACKOFF_CUT_HEARD).inc()
+            self.metrics.show(self.state, now_ms=now)
+            return
         stored = await self.storage.peer_state_get(self.org)
         if stored is not None and stored.backoff_until_ms < state.backoff_until_ms:
             LOGGER.info("%s: backoff cleared (gateway spool retry); trying now", self.org)
             self.state = stored
+            self.metrics.backoff_cut(BACKOFF_CUT_RETRY).inc()
             self.metrics.show(stored, now_ms=self.clock_ms())
 
     async def expire(self, expired: Sequence[SpoolEntry], now: int) -> None:

@@ -102,6 +102,12 @@ PEER_CONSECUTIVE_FAILURES = Gauge(
     "Failed transactions to the peer since its last success.",
     ["peer"],
 )
+PEER_BACKOFF_CUT = Counter(
+    "gateway_peer_backoff_cut_total",
+    "Backoffs ended before their time, by peer and cause: heard (an authenticated request "
+    "from the peer, e.g. its greeting when it starts) or retry (gateway spool retry).",
+    ["peer", "cause"],
+)
 PEER_TRANSACTIONS_IN_FLIGHT = Gauge(
     "gateway_peer_transactions_in_flight",
     "Transactions sent to the peer and not yet answered or failed.",

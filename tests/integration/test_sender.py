@@ -851,6 +851,73 @@ async def test_spool_retry_from_an_admin_ends_the_backoff(
     assert done - retried <= settings.poll_interval + 0.01
 
 
+async def test_news_from_a_backing_off_peer_ends_the_wait_and_keeps_the_count(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    storage, transport = MemoryStorage(), FakeTransport(down={A})
+    settings = dataclasses.replace(FAST, backoff_initial=3600.0, backoff_max=3600.0)
+    sender = make_sender(storage, transport, load_rules(tmp_path, [A, B]), settings=settings)
+    cuts = sample("gateway_peer_backoff_cut_total", peer=A, cause="heard")
+    async with running(sender):
+        await spool(storage, sender, [make_item(A)])
+        await wait_until(lambda: len(transport.attempts) == 1, step=0.01)
+        await trio.sleep(10)
+        assert storage.states[A].failures == 1
+        sender.heard_from(B)  # another peer's news changes nothing for A
+        sender.heard_from("nobody.example")  # nor does one that is no peer
+        await trio.sleep(10)
+        assert len(transport.attempts) == 1
+        transport.down.clear()
+        heard = trio.current_time()
+        sender.heard_from(A)
+        done = await wait_until(lambda: storage.depth(A) == 0, step=0.001)
+    assert done - heard <= 0.01  # at once, not at the poll (5 s) nor the backoff (up to 1 h)
+    assert [a.delivered for a in transport.attempts] == [False, True]
+    assert sample("gateway_peer_backoff_cut_total", peer=A, cause="heard") == cuts + 1
+    assert storage.states[A].failures == 0  # the success reset it, as ever
+
+
+async def test_news_ends_a_backoff_at_most_once_per_backoff_initial_and_a_failure_still_counts(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    storage, transport = MemoryStorage(), FakeTransport(down={A})
+    settings = dataclasses.replace(FAST, backoff_initial=60.0, backoff_max=3600.0)
+    sender = make_sender(storage, transport, load_rules(tmp_path, [A]), settings=settings)
+    start = trio.current_time()
+    async with running(sender):
+        await spool(storage, sender, [make_item(A)])
+        await wait_until(lambda: len(transport.attempts) == 1, step=0.01)
+        await trio.sleep(1)
+        sender.heard_from(A)  # t=1: ends the 60 s wait; the peer is still down
+        await wait_until(lambda: len(transport.attempts) == 2, step=0.001)
+        await trio.sleep(0.01)
+        assert storage.states[A].failures == 2  # counted: the next window is 120 s
+        await trio.sleep(1)
+        sender.heard_from(A)  # t=2: within 60 s of the last cut, so ignored
+        await trio.sleep(30)
+        assert len(transport.attempts) == 2
+        await trio.sleep(30)
+        sender.heard_from(A)  # t=62: a minute after the last cut, so it counts again
+        await wait_until(lambda: len(transport.attempts) == 3, step=0.001)
+    times = [a.at - start for a in transport.attempts]
+    assert times == pytest.approx([0, 1, 62], abs=0.05)
+
+
+async def test_news_from_a_peer_that_is_not_backing_off_changes_nothing(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    storage, transport = MemoryStorage(), FakeTransport()
+    sender = make_sender(storage, transport, load_rules(tmp_path, [A]))
+    async with running(sender):
+        await spool(storage, sender, [make_item(A)])
+        await wait_until(lambda: storage.depth(A) == 0, step=0.01)
+        for _ in range(3):
+            sender.heard_from(A)
+        await trio.sleep(60)
+        assert len(transport.attempts) == 1
+        assert A not in storage.states or storage.states[A].failures == 0
+
+
 async def test_409_gets_a_new_transaction_id_and_413_halves_the_batch(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:

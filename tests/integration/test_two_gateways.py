@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from prometheus_client import REGISTRY
 
 from gateway.app import BoundPorts, run_gateway
 from gateway.client.api import ClientAPIError, ClientSession
@@ -172,3 +173,40 @@ async def test_two_gateways_deliver_both_ways_and_deny_with_reasons(
 
             # Nothing else reached bob.
             assert await bob.fetch(wait=0) == []
+
+
+async def test_a_peer_that_starts_again_greets_us_and_ends_our_backoff(
+    orgs: tuple[DevOrg, DevOrg],
+) -> None:
+    acme_org, globex_org = orgs
+    # A backoff of up to a day: only the greeting can bring the envelope over in time.
+    config = acme_org.config_path.read_text()
+    assert "backoff_initial: 1s" in config
+    assert "backoff_max: 5m" in config
+    acme_org.config_path.write_text(
+        config.replace("backoff_initial: 1s", "backoff_initial: 1d").replace(
+            "backoff_max: 5m", "backoff_max: 1d"
+        )
+    )
+    keys = {
+        name: UserKeys.generate(Address.of(name, org))
+        for name, org in (("alice", ACME), ("bob", GLOBEX))
+    }
+
+    def sample(name: str) -> float:
+        return REGISTRY.get_sample_value(name, {"peer": GLOBEX, **extra.get(name, {})}) or 0.0
+
+    extra = {"gateway_peer_backoff_cut_total": {"cause": "heard"}}
+    cuts = sample("gateway_peer_backoff_cut_total")
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running(acme_org, ["alice"]) as acme, acme.session("alice") as alice:
+            envelope = sealed(keys["alice"], keys["bob"], b"are you back?")
+            await alice.submit(envelope)
+            # globex is not running: the first try fails and the lane backs off.
+            while sample("gateway_peer_consecutive_failures") < 1:
+                await trio.sleep(0.05)
+            async with running(globex_org, ["bob"]) as globex, globex.session("bob") as bob:
+                [got] = await wait_for_mail(bob, 1)
+                assert got.id == envelope.id
+            await wait_for_status(alice, envelope.id, "forwarded")
+    assert sample("gateway_peer_backoff_cut_total") == cuts + 1
