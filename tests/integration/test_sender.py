@@ -839,6 +839,7 @@ async def test_spool_retry_from_an_admin_ends_the_backoff(
     storage, transport = MemoryStorage(), FakeTransport(down={A})
     settings = dataclasses.replace(FAST, backoff_initial=3600.0, backoff_max=3600.0)
     sender = make_sender(storage, transport, load_rules(tmp_path, [A]), settings=settings)
+    cuts = sample("gateway_peer_backoff_cut_total", peer=A, cause="retry")
     async with running(sender):
         await spool(storage, sender, [make_item(A)])
         await wait_until(lambda: len(transport.attempts) == 1, step=0.01)
@@ -849,6 +850,7 @@ async def test_spool_retry_from_an_admin_ends_the_backoff(
         await storage.spool_retry(A)  # what `gateway spool retry` does, from another process
         done = await wait_until(lambda: storage.depth(A) == 0, step=0.01)
     assert done - retried <= settings.poll_interval + 0.01
+    assert sample("gateway_peer_backoff_cut_total", peer=A, cause="retry") == cuts + 1
 
 
 async def test_news_from_a_backing_off_peer_ends_the_wait_and_keeps_the_count(
