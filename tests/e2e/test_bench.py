@@ -2,8 +2,10 @@
 
 Two real gateways, 2,000 envelopes, the floor: every envelope must arrive
 exactly once, at the gateways and at the floor, a sample must open, and the
-JSON must carry every figure the docs promise. No figure is asserted: a
-benchmark's numbers belong to docs/performance.md, not to a test.
+JSON must carry every figure the docs promise. The outage and spool scenarios
+run small: exactly once across the receiver's restart, and the depth made.
+No figure is asserted: a benchmark's numbers belong to docs/performance.md,
+not to a test.
 """
 
 from __future__ import annotations
@@ -78,6 +80,54 @@ def test_bench_smoke_delivers_every_envelope_exactly_once(tmp_path: Path) -> Non
         "floor.ratio",
         "machine.cores",
     ):
+        assert isinstance(lookup(report, path), int | float), path
+
+
+def run_bench(tmp_path: Path, *args: str) -> dict[str, object]:
+    done = subprocess.run(
+        [gateway_script(), "bench", *args, "--no-floor", "--json", "--keep", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report: dict[str, object] = json.loads(done.stdout)
+    assert missing_fields(report) == []
+    assert report["ok"] is True
+    return report
+
+
+def test_bench_outage_loses_nothing_and_delivers_nothing_twice_across_a_restart(
+    tmp_path: Path,
+) -> None:
+    # The receiving gateway is stopped, 300 envelopes wait in the sender's spool,
+    # then it starts again (and greets its peer, which sends at once).
+    report = run_bench(tmp_path, "--outage", "1", "--envelopes", "300")
+    assert report["scenario"] == "outage"
+    assert report["envelopes"] == {
+        "requested": 300,
+        "submitted": 300,
+        "delivered": 300,
+        "lost": 0,
+        "duplicates": 0,
+        "unknown": 0,
+        "complete": True,
+        "exactly_once": True,
+    }
+    assert lookup(report, "outage.accepted_while_down") == 300
+    for path in ("outage.seconds", "outage.resume_after_s", "outage.drain_envelopes_per_s"):
+        assert isinstance(lookup(report, path), int | float), path
+
+
+def test_bench_spool_reports_the_depth_it_made(tmp_path: Path) -> None:
+    report = run_bench(tmp_path, "--spool", "2000")
+    assert report["scenario"] == "spool"
+    assert lookup(report, "spool.envelopes") == 2000
+    assert lookup(report, "spool.peers_spool_depth") == 2000
+    assert lookup(report, "spool.depth_matches") is True
+    for path in ("spool.sender_rss_mb", "spool.peers_seconds", "spool.fill_seconds"):
         assert isinstance(lookup(report, path), int | float), path
 
 
