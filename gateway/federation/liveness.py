@@ -9,8 +9,9 @@ Synapse, which wakes a destination's queue when that server contacts it):
   request from an authenticated peer (the mTLS identity, never a header)
   calls ``on_heard(peer)`` before it is handled, whatever it asks and
   whatever the answer. The sender's :meth:`~gateway.federation.sender.Sender.heard_from`
-  then ends that peer's backoff, if it has one, at most once per
-  ``backoff_initial``.
+  then ends that peer's backoff, if it followed a failure to reach the
+  peer, at most once per ``backoff_initial`` (a backoff after an error
+  answer or a ``Retry-After`` stands: that peer was up).
 * **Greeting.** :func:`greet_peers` runs once when the gateway starts: a
   ``GET /federation/v1/version`` to each peer of the rules, a few at a time,
   each within a deadline. A peer that backed off from us while we were down

@@ -73,10 +73,12 @@ re-reads that state every ``poll_interval``: ``gateway spool retry`` (another
 process) clears it and ends the wait. So does news that the peer is up
 (:meth:`Sender.heard_from`: the federation listener calls it on every
 authenticated request from a peer of the rules, and a gateway greets its peers
-when it starts, see :mod:`gateway.federation.liveness`): the lane tries at
-once, at most once per ``backoff_initial``, keeping its failure count, so a
-peer that is reachable but still failing goes on backing off longer each time
-(after Synapse, which wakes a destination when that server contacts it).
+when it starts, see :mod:`gateway.federation.liveness`) when the failure was
+that the peer could not be reached: the lane tries at once, at most once per
+``backoff_initial``, keeping its failure count, so a peer that is reachable
+but still failing goes on backing off longer each time (after Synapse, which
+wakes a destination when that server contacts it). A peer that answered with
+an error, or asked for time with ``Retry-After``, is not cut short.
 A success resets the state; it is written when
 it changes anything but ``last_success_ms``, and otherwise at most every
 :data:`LAST_SUCCESS_WRITE_INTERVAL_MS`, so a busy lane does not pay one more
@@ -304,9 +306,10 @@ class _Lane:
     # The spool may hold something the lane has not taken: set by notify(), a
     # failure, a full take and the poll; the lane reads its spool only then.
     dirty: bool = True
-    # Set by heard_from() while the lane waits out a backoff: the peer is up.
+    # While the lane waits out a backoff that news can end (the peer could not be
+    # reached), heard_from() sets ``heard``: the peer is up.
     heard: trio.Event = field(default_factory=trio.Event)
-    backing_off: bool = False
+    awaiting_news: bool = False
     heard_cut_at: float = -math.inf  # trio time the last news from the peer ended a backoff
 
 
@@ -370,12 +373,15 @@ class Sender:
 
         A peer that just opened an mTLS connection to us is most likely up
         again. Cheap enough for every request: a dict lookup and a flag. The
-        lane ends a backoff this way at most once per ``backoff_initial``.
+        lane ends a backoff this way at most once per ``backoff_initial``, and
+        only one that followed a failure to reach the peer (see
+        :func:`news_ends`): a peer that answered, even with an error or a
+        ``Retry-After``, was up already, and its answer stands.
         """
         lane = self._lanes.get(peer)
         if (
             lane is not None
-            and lane.backing_off
+            and lane.awaiting_news
             and trio.current_time() - lane.heard_cut_at >= self.settings.backoff_initial
         ):
             lane.heard.set()
@@ -692,12 +698,12 @@ class _LaneRunner:
         self.metrics.backoff.set(remaining)
         lane = self.lane
         lane.heard = trio.Event()
-        lane.backing_off = True
+        lane.awaiting_news = news_ends(state)
         try:
             with trio.move_on_after(min(remaining, self.settings.poll_interval)):
                 await lane.heard.wait()
         finally:
-            lane.backing_off = False
+            lane.awaiting_news = False
         if lane.heard.is_set() and self.state is state:
             lane.heard_cut_at = trio.current_time()
             now = self.clock_ms()
@@ -958,6 +964,25 @@ class _LaneRunner:
         )
         # Durable before the wait: a restart in the middle of it waits too.
         await self.storage.peer_state_put(self.state)
+
+
+# Failures that news from the peer can end: it could not be reached (no connection,
+# a deadline, a broken connection). One that answered (an HTTP error, 429/503 with
+# Retry-After, a bad answer) or whose certificate we refused was up already.
+_UNREACHABLE_KINDS: Final = frozenset(
+    kind.value for kind in (FailureKind.CONNECT, FailureKind.TIMEOUT, FailureKind.NETWORK)
+)
+
+
+def news_ends(state: PeerState) -> bool:
+    """Whether news that the peer is up may end the backoff of ``state``.
+
+    Read from ``last_error``, which :meth:`_LaneRunner.failed` writes as
+    ``"<kind>: <message>"``, so a backoff read back after a restart is judged
+    the same way.
+    """
+    error = state.last_error
+    return error is not None and error.partition(":")[0] in _UNREACHABLE_KINDS
 
 
 def _check_results(peer: str, batch: _Batch, results: Sequence[EnvelopeResult]) -> None:

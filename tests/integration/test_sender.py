@@ -54,7 +54,13 @@ from gateway.federation.protocol import (
     encode_transaction,
     splice_transaction,
 )
-from gateway.federation.sender import Sender, SenderSettings, SenderStorage, new_txn_id
+from gateway.federation.sender import (
+    Sender,
+    SenderSettings,
+    SenderStorage,
+    new_txn_id,
+    news_ends,
+)
 from gateway.federation.sweeper import run_spool_sweeper, sweep_spool
 from gateway.federation.transport import (
     FailureKind,
@@ -903,6 +909,45 @@ async def test_news_ends_a_backoff_at_most_once_per_backoff_initial_and_a_failur
         await wait_until(lambda: len(transport.attempts) == 3, step=0.001)
     times = [a.at - start for a in transport.attempts]
     assert times == pytest.approx([0, 1, 62], abs=0.05)
+
+
+async def test_news_does_not_cut_short_a_peer_that_answered_with_retry_after(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    storage, transport = MemoryStorage(), FakeTransport()
+    busy = TransportError("busy", kind=FailureKind.HTTP_503, status=503, retry_after=240.0)
+    transport.scripted[A] = [busy]
+    sender = make_sender(storage, transport, load_rules(tmp_path, [A]))
+    start = trio.current_time()
+    async with running(sender):
+        await spool(storage, sender, [make_item(A)])
+        await wait_until(lambda: len(transport.attempts) == 1, step=0.01)
+        for _ in range(3):
+            await trio.sleep(60)
+            sender.heard_from(A)  # it was up: it asked for four minutes, it gets them
+        assert len(transport.attempts) == 1
+        await wait_until(lambda: storage.depth(A) == 0, step=0.01)
+    assert transport.attempts[1].at - start == pytest.approx(240, abs=0.05)
+
+
+@pytest.mark.parametrize(
+    ("last_error", "ends"),
+    [
+        ("connect: globex.example: connection refused", True),
+        ("timeout: globex.example: no answer within 30s", True),
+        ("network: globex.example: the connection broke", True),
+        ("http_503: globex.example: answered 503", False),
+        ("http_5xx: globex.example: answered 500", False),
+        ("tls: globex.example: certificate not trusted", False),
+        ("bad_answer: globex.example: not an answer", False),
+        (None, False),
+    ],
+)
+def test_news_ends_only_a_backoff_after_the_peer_could_not_be_reached(
+    last_error: str | None, ends: bool
+) -> None:
+    state = PeerState(peer=A, failures=3, backoff_until_ms=EPOCH_MS, last_error=last_error)
+    assert news_ends(state) is ends
 
 
 async def test_news_from_a_peer_that_is_not_backing_off_changes_nothing(
