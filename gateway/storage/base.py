@@ -223,15 +223,7 @@ def envelope_record(envelope: Envelope, data: bytes) -> EnvelopeRecord:
     again. ``Envelope(...)`` built in code checks nothing; use the
     :class:`EnvelopeRecord` constructor for that.
     """
-    return EnvelopeRecord._from_trusted(
-        envelope_id=envelope.id,
-        sender=str(envelope.sender),
-        recipient=str(envelope.recipient),
-        created_ms=envelope.created,
-        expires_ms=envelope.expires,
-        burn_on_read=envelope.burn_on_read,
-        data=_checked_data(envelope.id, data),
-    )
+    return EnvelopeRecord._from_trusted(**_envelope_fields(envelope, data))
 
 
 def spool_item(envelope: Envelope, data: bytes, peer: str) -> SpoolItem:
@@ -242,16 +234,20 @@ def spool_item(envelope: Envelope, data: bytes, peer: str) -> SpoolItem:
     """
     if type(peer) is not str or not 0 < len(peer) <= MAX_DOMAIN_LENGTH:
         check_text(f"peer of {envelope.id}", peer, MAX_DOMAIN_LENGTH)
-    return SpoolItem._from_trusted(
-        envelope_id=envelope.id,
-        sender=str(envelope.sender),
-        recipient=str(envelope.recipient),
-        created_ms=envelope.created,
-        expires_ms=envelope.expires,
-        burn_on_read=envelope.burn_on_read,
-        data=_checked_data(envelope.id, data),
-        peer=peer,
-    )
+    return SpoolItem._from_trusted(**_envelope_fields(envelope, data), peer=peer)
+
+
+def _envelope_fields(envelope: Envelope, data: bytes) -> dict[str, object]:
+    """An :class:`EnvelopeRecord`'s fields from a checked envelope; only ``data`` is checked."""
+    return {
+        "envelope_id": envelope.id,
+        "sender": str(envelope.sender),
+        "recipient": str(envelope.recipient),
+        "created_ms": envelope.created,
+        "expires_ms": envelope.expires,
+        "burn_on_read": envelope.burn_on_read,
+        "data": _checked_data(envelope.id, data),
+    }
 
 
 def _checked_data(envelope_id: str, data: bytes) -> bytes:
