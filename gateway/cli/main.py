@@ -60,6 +60,10 @@ def _single_error(group: BaseExceptionGroup[BaseException]) -> BaseException | N
             leaves.append(exc)
 
     walk(group)
+    # Ctrl-C wins: it can land inside a nursery that trio then wraps in a group.
+    interrupts = [exc for exc in leaves if isinstance(exc, KeyboardInterrupt)]
+    if interrupts:
+        return interrupts[0]
     ours = [exc for exc in leaves if isinstance(exc, GatewayError | OSError)]
     return ours[0] if ours and len(ours) == len(leaves) else None
 

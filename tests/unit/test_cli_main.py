@@ -44,3 +44,25 @@ def test_status_parses_a_dash_id_up_to_the_missing_server(
     assert "unrecognized arguments" not in err
     assert "usage:" not in err
     assert code != 0
+
+
+def test_an_interrupt_inside_a_nursery_exits_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Ctrl-C can land while trio runs a nursery (say, in a connect); trio then
+    # raises it inside a group, with the error it interrupted as its context.
+    def interrupted(_args: object) -> int:
+        try:
+            raise BlockingIOError(115, "Operation now in progress")
+        except BlockingIOError:
+            raise BaseExceptionGroup("nursery", [KeyboardInterrupt()]) from None
+
+    import gateway.cli.main as cli_main
+
+    parser = cli_main.build_parser()
+    monkeypatch.setattr(cli_main, "build_parser", lambda: parser)
+    args = parser.parse_args(["demo"])
+    monkeypatch.setattr(parser, "parse_args", lambda _argv: args)
+    monkeypatch.setattr(args, "handler", interrupted)
+    assert main(["demo"]) == 130
+    assert "gateway: interrupted" in capsys.readouterr().err
