@@ -19,10 +19,12 @@ from gateway.core.durations import parse_duration
 from gateway.core.rules import (
     CompiledRules,
     Decision,
+    Direction,
     Rules,
     diff_rules,
     format_diff,
     load_rules,
+    reason_for_peer,
 )
 from gateway.errors import AddressError, RulesError
 
@@ -233,6 +235,12 @@ def render_decision(decision: Decision, sender: Address, recipient: Address) -> 
     else:
         lines.append(f"rule: {decision.rule}")
     lines.append(f"detail: {decision.detail}")
+    answer = reason_for_peer(decision)
+    if answer is not decision.reason:
+        lines.append(
+            f"peer reads: {answer.value} (as for a user who does not exist: "
+            "a peer may not learn who is in a group that does not hear it)"
+        )
     return lines
 
 
@@ -250,6 +258,12 @@ def decision_json(decision: Decision, sender: Address, recipient: Address) -> di
         if rule is None
         else {"file": rule.file, "line": rule.line, "path": rule.path or None},
         "detail": decision.detail,
+        # The reason code the peer would read in its transaction's answer.
+        **(
+            {"peer_reads": reason_for_peer(decision).value}
+            if decision.direction is Direction.INBOUND and not decision.allowed
+            else {}
+        ),
     }
 
 

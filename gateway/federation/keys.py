@@ -7,9 +7,12 @@ its client check that signature against the key their rules pin for us, so
 this endpoint needs to be no more trusted than the wire. It answers only a
 peer that the mTLS layer proved (``request.peer``) and that the rules in
 force name: anyone else gets ``403 unknown_peer``. A user who is in no group
-of our rules, or who never published keys, is ``404 recipient_unknown``: the
-same answer for both, so the directory does not tell a peer which of our
-users exist but have not published.
+of our rules, whose group does not receive from the asking peer (nor from
+any of its groups: ``CompiledRules.visible_to``), or who never published
+keys, is ``404 recipient_unknown``: the same status, code and body for all
+three, and the same work (one storage read each, its answer discarded when
+the user is not visible), so a peer cannot tell which of our users exist,
+are segmented away from it, or have not published (docs/security.md).
 
 Client side (:func:`fetch_remote_keys`): our gateway asks a peer, over the
 peer's persistent mTLS client of the sender's transport (same SNI, same pins
@@ -79,10 +82,13 @@ class KeyDirectory:
             user = normalize_user(params["user"])
         except AddressError as exc:
             return error_response(400, exc.reason)
-        if rules.group_of(user) is None:
-            LOGGER.info("key lookup from %s: %s is in no group", peer, user)
-            return error_response(_NOT_FOUND, Reason.RECIPIENT_UNKNOWN)
+        # Read first, whoever the user is: a user the peer may not see costs the
+        # same storage read as one it may, so the answer's timing tells nothing.
         record = await self._storage.user_keys_get(f"{user}@{self.org}")
+        if not rules.visible_to(user, peer):
+            why = "is in no group" if rules.group_of(user) is None else "is segmented from it"
+            LOGGER.info("key lookup from %s: %s %s: answered recipient_unknown", peer, user, why)
+            return error_response(_NOT_FOUND, Reason.RECIPIENT_UNKNOWN)
         if record is None:
             LOGGER.info("key lookup from %s: %s has published no keys", peer, user)
             return error_response(_NOT_FOUND, Reason.RECIPIENT_UNKNOWN)

@@ -59,7 +59,7 @@ from prometheus_client import Counter
 
 from gateway.core.address import normalize_domain
 from gateway.core.envelope import Envelope, check_envelope_clock, encode_envelope
-from gateway.core.rules import CompiledRules, Decision
+from gateway.core.rules import CompiledRules, Decision, reason_for_peer
 from gateway.errors import AddressError, EnvelopeError, ProtocolError, Reason
 from gateway.federation.protocol import (
     ACCEPTED,
@@ -129,7 +129,7 @@ class Verdict:
     """What one slot of a transaction is answered, and why."""
 
     envelope_id: str | None
-    result: str  # "accepted" or a reason code
+    result: str  # "accepted" or the reason code the peer is answered
     envelope: Envelope | None = None  # the parsed envelope, when there is one
     decision: Decision | None = None  # the rules' decision, when it came to that
     repeat: bool = False  # the id appeared earlier in this transaction: never stored
@@ -139,6 +139,14 @@ class Verdict:
     @property
     def accepted(self) -> bool:
         return self.result == ACCEPTED
+
+    @property
+    def reason(self) -> str:
+        """The real outcome, for logs, metrics and audit (``result`` is what the peer reads)."""
+        decision = self.decision
+        if decision is None or decision.allowed or self.repeat:
+            return self.result
+        return decision.reason.value
 
     @property
     def to_store(self) -> bool:
@@ -164,7 +172,9 @@ def _judge_slot(slot: EnvelopeSlot, origin: str, rules: CompiledRules, now_ms: i
         ttl_seconds=envelope.ttl_ms // MS_PER_SECOND,
         burn_on_read=envelope.burn_on_read,
     )
-    result = ACCEPTED if decision.allowed else decision.reason.value
+    # A refusal is answered with reason_for_peer: a recipient the peer may not reach
+    # reads as one who does not exist. Verdict.reason keeps the real one for us.
+    result = ACCEPTED if decision.allowed else reason_for_peer(decision).value
     return Verdict(envelope.id, result, envelope, decision, raw=slot.raw)
 
 
@@ -371,7 +381,8 @@ class Receiver:
                 asserted_group=envelope.group if envelope is not None else None,
                 sender=str(envelope.sender) if envelope is not None else None,
                 recipient=str(envelope.recipient) if envelope is not None else None,
-                reason=verdict.result,
+                reason=verdict.reason,
+                answered=verdict.result,
                 rule=f"{rule.file}:{rule.line}" if rule is not None else None,
                 detail=decision.detail,
             )
@@ -437,7 +448,7 @@ class Receiver:
         """Count, log and wake: everything that follows the durable commit."""
         peer_label = bounded(peer, rules.peers)
         stored = frozenset(outcome.stored)
-        for result, count in collections.Counter(v.result for v in verdicts).items():
+        for result, count in collections.Counter(v.reason for v in verdicts).items():
             _count_envelopes(peer_label, result, count)
         # An accepted envelope is logged at DEBUG: skip building its fields when that is off.
         log_accepted = LOGGER.isEnabledFor(logging.DEBUG)
@@ -446,7 +457,7 @@ class Receiver:
             if verdict.accepted:
                 accepted += 1
             elif verdict.decision is not None and not verdict.repeat:
-                _count_denial(verdict.result)
+                _count_denial(verdict.reason)
             if log_accepted or verdict.repeat or not verdict.accepted:
                 _log_verdict(peer, verdict, stored)
             envelope = verdict.envelope

@@ -175,6 +175,11 @@ def test_explain_inbound_from_a_peer_group(examples: Path) -> None:
     other_group = gateway(*args, "--group", "sales", "--burn-on-read", cwd=examples)
     assert other_group.returncode == 1
     assert other_group.stdout.splitlines()[1] == "reason: peer_not_allowed"
+    # The admin reads the real reason, and what the peer is told instead.
+    assert other_group.stdout.splitlines()[-1].startswith("peer reads: recipient_unknown (")
+    as_json = gateway(*args, "--group", "sales", "--burn-on-read", "--json", cwd=examples)
+    decision = json.loads(as_json.stdout)
+    assert (decision["reason"], decision["peer_reads"]) == ("peer_not_allowed", "recipient_unknown")
     no_burn = gateway(*args, "--group", "partners", cwd=examples)
     assert no_burn.returncode == 1
     burn_line = line_of(path, "burn_on_read: required")

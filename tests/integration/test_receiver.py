@@ -138,6 +138,16 @@ def rules_text(peers: Sequence[str], *, pins: Mapping[str, str] | None = None) -
     return "\n".join(line for line in lines if line) + "\n"
 
 
+class AuditRecorder:
+    """An audit sink that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, object]] = []
+
+    async def record(self, kind: str, **fields: object) -> None:
+        self.records.append({"kind": kind, **fields})
+
+
 @dataclass
 class World:
     tmp_path: Path
@@ -150,6 +160,7 @@ class World:
     holder: RulesHolder
     users: dict[str, UserKeys] = field(default_factory=dict)
     delivered: list[frozenset[str]] = field(default_factory=list)
+    audit: AuditRecorder = field(default_factory=lambda: AuditRecorder())
 
     def keys(self, address: str) -> UserKeys:
         if address not in self.users:
@@ -253,6 +264,7 @@ async def receiving(
         clock_ms=world.clock,
         max_envelopes=max_envelopes,
         on_delivered=world.on_delivered,
+        audit=world.audit,
     )
     router = Router()
     receiver.add_routes(router)
@@ -402,6 +414,11 @@ async def test_allowed_envelopes_land_in_mailboxes_and_denied_get_their_reason(
         "from a third org": "sender_not_origin",
         "not for us": "recipient_not_local",
     }
+    # What globex reads: a recipient it may not reach looks like one who does not exist.
+    answered = {
+        key: "recipient_unknown" if reason == "peer_not_allowed" else reason
+        for key, reason in expected.items()
+    }
     outcomes = sorted(set(expected.values()))
     counted = Deltas(lambda: {o: envelopes_counted(GLOBEX, o) for o in outcomes})
     denied = Deltas(lambda: {o: denials_counted(o) for o in outcomes})
@@ -414,7 +431,7 @@ async def test_allowed_envelopes_land_in_mailboxes_and_denied_get_their_reason(
         async with receiving(world, store) as running, world.client(world.globex) as http:
             reply = await put(http, running, txn_id, body)
 
-        assert results(reply) == [(env.id, expected[key]) for key, env in sent.items()]
+        assert results(reply) == [(env.id, answered[key]) for key, env in sent.items()]
         assert await mailbox_ids(store, BOB) == [sent["to bob"].id]
         assert await mailbox_ids(store, CAROL) == [sent["to carol as sales"].id]
         assert await mailbox_ids(store, DAVE) == []
@@ -434,8 +451,13 @@ async def test_allowed_envelopes_land_in_mailboxes_and_denied_get_their_reason(
         record = await store.txn_lookup(GLOBEX, txn_id)
         assert record is not None
         assert record.body_hash == body_hash(body)
-        assert dict(record.results) == {env.id: expected[key] for key, env in sent.items()}
+        assert dict(record.results) == {env.id: answered[key] for key, env in sent.items()}
 
+    # The audit log keeps the real reason beside what globex read.
+    audited = {r["envelope_id"]: (r["reason"], r["answered"]) for r in world.audit.records}
+    assert audited[sent["to dave"].id] == ("peer_not_allowed", "recipient_unknown")
+    assert audited[sent["to carol as engineering"].id] == ("peer_not_allowed", "recipient_unknown")
+    assert audited[sent["to nobody"].id] == ("recipient_unknown", "recipient_unknown")
     assert counted() == {o: float(list(expected.values()).count(o)) for o in outcomes}
     policy = {o: float(list(expected.values()).count(o)) for o in outcomes}
     policy.update(accepted=0.0, expired=0.0)  # not policy decisions
@@ -470,7 +492,7 @@ async def test_a_replayed_transaction_gets_the_same_answer_and_stores_nothing_tw
             again = await put(http, running, txn_id, body)
         expected = [
             (allowed.id, "accepted"),
-            (denied.id, "peer_not_allowed"),
+            (denied.id, "recipient_unknown"),  # what a peer reads for a segmented user
             (allowed.id, "accepted"),
         ]
         assert results(first) == expected

@@ -366,6 +366,13 @@ groups:
 
 
 def judge(rules: CompiledRules, *envelopes: Envelope, origin: str = GLOBEX) -> list[str]:
+    """The real reason of each verdict (what logs, metrics and audit see)."""
+    txn = decode_transaction(encode_transaction(origin, ACME, envelopes))
+    return [v.reason for v in judge_transaction(txn, rules, now_ms=NOW)]
+
+
+def answered(rules: CompiledRules, *envelopes: Envelope, origin: str = GLOBEX) -> list[str]:
+    """What the peer reads for each envelope."""
     txn = decode_transaction(encode_transaction(origin, ACME, envelopes))
     return [v.result for v in judge_transaction(txn, rules, now_ms=NOW)]
 
@@ -393,6 +400,24 @@ def judge(rules: CompiledRules, *envelopes: Envelope, origin: str = GLOBEX) -> l
 )
 def test_each_check_gives_its_reason(rules: CompiledRules, env: Envelope, result: str) -> None:
     assert judge(rules, env) == [result]
+
+
+def test_a_peer_reads_a_segmented_recipient_as_one_who_does_not_exist(
+    rules: CompiledRules,
+) -> None:
+    segmented = [
+        envelope(recipient="carol@acme.example", group="support"),  # another group of globex
+        envelope(recipient="carol@acme.example", group=None),
+    ]
+    assert judge(rules, *segmented) == ["peer_not_allowed", "peer_not_allowed"]
+    assert answered(rules, *segmented) == ["recipient_unknown", "recipient_unknown"]
+    assert answered(rules, envelope(recipient="nobody@acme.example")) == ["recipient_unknown"]
+    # From a peer no group hears, every user reads alike, too large or not.
+    assert answered(rules, envelope(sender="i@initech.example", size=5000), origin=INITECH) == [
+        "recipient_unknown"
+    ]
+    # Limits are told only to a peer the recipient's group hears.
+    assert answered(rules, envelope(size=1001)) == ["too_large"]
 
 
 def test_checks_come_in_the_documented_order(rules: CompiledRules) -> None:

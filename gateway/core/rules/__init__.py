@@ -7,7 +7,7 @@ says what changes in effect. docs/rules.md is the admin's guide.
 """
 
 from gateway.core.rules.diff import RulesDiff, diff_rules, format_diff
-from gateway.core.rules.evaluator import CompiledRules, Decision
+from gateway.core.rules.evaluator import CompiledRules, Decision, reason_for_peer
 from gateway.core.rules.loader import ReadFile, load_rules
 from gateway.core.rules.model import (
     BurnOnRead,
@@ -38,4 +38,5 @@ __all__ = [
     "diff_rules",
     "format_diff",
     "load_rules",
+    "reason_for_peer",
 ]

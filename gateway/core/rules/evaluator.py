@@ -19,6 +19,14 @@ The order of checks is fixed, so the reason of a denial is predictable:
   origin (whole, or the group it asserts) -> the recipient group's limits.
 
 Limits are checked in the order size, TTL, burn-on-read.
+
+What a peer is told is not always the reason: to a peer, one of our users
+whose group does not receive from it (nor from any of its groups) is
+indistinguishable from a user who does not exist. :func:`reason_for_peer`
+turns an inbound ``peer_not_allowed`` into ``recipient_unknown`` for the
+answer, and :meth:`CompiledRules.visible_to` says which users a peer may see
+at all (the key directory). Logs, metrics, the audit log and ``gateway rules
+explain`` keep the real reason.
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ class _GroupIndex:
         "group",
         "local_allowed",
         "max_bytes",
+        "peers_heard",
         "receive",
         "receive_all",
         "receive_all_mark",
@@ -95,6 +104,8 @@ class _GroupIndex:
         self.receive_groups: dict[tuple[str, str], Decision] = {}
         self.receive_all = False
         self.receive_all_mark: Mark | None = None
+        # The peers this group hears from at all, whole or through one of their groups.
+        self.peers_heard = frozenset(ref.peer for ref in group.receive_from)
         for ref in group.receive_from:
             if ref.peer == WILDCARD:
                 self.receive_all, self.receive_all_mark = True, ref.mark
@@ -186,6 +197,19 @@ class CompiledRules:
 
     def group(self, name: str) -> Group | None:
         return self.rules.groups.get(name)
+
+    def visible_to(self, user: str, peer: str) -> bool:
+        """May ``peer`` learn that local ``user`` exists (see the module docstring)?
+
+        Yes when the user's group receives from that peer: whole, from one of
+        its groups, or from every peer (``*``). The question carries no group
+        of the peer's, so a ``receive_from`` entry for any of its groups shows
+        the user to the whole peer gateway (which asks for all its users).
+        """
+        index = self._by_user.get(user)
+        if index is None or peer not in self.rules.peers:
+            return False
+        return index.receive_all or peer in index.peers_heard
 
     def default_ttl(self, group: str) -> int:
         """The default TTL in seconds of the group named ``group``; ``KeyError`` if none."""
@@ -339,6 +363,17 @@ class CompiledRules:
         ):
             return _limit_denial(index, allowed, size, ttl_seconds, burn_on_read)
         return allowed
+
+
+def reason_for_peer(decision: Decision) -> Reason:
+    """The reason code a peer is answered for an inbound ``decision``.
+
+    A recipient whose group does not receive from the peer is answered as if
+    it did not exist: ``recipient_unknown``, never ``peer_not_allowed``.
+    """
+    if decision.reason is Reason.PEER_NOT_ALLOWED and decision.direction is Direction.INBOUND:
+        return Reason.RECIPIENT_UNKNOWN
+    return decision.reason
 
 
 def _deny(
