@@ -142,7 +142,11 @@ async def run_gateway(
     )
     federation_context = trust.update()
     client_context = (
-        client_api_server_context(cert_file=config.client_tls.cert, key_file=config.client_tls.key)
+        client_api_server_context(
+            cert_file=config.client_tls.cert,
+            key_file=config.client_tls.key,
+            min_version=config.client_tls.min_version,
+        )
         if config.client_tls is not None
         else None
     )

@@ -7,7 +7,7 @@
     rules: rules.yaml                   # federation rules
     signing_key: keys/org-signing.key   # Ed25519, signs the org's key records
     tls: {cert: pki/gateway.pem, key: pki/gateway.key, ca: pki/ca.pem}
-    client_tls: {cert: pki/client-api.pem, key: pki/client-api.key}   # or: plain
+    client_tls: {cert: pki/client-api.pem, key: pki/client-api.key, min_version: "1.3"}  # or: plain
     listen: {federation: 127.0.0.1:8443, client: 127.0.0.1:8080, metrics: 127.0.0.1:9090}
     endpoint: https://127.0.0.1:8443    # the URL partners dial
     storage: sqlite                     # data_dir/gateway.sqlite3, or a postgresql:// URL
@@ -133,6 +133,7 @@ class TLSConfig:
 class ClientTLSConfig:
     cert: Path
     key: Path
+    min_version: str = "1.3"  # "1.2" allows TLS 1.2, with ECDHE + AEAD suites only
 
 
 @dataclass(frozen=True)
@@ -242,7 +243,8 @@ _TOP_KEYS = (
 )
 _LOG_KEYS = ("format", "level")
 _TLS_KEYS = ("cert", "key", "ca")
-_CLIENT_TLS_KEYS = ("cert", "key")
+_CLIENT_TLS_KEYS = ("cert", "key", "min_version")
+_CLIENT_TLS_VERSIONS = ("1.2", "1.3")
 _LISTEN_KEYS = ("federation", "client", "metrics")
 _LIMIT_KEYS = tuple(f.name for f in fields(Limits))
 
@@ -315,6 +317,18 @@ class _Reader:
             return convert(value)
         except (ValueError, AddressError) as exc:
             raise self.error(key, str(exc)) from None
+
+
+def _client_tls_version(reader: _Reader, value: object) -> str:
+    # YAML reads an unquoted 1.2 as a number: take it as the version it looks like.
+    text = str(value) if isinstance(value, str | float) and not isinstance(value, bool) else None
+    if text not in _CLIENT_TLS_VERSIONS:
+        raise reader.error(
+            "client_tls.min_version",
+            f'expected "1.3" (the default: TLS 1.3 only) or "1.2" (TLS 1.2 too, ECDHE and '
+            f"AEAD suites only), got {value!r}",
+        )
+    return text
 
 
 def _positive_int(value: object) -> int:
@@ -407,6 +421,7 @@ def load_config(path: Path | str) -> GatewayConfig:
         client_tls = ClientTLSConfig(
             cert=reader.path_value(section, "cert", "client_tls.cert"),
             key=reader.path_value(section, "key", "client_tls.key"),
+            min_version=_client_tls_version(reader, section.get("min_version", "1.3")),
         )
 
     listen_section = reader.mapping(top.get("listen", {}), "listen", _LISTEN_KEYS)

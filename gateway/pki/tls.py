@@ -10,8 +10,12 @@
   gateway certificate, trusts only the one CA of the peer it dials, and checks
   that the server certificate names the peer's org: pass
   ``server_hostname=<peer org>``, whatever host the endpoint URL names.
-* **Client API server**: an ordinary TLS server (1.2 or later), no client
-  certificates; clients authenticate with bearer tokens.
+* **Client API server**: no client certificates (clients authenticate with
+  bearer tokens); TLS 1.3 only unless the admin allows TLS 1.2
+  (``client_tls.min_version: "1.2"``), and then TLS 1.2 offers only ECDHE
+  key exchange with AEAD ciphers (:data:`CLIENT_API_TLS12_CIPHERS`): no CBC
+  (LUCKY13 and its kin), no static RSA key exchange, no DHE. TLS 1.3's own
+  suites are all AEAD with ephemeral keys.
 
 ``ssl`` and ``OSError`` failures become :class:`~gateway.errors.PKIError` naming
 the file that could not be used.
@@ -22,8 +26,24 @@ from __future__ import annotations
 import ssl
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Final
 
 from gateway.errors import PKIError
+
+#: The TLS versions an admin may set as the client API's minimum.
+CLIENT_API_TLS_VERSIONS: Final = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+DEFAULT_CLIENT_API_MIN_TLS: Final = "1.3"
+#: TLS 1.2 suites of the client API when 1.2 is allowed: forward secrecy and AEAD only.
+CLIENT_API_TLS12_CIPHERS: Final = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    ]
+)
 
 
 def _load_cert_chain(context: ssl.SSLContext, cert_file: Path, key_file: Path) -> None:
@@ -88,10 +108,23 @@ def federation_client_context(
     return context
 
 
-def client_api_server_context(*, cert_file: Path, key_file: Path) -> ssl.SSLContext:
-    """Server context for the client API: TLS 1.2 or later, no client certificates."""
+def client_api_server_context(
+    *, cert_file: Path, key_file: Path, min_version: str = DEFAULT_CLIENT_API_MIN_TLS
+) -> ssl.SSLContext:
+    """Server context for the client API: no client certificates; see the module docstring.
+
+    ``min_version`` is ``"1.3"`` (the default) or ``"1.2"``; ``ValueError`` otherwise.
+    """
+    version = CLIENT_API_TLS_VERSIONS.get(min_version)
+    if version is None:
+        raise ValueError(f"TLS minimum version must be one of 1.2, 1.3, not {min_version!r}")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.minimum_version = version
+    context.maximum_version = ssl.TLSVersion.TLSv1_3
+    if version is ssl.TLSVersion.TLSv1_2:
+        context.set_ciphers(CLIENT_API_TLS12_CIPHERS)  # TLS 1.2 only: 1.3's suites are fixed
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     context.verify_mode = ssl.CERT_NONE
     _load_cert_chain(context, cert_file, key_file)
     return context

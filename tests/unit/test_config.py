@@ -110,6 +110,28 @@ def test_client_tls_plain_and_postgres(tmp_path: Path) -> None:
     assert "s3cret" not in repr(config)
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("client_tls: {cert: c.pem, key: k.pem}\n", "1.3"),
+        ("client_tls: {cert: c.pem, key: k.pem, min_version: '1.3'}\n", "1.3"),
+        ("client_tls: {cert: c.pem, key: k.pem, min_version: '1.2'}\n", "1.2"),
+        ("client_tls: {cert: c.pem, key: k.pem, min_version: 1.2}\n", "1.2"),  # YAML's number
+    ],
+)
+def test_client_tls_min_version(tmp_path: Path, text: str, expected: str) -> None:
+    config = load_config(write(tmp_path, "org: acme.example\n" + text))
+    assert config.client_tls is not None
+    assert config.client_tls.min_version == expected
+
+
+@pytest.mark.parametrize("value", ["'1.1'", "1.0", "TLSv1.2", "true", "12"])
+def test_client_tls_min_version_refuses_anything_else(tmp_path: Path, value: str) -> None:
+    text = f"org: acme.example\nclient_tls:\n  cert: c.pem\n  min_version: {value}\n"
+    message = error_of(tmp_path, text)
+    assert 'gateway.yaml:4:16: client_tls.min_version: expected "1.3"' in message
+
+
 def test_limits_accept_durations_and_seconds(tmp_path: Path) -> None:
     config = load_config(
         write(

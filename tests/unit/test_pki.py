@@ -429,8 +429,14 @@ def test_server_context_with_no_peer_ca_still_builds(acme_files: tuple[Path, Pat
 def test_client_api_context(acme_files: tuple[Path, Path]) -> None:
     cert, key = acme_files
     context = client_api_server_context(cert_file=cert, key_file=key)
-    assert context.minimum_version is ssl.TLSVersion.TLSv1_2
+    assert context.minimum_version is ssl.TLSVersion.TLSv1_3  # TLS 1.3 only by default
     assert context.verify_mode is ssl.CERT_NONE
+    allowing_1_2 = client_api_server_context(cert_file=cert, key_file=key, min_version="1.2")
+    assert allowing_1_2.minimum_version is ssl.TLSVersion.TLSv1_2
+    tls12_suites = {c["name"] for c in allowing_1_2.get_ciphers() if c["protocol"] == "TLSv1.2"}
+    assert tls12_suites
+    assert all(name.startswith("ECDHE-") for name in tls12_suites)
+    assert all(("GCM" in name) or ("CHACHA20" in name) for name in tls12_suites)
 
 
 def test_context_errors_name_the_file(
