@@ -56,7 +56,7 @@ from gateway.observability.gauges import run_gauge_refresher
 from gateway.pki import dev
 from gateway.pki.tls import client_api_server_context
 from gateway.rules_runtime import RulesHolder, watch_rules_file, watch_sighup
-from gateway.storage.base import Storage
+from gateway.storage.base import Bound, Storage
 from gateway.storage.sqlite import open_sqlite_storage
 
 LOGGER = logging.getLogger("gateway.app")
@@ -199,6 +199,12 @@ async def run_gateway(
             remote_key_lookup=remote_key_lookup,
             max_wait_seconds=config.limits.long_poll_max,
             audit=audit,
+            lane_bound=Bound(
+                config.limits.spool_max_envelopes_per_peer, config.limits.spool_max_bytes_per_peer
+            ),
+            mailbox_bound=Bound(
+                config.limits.mailbox_max_envelopes, config.limits.mailbox_max_bytes
+            ),
         )
 
         federation_router, client_router, metrics_router = Router(), Router(), Router()

@@ -169,8 +169,12 @@ class Limits:
     # (docs/performance.md); 1 keeps strict lane order across transactions.
     max_inflight_transactions: int = 2
     max_connections: int = 1024  # per listener
+    # A lane (per peer) and a mailbox (per user) hold at most this much; past
+    # it, submissions are refused with 503 lane_full / mailbox_full.
     spool_max_envelopes_per_peer: int = 100_000
+    spool_max_bytes_per_peer: int = 4 * 1024 * 1024 * 1024
     mailbox_max_envelopes: int = 10_000
+    mailbox_max_bytes: int = 1024 * 1024 * 1024
     request_timeout: float = 30.0
     idle_timeout: float = 60.0
     handshake_timeout: float = 10.0

@@ -16,6 +16,7 @@ its reason code, counted, and changes nothing.
     │   ├── RulesError                federation rules (carries every issue found)
     │   ├── PKIError                  certificates, keys, TLS contexts
     │   └── StorageError              the database
+    ├── CapacityError                 a configured bound is reached: nothing stored, try later
     └── RemoteError                   a client or peer sent something wrong
         ├── AddressError              a `user@org` that does not parse
         ├── EnvelopeError             an envelope that does not parse or validate
@@ -101,6 +102,8 @@ class Reason(enum.StrEnum):
     SENDER_MISMATCH = "sender_mismatch"  # envelope `from` is not the token's user (403)
     ENVELOPE_ID_CONFLICT = "envelope_id_conflict"  # id already used by another envelope (409)
     PEER_UNAVAILABLE = "peer_unavailable"  # a peer could not answer a key lookup (502)
+    LANE_FULL = "lane_full"  # the peer's spool lane is at its limit (503, Retry-After)
+    MAILBOX_FULL = "mailbox_full"  # the recipient's mailbox is at its limit (503, Retry-After)
 
     # -- ours ---------------------------------------------------------------
     CONFIG = "config_error"
@@ -154,6 +157,21 @@ class PKIError(LocalError):
 
 class StorageError(LocalError):
     default_reason = Reason.STORAGE
+
+
+class CapacityError(GatewayError):
+    """A configured bound (a lane's or a mailbox's size) leaves no room: nothing was stored.
+
+    A temporary condition, not a fault of the caller's input: answered 503 with
+    ``Retry-After``. ``full`` names what is full (peers, or users), so a caller
+    with a batch can still store the items that do fit.
+    """
+
+    default_reason = Reason.LANE_FULL
+
+    def __init__(self, message: str, *, reason: Reason, full: frozenset[str]) -> None:
+        super().__init__(message, reason=reason)
+        self.full = full
 
 
 class RemoteError(GatewayError):

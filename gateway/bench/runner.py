@@ -294,24 +294,29 @@ def _limits() -> dict[str, object]:
     return {"max_envelope_bytes": RULES_MAX_ENVELOPE_BYTES, "ttl": {"max": "7d"}}
 
 
-_TXN_LIMIT = re.compile(r"^(\s*max_transaction_envelopes:\s*)\d+\s*$", re.MULTILINE)
+# The bench measures the pipeline, not the bounds: a lane may hold any scenario's spool.
+BENCH_LANE_ENVELOPES = 100_000_000
+BENCH_LANE_BYTES = 1 << 40
 
 
-def set_transaction_envelopes(org: DevOrg, count: int) -> None:
-    """Edit ``limits.max_transaction_envelopes`` in the org's gateway.yaml, as an admin would."""
+def set_limit(org: DevOrg, name: str, value: int) -> None:
+    """Edit ``limits.<name>`` in the org's gateway.yaml (as ``gateway init`` wrote it)."""
     text = org.config_path.read_text(encoding="utf-8")
-    edited, found = _TXN_LIMIT.subn(lambda m: f"{m.group(1)}{count}", text)
+    line = re.compile(rf"^(\s*{re.escape(name)}:\s*)\d+\s*$", re.MULTILINE)
+    edited, found = line.subn(lambda m: f"{m.group(1)}{value}", text)
     if found != 1:
-        raise BenchError(f"{org.config_path}: no limits.max_transaction_envelopes line to edit")
+        raise BenchError(f"{org.config_path}: no limits.{name} line to edit")
     org.config_path.write_text(edited, encoding="utf-8")
 
 
 def build_bed(base: Path, *, transaction_envelopes: int | None = None) -> Bed:
     net = DevNet(base)
     sender, receiver = net.add_org(SENDER_ORG), net.add_org(RECEIVER_ORG)
-    if transaction_envelopes is not None:
-        for org in (sender, receiver):
-            set_transaction_envelopes(org, transaction_envelopes)
+    for org in (sender, receiver):
+        set_limit(org, "spool_max_envelopes_per_peer", BENCH_LANE_ENVELOPES)
+        set_limit(org, "spool_max_bytes_per_peer", BENCH_LANE_BYTES)
+        if transaction_envelopes is not None:
+            set_limit(org, "max_transaction_envelopes", transaction_envelopes)
     sender.write_rules(
         peers=[receiver],
         groups={GROUP: {"members": [SENDER_USER], "send_to": [RECEIVER_ORG], "limits": _limits()}},

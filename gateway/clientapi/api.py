@@ -82,6 +82,7 @@ from gateway.crypto.key_records import (
 )
 from gateway.crypto.keys import PublicKeys
 from gateway.errors import (
+    CapacityError,
     EnvelopeError,
     GatewayError,
     KeyRecordError,
@@ -94,11 +95,15 @@ from gateway.observability.audit import AuditSink, NoAudit
 from gateway.observability.metrics import (
     CLIENTAPI_LOCAL_DELIVERIES,
     CLIENTAPI_SUBMISSIONS,
+    MAILBOX_FULL_REFUSALS,
     POLICY_DENIALS,
+    SPOOL_FULL_REFUSALS,
 )
 from gateway.storage.base import (
     STATUS_DELIVERED,
     STATUS_QUEUED,
+    Bound,
+    DeliverOutcome,
     EnvelopeRecord,
     SpoolItem,
     Storage,
@@ -107,6 +112,14 @@ from gateway.storage.base import (
 )
 
 log = logging.getLogger("gateway.clientapi")
+
+#: Seconds a client is asked to wait before submitting to a full lane or mailbox again.
+FULL_RETRY_AFTER_SECONDS: Final = 30
+_RETRY_LATER: Final = [("retry-after", str(FULL_RETRY_AFTER_SECONDS))]
+_FULL_MESSAGES: Final = {
+    Reason.LANE_FULL: "the spool for this peer is full; try again later",
+    Reason.MAILBOX_FULL: "the recipient's mailbox is full; try again later",
+}
 
 # -- bounds (docs/client-api.md, "Limits") ---------------------------------------
 MAX_BATCH_ENVELOPES: Final = 256  # envelopes in one POST /v1/envelopes/batch
@@ -228,6 +241,8 @@ class ClientAPI:
         remote_key_lookup: RemoteKeyLookup = no_remote_key_lookup,
         max_wait_seconds: float = MAX_WAIT_SECONDS,
         audit: AuditSink | None = None,
+        lane_bound: Bound | None = None,
+        mailbox_bound: Bound | None = None,
     ) -> None:
         if not isinstance(org_signing_seed, bytes) or len(org_signing_seed) != KEY_BYTES:
             raise ValueError(f"org_signing_seed must be {KEY_BYTES} bytes")
@@ -244,6 +259,8 @@ class ClientAPI:
         self._remote_key_lookup = remote_key_lookup
         self._max_wait = max_wait_seconds
         self._audit: AuditSink = audit if audit is not None else NoAudit()
+        self._lane_bound = lane_bound
+        self._mailbox_bound = mailbox_bound
         self._submissions: dict[str, Counter] = {}
         self._denials: dict[tuple[str, str], Counter] = {}
 
@@ -304,7 +321,8 @@ class ClientAPI:
             item = _Refused(None, 400, exc.reason, exc.message)
         (outcome,) = await self._submit(caller, [item])
         if isinstance(outcome, _Refused):
-            return json_response(outcome.status, outcome.to_json(with_id=False))
+            headers = _RETRY_LATER if outcome.reason in _FULL_MESSAGES else None
+            return json_response(outcome.status, outcome.to_json(with_id=False), headers=headers)
         return json_response(202, {"id": outcome.envelope_id, "status": outcome.status})
 
     async def post_batch(self, request: Request, params: Mapping[str, str]) -> Response:
@@ -334,7 +352,8 @@ class ClientAPI:
             else o.to_json(with_id=True)
             for o in outcomes
         ]
-        return json_response(200, {"results": results})
+        later = any(isinstance(o, _Refused) and o.reason in _FULL_MESSAGES for o in outcomes)
+        return json_response(200, {"results": results}, headers=_RETRY_LATER if later else None)
 
     async def _submit(self, caller: _Caller, items: list[_Submitted | _Refused]) -> list[_Outcome]:
         """Check every item, write the allowed ones (at most two commits), answer each."""
@@ -353,13 +372,14 @@ class ClientAPI:
                     spool.append(spool_item(verdict.env, verdict.data, verdict.peer))
 
         stored: dict[str, str] = {}
+        full: dict[str, Reason] = {}  # envelope id -> lane_full / mailbox_full
         if local:
-            outcome = await self._storage.mailbox_put_local(local, at_ms=now_ms)
+            outcome = await self._put_local(local, now_ms, full)
             stored.update(dict.fromkeys(outcome.stored, STATUS_DELIVERED))
             CLIENTAPI_LOCAL_DELIVERIES.inc(len(outcome.stored))
             self._waiters.notify(outcome.recipients)
         if spool:
-            spooled = await self._storage.spool_put(spool, at_ms=now_ms)
+            spooled = await self._put_spool(spool, now_ms, full)
             stored.update(dict.fromkeys(spooled, STATUS_QUEUED))
             spooled_now = set(spooled)
             for peer in sorted({item.peer for item in spool if item.envelope_id in spooled_now}):
@@ -370,7 +390,10 @@ class ClientAPI:
             result: _Outcome
             if isinstance(verdict, _Allowed):
                 status = stored.get(verdict.env.id)
-                if status is None:
+                no_room = full.get(verdict.env.id)
+                if no_room is not None:
+                    result = _Refused(verdict.env.id, 503, no_room, _FULL_MESSAGES[no_room])
+                elif status is None:
                     result = await self._resubmitted(caller, verdict.env)
                 else:
                     result = _Stored(verdict.env.id, status)
@@ -463,6 +486,55 @@ class ClientAPI:
             else encode_validated(item.raw, group)
         )
         return _Allowed(env, peer, data)
+
+    async def _put_local(
+        self, entries: list[EnvelopeRecord], now_ms: int, full: dict[str, Reason]
+    ) -> DeliverOutcome:
+        """Store local deliveries; entries for full mailboxes go into ``full`` instead.
+
+        The bound is checked inside the write; a full mailbox refuses the whole
+        call, so it is written again without the entries for full mailboxes.
+        Each round leaves out at least one more mailbox: it ends.
+        """
+        while True:
+            try:
+                return await self._storage.mailbox_put_local(
+                    entries, at_ms=now_ms, bound=self._mailbox_bound
+                )
+            except CapacityError as exc:
+                for entry in entries:
+                    if entry.recipient in exc.full:
+                        full[entry.envelope_id] = Reason.MAILBOX_FULL
+                MAILBOX_FULL_REFUSALS.labels("local").inc(
+                    sum(1 for e in entries if e.recipient in exc.full)
+                )
+                entries = [e for e in entries if e.recipient not in exc.full]
+                if not entries:
+                    return DeliverOutcome(stored=(), recipients=frozenset())
+
+    async def _put_spool(
+        self, items: list[SpoolItem], now_ms: int, full: dict[str, Reason]
+    ) -> list[str]:
+        """Spool ``items``; items for full lanes go into ``full`` instead (as _put_local)."""
+        while True:
+            try:
+                return await self._storage.spool_put(items, at_ms=now_ms, bound=self._lane_bound)
+            except CapacityError as exc:
+                for item in items:
+                    if item.peer in exc.full:
+                        full[item.envelope_id] = Reason.LANE_FULL
+                for peer in exc.full:
+                    SPOOL_FULL_REFUSALS.labels(peer).inc(
+                        sum(1 for item in items if item.peer == peer)
+                    )
+                log.warning(
+                    "spool lane full for %s: submissions to it are refused (503) until it drains",
+                    ", ".join(sorted(exc.full)),
+                    extra={"event": "lane_full", "peers": sorted(exc.full)},
+                )
+                items = [item for item in items if item.peer not in exc.full]
+                if not items:
+                    return []
 
     async def _resubmitted(self, caller: _Caller, env: Envelope) -> _Outcome:
         """The answer for an allowed envelope the store had seen before."""

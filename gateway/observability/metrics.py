@@ -129,6 +129,20 @@ SPOOL_EXPIRED = Counter(
     ["peer"],
 )
 
+SPOOL_FULL_REFUSALS = Counter(
+    "gateway_spool_full_refusals_total",
+    "Submissions refused because the peer's lane was at limits.spool_max_envelopes_per_peer "
+    "or spool_max_bytes_per_peer (answered 503 lane_full with Retry-After), by peer.",
+    ["peer"],
+)
+MAILBOX_FULL_REFUSALS = Counter(
+    "gateway_mailbox_full_refusals_total",
+    "Envelopes refused because the recipient's mailbox was at limits.mailbox_max_envelopes "
+    "or mailbox_max_bytes (503 mailbox_full with Retry-After), by path (local: a client of "
+    "ours writing to a colleague).",
+    ["path"],
+)
+
 # -- client api ----------------------------------------------------------------
 CLIENTAPI_SUBMISSIONS = Counter(
     "gateway_clientapi_submissions_total",

@@ -399,16 +399,41 @@ class PruneCounts:
     txns: int
 
 
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """How much one lane (per peer) or one mailbox (per user) may hold at most.
+
+    Checked inside the write that would pass it, against the counters the
+    same transaction reads, so concurrent writers cannot overshoot together.
+    """
+
+    max_envelopes: int
+    max_bytes: int
+
+    def __post_init__(self) -> None:
+        check_count("max_envelopes", self.max_envelopes, maximum=2**62)
+        check_count("max_bytes", self.max_bytes, maximum=2**62)
+
+    def room_for(self, depth: int, size: int, more: int, more_bytes: int) -> bool:
+        """Would ``more`` envelopes of ``more_bytes`` fit beside ``depth`` / ``size``?"""
+        return depth + more <= self.max_envelopes and size + more_bytes <= self.max_bytes
+
+
 # -- the interface ---------------------------------------------------------------
 class Storage(Protocol):
     """The gateway's durable state. See the module docstring for the promises."""
 
     # -- spool ---------------------------------------------------------------
-    async def spool_put(self, items: Sequence[SpoolItem], *, at_ms: int) -> list[str]:
+    async def spool_put(
+        self, items: Sequence[SpoolItem], *, at_ms: int, bound: Bound | None = None
+    ) -> list[str]:
         """Spool ``items`` in order, all or none; status ``queued``.
 
         Returns the ids spooled now; an id already spooled or with a status is
-        skipped (so a client's retry is harmless).
+        skipped (so a client's retry is harmless). With ``bound``, a lane that
+        the new items would take past it makes the whole call store nothing
+        and raise :class:`~gateway.errors.CapacityError` (``lane_full``) naming
+        every such peer.
         """
         ...
 
@@ -489,9 +514,15 @@ class Storage(Protocol):
     async def txn_lookup(self, origin: str, txn_id: str) -> TxnRecord | None: ...
 
     async def mailbox_put_local(
-        self, entries: Sequence[EnvelopeRecord], *, at_ms: int
+        self, entries: Sequence[EnvelopeRecord], *, at_ms: int, bound: Bound | None = None
     ) -> DeliverOutcome:
-        """Intra-org delivery: store, dedup by id, status ``delivered``; one commit."""
+        """Intra-org delivery: store, dedup by id, status ``delivered``; one commit.
+
+        With ``bound``, a mailbox that the new entries would take past it makes
+        the whole call store nothing and raise
+        :class:`~gateway.errors.CapacityError` (``mailbox_full``) naming every
+        such user.
+        """
         ...
 
     async def mailbox_fetch(

@@ -52,7 +52,7 @@ from gateway.http import HTTPServer, Router
 from gateway.pki import dev
 from gateway.pki.tls import client_api_server_context
 from gateway.rules_runtime import RulesHolder
-from gateway.storage.base import EnvelopeRecord
+from gateway.storage.base import Bound, EnvelopeRecord
 from gateway.storage.sqlite import SqliteStorage, open_sqlite_storage
 from tests.certs_for_tests import CertAuthority
 
@@ -206,7 +206,12 @@ def tls_files(tmp_path: Path) -> tuple[Path, Path, bytes]:
 
 
 async def _start(
-    tmp_path: Path, *, ssl_context: ssl.SSLContext | None, client_verify: ssl.SSLContext | None
+    tmp_path: Path,
+    *,
+    ssl_context: ssl.SSLContext | None,
+    client_verify: ssl.SSLContext | None,
+    lane_bound: Bound | None = None,
+    mailbox_bound: Bound | None = None,
 ) -> AsyncIterator[Gateway]:
     globex_seed = secrets.token_bytes(32)
     org_seed = secrets.token_bytes(32)
@@ -242,6 +247,8 @@ async def _start(
             clock_ms=lambda: NOW_MS,
             on_spooled=on_spooled,
             remote_key_lookup=lookup,
+            lane_bound=lane_bound,
+            mailbox_bound=mailbox_bound,
         )
         router = Router()
         api.add_routes(router)

@@ -39,6 +39,7 @@ from gateway.storage.base import (
     STATUS_EXPIRED,
     STATUS_PURGED,
     STATUS_QUEUED,
+    Bound,
     DeliverOutcome,
     DeliveryStatus,
     EnvelopeRecord,
@@ -59,6 +60,7 @@ from gateway.storage.base import (
     check_status,
     check_text,
 )
+from gateway.storage.sqlite.bounds import check_lanes, check_mailboxes
 from gateway.storage.sqlite.engine import READER_THREADS, SqliteEngine, open_sqlite_engine
 from gateway.storage.sqlite.schema import migrate
 
@@ -278,7 +280,11 @@ def _first_unseen(entries: Sequence[_R], skip: set[str]) -> list[_R]:
 
 
 def _store_in_mailboxes(
-    conn: sqlite3.Connection, entries: Sequence[EnvelopeRecord], at_ms: int
+    conn: sqlite3.Connection,
+    entries: Sequence[EnvelopeRecord],
+    at_ms: int,
+    *,
+    bound: Bound | None = None,
 ) -> tuple[list[EnvelopeRecord], set[str]]:
     """Insert entries whose ids were never seen; return those stored and their recipients.
 
@@ -296,6 +302,7 @@ def _store_in_mailboxes(
     # A mailbox row whose seen row was pruned early must still not double.
     held = _present(conn, _MAILBOX_AMONG, [entry.envelope_id for entry in fresh])
     stored = [entry for entry in fresh if entry.envelope_id not in held] if held else fresh
+    check_mailboxes(conn, ((entry.recipient, entry.size) for entry in stored), bound)
     conn.executemany(
         "INSERT INTO mailbox (envelope_id, recipient, sender, created_ms, expires_ms, "
         "stored_ms, size, burn_on_read, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -339,7 +346,9 @@ class SqliteStorage:
         return self.engine.commits
 
     # -- spool -------------------------------------------------------------------
-    async def spool_put(self, items: Sequence[SpoolItem], *, at_ms: int) -> list[str]:
+    async def spool_put(
+        self, items: Sequence[SpoolItem], *, at_ms: int, bound: Bound | None = None
+    ) -> list[str]:
         _records("spool_put items", items, SpoolItem)
         check_ms("at_ms", at_ms)
         items = list(items)
@@ -352,6 +361,7 @@ class SqliteStorage:
             ids = [item.envelope_id for item in items]
             known = _present(conn, _STATUS_AMONG, ids) | _present(conn, _SPOOLED_AMONG, ids)
             fresh = _first_unseen(items, known)
+            check_lanes(conn, ((item.peer, item.size) for item in fresh), bound)
             # executemany keeps the order, so lane order is still item order.
             conn.executemany(
                 "INSERT INTO spool (envelope_id, peer, sender, recipient, created_ms, "
@@ -590,14 +600,14 @@ class SqliteStorage:
         return await self.engine.read(op)
 
     async def mailbox_put_local(
-        self, entries: Sequence[EnvelopeRecord], *, at_ms: int
+        self, entries: Sequence[EnvelopeRecord], *, at_ms: int, bound: Bound | None = None
     ) -> DeliverOutcome:
         _records("mailbox_put_local entries", entries, EnvelopeRecord)
         check_ms("at_ms", at_ms)
         entries = list(entries)
 
         def op(conn: sqlite3.Connection) -> DeliverOutcome:
-            stored, recipients = _store_in_mailboxes(conn, entries, at_ms)
+            stored, recipients = _store_in_mailboxes(conn, entries, at_ms, bound=bound)
             conn.executemany(
                 _SET_STATUS, [(e.envelope_id, e.sender, STATUS_DELIVERED, at_ms) for e in stored]
             )

@@ -1,0 +1,148 @@
+"""Lane and mailbox bounds at the client API, over real sockets and a real SQLite store.
+
+``limits.spool_max_envelopes_per_peer`` / ``spool_max_bytes_per_peer`` bound
+one peer's lane and ``limits.mailbox_max_envelopes`` / ``mailbox_max_bytes``
+one user's mailbox. Past a bound a submission is refused with ``503`` and
+``Retry-After``, counted, and stores nothing; everything else still goes
+through, and room comes back as the lane drains or the mailbox is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gateway.clientapi.api import FULL_RETRY_AFTER_SECONDS
+from gateway.core.envelope import encode_envelope
+from gateway.storage.base import Bound
+from tests.integration.test_client_api import (
+    GLOBEX,
+    NOW_MS,
+    ORG,
+    Gateway,
+    _start,
+    envelope,
+    sample,
+)
+
+LANE_ENVELOPES = 3
+MAILBOX_ENVELOPES = 2
+
+
+@pytest.fixture
+async def gw(tmp_path: Path) -> AsyncIterator[Gateway]:
+    async for gateway in _start(
+        tmp_path,
+        ssl_context=None,
+        client_verify=None,
+        lane_bound=Bound(LANE_ENVELOPES, 10**6),
+        mailbox_bound=Bound(MAILBOX_ENVELOPES, 10**6),
+    ):
+        yield gateway
+
+
+async def test_a_full_lane_is_503_with_retry_after_and_stores_nothing(gw: Gateway) -> None:
+    refused_before = sample("gateway_spool_full_refusals_total", peer=GLOBEX)
+    counted_before = sample("gateway_clientapi_submissions_total", result="lane_full")
+    queued = [envelope("alice@acme.example", f"u{n}@{GLOBEX}") for n in range(LANE_ENVELOPES)]
+    for env in queued:
+        assert (await gw.submit("alice", env)).status_code == 202  # up to the bound: fits
+
+    over = envelope("bob@acme.example", f"zed@{GLOBEX}")
+    answer = await gw.submit("bob", over)
+    assert answer.status_code == 503
+    assert answer.headers["retry-after"] == str(FULL_RETRY_AFTER_SECONDS)
+    assert answer.json() == {
+        "error": "lane_full",
+        "message": "the spool for this peer is full; try again later",
+    }
+    await gw.assert_nothing_stored(over)
+    assert sample("gateway_spool_full_refusals_total", peer=GLOBEX) == refused_before + 1
+    assert sample("gateway_clientapi_submissions_total", result="lane_full") == counted_before + 1
+
+    # A retry of an envelope the lane already holds is still answered as before.
+    again = await gw.submit("alice", queued[0])
+    assert (again.status_code, again.json()["status"]) == (202, "queued")
+
+    # Local delivery does not go through the lane: still served.
+    local = envelope("alice@acme.example", f"bob@{ORG}")
+    assert (await gw.submit("alice", local)).status_code == 202
+
+    # The peer takes one: there is room for one more, and one only.
+    await gw.store.spool_complete(GLOBEX, {queued[0].id: "forwarded"}, at_ms=NOW_MS)
+    assert (await gw.submit("bob", over)).status_code == 202
+    assert (await gw.submit("bob", envelope("bob@acme.example", f"y@{GLOBEX}"))).status_code == 503
+
+
+@pytest.fixture
+async def gw_bytes(tmp_path: Path) -> AsyncIterator[Gateway]:
+    async for gateway in _start(
+        tmp_path, ssl_context=None, client_verify=None, lane_bound=Bound(100, 4000)
+    ):
+        yield gateway
+
+
+async def test_the_lane_bound_counts_bytes_too(gw_bytes: Gateway) -> None:
+    gw = gw_bytes
+    for name in ("a", "b"):
+        env = envelope("alice@acme.example", f"{name}@{GLOBEX}", size=900)
+        assert (await gw.submit("alice", env)).status_code == 202
+    # A lane's bytes are those of the stored envelopes (encoded: ~1,400 each here).
+    assert 2 * 1200 <= (await gw.store.spool_stats())[GLOBEX].bytes <= 2 * 1500
+    # A third would take the lane past 4,000 bytes; a small one still fits.
+    big = envelope("alice@acme.example", f"b@{GLOBEX}", size=900)
+    assert (await gw.submit("alice", big)).json()["error"] == "lane_full"
+    small = envelope("alice@acme.example", f"c@{GLOBEX}", size=10)
+    assert (await gw.submit("alice", small)).status_code == 202
+
+
+async def test_a_full_mailbox_refuses_local_delivery_and_frees_up_on_ack(gw: Gateway) -> None:
+    refused_before = sample("gateway_mailbox_full_refusals_total", path="local")
+    sent = [envelope("alice@acme.example", f"bob@{ORG}") for _ in range(MAILBOX_ENVELOPES)]
+    for env in sent:
+        assert (await gw.submit("alice", env)).status_code == 202
+    over = envelope("dave@acme.example", f"bob@{ORG}")
+    answer = await gw.submit("dave", over)
+    assert (answer.status_code, answer.json()["error"]) == (503, "mailbox_full")
+    assert answer.headers["retry-after"] == str(FULL_RETRY_AFTER_SECONDS)
+    await gw.assert_nothing_stored(over)
+    assert sample("gateway_mailbox_full_refusals_total", path="local") == refused_before + 1
+    # Another user's mailbox is not affected.
+    assert (await gw.submit("dave", envelope("dave@acme.example", f"alice@{ORG}"))).is_success
+
+    ack = await gw.client.post(
+        "/v1/mailbox/ack", json={"ids": [sent[0].id]}, headers=gw.auth("bob")
+    )
+    assert ack.status_code == 200, ack.text
+    assert (await gw.submit("dave", over)).status_code == 202
+
+
+async def test_a_batch_keeps_what_fits_and_refuses_only_what_is_full(gw: Gateway) -> None:
+    for n in range(LANE_ENVELOPES):
+        await gw.submit("alice", envelope("alice@acme.example", f"u{n}@{GLOBEX}"))
+    for _ in range(MAILBOX_ENVELOPES):
+        await gw.submit("alice", envelope("alice@acme.example", f"dave@{ORG}"))
+    batch = [
+        envelope("alice@acme.example", f"x@{GLOBEX}"),  # lane full
+        envelope("alice@acme.example", f"bob@{ORG}"),  # room
+        envelope("alice@acme.example", f"dave@{ORG}"),  # mailbox full
+    ]
+    answer = await gw.client.post(
+        "/v1/envelopes/batch",
+        content=b'{"envelopes":[' + b",".join(encode_envelope(e) for e in batch) + b"]}",
+        headers=gw.auth("alice"),
+    )
+    assert answer.status_code == 200
+    assert answer.headers["retry-after"] == str(FULL_RETRY_AFTER_SECONDS)
+    results = answer.json()["results"]
+    assert [r.get("error") or r["status"] for r in results] == [
+        "lane_full",
+        "delivered",
+        "mailbox_full",
+    ]
+    assert [r["id"] for r in results] == [e.id for e in batch]
+    await gw.assert_nothing_stored(batch[0])
+    await gw.assert_nothing_stored(batch[2])
+    assert batch[1].id in await gw.mailbox("bob")
