@@ -40,6 +40,7 @@ from gateway.clientapi.api import ClientAPI
 from gateway.clientapi.mailbox_wait import MailboxWaiters
 from gateway.config import GatewayConfig
 from gateway.core.address import Address
+from gateway.core.ratelimit import RateLimiter
 from gateway.errors import ConfigError, StorageError
 from gateway.federation.keys import KeyDirectory, fetch_remote_keys
 from gateway.federation.liveness import greet_peers, hearing
@@ -204,6 +205,9 @@ async def run_gateway(
             ),
             mailbox_bound=Bound(
                 config.limits.mailbox_max_envelopes, config.limits.mailbox_max_bytes
+            ),
+            submit_rate=RateLimiter(
+                rate=config.limits.submit_rate_per_user, burst=config.limits.submit_burst_per_user
             ),
         )
 

@@ -175,6 +175,11 @@ class Limits:
     spool_max_bytes_per_peer: int = 4 * 1024 * 1024 * 1024
     mailbox_max_envelopes: int = 10_000
     mailbox_max_bytes: int = 1024 * 1024 * 1024
+    # Envelopes one user may submit: a sustained rate a second and a burst (a
+    # token bucket); past it, 429 rate_limited with Retry-After. Far above what
+    # a person or a normal client sends.
+    submit_rate_per_user: int = 1000
+    submit_burst_per_user: int = 10_000
     request_timeout: float = 30.0
     idle_timeout: float = 60.0
     handshake_timeout: float = 10.0
@@ -186,7 +191,7 @@ class Limits:
 MAX_INFLIGHT_TRANSACTIONS: Final = 8  # per peer; each holds a connection at the peer
 
 _SIZE_LIMITS = frozenset(
-    f.name for f in fields(Limits) if f.name.startswith(("max_", "spool_", "mailbox_"))
+    f.name for f in fields(Limits) if f.name.startswith(("max_", "spool_", "mailbox_", "submit_"))
 )
 _TIME_LIMITS = frozenset(f.name for f in fields(Limits)) - _SIZE_LIMITS
 

@@ -104,6 +104,7 @@ class Reason(enum.StrEnum):
     PEER_UNAVAILABLE = "peer_unavailable"  # a peer could not answer a key lookup (502)
     LANE_FULL = "lane_full"  # the peer's spool lane is at its limit (503, Retry-After)
     MAILBOX_FULL = "mailbox_full"  # the recipient's mailbox is at its limit (503, Retry-After)
+    RATE_LIMITED = "rate_limited"  # the user's submission rate is spent (429, Retry-After)
 
     # -- ours ---------------------------------------------------------------
     CONFIG = "config_error"

@@ -294,9 +294,11 @@ def _limits() -> dict[str, object]:
     return {"max_envelope_bytes": RULES_MAX_ENVELOPE_BYTES, "ttl": {"max": "7d"}}
 
 
-# The bench measures the pipeline, not the bounds: a lane may hold any scenario's spool.
+# The bench measures the pipeline, not the bounds: a lane may hold any scenario's spool,
+# and its one sending user may submit as fast as the pipeline takes.
 BENCH_LANE_ENVELOPES = 100_000_000
 BENCH_LANE_BYTES = 1 << 40
+BENCH_SUBMIT_RATE = 100_000_000  # envelopes a second: one bench user is the whole org's load
 
 
 def set_limit(org: DevOrg, name: str, value: int) -> None:
@@ -315,6 +317,8 @@ def build_bed(base: Path, *, transaction_envelopes: int | None = None) -> Bed:
     for org in (sender, receiver):
         set_limit(org, "spool_max_envelopes_per_peer", BENCH_LANE_ENVELOPES)
         set_limit(org, "spool_max_bytes_per_peer", BENCH_LANE_BYTES)
+        set_limit(org, "submit_rate_per_user", BENCH_SUBMIT_RATE)
+        set_limit(org, "submit_burst_per_user", BENCH_SUBMIT_RATE)
         if transaction_envelopes is not None:
             set_limit(org, "max_transaction_envelopes", transaction_envelopes)
     sender.write_rules(

@@ -51,6 +51,7 @@ envelope id, the group and the reason.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -73,6 +74,7 @@ from gateway.core.envelope import (
     encode_validated,
 )
 from gateway.core.keytext import format_signing_key
+from gateway.core.ratelimit import RateLimiter
 from gateway.core.rules import CompiledRules, Decision, Group, Mark
 from gateway.crypto.key_records import (
     KEY_BYTES,
@@ -243,6 +245,7 @@ class ClientAPI:
         audit: AuditSink | None = None,
         lane_bound: Bound | None = None,
         mailbox_bound: Bound | None = None,
+        submit_rate: RateLimiter | None = None,
     ) -> None:
         if not isinstance(org_signing_seed, bytes) or len(org_signing_seed) != KEY_BYTES:
             raise ValueError(f"org_signing_seed must be {KEY_BYTES} bytes")
@@ -261,6 +264,7 @@ class ClientAPI:
         self._audit: AuditSink = audit if audit is not None else NoAudit()
         self._lane_bound = lane_bound
         self._mailbox_bound = mailbox_bound
+        self._submit_rate = submit_rate  # per user, charged one token per envelope
         self._submissions: dict[str, Counter] = {}
         self._denials: dict[tuple[str, str], Counter] = {}
 
@@ -314,6 +318,9 @@ class ClientAPI:
         caller = await self._caller(request)
         if isinstance(caller, Response):
             return caller
+        limited = self._rate_limited(caller, 1)
+        if limited is not None:
+            return limited
         item: _Submitted | _Refused
         try:
             item = _Submitted(decode_envelope(request.body))
@@ -335,6 +342,9 @@ class ClientAPI:
             raise ProtocolError(
                 f"batch field 'envelopes' must be a list of 1 to {MAX_BATCH_ENVELOPES} envelopes"
             )
+        limited = self._rate_limited(caller, len(envelopes))
+        if limited is not None:
+            return limited
         items: list[_Submitted | _Refused] = []
         for obj in envelopes:
             try:
@@ -486,6 +496,33 @@ class ClientAPI:
             else encode_validated(item.raw, group)
         )
         return _Allowed(env, peer, data)
+
+    def _rate_limited(self, caller: _Caller, count: int) -> Response | None:
+        """``429 rate_limited`` with Retry-After if ``caller`` may not submit ``count`` now."""
+        if self._submit_rate is None:
+            return None
+        wait = self._submit_rate.take(caller.user, self._clock_ms() / 1000, count)
+        if wait <= 0:
+            return None
+        self._count_refusals(Reason.RATE_LIMITED, count)
+        log.info(
+            "refused %d envelope(s) from %s: submission rate spent, retry in %.1f s",
+            count,
+            caller.user,
+            wait,
+            extra={"event": "rate_limited", "user": caller.user, "envelopes": count},
+        )
+        return json_response(
+            429,
+            {"error": Reason.RATE_LIMITED.value, "message": "too many envelopes; slow down"},
+            headers=[("retry-after", str(max(1, math.ceil(wait))))],
+        )
+
+    def _count_refusals(self, reason: Reason, count: int) -> None:
+        child = self._submissions.get(reason.value)
+        if child is None:
+            child = self._submissions[reason.value] = CLIENTAPI_SUBMISSIONS.labels(reason.value)
+        child.inc(count)
 
     async def _put_local(
         self, entries: list[EnvelopeRecord], now_ms: int, full: dict[str, Reason]

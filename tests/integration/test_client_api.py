@@ -45,6 +45,7 @@ from gateway.core.envelope import (
     new_envelope_id,
 )
 from gateway.core.keytext import format_signing_key
+from gateway.core.ratelimit import RateLimiter
 from gateway.crypto.key_records import sign_key_record, verify_key_record
 from gateway.crypto.keys import UserKeys
 from gateway.errors import KeyRecordError, PeerAuthError
@@ -212,6 +213,7 @@ async def _start(
     client_verify: ssl.SSLContext | None,
     lane_bound: Bound | None = None,
     mailbox_bound: Bound | None = None,
+    submit_rate: RateLimiter | None = None,
 ) -> AsyncIterator[Gateway]:
     globex_seed = secrets.token_bytes(32)
     org_seed = secrets.token_bytes(32)
@@ -249,6 +251,7 @@ async def _start(
             remote_key_lookup=lookup,
             lane_bound=lane_bound,
             mailbox_bound=mailbox_bound,
+            submit_rate=submit_rate,
         )
         router = Router()
         api.add_routes(router)

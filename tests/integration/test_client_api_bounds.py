@@ -1,10 +1,12 @@
-"""Lane and mailbox bounds at the client API, over real sockets and a real SQLite store.
+"""Lane and mailbox bounds and the submission rate at the client API, over real sockets.
 
 ``limits.spool_max_envelopes_per_peer`` / ``spool_max_bytes_per_peer`` bound
 one peer's lane and ``limits.mailbox_max_envelopes`` / ``mailbox_max_bytes``
 one user's mailbox. Past a bound a submission is refused with ``503`` and
 ``Retry-After``, counted, and stores nothing; everything else still goes
 through, and room comes back as the lane drains or the mailbox is read.
+``limits.submit_rate_per_user`` / ``submit_burst_per_user`` bound how fast one
+user submits: past it, ``429 rate_limited`` with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pytest
 
 from gateway.clientapi.api import FULL_RETRY_AFTER_SECONDS
 from gateway.core.envelope import encode_envelope
+from gateway.core.ratelimit import RateLimiter
 from gateway.storage.base import Bound
 from tests.integration.test_client_api import (
     GLOBEX,
@@ -146,3 +149,37 @@ async def test_a_batch_keeps_what_fits_and_refuses_only_what_is_full(gw: Gateway
     await gw.assert_nothing_stored(batch[0])
     await gw.assert_nothing_stored(batch[2])
     assert batch[1].id in await gw.mailbox("bob")
+
+
+@pytest.fixture
+async def gw_rate(tmp_path: Path) -> AsyncIterator[Gateway]:
+    # The gateway's clock stands still here: no token comes back during a test.
+    async for gateway in _start(
+        tmp_path, ssl_context=None, client_verify=None, submit_rate=RateLimiter(rate=0.5, burst=3)
+    ):
+        yield gateway
+
+
+async def test_a_user_past_the_submission_rate_gets_429_with_retry_after(gw_rate: Gateway) -> None:
+    gw = gw_rate
+    counted_before = sample("gateway_clientapi_submissions_total", result="rate_limited")
+    for _ in range(2):
+        assert (await gw.submit("alice", envelope("alice@acme.example", f"bob@{ORG}"))).is_success
+    batch = [envelope("alice@acme.example", f"bob@{ORG}") for _ in range(2)]
+    body = b'{"envelopes":[' + b",".join(encode_envelope(e) for e in batch) + b"]}"
+    refused = await gw.client.post("/v1/envelopes/batch", content=body, headers=gw.auth("alice"))
+    assert refused.status_code == 429  # two envelopes, one token left: the whole batch waits
+    assert refused.headers["retry-after"] == "2"  # one token short at 0.5 a second
+    assert refused.json()["error"] == "rate_limited"
+    for env in batch:
+        await gw.assert_nothing_stored(env)
+    last = envelope("alice@acme.example", f"bob@{ORG}")
+    assert (await gw.submit("alice", last)).is_success  # the last token
+    single = await gw.submit("alice", envelope("alice@acme.example", f"bob@{ORG}"))
+    assert (single.status_code, single.json()["error"]) == (429, "rate_limited")
+    assert single.headers["retry-after"] == "2"
+    # Every other user has a bucket of their own.
+    assert (await gw.submit("dave", envelope("dave@acme.example", f"bob@{ORG}"))).is_success
+    assert (
+        sample("gateway_clientapi_submissions_total", result="rate_limited") == counted_before + 3
+    )
