@@ -183,6 +183,10 @@ async def run_gateway(
             clock_ms=clock_ms,
             on_delivered=waiters.notify,
             audit=audit,
+            inbound_rate=RateLimiter(
+                rate=config.limits.inbound_rate_per_peer,
+                burst=config.limits.inbound_burst_per_peer,
+            ),
         )
 
         async def remote_key_lookup(address: Address) -> bytes | None:

@@ -180,6 +180,10 @@ class Limits:
     # a person or a normal client sends.
     submit_rate_per_user: int = 1000
     submit_burst_per_user: int = 10_000
+    # Envelopes one peer may send us, the same way; past it, the transaction
+    # is answered 429 with Retry-After and its sender tries again later.
+    inbound_rate_per_peer: int = 20_000
+    inbound_burst_per_peer: int = 200_000
     request_timeout: float = 30.0
     idle_timeout: float = 60.0
     handshake_timeout: float = 10.0
@@ -191,7 +195,9 @@ class Limits:
 MAX_INFLIGHT_TRANSACTIONS: Final = 8  # per peer; each holds a connection at the peer
 
 _SIZE_LIMITS = frozenset(
-    f.name for f in fields(Limits) if f.name.startswith(("max_", "spool_", "mailbox_", "submit_"))
+    f.name
+    for f in fields(Limits)
+    if f.name.startswith(("max_", "spool_", "mailbox_", "submit_", "inbound_"))
 )
 _TIME_LIMITS = frozenset(f.name for f in fields(Limits)) - _SIZE_LIMITS
 

@@ -319,6 +319,8 @@ def build_bed(base: Path, *, transaction_envelopes: int | None = None) -> Bed:
         set_limit(org, "spool_max_bytes_per_peer", BENCH_LANE_BYTES)
         set_limit(org, "submit_rate_per_user", BENCH_SUBMIT_RATE)
         set_limit(org, "submit_burst_per_user", BENCH_SUBMIT_RATE)
+        set_limit(org, "inbound_rate_per_peer", BENCH_SUBMIT_RATE)
+        set_limit(org, "inbound_burst_per_peer", BENCH_SUBMIT_RATE)
         if transaction_envelopes is not None:
             set_limit(org, "max_transaction_envelopes", transaction_envelopes)
     sender.write_rules(

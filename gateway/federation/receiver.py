@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -59,6 +60,7 @@ from prometheus_client import Counter
 
 from gateway.core.address import normalize_domain
 from gateway.core.envelope import Envelope, check_envelope_clock, encode_envelope
+from gateway.core.ratelimit import RateLimiter
 from gateway.core.rules import CompiledRules, Decision, reason_for_peer
 from gateway.errors import AddressError, EnvelopeError, ProtocolError, Reason
 from gateway.federation.protocol import (
@@ -255,6 +257,7 @@ class Receiver:
         max_envelopes: int = MAX_TRANSACTION_ENVELOPES,
         on_delivered: OnDelivered = _ignore_delivered,
         audit: AuditSink | None = None,
+        inbound_rate: RateLimiter | None = None,
     ) -> None:
         try:
             self.org = normalize_domain(org)
@@ -270,6 +273,7 @@ class Receiver:
         self._max_envelopes = max_envelopes
         self._on_delivered = on_delivered
         self._audit: AuditSink = audit if audit is not None else NoAudit()
+        self._inbound_rate = inbound_rate  # per peer, one token per envelope
 
     def add_routes(self, router: Router) -> None:
         router.add("PUT", TRANSACTION_ROUTE, self.put_transaction)
@@ -348,6 +352,9 @@ class Receiver:
             )
 
         now_ms = self._clock_ms()
+        limited = self._rate_limited(peer, txn_id, len(txn.slots), now_ms)
+        if limited is not None:
+            return limited, Reason.RATE_LIMITED.value
         verdicts = judge_transaction(txn, rules, now_ms=now_ms)
         results = [EnvelopeResult(v.envelope_id, v.result) for v in verdicts]
         entries = [
@@ -362,6 +369,29 @@ class Receiver:
         self._after_commit(peer, txn_id, verdicts, outcome, rules, now_ms)
         await self._audit_denials(peer, txn_id, verdicts)
         return _results_response(results), TXN_RESULT_OK
+
+    def _rate_limited(self, peer: str, txn_id: str, count: int, now_ms: int) -> Response | None:
+        """``429`` with Retry-After if ``peer`` may not send ``count`` envelopes now.
+
+        Checked before anything is judged or stored: the sender keeps the
+        transaction and sends it again after Retry-After (protocol.md §5).
+        """
+        if self._inbound_rate is None:
+            return None
+        wait = self._inbound_rate.take(peer, now_ms / MS_PER_SECOND, count)
+        if wait <= 0:
+            return None
+        LOGGER.warning(
+            "refused transaction %s from %s: %d envelope(s) over its inbound rate, retry in %.1f s",
+            txn_id,
+            peer,
+            count,
+            wait,
+            extra=_refusal(peer, txn_id, Reason.RATE_LIMITED.value),
+        )
+        return error_response(
+            429, Reason.RATE_LIMITED, headers=[("retry-after", str(max(1, math.ceil(wait))))]
+        )
 
     async def _audit_denials(self, peer: str, txn_id: str, verdicts: Sequence[Verdict]) -> None:
         """One audit record per envelope the rules refused (waits for room: never dropped)."""

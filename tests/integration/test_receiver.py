@@ -33,6 +33,7 @@ from prometheus_client import REGISTRY
 from gateway.core.address import Address
 from gateway.core.envelope import Envelope, decode_envelope, encode_envelope, new_envelope_id
 from gateway.core.keytext import format_signing_key
+from gateway.core.ratelimit import RateLimiter
 from gateway.crypto.envelope_crypto import open_envelope, seal
 from gateway.crypto.keys import UserKeys
 from gateway.errors import Reason
@@ -254,6 +255,7 @@ async def receiving(
     follow: bool = True,
     max_body_bytes: int = MAX_BODY_BYTES,
     max_envelopes: int = MAX_ENVELOPES,
+    inbound_rate: RateLimiter | None = None,
 ) -> AsyncIterator[Running]:
     """acme's federation listener with the receiver, wired as the app wires it."""
     name = f"federation-{next(_names)}"
@@ -265,6 +267,7 @@ async def receiving(
         max_envelopes=max_envelopes,
         on_delivered=world.on_delivered,
         audit=world.audit,
+        inbound_rate=inbound_rate,
     )
     router = Router()
     receiver.add_routes(router)
@@ -953,3 +956,40 @@ async def test_follow_reloads_closes_only_drops_and_survives_a_broken_context(
     world.write_rules([])
     await world.holder.reload()
     assert listener.closed == [GLOBEX, INITECH]
+
+
+async def test_a_peer_over_its_inbound_rate_gets_429_and_its_retry_goes_through(
+    world: World, store: Storage
+) -> None:
+    alice, eve = "alice@globex.example", "eve@initech.example"
+    limiter = RateLimiter(rate=0.5, burst=3)  # envelopes a second, per peer
+    first = [world.envelope(alice, BOB) for _ in range(2)]
+    second = [world.envelope(alice, BOB) for _ in range(2)]
+    refused = Deltas(lambda: {"n": txns_counted(GLOBEX, "rate_limited")})
+    with trio.fail_after(TEST_TIMEOUT):
+        async with (
+            receiving(world, store, inbound_rate=limiter) as running,
+            world.client(world.globex) as globex,
+            world.client(world.initech) as initech,
+        ):
+            assert results(await put(globex, running, "t1", transaction(first))) == [
+                (env.id, "accepted") for env in first
+            ]
+            # Two more envelopes, one token left: the whole transaction waits, nothing stored.
+            over = await put(globex, running, "t2", transaction(second))
+            assert over.status_code == 429
+            assert over.headers["retry-after"] == "2"  # one token short at 0.5 a second
+            assert over.json() == {"error": "rate_limited"}
+            assert await store.txn_lookup(GLOBEX, "t2") is None
+            assert await mailbox_ids(store, BOB) == [env.id for env in first]
+            # Another peer has a bucket of its own.
+            from_initech = world.envelope(eve, BOB)
+            answer = await put(initech, running, "t3", transaction([from_initech], origin=INITECH))
+            assert results(answer) == [(from_initech.id, "accepted")]
+            # After Retry-After the same transaction is taken, once.
+            world.clock.ms += 2_000
+            assert results(await put(globex, running, "t2", transaction(second))) == [
+                (env.id, "accepted") for env in second
+            ]
+    assert refused() == {"n": 1.0}
+    assert await mailbox_ids(store, BOB) == [e.id for e in (*first, from_initech, *second)]
