@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/segmentation_timing.py [--rounds 20000]
 
-Measures, in-process (no network: the floor of what a peer could observe,
-since TLS and the network only add noise), the time acme's gateway spends on:
+Measures, on the shipped ``federation_rules/segmented.yaml`` and in-process
+(no network: the floor of what a peer could observe, since TLS and the network
+only add noise), the time acme's gateway spends on:
 
 * ``GET /federation/v1/keys/{user}`` (``KeyDirectory.get_keys`` on a real
   SQLite store) for a user the peer may see (200), a user the peer may see who
@@ -24,9 +25,7 @@ import argparse
 import statistics
 import sys
 import tempfile
-import textwrap
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import trio
@@ -38,38 +37,22 @@ from gateway.federation.keys import KeyDirectory
 from gateway.federation.protocol import KEYS_PATH, decode_transaction, encode_transaction
 from gateway.federation.receiver import judge_transaction
 from gateway.http import Request
-from gateway.pki import dev
 from gateway.storage.sqlite import open_sqlite_storage
 
 ACME, GLOBEX = "acme.example", "globex.example"
+# The shipped example the finding was made with: engineering (alice, bob) hears
+# globex, legal (carol) federates with nobody.
+RULES = Path(__file__).resolve().parent.parent / "federation_rules" / "segmented.yaml"
 KINDS = {
-    "visible, published (200)": "wanda",
-    "visible, not published (404)": "vera",
-    "segmented, published (404)": "nora",
+    "visible, published (200)": "alice",
+    "visible, not published (404)": "bob",
+    "segmented, published (404)": "carol",
     "in no group (404)": "ghost",
 }
 
 
 def _rules() -> CompiledRules:
-    pem = textwrap.indent(dev.issue_ca(GLOBEX, now=datetime.now(UTC)).cert_pem().decode(), " " * 8)
-    text = f"""\
-version: 1
-org: {ACME}
-default: deny
-peers:
-  {GLOBEX}:
-    endpoint: https://gw.{GLOBEX}
-    signing_key: ed25519:{"A" * 43}
-    ca_pem: |
-{pem}
-groups:
-  partners:
-    members: [wanda, vera]
-    receive_from: [{GLOBEX}]
-  legal:
-    members: [nora]
-"""
-    return CompiledRules(load_rules(text, filename="acme.yaml"))
+    return CompiledRules(load_rules(RULES.read_bytes(), filename=RULES.name))
 
 
 class _Holder:
@@ -94,7 +77,7 @@ async def _keys(rules: CompiledRules, rounds: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         async with open_sqlite_storage(Path(tmp) / "gateway.sqlite3") as store:
             record = b'{"record":"' + b"k" * 400 + b'"}'
-            for user in ("wanda", "nora"):
+            for user in ("alice", "carol"):
                 await store.user_keys_put(f"{user}@{ACME}", record, at_ms=1)
             directory = KeyDirectory(org=ACME, rules=_Holder(rules), storage=store)
             samples: dict[str, list[float]] = {kind: [] for kind in KINDS}
@@ -114,7 +97,7 @@ async def _keys(rules: CompiledRules, rounds: int) -> None:
 
 def _judge(rules: CompiledRules, rounds: int) -> None:
     now = 1_700_000_000_000
-    kinds = {"reachable": "wanda", "segmented": "nora", "in no group": "ghost"}
+    kinds = {"reachable": "alice", "segmented": "carol", "in no group": "ghost"}
     bodies = {}
     for kind, user in kinds.items():
         envelope = Envelope(

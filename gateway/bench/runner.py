@@ -67,7 +67,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -301,28 +301,32 @@ BENCH_LANE_BYTES = 1 << 40
 BENCH_SUBMIT_RATE = 100_000_000  # envelopes a second: one bench user is the whole org's load
 
 
-def set_limit(org: DevOrg, name: str, value: int) -> None:
-    """Edit ``limits.<name>`` in the org's gateway.yaml (as ``gateway init`` wrote it)."""
+def set_limits(org: DevOrg, values: Mapping[str, int]) -> None:
+    """Edit ``limits.<name>`` lines in the org's gateway.yaml (as ``gateway init`` wrote it)."""
     text = org.config_path.read_text(encoding="utf-8")
-    line = re.compile(rf"^(\s*{re.escape(name)}:\s*)\d+\s*$", re.MULTILINE)
-    edited, found = line.subn(lambda m: f"{m.group(1)}{value}", text)
-    if found != 1:
-        raise BenchError(f"{org.config_path}: no limits.{name} line to edit")
-    org.config_path.write_text(edited, encoding="utf-8")
+    for name, value in values.items():
+        line = re.compile(rf"^(\s*{re.escape(name)}:\s*)\d+\s*$", re.MULTILINE)
+        text, found = line.subn(rf"\g<1>{value}", text)
+        if found != 1:
+            raise BenchError(f"{org.config_path}: no limits.{name} line to edit")
+    org.config_path.write_text(text, encoding="utf-8")
 
 
 def build_bed(base: Path, *, transaction_envelopes: int | None = None) -> Bed:
     net = DevNet(base)
     sender, receiver = net.add_org(SENDER_ORG), net.add_org(RECEIVER_ORG)
+    limits = {
+        "spool_max_envelopes_per_peer": BENCH_LANE_ENVELOPES,
+        "spool_max_bytes_per_peer": BENCH_LANE_BYTES,
+        "submit_rate_per_user": BENCH_SUBMIT_RATE,
+        "submit_burst_per_user": BENCH_SUBMIT_RATE,
+        "inbound_rate_per_peer": BENCH_SUBMIT_RATE,
+        "inbound_burst_per_peer": BENCH_SUBMIT_RATE,
+    }
+    if transaction_envelopes is not None:
+        limits["max_transaction_envelopes"] = transaction_envelopes
     for org in (sender, receiver):
-        set_limit(org, "spool_max_envelopes_per_peer", BENCH_LANE_ENVELOPES)
-        set_limit(org, "spool_max_bytes_per_peer", BENCH_LANE_BYTES)
-        set_limit(org, "submit_rate_per_user", BENCH_SUBMIT_RATE)
-        set_limit(org, "submit_burst_per_user", BENCH_SUBMIT_RATE)
-        set_limit(org, "inbound_rate_per_peer", BENCH_SUBMIT_RATE)
-        set_limit(org, "inbound_burst_per_peer", BENCH_SUBMIT_RATE)
-        if transaction_envelopes is not None:
-            set_limit(org, "max_transaction_envelopes", transaction_envelopes)
+        set_limits(org, limits)
     sender.write_rules(
         peers=[receiver],
         groups={GROUP: {"members": [SENDER_USER], "send_to": [RECEIVER_ORG], "limits": _limits()}},

@@ -56,7 +56,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final, Protocol, TypeVar
 
 import trio
 from prometheus_client import Counter
@@ -225,6 +225,40 @@ def _ttl_seconds(env: Envelope) -> int:
     # Whole seconds, rounded down, exactly as the federation receiver computes it:
     # what the origin accepts, a peer with the same bounds accepts too.
     return env.ttl_ms // MS_PER_SECOND
+
+
+_Item = TypeVar("_Item", EnvelopeRecord, SpoolItem)
+_Written = TypeVar("_Written")
+
+
+async def _store_what_fits(
+    items: list[_Item],
+    key_of: Callable[[_Item], str],
+    write: Callable[[list[_Item]], Awaitable[_Written]],
+    reason: Reason,
+    full: dict[str, Reason],
+    refused: Callable[[frozenset[str], list[_Item]], None],
+) -> _Written | None:
+    """``write(items)``, leaving out the items of every key the bound says is full.
+
+    The bound is checked inside the write, and a full key refuses the whole
+    call: the items of the keys named full are marked ``reason`` in ``full``,
+    ``refused(keys, items)`` counts them, and the rest is written again. Each
+    round leaves out at least one more key, so it ends; ``None`` when nothing
+    was left to write.
+    """
+    while items:
+        try:
+            return await write(items)
+        except CapacityError as exc:
+            dropped = [item for item in items if key_of(item) in exc.full]
+            if not dropped:  # the store named no key of ours: never loop on it
+                raise
+            for item in dropped:
+                full[item.envelope_id] = reason
+            refused(exc.full, dropped)
+            items = [item for item in items if key_of(item) not in exc.full]
+    return None
 
 
 class ClientAPI:
@@ -504,7 +538,7 @@ class ClientAPI:
         wait = self._submit_rate.take(caller.user, self._clock_ms() / 1000, count)
         if wait <= 0:
             return None
-        self._count_refusals(Reason.RATE_LIMITED, count)
+        self._submitted(Reason.RATE_LIMITED.value).inc(count)
         log.info(
             "refused %d envelope(s) from %s: submission rate spent, retry in %.1f s",
             count,
@@ -518,60 +552,52 @@ class ClientAPI:
             headers=[("retry-after", str(max(1, math.ceil(wait))))],
         )
 
-    def _count_refusals(self, reason: Reason, count: int) -> None:
-        child = self._submissions.get(reason.value)
+    def _submitted(self, label: str) -> Counter:
+        """The cached child of gateway_clientapi_submissions_total for ``label``."""
+        child = self._submissions.get(label)
         if child is None:
-            child = self._submissions[reason.value] = CLIENTAPI_SUBMISSIONS.labels(reason.value)
-        child.inc(count)
+            child = self._submissions[label] = CLIENTAPI_SUBMISSIONS.labels(label)
+        return child
 
     async def _put_local(
         self, entries: list[EnvelopeRecord], now_ms: int, full: dict[str, Reason]
     ) -> DeliverOutcome:
-        """Store local deliveries; entries for full mailboxes go into ``full`` instead.
+        """Store local deliveries; entries for full mailboxes go into ``full`` instead."""
 
-        The bound is checked inside the write; a full mailbox refuses the whole
-        call, so it is written again without the entries for full mailboxes.
-        Each round leaves out at least one more mailbox: it ends.
-        """
-        while True:
-            try:
-                return await self._storage.mailbox_put_local(
-                    entries, at_ms=now_ms, bound=self._mailbox_bound
-                )
-            except CapacityError as exc:
-                for entry in entries:
-                    if entry.recipient in exc.full:
-                        full[entry.envelope_id] = Reason.MAILBOX_FULL
-                MAILBOX_FULL_REFUSALS.labels("local").inc(
-                    sum(1 for e in entries if e.recipient in exc.full)
-                )
-                entries = [e for e in entries if e.recipient not in exc.full]
-                if not entries:
-                    return DeliverOutcome(stored=(), recipients=frozenset())
+        async def write(batch: list[EnvelopeRecord]) -> DeliverOutcome:
+            return await self._storage.mailbox_put_local(
+                batch, at_ms=now_ms, bound=self._mailbox_bound
+            )
+
+        def refused(_recipients: frozenset[str], dropped: list[EnvelopeRecord]) -> None:
+            MAILBOX_FULL_REFUSALS.labels("local").inc(len(dropped))
+
+        outcome = await _store_what_fits(
+            entries, lambda e: e.recipient, write, Reason.MAILBOX_FULL, full, refused
+        )
+        return outcome if outcome is not None else DeliverOutcome(stored=(), recipients=frozenset())
 
     async def _put_spool(
         self, items: list[SpoolItem], now_ms: int, full: dict[str, Reason]
     ) -> list[str]:
-        """Spool ``items``; items for full lanes go into ``full`` instead (as _put_local)."""
-        while True:
-            try:
-                return await self._storage.spool_put(items, at_ms=now_ms, bound=self._lane_bound)
-            except CapacityError as exc:
-                for item in items:
-                    if item.peer in exc.full:
-                        full[item.envelope_id] = Reason.LANE_FULL
-                for peer in exc.full:
-                    SPOOL_FULL_REFUSALS.labels(peer).inc(
-                        sum(1 for item in items if item.peer == peer)
-                    )
-                log.warning(
-                    "spool lane full for %s: submissions to it are refused (503) until it drains",
-                    ", ".join(sorted(exc.full)),
-                    extra={"event": "lane_full", "peers": sorted(exc.full)},
-                )
-                items = [item for item in items if item.peer not in exc.full]
-                if not items:
-                    return []
+        """Spool ``items``; items for full lanes go into ``full`` instead."""
+
+        async def write(batch: list[SpoolItem]) -> list[str]:
+            return await self._storage.spool_put(batch, at_ms=now_ms, bound=self._lane_bound)
+
+        def refused(peers: frozenset[str], dropped: list[SpoolItem]) -> None:
+            for peer in peers:
+                SPOOL_FULL_REFUSALS.labels(peer).inc(sum(1 for i in dropped if i.peer == peer))
+            log.warning(
+                "spool lane full for %s: submissions to it are refused (503) until it drains",
+                ", ".join(sorted(peers)),
+                extra={"event": "lane_full", "peers": sorted(peers)},
+            )
+
+        spooled = await _store_what_fits(
+            items, lambda i: i.peer, write, Reason.LANE_FULL, full, refused
+        )
+        return spooled if spooled is not None else []
 
     async def _resubmitted(self, caller: _Caller, env: Envelope) -> _Outcome:
         """The answer for an allowed envelope the store had seen before."""
@@ -609,10 +635,7 @@ class ClientAPI:
                         "reason": result.reason.value,
                     },
                 )
-        child = self._submissions.get(label)
-        if child is None:
-            child = self._submissions[label] = CLIENTAPI_SUBMISSIONS.labels(label)
-        child.inc()
+        self._submitted(label).inc()
 
     def _count_denial(self, direction: str, reason: Reason) -> None:
         key = (direction, reason.value)

@@ -10,9 +10,7 @@ The admin still reads the real reason (``rules explain``, the audit record).
 
 from __future__ import annotations
 
-import textwrap
 from collections.abc import Mapping
-from datetime import UTC, datetime
 
 import pytest
 
@@ -24,7 +22,7 @@ from gateway.federation.keys import KeyDirectory
 from gateway.federation.protocol import KEYS_PATH, decode_transaction, encode_transaction
 from gateway.federation.receiver import judge_transaction
 from gateway.http import Request
-from gateway.pki import dev
+from tests.unit.test_rules_evaluator import peer_block
 
 ACME, GLOBEX, INITECH = "acme.example", "globex.example", "initech.example"
 NOW = 1_700_000_000_000
@@ -38,27 +36,10 @@ VISIBLE = {GLOBEX: {WHOLE, BY_GROUP, STAR}, INITECH: {STAR}}
 
 @pytest.fixture(scope="module")
 def rules() -> CompiledRules:
-    now = datetime.now(UTC)
-    pem = {
-        org: textwrap.indent(dev.issue_ca(org, now=now).cert_pem().decode(), " " * 8)
-        for org in (GLOBEX, INITECH)
-    }
-    key = "ed25519:" + "A" * 43
     text = f"""\
 version: 1
 org: {ACME}
 default: deny
-peers:
-  {GLOBEX}:
-    endpoint: https://gw.{GLOBEX}
-    signing_key: {key}
-    ca_pem: |
-{pem[GLOBEX]}
-  {INITECH}:
-    endpoint: https://gw.{INITECH}
-    signing_key: {key}
-    ca_pem: |
-{pem[INITECH]}
 groups:
   whole:
     members: [{WHOLE}]
@@ -71,7 +52,8 @@ groups:
     receive_from: ["*"]
   segmented:
     members: [{NONE}]
-"""
+peers:
+{peer_block(GLOBEX)}{peer_block(INITECH)}"""
     return CompiledRules(load_rules(text, filename="acme.yaml"))
 
 

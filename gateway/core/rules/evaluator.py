@@ -104,8 +104,9 @@ class _GroupIndex:
         self.receive_groups: dict[tuple[str, str], Decision] = {}
         self.receive_all = False
         self.receive_all_mark: Mark | None = None
-        # The peers this group hears from at all, whole or through one of their groups.
-        self.peers_heard = frozenset(ref.peer for ref in group.receive_from)
+        # The peers this group hears from at all, whole or through one of their groups
+        # ("*" is receive_all).
+        self.peers_heard = frozenset(ref.peer for ref in group.receive_from if ref.peer != WILDCARD)
         for ref in group.receive_from:
             if ref.peer == WILDCARD:
                 self.receive_all, self.receive_all_mark = True, ref.mark

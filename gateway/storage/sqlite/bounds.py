@@ -29,13 +29,16 @@ _KINDS: Final = {
 }
 
 
-def _check(
+def check_bound(
     conn: sqlite3.Connection,
     kind: Reason,
     adding: Iterable[tuple[str, int]],
     bound: Bound | None,
 ) -> None:
-    """Raise ``CapacityError(kind)`` if any key of ``adding`` (key, size) would pass ``bound``."""
+    """Raise ``CapacityError(kind)`` if any key of ``adding`` (key, size) would pass ``bound``.
+
+    ``kind`` is ``lane_full`` (keys are peers) or ``mailbox_full`` (keys are users).
+    """
     if bound is None:
         return
     sql, what = _KINDS[kind]
@@ -54,17 +57,3 @@ def _check(
         # Peers may be named in the message; users are counted, never named in logs.
         named = ", ".join(sorted(full)) if kind is Reason.LANE_FULL else f"{len(full)} user(s)"
         raise CapacityError(f"{what} full for {named}", reason=kind, full=frozenset(full))
-
-
-def check_lanes(
-    conn: sqlite3.Connection, adding: Iterable[tuple[str, int]], bound: Bound | None
-) -> None:
-    """``lane_full`` if any lane (peer, size) of ``adding`` would pass ``bound``."""
-    _check(conn, Reason.LANE_FULL, adding, bound)
-
-
-def check_mailboxes(
-    conn: sqlite3.Connection, adding: Iterable[tuple[str, int]], bound: Bound | None
-) -> None:
-    """``mailbox_full`` if any mailbox (user, size) of ``adding`` would pass ``bound``."""
-    _check(conn, Reason.MAILBOX_FULL, adding, bound)

@@ -23,6 +23,7 @@ from contextlib import asynccontextmanager
 from typing import Any, Final, TypeVar
 
 from gateway.core.address import MAX_DOMAIN_LENGTH
+from gateway.errors import Reason
 from gateway.storage.base import (
     EXPIRE_BATCH,
     LIST_LIMIT,
@@ -60,7 +61,7 @@ from gateway.storage.base import (
     check_status,
     check_text,
 )
-from gateway.storage.sqlite.bounds import check_lanes, check_mailboxes
+from gateway.storage.sqlite.bounds import check_bound
 from gateway.storage.sqlite.engine import READER_THREADS, SqliteEngine, open_sqlite_engine
 from gateway.storage.sqlite.schema import migrate
 
@@ -302,7 +303,7 @@ def _store_in_mailboxes(
     # A mailbox row whose seen row was pruned early must still not double.
     held = _present(conn, _MAILBOX_AMONG, [entry.envelope_id for entry in fresh])
     stored = [entry for entry in fresh if entry.envelope_id not in held] if held else fresh
-    check_mailboxes(conn, ((entry.recipient, entry.size) for entry in stored), bound)
+    check_bound(conn, Reason.MAILBOX_FULL, ((e.recipient, e.size) for e in stored), bound)
     conn.executemany(
         "INSERT INTO mailbox (envelope_id, recipient, sender, created_ms, expires_ms, "
         "stored_ms, size, burn_on_read, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -361,7 +362,7 @@ class SqliteStorage:
             ids = [item.envelope_id for item in items]
             known = _present(conn, _STATUS_AMONG, ids) | _present(conn, _SPOOLED_AMONG, ids)
             fresh = _first_unseen(items, known)
-            check_lanes(conn, ((item.peer, item.size) for item in fresh), bound)
+            check_bound(conn, Reason.LANE_FULL, ((i.peer, i.size) for i in fresh), bound)
             # executemany keeps the order, so lane order is still item order.
             conn.executemany(
                 "INSERT INTO spool (envelope_id, peer, sender, recipient, created_ms, "
