@@ -176,6 +176,8 @@ async def run_gateway(
             settings=SenderSettings.from_limits(config.limits),
         )
         waiters = MailboxWaiters()
+        # One bound for every way into a mailbox: a colleague's envelope or a peer's.
+        mailbox_bound = Bound(config.limits.mailbox_max_envelopes, config.limits.mailbox_max_bytes)
         receiver = Receiver(
             org=config.org,
             rules=rules,
@@ -187,6 +189,7 @@ async def run_gateway(
                 rate=config.limits.inbound_rate_per_peer,
                 burst=config.limits.inbound_burst_per_peer,
             ),
+            mailbox_bound=mailbox_bound,
         )
 
         async def remote_key_lookup(address: Address) -> bytes | None:
@@ -207,9 +210,7 @@ async def run_gateway(
             lane_bound=Bound(
                 config.limits.spool_max_envelopes_per_peer, config.limits.spool_max_bytes_per_peer
             ),
-            mailbox_bound=Bound(
-                config.limits.mailbox_max_envelopes, config.limits.mailbox_max_bytes
-            ),
+            mailbox_bound=mailbox_bound,
             submit_rate=RateLimiter(
                 rate=config.limits.submit_rate_per_user, burst=config.limits.submit_burst_per_user
             ),

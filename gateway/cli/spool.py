@@ -78,7 +78,8 @@ def register(subparsers: Registrar) -> None:
     retry = commands.add_parser(
         "retry",
         help="clear backoff so the sender tries again at its next poll",
-        description="Reset the failure count and backoff of peer P (or of every peer). "
+        description="Reset the failure count and backoff of peer P (or of every peer), and "
+        "end the wait of envelopes it answered with the temporary result mailbox_full. "
         "The running sender sees it at its next poll and tries the peer again.",
     )
     add_common_arguments(retry)

@@ -69,6 +69,9 @@ MAX_RESULT_ID_LENGTH = 64
 #: A result word: ``accepted`` or a reason code (a partner may send codes we do not know).
 RESULT_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 ACCEPTED = "accepted"
+#: Results that are not final: the sender keeps the envelope and sends it again
+#: later, in a new transaction, until it is answered otherwise or expires (§4b).
+TEMPORARY_RESULTS = frozenset({"mailbox_full"})
 
 _TRANSACTION_FIELDS = frozenset({"origin", "destination", "envelopes"})
 

@@ -31,7 +31,10 @@ One ``PUT``, in this order; every refusal changes nothing:
 5. **One durable commit.** The accepted envelopes and the whole answer go to
    ``Storage.deliver`` together. It skips envelope ids accepted before (by any
    transaction, across restarts), so a re-sent envelope is answered
-   ``accepted`` without a second copy. If ``(peer, txn_id)`` is recorded
+   ``accepted`` without a second copy. An envelope whose recipient's mailbox
+   has no room (``limits.mailbox_max_envelopes`` / ``mailbox_max_bytes``,
+   checked inside the commit) is left out and answered ``mailbox_full``, a
+   temporary result: the sender sends it again later. If ``(peer, txn_id)`` is recorded
    (a retry, or a concurrent request that committed first), ``deliver`` says
    so (``replayed``), stores nothing, and this request answers like step 2.
    An accepted envelope is stored as the canonical bytes of the JSON object
@@ -50,6 +53,7 @@ The recorded answer is ``{envelope id: result}`` (:func:`protocol.result_map`);
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -89,10 +93,12 @@ from gateway.observability.metrics import (
     FEDERATION_ENVELOPES,
     FEDERATION_TRANSACTION_DURATION,
     FEDERATION_TRANSACTIONS,
+    MAILBOX_FULL_REFUSALS,
     POLICY_DENIALS,
     bounded,
 )
 from gateway.storage.base import (
+    Bound,
     DeliverOutcome,
     EnvelopeRecord,
     Storage,
@@ -201,6 +207,16 @@ def judge_transaction(txn: Transaction, rules: CompiledRules, *, now_ms: int) ->
     return verdicts
 
 
+def _mailbox_full(verdicts: Sequence[Verdict], full: Collection[str]) -> list[Verdict]:
+    """The verdicts once the commit left ``full`` out for want of mailbox room."""
+    return [
+        dataclasses.replace(verdict, result=Reason.MAILBOX_FULL.value)
+        if verdict.accepted and verdict.envelope_id in full
+        else verdict
+        for verdict in verdicts
+    ]
+
+
 def mailbox_record(
     envelope: Envelope, *, raw: Mapping[str, object] | None = None
 ) -> EnvelopeRecord:
@@ -258,6 +274,7 @@ class Receiver:
         on_delivered: OnDelivered = _ignore_delivered,
         audit: AuditSink | None = None,
         inbound_rate: RateLimiter | None = None,
+        mailbox_bound: Bound | None = None,
     ) -> None:
         try:
             self.org = normalize_domain(org)
@@ -274,6 +291,7 @@ class Receiver:
         self._on_delivered = on_delivered
         self._audit: AuditSink = audit if audit is not None else NoAudit()
         self._inbound_rate = inbound_rate  # per peer, one token per envelope
+        self._mailbox_bound = mailbox_bound  # per recipient: a full one is answered mailbox_full
 
     def add_routes(self, router: Router) -> None:
         router.add("PUT", TRANSACTION_ROUTE, self.put_transaction)
@@ -361,11 +379,23 @@ class Receiver:
             mailbox_record(v.envelope, raw=v.raw) for v in verdicts if v.to_store and v.envelope
         ]
         outcome = await self._storage.deliver(
-            peer, txn_id, digest, result_map(results), entries, at_ms=now_ms
+            peer,
+            txn_id,
+            digest,
+            result_map(results),
+            entries,
+            at_ms=now_ms,
+            bound=self._mailbox_bound,
         )
         if outcome.replayed is not None:
             # A retry, or a concurrent copy that committed first: answer as first answered.
             return self._recorded_answer(request.body, digest, outcome.replayed, txn)
+        if outcome.mailbox_full:
+            # Accepted by the rules, but the recipient's mailbox had no room: a
+            # temporary answer (protocol.md §4b), as the commit recorded it.
+            verdicts = _mailbox_full(verdicts, outcome.mailbox_full)
+            results = [EnvelopeResult(v.envelope_id, v.result) for v in verdicts]
+            MAILBOX_FULL_REFUSALS.labels("federation").inc(len(outcome.mailbox_full))
         self._after_commit(peer, txn_id, verdicts, outcome, rules, now_ms)
         await self._audit_denials(peer, txn_id, verdicts)
         return _results_response(results), TXN_RESULT_OK

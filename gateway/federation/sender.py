@@ -50,7 +50,13 @@ the first is kept; the others go again under new ids, which the receiver's
 envelope-id dedup makes harmless.)
 
 **Answers.** One ``spool_complete`` records every envelope's fate:
-``accepted`` becomes ``forwarded``, any other result ``rejected:<reason>``.
+``accepted`` becomes ``forwarded``, any other result ``rejected:<reason>``,
+except a temporary one (``mailbox_full``, docs/protocol.md §4b): that envelope
+stays spooled (status ``queued``) and ``spool_defer`` keeps it out of the
+lane's takes for :data:`DEFER_INITIAL_MS`, doubling each time it is answered
+so again, up to :data:`DEFER_MAX_MS`; it goes again in a new transaction
+until it is answered otherwise or expires. The rest of the lane does not wait
+for it.
 That durable write runs in the background while the lane sends its next
 transaction (it changes nothing the peer sees, and the peer already holds
 the envelopes): the cursor keeps the answered envelopes out of what the lane
@@ -122,7 +128,7 @@ import math
 import random as random_module
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -144,6 +150,7 @@ from gateway.federation.backoff import (
 from gateway.federation.protocol import (
     ACCEPTED,
     MAX_TRANSACTION_ENVELOPES,
+    TEMPORARY_RESULTS,
     EnvelopeResult,
     encode_transaction,
     splice_transaction,
@@ -191,6 +198,10 @@ TXN_ID_BYTES: Final = 16  # random bytes of a transaction id (22 base64url chara
 MAX_TRANSACTION_BYTES: Final = 2**40  # spool_take's ceiling
 MAX_TIMEOUT_SECONDS: Final = 3600.0  # a transaction deadline or poll interval beyond this is a typo
 _MAX_LOGGED_CODE: Final = 40  # characters of an unknown result code in our log
+# An envelope answered with a temporary result (mailbox_full) goes again after
+# DEFER_INITIAL_MS, then twice as long each time, up to DEFER_MAX_MS (protocol.md §4b).
+DEFER_INITIAL_MS: Final = 30_000
+DEFER_MAX_MS: Final = 15 * 60_000
 _DEFAULT_LIMITS: Final = Limits()
 
 ClockMs = Callable[[], int]
@@ -210,10 +221,26 @@ class SenderStorage(Protocol):
     """The part of :class:`~gateway.storage.base.Storage` the sender uses."""
 
     async def spool_take(
-        self, peer: str, *, max_items: int, max_bytes: int, after_seq: int = 0
+        self,
+        peer: str,
+        *,
+        max_items: int,
+        max_bytes: int,
+        after_seq: int = 0,
+        now_ms: int | None = None,
     ) -> list[SpoolEntry]: ...
 
     async def spool_complete(self, peer: str, results: Mapping[str, str], *, at_ms: int) -> int: ...
+
+    async def spool_defer(
+        self,
+        peer: str,
+        envelope_ids: Collection[str],
+        *,
+        at_ms: int,
+        delay_ms: int,
+        max_delay_ms: int,
+    ) -> int: ...
 
     async def peer_state_get(self, peer: str) -> PeerState | None: ...
 
@@ -658,6 +685,7 @@ class _LaneRunner:
             max_items=self.max_items,
             max_bytes=self.settings.max_transaction_bytes,
             after_seq=self.cursor,
+            now_ms=self.clock_ms(),
         )
         return entries, from_head
 
@@ -819,11 +847,17 @@ class _LaneRunner:
 
     async def answered(self, batch: _Batch, results: Sequence[EnvelopeResult]) -> None:
         statuses: dict[str, str] = {}
+        deferred: list[str] = []
         outcomes: collections.Counter[str] = collections.Counter()
         for envelope_id, result in zip(batch.ids, results, strict=True):
             if result.result == ACCEPTED:
                 statuses[envelope_id] = STATUS_FORWARDED
                 outcomes[ACCEPTED] += 1
+                continue
+            if result.result in TEMPORARY_RESULTS:
+                # Not final: the envelope stays spooled and goes again later.
+                deferred.append(envelope_id)
+                outcomes[result.result] += 1
                 continue
             code = result.result if result.result in REASON_CODES else Reason.PROTOCOL.value
             if code != result.result:
@@ -857,18 +891,32 @@ class _LaneRunner:
             completion = _Completion()
             self.completion = completion
             assert self.nursery is not None
-            self.nursery.start_soon(self.complete, completion, statuses, outcomes, now)
+            self.nursery.start_soon(self.complete, completion, statuses, deferred, outcomes, now)
         if self.batch is batch:
             self.batch = None
         self.max_items = self.settings.max_transaction_envelopes
         self.metrics.result(RESULT_OK).inc()
-        rejected = len(batch.ids) - outcomes[ACCEPTED]
+        rejected = len(statuses) - outcomes[ACCEPTED]
+        if deferred:
+            LOGGER.info(
+                "%s: transaction %s: %d envelope(s) answered mailbox_full; they go again later",
+                self.org,
+                batch.txn_id,
+                len(deferred),
+                extra={
+                    "event": "envelopes_deferred_by_peer",
+                    "txn_id": batch.txn_id,
+                    "peer": self.org,
+                    "envelopes": len(deferred),
+                },
+            )
         LOGGER.debug(
-            "%s: transaction %s answered: %d accepted, %d rejected",
+            "%s: transaction %s answered: %d accepted, %d rejected, %d deferred",
             self.org,
             batch.txn_id,
             outcomes[ACCEPTED],
             rejected,
+            len(deferred),
             extra={
                 "event": "transaction_sent",
                 "txn_id": batch.txn_id,
@@ -876,6 +924,7 @@ class _LaneRunner:
                 "envelopes": len(batch.ids),
                 "accepted": outcomes[ACCEPTED],
                 "rejected": rejected,
+                "deferred": len(deferred),
             },
         )
         state = self.state
@@ -896,12 +945,26 @@ class _LaneRunner:
         self,
         completion: _Completion,
         statuses: Mapping[str, str],
+        deferred: Sequence[str],
         outcomes: collections.Counter[str],
         now: int,
     ) -> None:
-        """Record an answered batch's fates, then count them (the background write)."""
+        """Record an answered batch's fates, then count them (the background write).
+
+        The deferrals land before the lane takes from its head again (it waits
+        for this write), so a deferred envelope is not sent again at once.
+        """
         try:
-            await self.storage.spool_complete(self.org, statuses, at_ms=now)
+            if statuses:
+                await self.storage.spool_complete(self.org, statuses, at_ms=now)
+            if deferred:
+                await self.storage.spool_defer(
+                    self.org,
+                    deferred,
+                    at_ms=now,
+                    delay_ms=DEFER_INITIAL_MS,
+                    max_delay_ms=DEFER_MAX_MS,
+                )
         except StorageError as exc:
             completion.error = exc  # raised in the lane by settle()
             self.behind = True  # the envelopes are still spooled: they go again

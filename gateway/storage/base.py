@@ -356,12 +356,15 @@ class DeliverOutcome:
     users who got at least one new envelope (wake their long-polls).
     ``replayed``: for :meth:`Storage.deliver`, the record already held for this
     ``(origin, txn_id)``; when set, nothing was stored and the caller answers
-    from it (or refuses, if its ``body_hash`` differs).
+    from it (or refuses, if its ``body_hash`` differs). ``mailbox_full``: for
+    :meth:`Storage.deliver` with a bound, the ids left out because their
+    recipient's mailbox was full (recorded and answered ``mailbox_full``).
     """
 
     stored: tuple[str, ...]
     recipients: frozenset[str]
     replayed: TxnRecord | None = None
+    mailbox_full: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -438,14 +441,41 @@ class Storage(Protocol):
         ...
 
     async def spool_take(
-        self, peer: str, *, max_items: int, max_bytes: int, after_seq: int = 0
+        self,
+        peer: str,
+        *,
+        max_items: int,
+        max_bytes: int,
+        after_seq: int = 0,
+        now_ms: int | None = None,
     ) -> list[SpoolEntry]:
         """The head of ``peer``'s lane, oldest first, without removing it.
 
         At most ``max_items`` entries and ``max_bytes`` of data, except that the
         first entry is always returned, however large, so no lane can stall.
         Only entries whose ``seq`` is greater than ``after_seq``: a sender with
-        transactions in flight takes what follows them.
+        transactions in flight takes what follows them. With ``now_ms``, entries
+        deferred past it (:meth:`spool_defer`) are left out.
+        """
+        ...
+
+    async def spool_defer(
+        self,
+        peer: str,
+        envelope_ids: Collection[str],
+        *,
+        at_ms: int,
+        delay_ms: int,
+        max_delay_ms: int,
+    ) -> int:
+        """Keep envelopes the peer answered with a temporary result, and send them later.
+
+        Each stays in ``peer``'s lane (status unchanged) but is not taken with a
+        ``now_ms`` before ``at_ms + delay_ms`` the first time, twice that delay the
+        second, and so on up to ``max_delay_ms``. Leaving the lane (an answer,
+        expiry, a purge) forgets it; :meth:`spool_retry` ends every wait of
+        the peer's lane. Ids no longer in the lane are ignored; returns how many
+        were deferred.
         """
         ...
 
@@ -479,7 +509,10 @@ class Storage(Protocol):
         ...
 
     async def spool_retry(self, peer: str | None = None) -> int:
-        """Clear the backoff of ``peer`` (or every peer). Returns peers changed."""
+        """Clear the backoff of ``peer`` (or every peer), and its envelopes' deferrals.
+
+        Returns the number of peer states changed.
+        """
         ...
 
     async def spool_purge(
@@ -501,6 +534,7 @@ class Storage(Protocol):
         entries: Sequence[EnvelopeRecord],
         *,
         at_ms: int,
+        bound: Bound | None = None,
     ) -> DeliverOutcome:
         """The receiver's atomic commit of one transaction.
 
@@ -508,6 +542,11 @@ class Storage(Protocol):
         in their recipients' mailboxes, skipping ids seen before, and records
         ``results`` for ``(origin, txn_id)``. If that transaction is already
         recorded, stores nothing and returns the record as ``replayed``.
+
+        With ``bound``, an entry that its recipient's mailbox has no room for
+        (after the entries before it) is neither stored nor marked seen: its
+        result is recorded as ``mailbox_full`` instead, and its id is in the
+        outcome's ``mailbox_full``. The others are stored as usual.
         """
         ...
 

@@ -45,7 +45,7 @@ from gateway.pki import dev
 from gateway.pki.certs import spki_pin
 from gateway.pki.tls import federation_client_context
 from gateway.rules_runtime import RulesHolder
-from gateway.storage.base import Storage, TxnRecord
+from gateway.storage.base import Bound, Storage, TxnRecord
 from gateway.storage.sqlite import open_sqlite_storage
 
 ACME = "acme.example"
@@ -256,6 +256,7 @@ async def receiving(
     max_body_bytes: int = MAX_BODY_BYTES,
     max_envelopes: int = MAX_ENVELOPES,
     inbound_rate: RateLimiter | None = None,
+    mailbox_bound: Bound | None = None,
 ) -> AsyncIterator[Running]:
     """acme's federation listener with the receiver, wired as the app wires it."""
     name = f"federation-{next(_names)}"
@@ -268,6 +269,7 @@ async def receiving(
         on_delivered=world.on_delivered,
         audit=world.audit,
         inbound_rate=inbound_rate,
+        mailbox_bound=mailbox_bound,
     )
     router = Router()
     receiver.add_routes(router)
@@ -993,3 +995,40 @@ async def test_a_peer_over_its_inbound_rate_gets_429_and_its_retry_goes_through(
             ]
     assert refused() == {"n": 1.0}
     assert await mailbox_ids(store, BOB) == [e.id for e in (*first, from_initech, *second)]
+
+
+async def test_a_full_mailbox_is_a_temporary_answer_and_the_envelope_lands_once_there_is_room(
+    world: World, store: Storage
+) -> None:
+    alice = "alice@globex.example"
+    for_bob = [world.envelope(alice, BOB) for _ in range(3)]
+    for_carol = world.envelope(alice, CAROL, group="sales")
+    refused = Deltas(
+        lambda: {"n": sample("gateway_mailbox_full_refusals_total", path="federation")}
+    )
+    with trio.fail_after(TEST_TIMEOUT):
+        async with (
+            receiving(world, store, mailbox_bound=Bound(2, 10**6)) as running,
+            world.client(world.globex) as globex,
+        ):
+            body = transaction([*for_bob, for_carol, for_bob[2]])
+            expected = [
+                (for_bob[0].id, "accepted"),
+                (for_bob[1].id, "accepted"),
+                (for_bob[2].id, "mailbox_full"),
+                (for_carol.id, "accepted"),
+                (for_bob[2].id, "mailbox_full"),  # a repeat reads like its first slot
+            ]
+            assert results(await put(globex, running, "t1", body)) == expected
+            # The recorded answer: a retry of the same transaction reads the same.
+            assert results(await put(globex, running, "t1", body)) == expected
+            assert await mailbox_ids(store, BOB) == [e.id for e in for_bob[:2]]
+            assert await mailbox_ids(store, CAROL) == [for_carol.id]
+            # bob reads and acknowledges one: the envelope comes again in a new
+            # transaction (protocol.md §4b) and is stored, once.
+            await store.mailbox_ack(BOB, [for_bob[0].id])
+            again = transaction([for_bob[2]])
+            assert results(await put(globex, running, "t2", again)) == [(for_bob[2].id, "accepted")]
+            assert results(await put(globex, running, "t3", again)) == [(for_bob[2].id, "accepted")]
+    assert await mailbox_ids(store, BOB) == [for_bob[1].id, for_bob[2].id]
+    assert refused() == {"n": 1.0}

@@ -28,7 +28,7 @@ import itertools
 import os
 import random
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -151,6 +151,7 @@ class MemoryStorage:
         self.spool: list[SpoolEntry] = []
         self.statuses: dict[str, str] = {}
         self.states: dict[str, PeerState] = {}
+        self.deferred: dict[str, tuple[int, int]] = {}  # id -> (not before, deferrals)
         self.scrubs = 0
         self._seq = 0
 
@@ -168,13 +169,22 @@ class MemoryStorage:
         return spooled
 
     async def spool_take(
-        self, peer: str, *, max_items: int, max_bytes: int, after_seq: int = 0
+        self,
+        peer: str,
+        *,
+        max_items: int,
+        max_bytes: int,
+        after_seq: int = 0,
+        now_ms: int | None = None,
     ) -> list[SpoolEntry]:
         await trio.lowlevel.checkpoint()
         taken: list[SpoolEntry] = []
         total = 0
         for entry in self.spool:
             if entry.peer != peer or entry.seq <= after_seq:
+                continue
+            deferred = self.deferred.get(entry.envelope_id)
+            if now_ms is not None and deferred is not None and deferred[0] > now_ms:
                 continue
             if len(taken) == max_items or (taken and total + entry.size > max_bytes):
                 break
@@ -187,8 +197,30 @@ class MemoryStorage:
         gone = [e for e in self.spool if e.peer == peer and e.envelope_id in results]
         for entry in gone:
             self.spool.remove(entry)
+            self.deferred.pop(entry.envelope_id, None)
             self.statuses[entry.envelope_id] = results[entry.envelope_id]
         return len(gone)
+
+    async def spool_defer(
+        self,
+        peer: str,
+        envelope_ids: Collection[str],
+        *,
+        at_ms: int,
+        delay_ms: int,
+        max_delay_ms: int,
+    ) -> int:
+        await trio.lowlevel.checkpoint()
+        held = {e.envelope_id for e in self.spool if e.peer == peer}
+        count = 0
+        for envelope_id in envelope_ids:
+            if envelope_id not in held:
+                continue
+            _, times = self.deferred.get(envelope_id, (0, 0))
+            delay = min(max_delay_ms, delay_ms * 2**times)
+            self.deferred[envelope_id] = (at_ms + delay, times + 1)
+            count += 1
+        return count
 
     async def spool_expire(
         self, now_ms: int, *, limit: int = EXPIRE_BATCH
@@ -502,6 +534,53 @@ async def test_rejected_results_become_rejected_statuses(
         outcome="peer_not_allowed",
     )
     assert after == before + 1
+
+
+async def test_a_full_mailbox_at_the_peer_keeps_the_envelope_and_sends_it_later(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    storage, transport = MemoryStorage(), FakeTransport()
+    sender = make_sender(storage, transport, load_rules(tmp_path, [A]))
+    waiting, other = make_item(A, user="bob"), make_item(A, user="carol")
+    transport.reject[waiting.envelope_id] = Reason.MAILBOX_FULL.value
+    labels = {"direction": "outbound", "peer": A}
+    before = sample("gateway_federation_envelopes_total", **labels, outcome="mailbox_full")
+    async with running(sender):
+        await spool(storage, sender, [waiting, other])
+        await wait_until(lambda: storage.statuses[other.envelope_id] == STATUS_FORWARDED)
+        # Not final: still spooled, still queued, and carol's envelope did not wait for it.
+        assert storage.depth(A) == 1
+        assert storage.statuses[waiting.envelope_id] == STATUS_QUEUED
+        # Sent again only after 30 s, then 60 s, 120 s: in a new transaction each time.
+        await wait_until(lambda: len(transport.attempts) == 4, limit=HOUR)
+        gaps = [b.at - a.at for a, b in itertools.pairwise(transport.attempts)]
+        # Each at the lane's first look (every poll_interval) once the wait is over.
+        for gap, wait in zip(gaps, (30, 60, 120), strict=True):
+            assert wait <= gap <= wait + FAST.poll_interval + 0.5
+        assert len({a.txn_id for a in transport.attempts}) == 4
+        assert all(a.ids == (waiting.envelope_id,) for a in transport.attempts[1:])
+        # bob fetched his mail: the next try is accepted, and that is final.
+        del transport.reject[waiting.envelope_id]
+        await wait_until(lambda: storage.depth(A) == 0, limit=HOUR)
+    assert storage.statuses[waiting.envelope_id] == STATUS_FORWARDED
+    assert waiting.envelope_id not in storage.deferred
+    after = sample("gateway_federation_envelopes_total", **labels, outcome="mailbox_full")
+    assert after == before + 4
+
+
+async def test_an_envelope_deferred_until_it_expires_expires(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    storage, transport = MemoryStorage(), FakeTransport()
+    sender = make_sender(storage, transport, load_rules(tmp_path, [A]))
+    item = make_item(A, ttl_ms=5 * 60_000)
+    transport.reject[item.envelope_id] = Reason.MAILBOX_FULL.value
+    async with running(sender, partial(run_spool_sweeper, storage, clock_ms=clock_ms)):
+        await spool(storage, sender, [item])
+        await wait_until(lambda: storage.statuses[item.envelope_id] == STATUS_EXPIRED, limit=HOUR)
+    # 30 s, 60 s, 120 s after the first: the fourth would be after its expiry.
+    assert len(transport.attempts) == 4
+    assert all(a.at < virtual(item.expires_ms) for a in transport.attempts)
 
 
 async def test_the_body_is_the_spooled_bytes_spliced_and_stays_the_same_on_a_retry(

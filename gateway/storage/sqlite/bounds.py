@@ -3,9 +3,11 @@
 The ``spool_lanes`` and ``mailbox_counts`` tables hold each lane's and each
 mailbox's depth and bytes, kept by triggers in the same transaction as the
 rows they count. A write that adds envelopes reads those counters for the
-keys it touches, adds what it brings, and raises
-:class:`~gateway.errors.CapacityError` naming every key that would pass its
-bound; the engine rolls that op back alone, so nothing of the call is stored.
+keys it touches and adds what it brings. :func:`check_bound` (all or
+nothing: the client API's writes) raises :class:`~gateway.errors.CapacityError`
+naming every key that would pass its bound, and the engine rolls that op back
+alone, so nothing of the call is stored; :func:`fit_bound` (one answer per
+envelope: the receiver's commit) says which items fit.
 Since the single writer thread runs every write, no two writers can both see
 room for the last slot.
 """
@@ -29,6 +31,40 @@ _KINDS: Final = {
 }
 
 
+def _counts(conn: sqlite3.Connection, kind: Reason, key: str) -> tuple[int, int]:
+    row = conn.execute(_KINDS[kind][0], (key,)).fetchone()
+    return (int(row[0]), int(row[1])) if row is not None else (0, 0)
+
+
+def fit_bound(
+    conn: sqlite3.Connection,
+    kind: Reason,
+    adding: Iterable[tuple[str, int]],
+    bound: Bound | None,
+) -> list[bool]:
+    """Whether each of ``adding`` (key, size) fits, taking them in order.
+
+    Per key, an item fits if it and the items of that key that fit before it
+    stay within ``bound``; one that does not fit takes no room, so a smaller
+    one after it may still fit. For the receiver, which answers each
+    envelope on its own (``mailbox_full`` for those that do not fit).
+    """
+    items = list(adding)
+    if bound is None:
+        return [True] * len(items)
+    used: dict[str, tuple[int, int]] = {}
+    fits: list[bool] = []
+    for key, size in items:
+        if key not in used:
+            used[key] = _counts(conn, kind, key)
+        depth, total = used[key]
+        room = bound.room_for(depth, total, 1, size)
+        if room:
+            used[key] = (depth + 1, total + size)
+        fits.append(room)
+    return fits
+
+
 def check_bound(
     conn: sqlite3.Connection,
     kind: Reason,
@@ -41,7 +77,7 @@ def check_bound(
     """
     if bound is None:
         return
-    sql, what = _KINDS[kind]
+    what = _KINDS[kind][1]
     counts: dict[str, list[int]] = {}
     for key, size in adding:
         pair = counts.setdefault(key, [0, 0])
@@ -49,8 +85,7 @@ def check_bound(
         pair[1] += size
     full: set[str] = set()
     for key, (more, more_bytes) in counts.items():
-        row = conn.execute(sql, (key,)).fetchone()
-        depth, size = (int(row[0]), int(row[1])) if row is not None else (0, 0)
+        depth, size = _counts(conn, kind, key)
         if not bound.room_for(depth, size, more, more_bytes):
             full.add(key)
     if full:

@@ -21,6 +21,8 @@ Why the tables look the way they do:
 * ``spool_lanes`` and ``mailbox_counts`` are kept by triggers, in the same
   transaction as every insert and delete (by any process, admin tools
   included), so depth and bytes per lane or mailbox cost one row read.
+* ``spool_deferred`` holds, per spooled envelope a peer answered with a
+  temporary result, when it may go again (:meth:`SqliteStorage.spool_defer`).
 * ``seen_envelopes`` remembers every envelope id a mailbox accepted until it
   expires: the receiver's dedup, across restarts and transactions.
 """
@@ -157,8 +159,25 @@ CREATE TABLE user_keys (
 ) WITHOUT ROWID;
 """
 
+# Envelopes a peer answered with a temporary result (``mailbox_full``): not sent
+# again before ``not_before_ms``. A side table, not spool columns: a column added
+# to ``spool`` would sit after ``data``, and reading it would walk the envelope's
+# overflow pages on every take. Its rows leave with their spool row.
+_V2 = """
+CREATE TABLE spool_deferred (
+    envelope_id   TEXT    PRIMARY KEY,
+    not_before_ms INTEGER NOT NULL,
+    deferrals     INTEGER NOT NULL CHECK (deferrals >= 1)
+) WITHOUT ROWID;
+
+CREATE TRIGGER spool_deferred_out AFTER DELETE ON spool BEGIN
+    DELETE FROM spool_deferred WHERE envelope_id = OLD.envelope_id;
+END;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "spool, mailboxes, dedup, transactions, statuses, peers, tokens, keys", _V1),
+    Migration(2, "spool_deferred: envelopes a peer answered with a temporary result", _V2),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -61,7 +61,7 @@ from gateway.storage.base import (
     check_status,
     check_text,
 )
-from gateway.storage.sqlite.bounds import check_bound
+from gateway.storage.sqlite.bounds import check_bound, fit_bound
 from gateway.storage.sqlite.engine import READER_THREADS, SqliteEngine, open_sqlite_engine
 from gateway.storage.sqlite.schema import migrate
 
@@ -101,6 +101,26 @@ _COMPLETE_STATUS = (
     "INSERT INTO statuses (envelope_id, sender, status, at_ms) "
     "SELECT envelope_id, sender, ?, ? FROM spool WHERE envelope_id = ? AND peer = ? "
     "ON CONFLICT (envelope_id) DO UPDATE SET status = excluded.status, at_ms = excluded.at_ms"
+)
+
+_SPOOL_TAKE = (
+    f"SELECT {_SPOOL_COLUMNS} FROM spool WHERE peer = ? AND seq > ? "  # noqa: S608
+    "ORDER BY seq LIMIT ?"
+)
+# The same, leaving out envelopes deferred past now (a usually empty side table).
+_SPOOL_TAKE_DUE = (
+    f"SELECT {_SPOOL_COLUMNS} FROM spool WHERE peer = ? AND seq > ? "  # noqa: S608
+    "AND NOT EXISTS (SELECT 1 FROM spool_deferred d "
+    "WHERE d.envelope_id = spool.envelope_id AND d.not_before_ms > ?) "
+    "ORDER BY seq LIMIT ?"
+)
+# Defer a spooled envelope: the first time by ``delay``, then twice as long each
+# time, up to ``max_delay``. Only an id still in the peer's lane matches.
+_DEFER = (
+    "INSERT INTO spool_deferred (envelope_id, not_before_ms, deferrals) "
+    "SELECT envelope_id, ?, 1 FROM spool WHERE envelope_id = ? AND peer = ? "
+    "ON CONFLICT (envelope_id) DO UPDATE SET deferrals = deferrals + 1, "
+    "not_before_ms = ? + MIN(?, ? * (1 << MIN(deferrals, 30)))"
 )
 
 _TXN_SELECT = "SELECT body_hash, results, at_ms FROM transactions WHERE origin = ? AND txn_id = ?"
@@ -286,8 +306,15 @@ def _store_in_mailboxes(
     at_ms: int,
     *,
     bound: Bound | None = None,
-) -> tuple[list[EnvelopeRecord], set[str]]:
-    """Insert entries whose ids were never seen; return those stored and their recipients.
+    each: bool = False,
+) -> tuple[list[EnvelopeRecord], set[str], list[str]]:
+    """Insert entries whose ids were never seen; return those stored, their recipients,
+    and the ids left out because their mailbox was full.
+
+    With ``bound``, a mailbox the new entries would take past it raises
+    :class:`CapacityError` (nothing stored), or with ``each`` leaves out just
+    the entries that do not fit (:func:`fit_bound`); those are not marked
+    seen, so the same envelope may come again and be stored once there is room.
 
     Set-based: one lookup of the batch's known ids, then one ``executemany``
     per table. Inside the write transaction nothing else writes, so the ids
@@ -296,14 +323,23 @@ def _store_in_mailboxes(
     """
     ids = [entry.envelope_id for entry in entries]
     fresh = _first_unseen(entries, _present(conn, _SEEN_AMONG, ids))
+    # A mailbox row whose seen row was pruned early must still not double.
+    held = _present(conn, _MAILBOX_AMONG, [entry.envelope_id for entry in fresh])
+    stored = [entry for entry in fresh if entry.envelope_id not in held] if held else fresh
+    left_out: list[str] = []
+    if each:
+        fits = fit_bound(conn, Reason.MAILBOX_FULL, ((e.recipient, e.size) for e in stored), bound)
+        if not all(fits):
+            left_out = [e.envelope_id for e, fit in zip(stored, fits, strict=True) if not fit]
+            stored = [e for e, fit in zip(stored, fits, strict=True) if fit]
+            out = set(left_out)
+            fresh = [e for e in fresh if e.envelope_id not in out]
+    else:
+        check_bound(conn, Reason.MAILBOX_FULL, ((e.recipient, e.size) for e in stored), bound)
     conn.executemany(
         "INSERT INTO seen_envelopes (envelope_id, expires_ms) VALUES (?, ?)",
         [(entry.envelope_id, entry.expires_ms) for entry in fresh],
     )
-    # A mailbox row whose seen row was pruned early must still not double.
-    held = _present(conn, _MAILBOX_AMONG, [entry.envelope_id for entry in fresh])
-    stored = [entry for entry in fresh if entry.envelope_id not in held] if held else fresh
-    check_bound(conn, Reason.MAILBOX_FULL, ((e.recipient, e.size) for e in stored), bound)
     conn.executemany(
         "INSERT INTO mailbox (envelope_id, recipient, sender, created_ms, expires_ms, "
         "stored_ms, size, burn_on_read, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -322,7 +358,7 @@ def _store_in_mailboxes(
             for entry in stored
         ],
     )
-    return stored, {entry.recipient for entry in stored}
+    return stored, {entry.recipient for entry in stored}, left_out
 
 
 def _delete_chunked_sql(table: str, key: str, where: str) -> str:
@@ -389,22 +425,27 @@ class SqliteStorage:
         return await self.engine.write(op)
 
     async def spool_take(
-        self, peer: str, *, max_items: int, max_bytes: int, after_seq: int = 0
+        self,
+        peer: str,
+        *,
+        max_items: int,
+        max_bytes: int,
+        after_seq: int = 0,
+        now_ms: int | None = None,
     ) -> list[SpoolEntry]:
         _peer(peer)
         check_count("max_items", max_items, maximum=MAX_ITEMS_PER_CALL)
         check_count("max_bytes", max_bytes, maximum=2**40)
         check_ms("after_seq", after_seq)
+        sql, args = _SPOOL_TAKE, [peer, after_seq]
+        if now_ms is not None:
+            sql, args = _SPOOL_TAKE_DUE, [peer, after_seq, check_ms("now_ms", now_ms)]
 
         def op(conn: sqlite3.Connection, limit: int) -> tuple[list[SpoolEntry], bool]:
             """The take with at most ``limit`` rows, and whether it is the whole take."""
             taken: list[SpoolEntry] = []
             total = 0
-            cur = conn.execute(
-                f"SELECT {_SPOOL_COLUMNS} FROM spool WHERE peer = ? AND seq > ? "  # noqa: S608
-                "ORDER BY seq LIMIT ?",
-                (peer, after_seq, limit),
-            )
+            cur = conn.execute(sql, (*args, limit))
             try:
                 for row in cur:
                     entry = _spool_entry(row)
@@ -432,6 +473,30 @@ class SqliteStorage:
             return conn.executemany(
                 "DELETE FROM spool WHERE envelope_id = ? AND peer = ?",
                 [(envelope_id, peer) for envelope_id, _status in pairs],
+            ).rowcount
+
+        return await self.engine.write(op)
+
+    async def spool_defer(
+        self,
+        peer: str,
+        envelope_ids: Collection[str],
+        *,
+        at_ms: int,
+        delay_ms: int,
+        max_delay_ms: int,
+    ) -> int:
+        _peer(peer)
+        ids = _ids("spool_defer ids", envelope_ids)
+        check_ms("at_ms", at_ms)
+        check_count("delay_ms", delay_ms, maximum=2**40)
+        check_count("max_delay_ms", max_delay_ms, maximum=2**40)
+        first = min(delay_ms, max_delay_ms)
+
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.executemany(
+                _DEFER,
+                [(at_ms + first, e, peer, at_ms, max_delay_ms, delay_ms) for e in ids],
             ).rowcount
 
         return await self.engine.write(op)
@@ -514,6 +579,15 @@ class SqliteStorage:
         def op(conn: sqlite3.Connection) -> int:
             sql = "UPDATE peer_states SET failures = 0, backoff_until_ms = 0"
             cur = conn.execute(sql + " WHERE peer = ?", (peer,)) if peer else conn.execute(sql)
+            # Envelopes waiting out a temporary answer (mailbox_full) go at once too.
+            if peer:
+                conn.execute(
+                    "DELETE FROM spool_deferred WHERE envelope_id IN "
+                    "(SELECT envelope_id FROM spool WHERE peer = ?)",
+                    (peer,),
+                )
+            else:
+                conn.execute("DELETE FROM spool_deferred")
             return cur.rowcount
 
         return await self.engine.write(op)
@@ -558,6 +632,7 @@ class SqliteStorage:
         entries: Sequence[EnvelopeRecord],
         *,
         at_ms: int,
+        bound: Bound | None = None,
     ) -> DeliverOutcome:
         check_text("origin", origin, MAX_DOMAIN_LENGTH)
         check_text("txn_id", txn_id, MAX_TXN_ID_LENGTH)
@@ -575,14 +650,25 @@ class SqliteStorage:
             if row is not None:
                 replayed = _txn_record(origin, txn_id, row)
                 return DeliverOutcome(stored=(), recipients=frozenset(), replayed=replayed)
-            stored, recipients = _store_in_mailboxes(conn, entries, at_ms)
+            stored, recipients, full = _store_in_mailboxes(
+                conn, entries, at_ms, bound=bound, each=True
+            )
+            answer = results_json
+            if full:
+                # The recorded answer is the one given: a replay reads mailbox_full too.
+                answer = json.dumps(
+                    dict(results) | dict.fromkeys(full, Reason.MAILBOX_FULL.value),
+                    separators=(",", ":"),
+                )
             conn.execute(
                 "INSERT INTO transactions (origin, txn_id, body_hash, results, at_ms) "
                 "VALUES (?, ?, ?, ?, ?)",
-                (origin, txn_id, body_hash, results_json, at_ms),
+                (origin, txn_id, body_hash, answer, at_ms),
             )
             return DeliverOutcome(
-                stored=tuple(e.envelope_id for e in stored), recipients=frozenset(recipients)
+                stored=tuple(e.envelope_id for e in stored),
+                recipients=frozenset(recipients),
+                mailbox_full=frozenset(full),
             )
 
         return await self.engine.write(op)
@@ -608,7 +694,7 @@ class SqliteStorage:
         entries = list(entries)
 
         def op(conn: sqlite3.Connection) -> DeliverOutcome:
-            stored, recipients = _store_in_mailboxes(conn, entries, at_ms, bound=bound)
+            stored, recipients, _ = _store_in_mailboxes(conn, entries, at_ms, bound=bound)
             conn.executemany(
                 _SET_STATUS, [(e.envelope_id, e.sender, STATUS_DELIVERED, at_ms) for e in stored]
             )
