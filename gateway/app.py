@@ -41,7 +41,7 @@ from gateway.clientapi.mailbox_wait import MailboxWaiters
 from gateway.config import GatewayConfig
 from gateway.core.address import Address
 from gateway.core.ratelimit import RateLimiter
-from gateway.errors import ConfigError, StorageError
+from gateway.errors import ConfigError, StorageError, StorageFullError
 from gateway.federation.keys import KeyDirectory, fetch_remote_keys
 from gateway.federation.liveness import greet_peers, hearing
 from gateway.federation.receiver import Receiver
@@ -52,10 +52,11 @@ from gateway.federation.trust import FederationTrust, follow_reloads
 from gateway.http import HTTPServer, Router, ServerLimits
 from gateway.observability.audit import AuditWriter
 from gateway.observability.certs import CLIENT_API, FEDERATION, ORG_CA, CertificateGauges
-from gateway.observability.endpoints import MetricsEndpoints
+from gateway.observability.endpoints import MetricsEndpoints, NotReady
 from gateway.observability.gauges import run_gauge_refresher
 from gateway.pki import dev
 from gateway.pki.tls import client_api_server_context
+from gateway.reserve import SpaceReserve
 from gateway.rules_runtime import RulesHolder, watch_rules_file, watch_sighup
 from gateway.storage.base import Bound, Storage
 from gateway.storage.sqlite import open_sqlite_storage
@@ -110,6 +111,8 @@ async def _mailbox_sweeper(
             if removed:
                 LOGGER.info("mailboxes: %d expired envelope(s) removed", removed)
                 await storage.scrub()
+        except StorageFullError as exc:  # no traceback: not a bug (gateway.reserve)
+            LOGGER.error("mailbox sweep failed: %s; trying again in %ss", exc.message, interval)  # noqa: TRY400
         except StorageError:
             LOGGER.exception("mailbox sweep failed; trying again in %ss", interval)
         await trio.sleep(interval)
@@ -159,6 +162,12 @@ async def run_gateway(
 
     audit = AuditWriter(config.audit_path, max_bytes=config.audit_max_bytes)
     async with open_sqlite_storage(config.storage.sqlite_path) as storage:
+        # The disk of the database keeps a reserve; new envelopes wait below it.
+        reserve = SpaceReserve(
+            config.storage.sqlite_path.parent,
+            config.limits.storage_min_free_bytes,
+            reusable_bytes=storage.reusable_bytes,
+        )
         transport = HttpxPeerTransport(
             config.org,
             config.tls.cert,
@@ -190,6 +199,7 @@ async def run_gateway(
                 burst=config.limits.inbound_burst_per_peer,
             ),
             mailbox_bound=mailbox_bound,
+            reserve=reserve,
         )
 
         async def remote_key_lookup(address: Address) -> bytes | None:
@@ -214,6 +224,7 @@ async def run_gateway(
             submit_rate=RateLimiter(
                 rate=config.limits.submit_rate_per_user, burst=config.limits.submit_burst_per_user
             ),
+            reserve=reserve,
         )
 
         federation_router, client_router, metrics_router = Router(), Router(), Router()
@@ -248,9 +259,16 @@ async def run_gateway(
         async def rules_ready() -> bool:
             return rules.current is not None
 
+        async def disk_ready() -> bool:
+            why = reserve.shortfall()
+            if why is not None:
+                raise NotReady(why)
+            return True
+
         checks: Mapping[str, Callable[[], Awaitable[bool]]] = {
             "rules": rules_ready,
             "storage": storage_ready,
+            "disk": disk_ready,
             "listeners": listeners_ready,
         }
         MetricsEndpoints(checks).add_routes(metrics_router)
@@ -289,6 +307,7 @@ async def run_gateway(
                         task_status=task_status,
                     )
                 )
+                await root.start(lambda *, task_status: reserve.watch(task_status=task_status))
                 root.start_soon(
                     lambda: _mailbox_sweeper(
                         storage, clock_ms=clock_ms, interval=MAILBOX_SWEEP_INTERVAL

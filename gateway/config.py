@@ -184,6 +184,10 @@ class Limits:
     # is answered 429 with Retry-After and its sender tries again later.
     inbound_rate_per_peer: int = 20_000
     inbound_burst_per_peer: int = 200_000
+    # Space kept free on the database's disk (after Postfix's queue_minfree):
+    # below it new envelopes are refused (507 / 503 insufficient_storage) while
+    # acknowledgements, expiry and delivery to peers go on (gateway.reserve).
+    storage_min_free_bytes: int = 256 * 1024 * 1024
     request_timeout: float = 30.0
     idle_timeout: float = 60.0
     handshake_timeout: float = 10.0
@@ -197,7 +201,7 @@ MAX_INFLIGHT_TRANSACTIONS: Final = 8  # per peer; each holds a connection at the
 _SIZE_LIMITS = frozenset(
     f.name
     for f in fields(Limits)
-    if f.name.startswith(("max_", "spool_", "mailbox_", "submit_", "inbound_"))
+    if f.name.startswith(("max_", "spool_", "mailbox_", "submit_", "inbound_", "storage_"))
 )
 _TIME_LIMITS = frozenset(f.name for f in fields(Limits)) - _SIZE_LIMITS
 

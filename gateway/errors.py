@@ -16,6 +16,7 @@ its reason code, counted, and changes nothing.
     │   ├── RulesError                federation rules (carries every issue found)
     │   ├── PKIError                  certificates, keys, TLS contexts
     │   └── StorageError              the database
+    │       └── StorageFullError      no room on its disk: temporary, nothing stored
     ├── CapacityError                 a configured bound is reached: nothing stored, try later
     └── RemoteError                   a client or peer sent something wrong
         ├── AddressError              a `user@org` that does not parse
@@ -105,6 +106,8 @@ class Reason(enum.StrEnum):
     LANE_FULL = "lane_full"  # the peer's spool lane is at its limit (503, Retry-After)
     MAILBOX_FULL = "mailbox_full"  # the recipient's mailbox is at its limit (503, Retry-After)
     RATE_LIMITED = "rate_limited"  # the user's submission rate is spent (429, Retry-After)
+    # The storage reserve is reached or the disk is full: client 507, peer 503 (Retry-After)
+    INSUFFICIENT_STORAGE = "insufficient_storage"
 
     # -- ours ---------------------------------------------------------------
     CONFIG = "config_error"
@@ -158,6 +161,17 @@ class PKIError(LocalError):
 
 class StorageError(LocalError):
     default_reason = Reason.STORAGE
+
+
+class StorageFullError(StorageError):
+    """The disk has no room for a write (SQLite's ``SQLITE_FULL``): nothing was stored.
+
+    Temporary: answered 507 (a client) or 503 (a peer) with ``Retry-After``,
+    never 500; acknowledgements and deletions run in the reserve kept for
+    them (:mod:`gateway.reserve`).
+    """
+
+    default_reason = Reason.INSUFFICIENT_STORAGE
 
 
 class CapacityError(GatewayError):

@@ -54,7 +54,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol, TypeVar
 
@@ -90,6 +90,7 @@ from gateway.errors import (
     KeyRecordError,
     ProtocolError,
     Reason,
+    StorageFullError,
 )
 from gateway.http import Request, Response, Router, error_response, json_response
 from gateway.http.messages import JSON_CONTENT_TYPE
@@ -100,7 +101,9 @@ from gateway.observability.metrics import (
     MAILBOX_FULL_REFUSALS,
     POLICY_DENIALS,
     SPOOL_FULL_REFUSALS,
+    STORAGE_RESERVE_REFUSALS,
 )
+from gateway.reserve import Reserve
 from gateway.storage.base import (
     STATUS_DELIVERED,
     STATUS_QUEUED,
@@ -121,6 +124,13 @@ _RETRY_LATER: Final = [("retry-after", str(FULL_RETRY_AFTER_SECONDS))]
 _FULL_MESSAGES: Final = {
     Reason.LANE_FULL: "the spool for this peer is full; try again later",
     Reason.MAILBOX_FULL: "the recipient's mailbox is full; try again later",
+    Reason.INSUFFICIENT_STORAGE: "the gateway is short of disk space; try again later",
+}
+# The status of each: a full lane or mailbox is 503; a full disk, 507 Insufficient Storage.
+_FULL_STATUS: Final = {
+    Reason.LANE_FULL: 503,
+    Reason.MAILBOX_FULL: 503,
+    Reason.INSUFFICIENT_STORAGE: 507,
 }
 
 # -- bounds (docs/client-api.md, "Limits") ---------------------------------------
@@ -280,6 +290,7 @@ class ClientAPI:
         lane_bound: Bound | None = None,
         mailbox_bound: Bound | None = None,
         submit_rate: RateLimiter | None = None,
+        reserve: Reserve | None = None,
     ) -> None:
         if not isinstance(org_signing_seed, bytes) or len(org_signing_seed) != KEY_BYTES:
             raise ValueError(f"org_signing_seed must be {KEY_BYTES} bytes")
@@ -298,6 +309,7 @@ class ClientAPI:
         self._audit: AuditSink = audit if audit is not None else NoAudit()
         self._lane_bound = lane_bound
         self._mailbox_bound = mailbox_bound
+        self._reserve = reserve
         self._submit_rate = submit_rate  # per user, charged one token per envelope
         self._submissions: dict[str, Counter] = {}
         self._denials: dict[tuple[str, str], Counter] = {}
@@ -352,7 +364,9 @@ class ClientAPI:
         caller = await self._caller(request)
         if isinstance(caller, Response):
             return caller
-        limited = self._rate_limited(caller, 1)
+        limited = self._rate_limited(caller, 1) or await self._short_of_space(
+            caller, 1, len(request.body)
+        )
         if limited is not None:
             return limited
         item: _Submitted | _Refused
@@ -376,7 +390,9 @@ class ClientAPI:
             raise ProtocolError(
                 f"batch field 'envelopes' must be a list of 1 to {MAX_BATCH_ENVELOPES} envelopes"
             )
-        limited = self._rate_limited(caller, len(envelopes))
+        limited = self._rate_limited(caller, len(envelopes)) or await self._short_of_space(
+            caller, len(envelopes), len(request.body)
+        )
         if limited is not None:
             return limited
         items: list[_Submitted | _Refused] = []
@@ -418,16 +434,24 @@ class ClientAPI:
         stored: dict[str, str] = {}
         full: dict[str, Reason] = {}  # envelope id -> lane_full / mailbox_full
         if local:
-            outcome = await self._put_local(local, now_ms, full)
-            stored.update(dict.fromkeys(outcome.stored, STATUS_DELIVERED))
-            CLIENTAPI_LOCAL_DELIVERIES.inc(len(outcome.stored))
-            self._waiters.notify(outcome.recipients)
+            try:
+                outcome = await self._put_local(local, now_ms, full)
+            except StorageFullError as exc:
+                self._disk_full(exc, local, full)
+            else:
+                stored.update(dict.fromkeys(outcome.stored, STATUS_DELIVERED))
+                CLIENTAPI_LOCAL_DELIVERIES.inc(len(outcome.stored))
+                self._waiters.notify(outcome.recipients)
         if spool:
-            spooled = await self._put_spool(spool, now_ms, full)
-            stored.update(dict.fromkeys(spooled, STATUS_QUEUED))
-            spooled_now = set(spooled)
-            for peer in sorted({item.peer for item in spool if item.envelope_id in spooled_now}):
-                self._wake_sender(peer)
+            try:
+                spooled = await self._put_spool(spool, now_ms, full)
+            except StorageFullError as exc:
+                self._disk_full(exc, spool, full)
+            else:
+                stored.update(dict.fromkeys(spooled, STATUS_QUEUED))
+                spooled_now = set(spooled)
+                for peer in sorted({i.peer for i in spool if i.envelope_id in spooled_now}):
+                    self._wake_sender(peer)
 
         outcomes: list[_Outcome] = []
         for verdict in verdicts:
@@ -436,7 +460,9 @@ class ClientAPI:
                 status = stored.get(verdict.env.id)
                 no_room = full.get(verdict.env.id)
                 if no_room is not None:
-                    result = _Refused(verdict.env.id, 503, no_room, _FULL_MESSAGES[no_room])
+                    result = _Refused(
+                        verdict.env.id, _FULL_STATUS[no_room], no_room, _FULL_MESSAGES[no_room]
+                    )
                 elif status is None:
                     result = await self._resubmitted(caller, verdict.env)
                 else:
@@ -551,6 +577,40 @@ class ClientAPI:
             {"error": Reason.RATE_LIMITED.value, "message": "too many envelopes; slow down"},
             headers=[("retry-after", str(max(1, math.ceil(wait))))],
         )
+
+    async def _short_of_space(self, caller: _Caller, count: int, size: int) -> Response | None:
+        """``507 insufficient_storage`` with Retry-After if ``size`` bytes pass the reserve."""
+        why = await self._reserve.admit(size) if self._reserve is not None else None
+        if why is None:
+            return None
+        self._submitted(Reason.INSUFFICIENT_STORAGE.value).inc(count)
+        STORAGE_RESERVE_REFUSALS.labels("client").inc(count)
+        log.warning(
+            "refused %d envelope(s) from %s: %s",
+            count,
+            caller.user,
+            why,
+            extra={"event": "insufficient_storage", "user": caller.user, "envelopes": count},
+        )
+        return json_response(
+            507,
+            {
+                "error": Reason.INSUFFICIENT_STORAGE.value,
+                "message": _FULL_MESSAGES[Reason.INSUFFICIENT_STORAGE],
+            },
+            headers=_RETRY_LATER,
+        )
+
+    def _disk_full(
+        self, exc: StorageFullError, items: Sequence[EnvelopeRecord], full: dict[str, Reason]
+    ) -> None:
+        """A write found no room on the disk: its envelopes are refused, nothing was stored."""
+        for item in items:
+            full.setdefault(item.envelope_id, Reason.INSUFFICIENT_STORAGE)
+        STORAGE_RESERVE_REFUSALS.labels("client").inc(len(items))
+        if self._reserve is not None:
+            self._reserve.note_full()
+        log.error("refused %d envelope(s): %s", len(items), exc.message)
 
     def _submitted(self, label: str) -> Counter:
         """The cached child of gateway_clientapi_submissions_total for ``label``."""

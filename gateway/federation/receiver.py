@@ -66,7 +66,7 @@ from gateway.core.address import normalize_domain
 from gateway.core.envelope import Envelope, check_envelope_clock, encode_envelope
 from gateway.core.ratelimit import RateLimiter
 from gateway.core.rules import CompiledRules, Decision, reason_for_peer
-from gateway.errors import AddressError, EnvelopeError, ProtocolError, Reason
+from gateway.errors import AddressError, EnvelopeError, ProtocolError, Reason, StorageFullError
 from gateway.federation.protocol import (
     ACCEPTED,
     MAX_TRANSACTION_ENVELOPES,
@@ -95,8 +95,10 @@ from gateway.observability.metrics import (
     FEDERATION_TRANSACTIONS,
     MAILBOX_FULL_REFUSALS,
     POLICY_DENIALS,
+    STORAGE_RESERVE_REFUSALS,
     bounded,
 )
+from gateway.reserve import RETRY_AFTER_SECONDS, Reserve
 from gateway.storage.base import (
     Bound,
     DeliverOutcome,
@@ -275,6 +277,7 @@ class Receiver:
         audit: AuditSink | None = None,
         inbound_rate: RateLimiter | None = None,
         mailbox_bound: Bound | None = None,
+        reserve: Reserve | None = None,
     ) -> None:
         try:
             self.org = normalize_domain(org)
@@ -292,6 +295,7 @@ class Receiver:
         self._audit: AuditSink = audit if audit is not None else NoAudit()
         self._inbound_rate = inbound_rate  # per peer, one token per envelope
         self._mailbox_bound = mailbox_bound  # per recipient: a full one is answered mailbox_full
+        self._reserve = reserve  # below it, transactions wait (503 insufficient_storage)
 
     def add_routes(self, router: Router) -> None:
         router.add("PUT", TRANSACTION_ROUTE, self.put_transaction)
@@ -373,20 +377,28 @@ class Receiver:
         limited = self._rate_limited(peer, txn_id, len(txn.slots), now_ms)
         if limited is not None:
             return limited, Reason.RATE_LIMITED.value
+        why = await self._reserve.admit(len(request.body)) if self._reserve is not None else None
+        if why is not None:
+            return self._short_of_space(peer, txn_id, len(txn.slots), why)
         verdicts = judge_transaction(txn, rules, now_ms=now_ms)
         results = [EnvelopeResult(v.envelope_id, v.result) for v in verdicts]
         entries = [
             mailbox_record(v.envelope, raw=v.raw) for v in verdicts if v.to_store and v.envelope
         ]
-        outcome = await self._storage.deliver(
-            peer,
-            txn_id,
-            digest,
-            result_map(results),
-            entries,
-            at_ms=now_ms,
-            bound=self._mailbox_bound,
-        )
+        try:
+            outcome = await self._storage.deliver(
+                peer,
+                txn_id,
+                digest,
+                result_map(results),
+                entries,
+                at_ms=now_ms,
+                bound=self._mailbox_bound,
+            )
+        except StorageFullError as exc:
+            if self._reserve is not None:
+                self._reserve.note_full()
+            return self._short_of_space(peer, txn_id, len(txn.slots), exc.message)
         if outcome.replayed is not None:
             # A retry, or a concurrent copy that committed first: answer as first answered.
             return self._recorded_answer(request.body, digest, outcome.replayed, txn)
@@ -422,6 +434,29 @@ class Receiver:
         return error_response(
             429, Reason.RATE_LIMITED, headers=[("retry-after", str(max(1, math.ceil(wait))))]
         )
+
+    def _short_of_space(self, peer: str, txn_id: str, count: int, why: str) -> tuple[Response, str]:
+        """``503 insufficient_storage`` with Retry-After: nothing judged, stored or recorded.
+
+        The sender keeps the transaction and sends it again after Retry-After
+        (protocol.md §5), by which time acknowledgements or expiry may have
+        made room.
+        """
+        STORAGE_RESERVE_REFUSALS.labels("federation").inc(count)
+        LOGGER.warning(
+            "refused transaction %s from %s (%d envelope(s)): %s",
+            txn_id,
+            peer,
+            count,
+            why,
+            extra=_refusal(peer, txn_id, Reason.INSUFFICIENT_STORAGE.value),
+        )
+        response = error_response(
+            503,
+            Reason.INSUFFICIENT_STORAGE,
+            headers=[("retry-after", str(RETRY_AFTER_SECONDS))],
+        )
+        return response, Reason.INSUFFICIENT_STORAGE.value
 
     async def _audit_denials(self, peer: str, txn_id: str, verdicts: Sequence[Verdict]) -> None:
         """One audit record per envelope the rules refused (waits for room: never dropped)."""

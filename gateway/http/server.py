@@ -27,7 +27,9 @@ A connection's task, in order:
 
 A handler's :class:`~gateway.errors.RemoteError` becomes 400 with
 ``{"error": reason, "message": ...}`` (the message is for the party that
-caused it); any other exception becomes 500 with ``{"error":
+caused it); a :class:`~gateway.errors.StorageFullError` (no room on the disk:
+nothing was stored) becomes 507 ``insufficient_storage`` with ``Retry-After``
+and one log line; any other exception becomes 500 with ``{"error":
 "internal_error"}``, its traceback goes to the log (logger ``gateway.http``),
 and the connection stays usable: the request was read whole before the
 handler ran.
@@ -64,7 +66,14 @@ import h11
 import trio
 from prometheus_client import Counter
 
-from gateway.errors import ConfigError, PeerAuthError, ProtocolError, Reason, RemoteError
+from gateway.errors import (
+    ConfigError,
+    PeerAuthError,
+    ProtocolError,
+    Reason,
+    RemoteError,
+    StorageFullError,
+)
 from gateway.http.limits import (
     KIB,
     REFUSED_BAD_REQUEST,
@@ -99,6 +108,7 @@ LINGER_TIMEOUT: Final = 1.0  # after an error answer, how long we let the client
 LINGER_MAX_BYTES: Final = 256 * KIB  # ...and how much of its input we discard meanwhile
 ACCEPT_RETRY_DELAY: Final = 0.1  # accept() failed for lack of file descriptors or memory
 RETRY_AFTER_SECONDS: Final = 1  # told to a peer refused by the per-peer cap
+STORAGE_RETRY_AFTER_SECONDS: Final = 30  # told on a full disk (507), like gateway.reserve
 # Rough size of what the request line and header framing add to the names and values.
 HEAD_OVERHEAD_BYTES: Final = 16
 HEADER_FRAMING_BYTES: Final = 4  # ": " and CRLF per header line
@@ -383,6 +393,16 @@ class HTTPServer:
                 "%s: %s %s refused: %s", self.name, request.method, request.path, exc.reason
             )
             return json_response(400, {"error": exc.reason.value, "message": exc.message})
+        except StorageFullError as exc:
+            # No room on the disk: temporary, and nothing was stored. Not a bug: no traceback.
+            LOGGER.error(  # noqa: TRY400 -- a full disk is not a bug: no traceback
+                "%s: %s %s refused: %s", self.name, request.method, request.path, exc.message
+            )
+            return error_response(
+                507,
+                Reason.INSUFFICIENT_STORAGE,
+                headers=[("retry-after", str(STORAGE_RETRY_AFTER_SECONDS))],
+            )
         except Exception:
             LOGGER.exception("%s: handler failed on %s %s", self.name, request.method, request.path)
             return error_response(500, Reason.INTERNAL)

@@ -5,7 +5,9 @@
   milliseconds that rendering a large registry takes.
 * ``/healthz`` answers 200 while the process serves requests at all.
 * ``/readyz`` answers 200 when every readiness check passes, else 503 with the
-  failing parts named (``{"ready": false, "failing": ["storage"]}``).
+  failing parts named, and why where a check says (:class:`NotReady`):
+  ``{"ready": false, "failing": ["disk"], "why": {"disk": "12.0 MiB available
+  ..."}}``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from gateway.http import Request, Response, Router, json_response, text_response
 
 ReadinessCheck = Callable[[], Awaitable[bool]]
+
+
+class NotReady(Exception):
+    """A readiness check's failure with the reason ``/readyz`` shows (an operator's words)."""
+
 
 #: A readiness check that takes longer than this counts as failing.
 READINESS_CHECK_TIMEOUT = 2.0
@@ -44,20 +51,32 @@ class MetricsEndpoints:
         return text_response(200, "ok\n")
 
     async def _readyz(self, request: Request, params: Mapping[str, str]) -> Response:
-        failing = await failing_checks(self.checks)
+        why: dict[str, str] = {}
+        failing = await failing_checks(self.checks, why)
         if failing:
-            return json_response(503, {"ready": False, "failing": failing})
+            body: dict[str, object] = {"ready": False, "failing": failing}
+            if why:
+                body["why"] = why
+            return json_response(503, body)
         return json_response(200, {"ready": True})
 
 
-async def failing_checks(checks: Mapping[str, ReadinessCheck]) -> Sequence[str]:
-    """Names of the checks that fail, raise, or take too long; in the order given."""
+async def failing_checks(
+    checks: Mapping[str, ReadinessCheck], why: dict[str, str] | None = None
+) -> Sequence[str]:
+    """Names of the checks that fail, raise, or take too long; in the order given.
+
+    A check that raises :class:`NotReady` puts its reason in ``why``.
+    """
     failing: list[str] = []
     for name, check in checks.items():
         ok = False
         with trio.move_on_after(READINESS_CHECK_TIMEOUT):
             try:
                 ok = await check()
+            except NotReady as exc:
+                if why is not None:
+                    why[name] = str(exc)
             except Exception:  # a readiness probe reports, it never crashes the listener
                 ok = False
         if not ok:

@@ -138,8 +138,27 @@ SPOOL_FULL_REFUSALS = Counter(
 MAILBOX_FULL_REFUSALS = Counter(
     "gateway_mailbox_full_refusals_total",
     "Envelopes refused because the recipient's mailbox was at limits.mailbox_max_envelopes "
-    "or mailbox_max_bytes (503 mailbox_full with Retry-After), by path (local: a client of "
-    "ours writing to a colleague).",
+    "or mailbox_max_bytes, by path (local: a client of ours writing to a colleague, answered "
+    "503 mailbox_full with Retry-After; federation: a peer's envelope, answered with the "
+    "temporary result mailbox_full).",
+    ["path"],
+)
+
+# -- storage reserve (gateway.reserve) -----------------------------------------------
+STORAGE_AVAILABLE_BYTES = Gauge(
+    "gateway_storage_available_bytes",
+    "Space available to the store: free on the filesystem of the database plus the "
+    "database's free pages, at the last sample.",
+)
+STORAGE_RESERVE_BYTES = Gauge(
+    "gateway_storage_reserve_bytes",
+    "limits.storage_min_free_bytes: below it new envelopes are refused.",
+)
+STORAGE_RESERVE_REFUSALS = Counter(
+    "gateway_storage_reserve_refusals_total",
+    "Envelopes refused because the storage reserve was reached or a write found the disk "
+    "full, by path (client: 507 insufficient_storage; federation: envelopes of a "
+    "transaction answered 503 insufficient_storage).",
     ["path"],
 )
 

@@ -624,6 +624,14 @@ class Storage(Protocol):
     async def user_keys_get(self, user: str) -> bytes | None: ...
 
     # -- housekeeping ------------------------------------------------------------
+    async def reusable_bytes(self) -> int:
+        """Bytes the store holds free for its own reuse (SQLite: its free pages).
+
+        Deleted envelopes leave such room inside the database, which the
+        filesystem does not see as free (:mod:`gateway.reserve` adds the two).
+        """
+        ...
+
     async def check_writable(self) -> None:
         """Prove the store accepts durable writes now, or raise ``StorageError``.
 

@@ -52,6 +52,7 @@ from gateway.errors import KeyRecordError, PeerAuthError
 from gateway.http import HTTPServer, Router
 from gateway.pki import dev
 from gateway.pki.tls import client_api_server_context
+from gateway.reserve import Reserve
 from gateway.rules_runtime import RulesHolder
 from gateway.storage.base import Bound, EnvelopeRecord
 from gateway.storage.sqlite import SqliteStorage, open_sqlite_storage
@@ -214,6 +215,7 @@ async def _start(
     lane_bound: Bound | None = None,
     mailbox_bound: Bound | None = None,
     submit_rate: RateLimiter | None = None,
+    reserve: Reserve | None = None,
 ) -> AsyncIterator[Gateway]:
     globex_seed = secrets.token_bytes(32)
     org_seed = secrets.token_bytes(32)
@@ -252,6 +254,7 @@ async def _start(
             lane_bound=lane_bound,
             mailbox_bound=mailbox_bound,
             submit_rate=submit_rate,
+            reserve=reserve,
         )
         router = Router()
         api.add_routes(router)

@@ -13,12 +13,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
+import trio
 
 from gateway.clientapi.api import FULL_RETRY_AFTER_SECONDS
+from gateway.core.address import Address
 from gateway.core.envelope import encode_envelope
 from gateway.core.ratelimit import RateLimiter
+from gateway.crypto.keys import UserKeys
+from gateway.errors import StorageFullError
 from gateway.storage.base import Bound
 from tests.integration.test_client_api import (
     GLOBEX,
@@ -183,3 +188,106 @@ async def test_a_user_past_the_submission_rate_gets_429_with_retry_after(gw_rate
     assert (
         sample("gateway_clientapi_submissions_total", result="rate_limited") == counted_before + 3
     )
+
+
+# -- the storage reserve (gateway.reserve) ---------------------------------------------
+
+
+class FakeReserve:
+    """A reserve the test opens and closes."""
+
+    def __init__(self) -> None:
+        self.why: str | None = None
+        self.noted = 0
+
+    async def admit(self, size: int) -> str | None:
+        assert size > 0
+        await trio.lowlevel.checkpoint()
+        return self.why
+
+    def note_full(self) -> None:
+        self.noted += 1
+
+
+@pytest.fixture
+async def gw_disk(tmp_path: Path) -> AsyncIterator[tuple[Gateway, FakeReserve]]:
+    reserve = FakeReserve()
+    async for gateway in _start(tmp_path, ssl_context=None, client_verify=None, reserve=reserve):
+        yield gateway, reserve
+
+
+async def test_below_the_reserve_submissions_get_507_and_reading_goes_on(
+    gw_disk: tuple[Gateway, FakeReserve],
+) -> None:
+    gw, reserve = gw_disk
+    kept = envelope("alice@acme.example", f"bob@{ORG}")
+    assert (await gw.submit("alice", kept)).status_code == 202
+    refused_before = sample("gateway_storage_reserve_refusals_total", path="client")
+    counted_before = sample("gateway_clientapi_submissions_total", result="insufficient_storage")
+
+    reserve.why = "12.0 MiB available on /data, below the reserve of 20.0 MiB"
+    over = envelope("alice@acme.example", f"u@{GLOBEX}")
+    answer = await gw.submit("alice", over)
+    assert answer.status_code == 507
+    assert answer.headers["retry-after"] == str(FULL_RETRY_AFTER_SECONDS)
+    # The client reads why in general terms: the gateway's disk layout stays its own.
+    assert answer.json() == {
+        "error": "insufficient_storage",
+        "message": "the gateway is short of disk space; try again later",
+    }
+    await gw.assert_nothing_stored(over)
+    batch = [envelope("alice@acme.example", f"bob@{ORG}") for _ in range(3)]
+    body = b'{"envelopes":[' + b",".join(encode_envelope(e) for e in batch) + b"]}"
+    refused = await gw.client.post("/v1/envelopes/batch", content=body, headers=gw.auth("alice"))
+    assert (refused.status_code, refused.json()["error"]) == (507, "insufficient_storage")
+    for env in batch:
+        await gw.assert_nothing_stored(env)
+    assert sample("gateway_storage_reserve_refusals_total", path="client") == refused_before + 4
+    assert (
+        sample("gateway_clientapi_submissions_total", result="insufficient_storage")
+        == counted_before + 4
+    )
+
+    # What frees space goes on: bob reads and acknowledges.
+    assert await gw.mailbox("bob") == [kept.id]
+    ack = await gw.client.post("/v1/mailbox/ack", json={"ids": [kept.id]}, headers=gw.auth("bob"))
+    assert ack.status_code == 200, ack.text
+    assert await gw.mailbox("bob") == []
+
+    # Room again: taken at once.
+    reserve.why = None
+    assert (await gw.submit("alice", over)).status_code == 202
+
+
+async def test_a_write_that_finds_the_disk_full_is_507_never_500(
+    gw_disk: tuple[Gateway, FakeReserve], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw, reserve = gw_disk
+
+    async def disk_full(*args: object, **kwargs: object) -> NoReturn:
+        raise StorageFullError("storage gateway.sqlite3: commit failed: database or disk is full")
+
+    monkeypatch.setattr(gw.store, "spool_put", disk_full)
+    monkeypatch.setattr(gw.store, "user_keys_put", disk_full)
+    remote = envelope("alice@acme.example", f"u@{GLOBEX}")
+    local = envelope("alice@acme.example", f"bob@{ORG}")
+    body = b'{"envelopes":[' + b",".join(encode_envelope(e) for e in (remote, local)) + b"]}"
+    answer = await gw.client.post("/v1/envelopes/batch", content=body, headers=gw.auth("alice"))
+    assert answer.status_code == 200
+    assert answer.headers["retry-after"] == str(FULL_RETRY_AFTER_SECONDS)
+    results = answer.json()["results"]
+    assert [r.get("error") or r["status"] for r in results] == [
+        "insufficient_storage",
+        "delivered",  # the local write had room
+    ]
+    assert reserve.noted == 1  # closed until the next sample
+
+    single = await gw.submit("alice", envelope("alice@acme.example", f"v@{GLOBEX}"))
+    assert (single.status_code, single.json()["error"]) == (507, "insufficient_storage")
+
+    # Any other write that meets a full disk: the HTTP layer's 507, not a 500.
+    keys = UserKeys.generate(Address.of("alice", ORG)).public()
+    published = await gw.client.put("/v1/keys", json=keys.to_json(), headers=gw.auth("alice"))
+    assert published.status_code == 507
+    assert published.json() == {"error": "insufficient_storage"}
+    assert published.headers["retry-after"] == "30"

@@ -8,7 +8,7 @@ import trio
 
 from gateway.http import HTTPServer, Router
 from gateway.observability import endpoints
-from gateway.observability.endpoints import MetricsEndpoints, ReadinessCheck
+from gateway.observability.endpoints import MetricsEndpoints, NotReady, ReadinessCheck
 
 
 async def ok() -> bool:
@@ -21,6 +21,10 @@ async def says_no() -> bool:
 
 async def raises() -> bool:
     raise RuntimeError("storage is gone")
+
+
+async def short_of_space() -> bool:
+    raise NotReady("5.0 MiB available on /data, at the reserve of 8.0 MiB")
 
 
 async def hangs() -> bool:
@@ -52,6 +56,16 @@ async def test_readyz_names_every_failing_part(monkeypatch: pytest.MonkeyPatch) 
         answer = await get(checks, "/readyz")
     assert answer.status_code == 503
     assert answer.json() == {"ready": False, "failing": ["storage", "listeners", "disk"]}
+
+
+async def test_readyz_says_why_where_a_check_does() -> None:
+    answer = await get({"rules": ok, "disk": short_of_space, "listeners": says_no}, "/readyz")
+    assert answer.status_code == 503
+    assert answer.json() == {
+        "ready": False,
+        "failing": ["disk", "listeners"],
+        "why": {"disk": "5.0 MiB available on /data, at the reserve of 8.0 MiB"},
+    }
 
 
 async def test_healthz_and_metrics() -> None:

@@ -22,7 +22,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import pytest
@@ -36,7 +36,7 @@ from gateway.core.keytext import format_signing_key
 from gateway.core.ratelimit import RateLimiter
 from gateway.crypto.envelope_crypto import open_envelope, seal
 from gateway.crypto.keys import UserKeys
-from gateway.errors import Reason
+from gateway.errors import Reason, StorageFullError
 from gateway.federation.protocol import SERVER_NAME, body_hash, encode_transaction
 from gateway.federation.receiver import Receiver
 from gateway.federation.trust import FederationTrust, follow_reloads
@@ -44,9 +44,11 @@ from gateway.http import HTTPServer, Router, ServerLimits
 from gateway.pki import dev
 from gateway.pki.certs import spki_pin
 from gateway.pki.tls import federation_client_context
+from gateway.reserve import Reserve
 from gateway.rules_runtime import RulesHolder
 from gateway.storage.base import Bound, Storage, TxnRecord
 from gateway.storage.sqlite import open_sqlite_storage
+from tests.integration.test_client_api_bounds import FakeReserve
 
 ACME = "acme.example"
 GLOBEX = "globex.example"
@@ -257,6 +259,7 @@ async def receiving(
     max_envelopes: int = MAX_ENVELOPES,
     inbound_rate: RateLimiter | None = None,
     mailbox_bound: Bound | None = None,
+    reserve: Reserve | None = None,
 ) -> AsyncIterator[Running]:
     """acme's federation listener with the receiver, wired as the app wires it."""
     name = f"federation-{next(_names)}"
@@ -270,6 +273,7 @@ async def receiving(
         audit=world.audit,
         inbound_rate=inbound_rate,
         mailbox_bound=mailbox_bound,
+        reserve=reserve,
     )
     router = Router()
     receiver.add_routes(router)
@@ -1032,3 +1036,46 @@ async def test_a_full_mailbox_is_a_temporary_answer_and_the_envelope_lands_once_
             assert results(await put(globex, running, "t3", again)) == [(for_bob[2].id, "accepted")]
     assert await mailbox_ids(store, BOB) == [for_bob[1].id, for_bob[2].id]
     assert refused() == {"n": 1.0}
+
+
+async def test_below_the_storage_reserve_a_transaction_waits_with_503_and_nothing_is_recorded(
+    world: World, store: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reserve = FakeReserve()
+    first = [world.envelope("alice@globex.example", BOB) for _ in range(2)]
+    refused = Deltas(
+        lambda: {
+            "envelopes": sample("gateway_storage_reserve_refusals_total", path="federation"),
+            "txns": txns_counted(GLOBEX, "insufficient_storage"),
+        }
+    )
+    with trio.fail_after(TEST_TIMEOUT):
+        async with (
+            receiving(world, store, reserve=reserve) as running,
+            world.client(world.globex) as globex,
+        ):
+            reserve.why = "12.0 MiB available on /data, below the reserve of 20.0 MiB"
+            answer = await put(globex, running, "t1", transaction(first))
+            assert answer.status_code == 503
+            assert answer.headers["retry-after"] == "30"
+            assert answer.json() == {"error": "insufficient_storage"}
+            assert await store.txn_lookup(GLOBEX, "t1") is None
+            assert await mailbox_ids(store, BOB) == []
+            # Room again: the same transaction is taken, once.
+            reserve.why = None
+            assert results(await put(globex, running, "t1", transaction(first))) == [
+                (env.id, "accepted") for env in first
+            ]
+
+            # A commit that finds the disk full anyway: the same 503, and the reserve
+            # closes until its next sample.
+            async def disk_full(*args: object, **kwargs: object) -> NoReturn:
+                raise StorageFullError("storage acme.db: commit failed: database or disk is full")
+
+            monkeypatch.setattr(store, "deliver", disk_full)
+            later = [world.envelope("alice@globex.example", BOB)]
+            answer = await put(globex, running, "t2", transaction(later))
+            assert (answer.status_code, answer.json()) == (503, {"error": "insufficient_storage"})
+            assert reserve.noted == 1
+    assert refused() == {"envelopes": 3.0, "txns": 2.0}
+    assert await mailbox_ids(store, BOB) == [env.id for env in first]

@@ -17,7 +17,7 @@ import pytest
 import trio
 import trio.testing
 
-from gateway.errors import StorageError
+from gateway.errors import StorageError, StorageFullError
 from gateway.storage import (
     STATUS_DELIVERED,
     STATUS_EXPIRED,
@@ -39,6 +39,7 @@ from gateway.storage.sqlite import (
     open_sqlite_storage,
 )
 from gateway.storage.sqlite import engine as engine_module
+from gateway.storage.sqlite.engine import _storage_error
 from gateway.storage.sqlite.store import SMALL_READ_ROWS
 
 GLOBEX = "globex.example"
@@ -939,3 +940,14 @@ async def test_a_small_read_on_a_closed_engine_is_refused(db_path: Path) -> None
         assert await store.token_lookup(b"\x01" * 32) is None  # opens the inline connection
     with pytest.raises(StorageError, match="closed"):
         await store.engine.read_small(lambda conn: None)
+
+
+def test_a_full_disk_is_a_storage_full_error_and_other_errors_are_not() -> None:
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorcode = 13  # SQLITE_FULL
+    other = sqlite3.OperationalError("disk I/O error")
+    other.sqlite_errorcode = 10  # SQLITE_IOERR
+    assert isinstance(_storage_error("gw.db", full), StorageFullError)
+    error = _storage_error("gw.db", other)
+    assert type(error) is StorageError
+    assert error.message == "storage gw.db: OperationalError: disk I/O error"

@@ -69,7 +69,7 @@ from typing import Final, Generic, TypeVar
 import outcome
 import trio
 
-from gateway.errors import StorageError
+from gateway.errors import StorageError, StorageFullError
 
 T = TypeVar("T")
 
@@ -164,8 +164,17 @@ def _configure(conn: sqlite3.Connection, path: str, *, reader: bool, busy_timeou
         conn.execute("PRAGMA query_only = ON")
 
 
+_SQLITE_FULL: Final = 13  # "database or disk is full" (sqlite3.SQLITE_FULL, 3.11+)
+
+
+def _is_full(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF == _SQLITE_FULL
+
+
 def _storage_error(path: str, exc: sqlite3.Error) -> StorageError:
-    return StorageError(f"storage {path}: {type(exc).__name__}: {exc}")
+    kind = StorageFullError if _is_full(exc) else StorageError
+    return kind(f"storage {path}: {type(exc).__name__}: {exc}")
 
 
 def _translate(path: str, result: outcome.Outcome[T]) -> T:
@@ -457,7 +466,8 @@ class SqliteEngine:
             self._broken = rollback_exc  # the connection's state is unknown now
         for job in batch:
             if job.result is None or isinstance(job.result, outcome.Value):
-                error = StorageError(f"storage {self.path}: commit failed: {exc}")
+                kind = StorageFullError if _is_full(exc) else StorageError
+                error = kind(f"storage {self.path}: commit failed: {exc}")
                 error.__cause__ = exc
                 job.result = outcome.Error(error)
 

@@ -920,6 +920,14 @@ class SqliteStorage:
         return await self.engine.read(op)
 
     # -- housekeeping ----------------------------------------------------------------
+    async def reusable_bytes(self) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            (pages,) = conn.execute("PRAGMA freelist_count").fetchone()
+            (size,) = conn.execute("PRAGMA page_size").fetchone()
+            return int(pages) * int(size)
+
+        return await self.engine.read(op)
+
     async def check_writable(self) -> None:
         def op(conn: sqlite3.Connection) -> None:
             # A row written and removed again: the page really changes, so the
