@@ -4,15 +4,15 @@ Five network namespaces stand in for five machines' worth of network (names
 carry this test run's pid, so runs never collide; every one is deleted in
 teardown, also on failure)::
 
-    acme-in 10.1.0.2 ─veth─ 10.1.0.1 acme-gw 10.9.0.11 ─veth─┐
-                                                              ├─ br0 10.9.0.1 (exchange)
+    acme-in   10.1.0.2 ─veth─ 10.1.0.1 acme-gw   10.9.0.11 ─veth─┐
+                                                                 ├─ br0 10.9.0.1, exchange
     globex-in 10.2.0.2 ─veth─ 10.2.0.1 globex-gw 10.9.0.12 ─veth─┘
 
 Each org's clients live on its inside network and route everything through
-their gateway (default route); each gateway namespace has forwarding off.
-The exchange namespace is a host on the exchange network that routes both
-inside networks at the gateways: the worst a partner on that network could
-do. A ``gateway run`` process runs in each gateway namespace with its client
+their gateway (default route); each gateway namespace has forwarding off and
+its default route to the exchange namespace, a router that forwards and
+routes both inside networks at the gateways: the worst a partner on that
+network could do. A ``gateway run`` process runs in each gateway namespace with its client
 API on the inside address, its federation listener on the exchange address
 and its metrics on loopback; the reference client runs in the inside ones.
 
