@@ -284,7 +284,10 @@ def stop(name: str) -> float:
 
 def refusal(args: Sequence[str], expected: str) -> str:
     """A container that must refuse to start: non-zero exit, ``expected`` in one line."""
-    done = docker("run", "--rm", "--network", "none", *args, IMAGE, check_rc=False, timeout=60)
+    name = f"{PREFIX}-refusal"  # named, so that cleanup() removes one that did start
+    done = docker(
+        "run", "--rm", "--name", name, "--network", "none", *args, IMAGE, check_rc=False, timeout=60
+    )
     errors = [line for line in done.stderr.splitlines() if line.startswith("gateway: error:")]
     check(done.returncode != 0, f"docker run {' '.join(args)}: started (exit {done.returncode})")
     check("Traceback" not in done.stderr, f"a traceback:\n{done.stderr}")
@@ -602,7 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     figures = scenario(Path(tmp), compose=compose)
                 finally:
                     cleanup()
-    except CheckFailed as exc:
+    except (CheckFailed, subprocess.TimeoutExpired) as exc:
         say(f"FAILED: {exc}")
         return 1
     say(
