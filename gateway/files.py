@@ -80,3 +80,19 @@ def read_private(path: Path, *, max_bytes: int, what: str) -> bytes:
         return os.read(fd, max_bytes + 1)
     finally:
         os.close(fd)
+
+
+def check_private(path: Path, *, what: str) -> None:
+    """Refuse a file that group or others may access, for files read by path.
+
+    For a file a library opens itself (OpenSSL's ``load_cert_chain``), where
+    :func:`read_private` cannot judge the descriptor that is read. The same
+    ``ValueError`` text as :func:`read_private`; ``OSError`` when it cannot be
+    examined.
+    """
+    mode = os.stat(path).st_mode
+    if stat.S_ISREG(mode) and mode & 0o077:
+        raise ValueError(
+            f"the {what} is accessible by group or others "
+            f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}"
+        )

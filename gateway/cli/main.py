@@ -21,6 +21,7 @@ from gateway.errors import GatewayError
 COMMAND_MODULES = (
     "init",
     "run",
+    "health",
     "pki",
     "peer",
     "rules",

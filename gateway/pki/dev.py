@@ -35,7 +35,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.core.address import normalize_domain
 from gateway.errors import AddressError, PKIError
-from gateway.files import write_atomically
+from gateway.files import read_private, write_atomically
 from gateway.pki.certs import load_certificates_pem, public_key_pin
 
 CA_VALIDITY_DAYS = 3650
@@ -356,8 +356,23 @@ def load_certificate(path: Path) -> x509.Certificate:
     return load_certificates_pem(read_certificate_file(path), source=str(path))[0]
 
 
+def read_private_key_file(path: Path) -> bytes:
+    """The bytes of a private key file; ``PKIError`` naming the file when it is
+    missing, unreadable, too large, or accessible by group or others."""
+    if path.is_dir():
+        raise PKIError(f"{path}: is a directory, not a private key file")
+    try:
+        return read_private(path, max_bytes=MAX_KEY_FILE_BYTES, what="private key file")
+    except FileNotFoundError as exc:
+        raise PKIError(f"{path}: no such private key file") from exc
+    except OSError as exc:
+        raise PKIError(f"{path}: cannot read private key file: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise PKIError(f"{path}: {exc}") from exc
+
+
 def _load_private_key(path: Path) -> object:
-    data = _read_bounded(path, limit=MAX_KEY_FILE_BYTES, what="private key")
+    data = read_private_key_file(path)
     try:
         return serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:

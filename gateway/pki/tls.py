@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Final
 
 from gateway.errors import PKIError
+from gateway.files import check_private
 
 #: The TLS versions an admin may set as the client API's minimum.
 CLIENT_API_TLS_VERSIONS: Final = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
@@ -52,6 +53,12 @@ def _load_cert_chain(context: ssl.SSLContext, cert_file: Path, key_file: Path) -
             raise PKIError(f"{path}: no such {what} file")
         if not path.is_file():
             raise PKIError(f"{path}: is not a {what} file")
+    try:
+        check_private(key_file, what="private key file")
+    except ValueError as exc:
+        raise PKIError(f"{key_file}: {exc}") from exc
+    except OSError as exc:
+        raise PKIError(f"{key_file}: cannot read: {exc.strerror or exc}") from exc
     try:
         context.load_cert_chain(certfile=str(cert_file), keyfile=str(key_file))
     except ssl.SSLError as exc:

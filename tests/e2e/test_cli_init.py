@@ -259,9 +259,14 @@ def test_rotate_in_two_steps_announces_the_pin_first(setup: Path) -> None:
 
 def _damage(setup: Path, name: str, how: str) -> None:
     path = setup / name
+    if how == "group-readable":
+        path.chmod(0o640)
+        return
     path.unlink()
     if how == "garbage":
         path.write_text(garbage_pem("PRIVATE KEY"))
+        if path.suffix == ".key":
+            path.chmod(0o600)  # garbage, not a permission problem
     elif how == "directory":
         path.mkdir()
 
@@ -313,6 +318,17 @@ BAD_INPUTS = [
         "org-signing.key: is a directory",
     ),
     (["peer", "card", "--dir", "{dir}"], ("pki/ca.pem", "missing"), "ca.pem: no such certificate"),
+    (
+        ["peer", "card", "--dir", "{dir}"],
+        ("keys/org-signing.key", "group-readable"),
+        "org-signing.key: the private key file is accessible by group or others (mode 0640); "
+        "run: chmod 600 ",
+    ),
+    (
+        ["pki", "rotate", "--dir", "{dir}", "--keep-key"],
+        ("pki/gateway.key", "group-readable"),
+        "gateway.key: the private key file is accessible by group or others (mode 0640)",
+    ),
     (["pki"], None, "name a command"),
     (["peer"], None, "name a command"),
 ]

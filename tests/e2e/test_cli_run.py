@@ -82,6 +82,42 @@ def test_an_unreadable_certificate_is_one_line_and_a_failure(net: DevNet) -> Non
     assert "gateway.pem" in line
 
 
+@pytest.mark.parametrize("key", ["pki/gateway.key", "pki/client-api.key", "keys/org-signing.key"])
+def test_a_key_file_open_to_the_group_is_one_line_and_a_failure(net: DevNet, key: str) -> None:
+    org = net.orgs[ACME]
+    path = org.directory / key
+    path.chmod(0o640)
+    line = one_error_line(run_once(org))
+    assert line == (
+        f"gateway: error: {path}: the private key file is accessible by group or others "
+        f"(mode 0640); run: chmod 600 {path}"
+    )
+
+
+def health(org: DevOrg, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        gateway_command("health", "-c", str(org.config_path), *args),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+
+
+def test_health_asks_the_metrics_listener_of_the_config(net: DevNet) -> None:
+    org = net.orgs[ACME]
+    down = health(org, "--timeout", "1")
+    assert down.returncode == 1
+    assert down.stdout.startswith(f"gateway: unhealthy: {org.metrics_url}/readyz: ")
+    net.start(ACME)
+    ready = health(org)
+    assert ready.returncode == 0, ready.stdout + ready.stderr
+    assert ready.stdout == f'gateway: healthy: {org.metrics_url}/readyz: {{"ready":true}}\n'
+    live = health(org, "--live")
+    assert live.returncode == 0
+    assert live.stdout == f"gateway: healthy: {org.metrics_url}/healthz: ok\n"
+
+
 def test_invalid_rules_are_one_line_naming_the_place(net: DevNet) -> None:
     org = net.orgs[ACME]
     org.rules_path.write_text(org.rules_path.read_text() + "surprise: 1\n")

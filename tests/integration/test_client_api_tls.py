@@ -31,6 +31,7 @@ def ca_and_files(tmp_path: Path) -> tuple[dev.Issued, Path, Path]:
     cert, key = tmp_path / "client-api.pem", tmp_path / "client-api.key"
     cert.write_bytes(issued.cert_pem())
     key.write_bytes(issued.key_pem())
+    key.chmod(0o600)  # the gateway refuses a key file open to group or others
     return ca, cert, key
 
 

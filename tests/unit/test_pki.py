@@ -214,6 +214,7 @@ def test_write_into_a_missing_directory_names_the_file(tmp_path: Path) -> None:
 def test_garbage_key_file_is_named_and_not_quoted(tmp_path: Path) -> None:
     path = tmp_path / "gateway.key"
     path.write_text(garbage_pem("PRIVATE KEY"))
+    path.chmod(0o600)
     with pytest.raises(PKIError) as info:
         dev.load_ec_key(path)
     assert str(path) in str(info.value)
@@ -228,7 +229,8 @@ def test_key_file_problems(tmp_path: Path, acme_ca: dev.Issued) -> None:
         dev.load_ec_key(tmp_path / "missing.key")
     big = tmp_path / "big.key"
     big.write_bytes(b"x" * (dev.MAX_KEY_FILE_BYTES + 1))
-    with pytest.raises(PKIError, match="larger than"):
+    big.chmod(0o600)
+    with pytest.raises(PKIError, match="too large"):
         dev.load_ec_key(big)
     ed = tmp_path / "ed.key"
     dev.write_private_key(ed, dev.generate_signing_key(), replace=False)
@@ -238,6 +240,32 @@ def test_key_file_problems(tmp_path: Path, acme_ca: dev.Issued) -> None:
     dev.write_private_key(ec_file, acme_ca.key, replace=False)
     with pytest.raises(PKIError, match="not an Ed25519 private key"):
         dev.load_signing_key(ec_file)
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o660, 0o644])
+def test_key_files_open_to_group_or_others_are_refused(
+    tmp_path: Path, acme_files: tuple[Path, Path], mode: int
+) -> None:
+    """Both ways keys are read (ours, and OpenSSL's for TLS) refuse them, saying how to fix."""
+    cert, key = acme_files
+    key.chmod(mode)
+    fix = rf"\(mode {mode:04o}\); run: chmod 600 {key}"
+    with pytest.raises(PKIError, match=rf"^{key}: the private key file is accessible by .*{fix}$"):
+        dev.load_ec_key(key)
+    with pytest.raises(PKIError, match=rf"^{key}: the private key file is accessible by .*{fix}$"):
+        client_api_server_context(cert_file=cert, key_file=key)
+    with pytest.raises(PKIError, match="accessible by group or others"):
+        federation_server_context(cert_file=cert, key_file=key, trusted_ca_pems=[])
+    signing = tmp_path / "org-signing.key"
+    dev.write_private_key(signing, dev.generate_signing_key(), replace=False)
+    signing.chmod(mode)
+    with pytest.raises(PKIError, match=rf"^{signing}: the private key file is accessible"):
+        dev.load_signing_key(signing)
+    key.chmod(0o600)
+    signing.chmod(0o600)
+    dev.load_ec_key(key)
+    dev.load_signing_key(signing)
+    client_api_server_context(cert_file=cert, key_file=key)
 
 
 def test_load_issued_checks_the_pair(tmp_path: Path, acme_ca: dev.Issued) -> None:
@@ -450,6 +478,7 @@ def test_context_errors_name_the_file(
         client_api_server_context(cert_file=cert, key_file=tmp_path / "dir.key")
     garbage = tmp_path / "garbage.key"
     garbage.write_text("not a key")
+    garbage.chmod(0o600)
     with pytest.raises(PKIError, match=r"garbage\.key: not a usable"):
         client_api_server_context(cert_file=cert, key_file=garbage)
     other = tmp_path / "other.key"
