@@ -14,7 +14,9 @@ the current rules (a :class:`RulesSource`, normally the app's
    :class:`~gateway.pki.identity.PeerTrust` of every peer, which adds what
    OpenSSL cannot know: the certificate's org is a peer *now*, its issuer is
    *that peer's* CA (globex's CA cannot vouch for initech), and its key
-   matches the peer's pins if any. Its answer becomes ``request.peer``.
+   matches the peer's pins if any. The certificate may chain through
+   intermediate CAs the peer presents after it, but only up to *that peer's*
+   CA(s). Its answer becomes ``request.peer``.
 
 Both are built once per rules object (compared by identity, as
 ``RulesHolder`` swaps a new object in on every reload) and kept, so a
@@ -42,7 +44,12 @@ from typing import Any, Protocol
 import trio
 
 from gateway.core.rules import CompiledRules
-from gateway.pki.identity import PeerTrust, peer_certificate_der, verify_peer_certificate
+from gateway.pki.identity import (
+    PeerTrust,
+    peer_certificate_der,
+    peer_intermediates_der,
+    verify_peer_certificate,
+)
 from gateway.pki.tls import federation_server_context
 
 LOGGER = logging.getLogger("gateway.federation")
@@ -78,7 +85,7 @@ def system_clock_ms() -> int:
 
 
 def peer_trust(rules: CompiledRules) -> dict[str, PeerTrust]:
-    """The :class:`PeerTrust` of every peer of ``rules`` (CA certificate and pins)."""
+    """The :class:`PeerTrust` of every peer of ``rules`` (CA certificate(s) and pins)."""
     return {
         org: PeerTrust.from_pem(
             org,
@@ -148,7 +155,12 @@ class FederationTrust:
     def identify(self, stream: trio.SSLStream[Any]) -> str:
         """The org the client certificate proves, or ``PeerAuthError`` (for ``HTTPServer``)."""
         now = datetime.fromtimestamp(self._clock_ms() / MS_PER_SECOND, tz=UTC)
-        return verify_peer_certificate(peer_certificate_der(stream), self.peers(), now=now)
+        return verify_peer_certificate(
+            peer_certificate_der(stream),
+            self.peers(),
+            now=now,
+            intermediates=peer_intermediates_der(stream),
+        )
 
 
 def follow_reloads(
