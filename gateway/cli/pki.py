@@ -246,6 +246,6 @@ def run_rotate(args: argparse.Namespace) -> int:
     if old_pin != new_pin:
         print(
             "partners who pin this gateway must add the new pin to their rules before they "
-            "next connect; restart or reload the gateway to use the new certificate"
+            "next connect; the running gateway uses the new certificate within seconds"
         )
     return 0
