@@ -474,7 +474,7 @@ def test_peer_card_loads_as_one_peers_entry(acme_ca: dev.Issued) -> None:
     text = render_card(
         org="acme.example",
         endpoint="https://gw.acme.example:8443",
-        ca=acme_ca.cert,
+        cas=[acme_ca.cert],
         pins=[spki_pin(leaf.cert)],
         signing_key=signing,
     )
