@@ -16,7 +16,10 @@ Then one nursery holds everything:
 * the sender (one task per peer lane), the spool sweeper, the mailbox
   sweeper;
 * the rules watcher and the SIGHUP handler (hot reload), and the federation
-  listener following reloads (new CA set, dropped peers disconnected).
+  listener following reloads (new CA set, dropped peers disconnected);
+* the certificate watcher (:mod:`gateway.tls_runtime`): a renewed federation
+  or client API certificate and key, once checked, serve new connections
+  (and the sender's new connections to peers); SIGHUP reloads them too.
 
 The listeners run in an inner nursery. SIGTERM or SIGINT makes every listener
 stop accepting and finish the requests in flight (each bounded by its
@@ -48,18 +51,20 @@ from gateway.federation.receiver import Receiver
 from gateway.federation.sender import Sender, SenderSettings
 from gateway.federation.sweeper import run_spool_sweeper
 from gateway.federation.transport import HttpxPeerTransport
-from gateway.federation.trust import FederationTrust, follow_reloads
+from gateway.federation.trust import FederationTrust, follow_certificate, follow_reloads
 from gateway.http import HTTPServer, Router, ServerLimits
 from gateway.observability.audit import AuditWriter
 from gateway.observability.certs import CLIENT_API, FEDERATION, ORG_CA, CertificateGauges
 from gateway.observability.endpoints import MetricsEndpoints, NotReady
 from gateway.observability.gauges import run_gauge_refresher
 from gateway.pki import dev
+from gateway.pki.own import OwnCertificate
 from gateway.pki.tls import client_api_server_context
 from gateway.reserve import SpaceReserve
 from gateway.rules_runtime import RulesHolder, watch_rules_file, watch_sighup
 from gateway.storage.base import Bound, Storage
 from gateway.storage.sqlite import open_sqlite_storage
+from gateway.tls_runtime import CertificateHolder, reload_all, watch_certificate_files
 
 LOGGER = logging.getLogger("gateway.app")
 
@@ -141,19 +146,22 @@ async def run_gateway(
 ) -> None:
     """Run one gateway until SIGTERM/SIGINT (or until cancelled)."""
     rules = RulesHolder.load(str(config.rules))
-    trust = FederationTrust(
-        rules, cert_file=config.tls.cert, key_file=config.tls.key, clock_ms=clock_ms
+    federation_certificate = CertificateHolder(
+        FEDERATION, config.tls.cert, config.tls.key, org=config.org, ca_file=config.tls.ca
     )
+    certificates_in_use = [federation_certificate]
+    trust = FederationTrust(rules, own=federation_certificate, clock_ms=clock_ms)
     federation_context = trust.update()
-    client_context = (
-        client_api_server_context(
-            cert_file=config.client_tls.cert,
-            key_file=config.client_tls.key,
-            min_version=config.client_tls.min_version,
+    client_certificate: CertificateHolder | None = None
+    client_context = None
+    if config.client_tls is not None:
+        client_certificate = CertificateHolder(
+            CLIENT_API, config.client_tls.cert, config.client_tls.key
         )
-        if config.client_tls is not None
-        else None
-    )
+        certificates_in_use.append(client_certificate)
+        client_context = client_api_server_context(
+            own=client_certificate.current, min_version=config.client_tls.min_version
+        )
     org_signing_seed = dev.load_signing_key(config.signing_key).private_bytes_raw()
     if config.storage.engine != "sqlite" or config.storage.sqlite_path is None:
         raise ConfigError(
@@ -170,9 +178,10 @@ async def run_gateway(
         )
         transport = HttpxPeerTransport(
             config.org,
-            config.tls.cert,
-            config.tls.key,
+            None,
+            None,
             rules,
+            own=federation_certificate,
             timeout=config.limits.request_timeout,
             connections_per_peer=config.limits.max_inflight_transactions,
         )
@@ -276,14 +285,26 @@ async def run_gateway(
         servers.append(metrics)
 
         unfollow = follow_reloads(rules, trust, federation)
+        unfollow_own = follow_certificate(federation_certificate, trust, federation)
+        if client_certificate is not None:
+            client_min_version = config.client_tls.min_version if config.client_tls else "1.3"
+
+            def client_renewed(own: OwnCertificate) -> None:
+                try:
+                    context = client_api_server_context(own=own, min_version=client_min_version)
+                except Exception:
+                    LOGGER.exception("client API: cannot build the TLS context of the new pair")
+                    return
+                client.set_ssl_context(context)
+
+            client_certificate.subscribe(client_renewed)
         unaudit = rules.subscribe_records(
             lambda record: audit.record_reload(record, rules.current.peers)
         )
         certificates = CertificateGauges()
         unfollow_certificates = certificates.follow(rules)
-        own_certificates = {FEDERATION: config.tls.cert, ORG_CA: config.tls.ca}
-        if config.client_tls is not None:
-            own_certificates[CLIENT_API] = config.client_tls.cert
+        # The federation and client API series follow the pairs in use (tls_runtime).
+        own_certificates = {ORG_CA: config.tls.ca}
         try:
             async with trio.open_nursery() as root:
                 await root.start(audit.run)
@@ -318,8 +339,21 @@ async def run_gateway(
                         rules, poll_interval=RULES_POLL_INTERVAL, task_status=task_status
                     )
                 )
+                await root.start(
+                    lambda *, task_status: watch_certificate_files(
+                        certificates_in_use,
+                        poll_interval=RULES_POLL_INTERVAL,
+                        task_status=task_status,
+                    )
+                )
                 if handle_signals:
-                    await root.start(watch_sighup, rules)
+                    await root.start(
+                        lambda *, task_status: watch_sighup(
+                            rules,
+                            also=[lambda trigger: reload_all(certificates_in_use, trigger=trigger)],
+                            task_status=task_status,
+                        )
+                    )
                 async with trio.open_nursery() as listeners:
                     listen = config.listen
                     ports = BoundPorts(
@@ -356,6 +390,7 @@ async def run_gateway(
                 root.cancel_scope.cancel()
         finally:
             unfollow()
+            unfollow_own()
             unaudit()
             unfollow_certificates()
             waiters.close()

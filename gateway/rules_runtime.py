@@ -30,7 +30,8 @@ Two things trigger reloads in a running gateway: :func:`watch_rules_file`,
 which polls the size, mtime and inode of the rules file and of its CA files
 (no extra dependency, no inotify) and reloads once a change has been stable
 for one poll interval and the content hash really differs; and
-:func:`watch_sighup`, which reloads on SIGHUP whatever the content.
+:func:`watch_sighup`, which reloads on SIGHUP whatever the content (and, in
+``gateway run``, the gateway's own certificates too: :mod:`gateway.tls_runtime`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -391,10 +392,16 @@ async def watch_rules_file(
 
 
 async def watch_sighup(
-    holder: RulesHolder, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    holder: RulesHolder,
+    *,
+    also: Sequence[Callable[[str], Awaitable[object]]] = (),
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Reload ``holder`` on every SIGHUP; runs until cancelled (main thread only)."""
+    """Reload ``holder`` on every SIGHUP, then call each of ``also`` with the trigger
+    (the certificates' reload); runs until cancelled (main thread only)."""
     with trio.open_signal_receiver(signal.SIGHUP) as signals:
         task_status.started()
         async for _ in signals:
             await holder.reload(trigger="sighup")
+            for reload_more in also:
+                await reload_more("sighup")

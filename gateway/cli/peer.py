@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Sequence
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -16,7 +17,7 @@ from gateway.config import GatewayConfig
 from gateway.core.keytext import format_signing_key
 from gateway.errors import PKIError
 from gateway.pki import dev
-from gateway.pki.certs import load_ca_pem, spki_pin
+from gateway.pki.certs import spki_pin
 
 CARD_INDENT = "  "
 
@@ -45,10 +46,18 @@ def _usage(_args: argparse.Namespace) -> int:
 
 
 def render_card(
-    *, org: str, endpoint: str, ca: x509.Certificate, pins: list[str], signing_key: str
+    *,
+    org: str,
+    endpoint: str,
+    cas: Sequence[x509.Certificate],
+    pins: list[str],
+    signing_key: str,
 ) -> str:
-    """The card's YAML. Loads with ``yaml.safe_load`` into ``{org: {endpoint, ca_pem, ...}}``."""
-    pem = ca.public_bytes(serialization.Encoding.PEM).decode("ascii")
+    """The card's YAML. Loads with ``yaml.safe_load`` into ``{org: {endpoint, ca_pem, ...}}``.
+
+    ``ca_pem`` holds every CA of ``cas``: two during our CA rollover.
+    """
+    pem = "".join(ca.public_bytes(serialization.Encoding.PEM).decode("ascii") for ca in cas)
     inner = CARD_INDENT * 2
     lines = [
         f"# {org}: paste under `peers:` in your federation rules",
@@ -64,13 +73,11 @@ def render_card(
 
 
 def card_for(config: GatewayConfig) -> str:
-    ca = load_ca_pem(dev.read_certificate_file(config.tls.ca), source=str(config.tls.ca))
+    cas = dev.load_ca_bundle(config.tls.ca)
     cert = dev.load_certificate(config.tls.cert)
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature) as exc:
+    if not any(issued_by(cert, ca) for ca in cas):
         # A partner would refuse every connection: better to say so here.
-        raise PKIError(f"{config.tls.cert}: is not issued by the org CA {config.tls.ca}") from exc
+        raise PKIError(f"{config.tls.cert}: is not issued by the org CA {config.tls.ca}")
     signing_key = dev.load_signing_key(config.signing_key)
     pins = [spki_pin(cert)]
     staged = next_key_path(config)
@@ -80,7 +87,7 @@ def card_for(config: GatewayConfig) -> str:
     return render_card(
         org=config.org,
         endpoint=config.endpoint,
-        ca=ca,
+        cas=cas,
         pins=pins,
         signing_key=format_signing_key(dev.signing_public_key_raw(signing_key)),
     )
@@ -89,3 +96,11 @@ def card_for(config: GatewayConfig) -> str:
 def run_card(args: argparse.Namespace) -> int:
     print(card_for(load_dir_config(args.dir)), end="")
     return 0
+
+
+def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True

@@ -1,4 +1,23 @@
-"""``gateway pki show`` and ``gateway pki rotate``: the org's certificates, read and renewed."""
+"""``gateway pki show``, ``rotate`` and ``ca-rollover``: the org's certificates, read and renewed.
+
+A CA rollover replaces the org CA without an outage, in three steps that the
+admin runs days apart, each leaving a state the running gateway serves from:
+
+=========  ===========================  ===================  ===========================
+step       ``tls.ca`` (``pki/ca.pem``)  CA keys              federation certificate
+=========  ===========================  ===================  ===========================
+before     old CA                       ca.key (old)         issued by the old CA
+start      old CA + new CA              + ca.next.key (new)  unchanged
+switch     old CA + new CA              ca.key (new),        re-issued by the new CA
+                                        ca.previous.key      (same key: pins stay)
+finish     new CA                       ca.key (new)         unchanged
+=========  ===========================  ===================  ===========================
+
+Partners trust whatever ``tls.ca`` holds (``gateway peer card`` prints all of
+it): after ``start`` they install the card with both CAs, and only when all
+have does ``switch`` make the gateway present a certificate from the new CA.
+The gateway reloads ``tls.ca`` and ``tls.cert`` by itself (no restart).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +29,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 
 from gateway.cli.common import Registrar, UsageError, set_handler
 from gateway.cli.init import CONFIG_FILE, parse_validity_days
@@ -73,11 +93,32 @@ def register(subparsers: Registrar) -> None:
     )
     set_handler(rotate, run_rotate)
 
+    rollover = commands.add_parser(
+        "ca-rollover",
+        help="replace the org CA without an outage: start, switch, finish",
+        description="Replace the org CA in three steps, days apart (docs/operations.md, "
+        "'CA rollover'). start: make the new CA; tls.ca then holds old and new, and "
+        "`gateway peer card` gives partners both. switch (once every partner trusts both): "
+        "re-issue the federation (and client API) certificate from the new CA, same keys. "
+        "finish (once every partner has been told): tls.ca holds only the new CA, the old "
+        "CA key is deleted.",
+    )
+    rollover.add_argument("step", choices=["start", "switch", "finish"], help="the step to run")
+    rollover.add_argument("--dir", default=".", metavar="DIR", help="a setup (default: .)")
+    rollover.add_argument(
+        "--validity-days",
+        default=str(dev.DEFAULT_CERT_VALIDITY_DAYS),
+        metavar="N",
+        help="switch: validity of the re-issued certificates "
+        f"(default {dev.DEFAULT_CERT_VALIDITY_DAYS})",
+    )
+    set_handler(rollover, run_ca_rollover)
+
     set_handler(parser, lambda _args: _usage(parser))
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
-    raise UsageError("pki: name a command: show or rotate (see `gateway pki --help`)")
+    raise UsageError("pki: name a command: show, rotate or ca-rollover (see `gateway pki --help`)")
 
 
 def load_dir_config(directory: str | None) -> GatewayConfig:
@@ -134,15 +175,18 @@ def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
 
 
 def show_lines(config: GatewayConfig, *, now: datetime) -> list[str]:
-    ca = dev.load_certificate(config.tls.ca)
-    lines = describe("org CA", config.tls.ca, ca, now=now)
+    cas = dev.load_ca_bundle(config.tls.ca)
+    lines: list[str] = []
+    for index, ca in enumerate(cas):
+        title = "org CA" if len(cas) == 1 else f"org CA {index + 1} of {len(cas)} (CA rollover)"
+        lines += describe(title, config.tls.ca, ca, now=now)
     shown = [("federation certificate", config.tls.cert)]
     if config.client_tls is not None:
         shown.append(("client API certificate", config.client_tls.cert))
     for title, path in shown:
         cert = dev.load_certificate(path)
         lines += describe(title, path, cert, now=now)
-        if not _issued_by(cert, ca):
+        if not any(_issued_by(cert, ca) for ca in cas):
             lines.append(f"  WARNING:     not issued by the org CA {config.tls.ca}")
     return lines
 
@@ -195,7 +239,7 @@ def rotate(
     The new key is the one ``prepare_next_key`` made, if any (its pin may already
     be in partners' rules), else a fresh one; ``keep_key`` keeps the current key.
     """
-    ca = dev.load_issued(config.tls.ca, ca_key)
+    ca = dev.load_issuing_ca(config.tls.ca, ca_key)
     try:
         old_pin: str | None = spki_pin(dev.load_certificate(config.tls.cert))
     except PKIError:
@@ -246,6 +290,145 @@ def run_rotate(args: argparse.Namespace) -> int:
     if old_pin != new_pin:
         print(
             "partners who pin this gateway must add the new pin to their rules before they "
-            "next connect; restart or reload the gateway to use the new certificate"
+            "next connect; the running gateway uses the new certificate within seconds"
         )
+    return 0
+
+
+# -- CA rollover ----------------------------------------------------------------------
+
+
+def next_ca_key_path(config: GatewayConfig) -> Path:
+    """``pki/ca.next.key``: the new CA's key, from ``start`` until ``switch``."""
+    key = ca_key_path(config, None)
+    return key.with_name(f"{key.stem}.next{key.suffix}")
+
+
+def previous_ca_key_path(config: GatewayConfig) -> Path:
+    """``pki/ca.previous.key``: the old CA's key, from ``switch`` until ``finish``."""
+    key = ca_key_path(config, None)
+    return key.with_name(f"{key.stem}.previous{key.suffix}")
+
+
+def _ca_pem(certs: list[x509.Certificate] | tuple[x509.Certificate, ...]) -> bytes:
+    return b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in certs)
+
+
+def _write_ca_file(config: GatewayConfig, certs: list[x509.Certificate]) -> None:
+    dev.write_file(config.tls.ca, _ca_pem(certs), mode=dev.PUBLIC_FILE_MODE, replace=True)
+
+
+def ca_rollover_start(config: GatewayConfig, *, now: datetime) -> x509.Certificate:
+    """Make the new CA (key in ``ca.next.key``) and add it to ``tls.ca``; returns it.
+
+    Nothing the gateway presents changes: partners first learn to trust the new CA.
+    """
+    cas = dev.load_ca_bundle(config.tls.ca)
+    next_key = next_ca_key_path(config)
+    if len(cas) != 1 or os.path.lexists(next_key) or os.path.lexists(previous_ca_key_path(config)):
+        raise PKIError(
+            f"{config.tls.ca}: a CA rollover is already under way ({len(cas)} CAs); "
+            "run `gateway pki ca-rollover switch` or `finish`"
+        )
+    dev.load_issuing_ca(config.tls.ca, ca_key_path(config, None))  # the current key is at hand
+    stamp = now.astimezone(UTC).strftime("%Y-%m-%d")
+    new = dev.issue_ca(config.org, now=now, common_name=f"{config.org} gateway CA {stamp}")
+    # The key first: a CA file naming a CA whose key is lost would be a dead end.
+    dev.write_private_key(next_key, new.key, replace=False)
+    _write_ca_file(config, [cas[0], new.cert])
+    return new.cert
+
+
+def _reissue(config: GatewayConfig, ca: dev.Issued, *, now: datetime, validity_days: int) -> None:
+    """Re-issue the federation (and client API) certificate from ``ca``, keeping the keys."""
+    key = dev.load_ec_key(config.tls.key)
+    issued = dev.issue_gateway_cert(ca, config.org, now=now, validity_days=validity_days, key=key)
+    dev.write_file(config.tls.cert, issued.cert_pem(), mode=dev.PUBLIC_FILE_MODE, replace=True)
+    if config.client_tls is not None:
+        client = dev.load_certificate(config.client_tls.cert)
+        if not _issued_by(client, ca.cert):
+            client_key = dev.load_ec_key(config.client_tls.key)
+            host = config.listen.client.host
+            reissued = dev.issue_client_api_cert(
+                ca, host, now=now, validity_days=validity_days, key=client_key
+            )
+            dev.write_file(
+                config.client_tls.cert,
+                reissued.cert_pem(),
+                mode=dev.PUBLIC_FILE_MODE,
+                replace=True,
+            )
+
+
+def ca_rollover_switch(config: GatewayConfig, *, now: datetime, validity_days: int) -> None:
+    """Issue from the new CA from now on: re-issue our certificates, swap the CA keys."""
+    cas = dev.load_ca_bundle(config.tls.ca)
+    next_key = next_ca_key_path(config)
+    if len(cas) != 2 or not os.path.lexists(next_key):
+        raise PKIError(
+            f"{config.tls.ca}: no CA rollover to switch to "
+            "(run `gateway pki ca-rollover start` first)"
+        )
+    new = dev.load_issuing_ca(config.tls.ca, next_key)
+    old_key = ca_key_path(config, None)
+    old = dev.load_issuing_ca(config.tls.ca, old_key)
+    # Our certificates first (the gateway accepts them: tls.ca holds both CAs), then keys.
+    _reissue(config, new, now=now, validity_days=validity_days)
+    dev.write_private_key(previous_ca_key_path(config), old.key, replace=False)
+    dev.write_private_key(old_key, new.key, replace=True)
+    try:
+        next_key.unlink()
+    except OSError as exc:
+        raise PKIError(f"{next_key}: switched, but cannot remove: {exc.strerror}") from exc
+
+
+def ca_rollover_finish(config: GatewayConfig) -> x509.Certificate:
+    """Trust only the new CA: ``tls.ca`` holds it alone, the old CA's key is deleted."""
+    cas = dev.load_ca_bundle(config.tls.ca)
+    if len(cas) != 2 or os.path.lexists(next_ca_key_path(config)):
+        raise PKIError(
+            f"{config.tls.ca}: no switched CA rollover to finish "
+            "(`gateway pki ca-rollover switch` comes first)"
+        )
+    new = dev.load_issuing_ca(config.tls.ca, ca_key_path(config, None))
+    mine = [("federation certificate", config.tls.cert)]
+    if config.client_tls is not None:
+        mine.append(("client API certificate", config.client_tls.cert))
+    for title, path in mine:
+        if not _issued_by(dev.load_certificate(path), new.cert):
+            raise PKIError(f"{path}: the {title} is not issued by the new CA yet; run switch")
+    _write_ca_file(config, [new.cert])
+    previous = previous_ca_key_path(config)
+    try:
+        previous.unlink(missing_ok=True)
+    except OSError as exc:
+        raise PKIError(f"{previous}: finished, but cannot delete: {exc.strerror}") from exc
+    return new.cert
+
+
+def run_ca_rollover(args: argparse.Namespace) -> int:
+    config = load_dir_config(args.dir)
+    now = datetime.now(UTC)
+    if args.step == "start":
+        new = ca_rollover_start(config, now=now)
+        print(f"new CA: {new.subject.rfc4514_string()}, key {next_ca_key_path(config)}")
+        print(f"{config.tls.ca} now holds the old and the new CA; nothing we present changed.")
+        print(
+            "next: send every partner the output of `gateway peer card` (it holds both CAs); "
+            "once each has put it in its rules, run `gateway pki ca-rollover switch`"
+        )
+    elif args.step == "switch":
+        validity_days = parse_validity_days(args.validity_days)
+        ca_rollover_switch(config, now=now, validity_days=validity_days)
+        print(f"re-issued {config.tls.cert} from the new CA (same key, same pin)")
+        print(f"the old CA's key is kept as {previous_ca_key_path(config)} until finish")
+        print(
+            "the running gateway presents the new certificate within seconds; next: once "
+            "partners may drop the old CA, run `gateway pki ca-rollover finish` and send them "
+            "the new `gateway peer card`"
+        )
+    else:
+        new = ca_rollover_finish(config)
+        print(f"{config.tls.ca} now holds only {new.subject.rfc4514_string()}")
+        print("the old CA's key is deleted; send partners the new `gateway peer card`")
     return 0

@@ -30,11 +30,14 @@ leaves, so a server that fails the pin never sees our certificate or a byte
 of the transaction. (Reading the certificate from the response's
 ``network_stream`` would check it only after the envelopes were sent.)
 
-Before each request the peer's current entry in the rules is compared with
-the one the client was built for (endpoint, CA, pins); if a reload changed
-it, the old client is closed and a new one built, so new trust applies from
-the next transaction. :meth:`HttpxPeerTransport.close_peer` closes a peer's
-client (the sender calls it when a peer's lane stops).
+Before each request the peer's current entry in the rules (endpoint, CA,
+pins) and our own certificate in use (``own``, when the app gives its
+:class:`~gateway.tls_runtime.CertificateHolder`) are compared with those the
+client was built for; if a reload changed either, a new client is built, so
+new trust and a renewed certificate apply from the next transaction. The old
+client is retired: requests already on it finish, then it is closed.
+:meth:`HttpxPeerTransport.close_peer` closes a peer's client (the sender calls
+it when a peer's lane stops).
 
 Every httpx exception is translated here, at the edge; an answer is read up to
 :data:`MAX_ANSWER_BYTES` only.
@@ -66,6 +69,7 @@ from gateway.federation.protocol import (
 )
 from gateway.http.tls import classify_handshake_error, describe_ssl_error, find_ssl_error
 from gateway.pki.certs import parse_pin, spki_sha256
+from gateway.pki.own import OwnCertificate
 from gateway.pki.tls import federation_client_context
 
 LOGGER = logging.getLogger("gateway.federation.transport")
@@ -152,6 +156,13 @@ class RulesView(Protocol):
     def current(self) -> CompiledRules: ...
 
 
+class OwnView(Protocol):
+    """Where our certificate in use is read (``CertificateHolder`` is one)."""
+
+    @property
+    def current(self) -> OwnCertificate: ...
+
+
 # -- pinning inside the handshake --------------------------------------------------
 
 
@@ -190,16 +201,28 @@ class _Link:
     endpoint: str
     ca_sha256: str
     pins: tuple[str, ...]
+    own_sha256: str  # our certificate pair presented ("" when read from files)
 
     @classmethod
-    def of(cls, peer: Peer) -> _Link:
-        return cls(endpoint=peer.endpoint.rstrip("/"), ca_sha256=peer.ca_sha256, pins=peer.pins)
+    def of(cls, peer: Peer, own: OwnCertificate | None) -> _Link:
+        return cls(
+            endpoint=peer.endpoint.rstrip("/"),
+            ca_sha256=peer.ca_sha256,
+            pins=peer.pins,
+            own_sha256=own.sha256 if own is not None else "",
+        )
 
 
-@dataclass(frozen=True, slots=True)
 class _PeerClient:
-    link: _Link
-    http: httpx.AsyncClient
+    """A peer's httpx client and how many requests are on it; retired ones close when idle."""
+
+    __slots__ = ("http", "inflight", "link", "retired")
+
+    def __init__(self, link: _Link, http: httpx.AsyncClient) -> None:
+        self.link = link
+        self.http = http
+        self.inflight = 0
+        self.retired = False
 
 
 class HttpxPeerTransport:
@@ -213,10 +236,11 @@ class HttpxPeerTransport:
     def __init__(
         self,
         org: str,
-        cert_file: Path,
-        key_file: Path,
+        cert_file: Path | None,
+        key_file: Path | None,
         rules: RulesView,
         *,
+        own: OwnView | None = None,
         timeout: float = DEFAULT_REQUEST_TIMEOUT,
         max_answer_bytes: int = MAX_ANSWER_BYTES,
         connections_per_peer: int = 1,
@@ -233,8 +257,11 @@ class HttpxPeerTransport:
         self.org = org
         # One persistent connection per transaction the sender keeps in flight.
         self._connections_per_peer = connections_per_peer
+        if own is None and (cert_file is None or key_file is None):
+            raise ValueError("give cert_file and key_file, or own")
         self._cert_file = cert_file
         self._key_file = key_file
+        self._own = own
         self._rules = rules
         self._timeout = timeout
         self._max_answer_bytes = max_answer_bytes
@@ -250,6 +277,15 @@ class HttpxPeerTransport:
     ) -> list[EnvelopeResult]:
         check_txn_id(txn_id)
         client = await self._client_for(peer)
+        client.inflight += 1
+        try:
+            return await self._put(client, peer, txn_id, body, expected=expected)
+        finally:
+            await self._release(client)
+
+    async def _put(
+        self, client: _PeerClient, peer: str, txn_id: str, body: bytes, *, expected: int
+    ) -> list[EnvelopeResult]:
         request = client.http.build_request(
             "PUT",
             f"{client.link.endpoint}{TRANSACTIONS_PATH}{txn_id}",
@@ -289,6 +325,15 @@ class HttpxPeerTransport:
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be positive, got {max_bytes!r}")
         client = await self._client_for(peer)
+        client.inflight += 1
+        try:
+            return await self._get(client, peer, path, max_bytes=max_bytes)
+        finally:
+            await self._release(client)
+
+    async def _get(
+        self, client: _PeerClient, peer: str, path: str, *, max_bytes: int
+    ) -> tuple[int, bytes]:
         request = client.http.build_request(
             "GET",
             f"{client.link.endpoint}{path}",
@@ -338,14 +383,24 @@ class HttpxPeerTransport:
                 kind=FailureKind.UNKNOWN_PEER,
                 reason=Reason.UNKNOWN_PEER,
             )
-        link = _Link.of(entry)
+        own = self._own.current if self._own is not None else None
+        link = _Link.of(entry, own)
         existing = self._clients.get(peer)
         if existing is not None:
             if existing.link == link:
                 return existing
-            LOGGER.info("%s: endpoint or trust changed in the rules; reconnecting", peer)
-            await self.close_peer(peer)
-        context = self._context_for(entry)
+            LOGGER.info(
+                "%s: %s changed; new connections from now on",
+                peer,
+                "our certificate"
+                if existing.link.own_sha256 != link.own_sha256
+                else "endpoint or trust in the rules",
+            )
+            del self._clients[peer]
+            existing.retired = True
+            if existing.inflight == 0:
+                await self._close(existing)
+        context = self._context_for(entry, own)
         http = httpx.AsyncClient(
             verify=context,
             http1=True,
@@ -359,15 +414,16 @@ class HttpxPeerTransport:
                 keepalive_expiry=KEEPALIVE_EXPIRY,
             ),
         )
-        client = _PeerClient(link=link, http=http)
+        client = _PeerClient(link, http)
         self._clients[peer] = client
         return client
 
-    def _context_for(self, peer: Peer) -> ssl.SSLContext:
+    def _context_for(self, peer: Peer, own: OwnCertificate | None) -> ssl.SSLContext:
         try:
             context = federation_client_context(
                 cert_file=self._cert_file,
                 key_file=self._key_file,
+                own=own,
                 peer_ca_pem=peer.ca_pem.encode("ascii"),
             )
         except PKIError as exc:
@@ -386,12 +442,22 @@ class HttpxPeerTransport:
             context.sslobject_class = pinned_sslobject_class(digests, org=peer.org)
         return context
 
+    async def _release(self, client: _PeerClient) -> None:
+        client.inflight -= 1
+        if client.retired and client.inflight == 0:
+            await self._close(client)
+
+    @staticmethod
+    async def _close(client: _PeerClient) -> None:
+        with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+            await client.http.aclose()
+
     async def close_peer(self, peer: str) -> None:
         client = self._clients.pop(peer, None)
         if client is None:
             return
-        with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
-            await client.http.aclose()
+        client.retired = True
+        await self._close(client)
 
     async def aclose(self) -> None:
         """Close every peer's client."""

@@ -14,7 +14,9 @@ the current rules (a :class:`RulesSource`, normally the app's
    :class:`~gateway.pki.identity.PeerTrust` of every peer, which adds what
    OpenSSL cannot know: the certificate's org is a peer *now*, its issuer is
    *that peer's* CA (globex's CA cannot vouch for initech), and its key
-   matches the peer's pins if any. Its answer becomes ``request.peer``.
+   matches the peer's pins if any. The certificate may chain through
+   intermediate CAs the peer presents after it, but only up to *that peer's*
+   CA(s). Its answer becomes ``request.peer``.
 
 Both are built once per rules object (compared by identity, as
 ``RulesHolder`` swaps a new object in on every reload) and kept, so a
@@ -26,6 +28,12 @@ On a reload the app calls :func:`follow_reloads` once at start-up; after each
 swap that drops peers it installs the new server context with
 ``server.set_ssl_context`` (new connections only) and closes the dropped
 peers' open connections with ``server.close_peer_connections``.
+
+The gateway's own certificate comes from an :class:`OwnSource` (normally the
+app's :class:`~gateway.tls_runtime.CertificateHolder`) when one is given: the
+server context is then built per (rules, certificate pair) from the checked
+bytes, and :func:`follow_certificate` installs a new one after the pair is
+renewed. Open connections keep the pair they were made with.
 """
 
 from __future__ import annotations
@@ -42,7 +50,13 @@ from typing import Any, Protocol
 import trio
 
 from gateway.core.rules import CompiledRules
-from gateway.pki.identity import PeerTrust, peer_certificate_der, verify_peer_certificate
+from gateway.pki.identity import (
+    PeerTrust,
+    peer_certificate_der,
+    peer_intermediates_der,
+    verify_peer_certificate,
+)
+from gateway.pki.own import OwnCertificate
 from gateway.pki.tls import federation_server_context
 
 LOGGER = logging.getLogger("gateway.federation")
@@ -64,6 +78,17 @@ class ReloadNotifier(RulesSource, Protocol):
     def subscribe(self, callback: Callable[[frozenset[str]], object]) -> Callable[[], None]: ...
 
 
+class OwnSource(Protocol):
+    """Where the gateway's own certificate in use is read (``CertificateHolder`` is one)."""
+
+    @property
+    def current(self) -> OwnCertificate: ...
+
+
+class OwnNotifier(OwnSource, Protocol):
+    def subscribe(self, callback: Callable[[OwnCertificate], object]) -> Callable[[], None]: ...
+
+
 class PeerListener(Protocol):
     """The part of :class:`~gateway.http.HTTPServer` a reload acts on."""
 
@@ -78,7 +103,7 @@ def system_clock_ms() -> int:
 
 
 def peer_trust(rules: CompiledRules) -> dict[str, PeerTrust]:
-    """The :class:`PeerTrust` of every peer of ``rules`` (CA certificate and pins)."""
+    """The :class:`PeerTrust` of every peer of ``rules`` (CA certificate(s) and pins)."""
     return {
         org: PeerTrust.from_pem(
             org,
@@ -103,16 +128,20 @@ class FederationTrust:
         self,
         rules: RulesSource,
         *,
-        cert_file: Path,
-        key_file: Path,
+        cert_file: Path | None = None,
+        key_file: Path | None = None,
+        own: OwnSource | None = None,
         clock_ms: Callable[[], int] = system_clock_ms,
     ) -> None:
+        if own is None and (cert_file is None or key_file is None):
+            raise ValueError("give cert_file and key_file, or own")
         self._rules = rules
         self._cert_file = cert_file
         self._key_file = key_file
+        self._own = own
         self._clock_ms = clock_ms
         self._peers: _Built | None = None
-        self._context: tuple[CompiledRules, ssl.SSLContext] | None = None
+        self._context: tuple[CompiledRules, OwnCertificate | None, ssl.SSLContext] | None = None
 
     def peers(self, rules: CompiledRules | None = None) -> Mapping[str, PeerTrust]:
         """The peers' trust for ``rules`` (default: the current rules), built once per rules."""
@@ -129,15 +158,17 @@ class FederationTrust:
         ``PKIError`` if the gateway's certificate or key cannot be loaded.
         """
         rules = self._rules.current if rules is None else rules
+        own = self._own.current if self._own is not None else None
         cached = self._context
-        if cached is not None and cached[0] is rules:
-            return cached[1]
+        if cached is not None and cached[0] is rules and cached[1] is own:
+            return cached[2]
         context = federation_server_context(
             cert_file=self._cert_file,
             key_file=self._key_file,
+            own=own,
             trusted_ca_pems=[peer.ca_pem.encode("ascii") for peer in rules.peers.values()],
         )
-        self._context = (rules, context)
+        self._context = (rules, own, context)
         return context
 
     def update(self, rules: CompiledRules | None = None) -> ssl.SSLContext:
@@ -148,7 +179,12 @@ class FederationTrust:
     def identify(self, stream: trio.SSLStream[Any]) -> str:
         """The org the client certificate proves, or ``PeerAuthError`` (for ``HTTPServer``)."""
         now = datetime.fromtimestamp(self._clock_ms() / MS_PER_SECOND, tz=UTC)
-        return verify_peer_certificate(peer_certificate_der(stream), self.peers(), now=now)
+        return verify_peer_certificate(
+            peer_certificate_der(stream),
+            self.peers(),
+            now=now,
+            intermediates=peer_intermediates_der(stream),
+        )
 
 
 def follow_reloads(
@@ -178,3 +214,23 @@ def follow_reloads(
             )
 
     return holder.subscribe(on_dropped)
+
+
+def follow_certificate(
+    holder: OwnNotifier, trust: FederationTrust, server: PeerListener
+) -> Callable[[], None]:
+    """After the gateway's certificate is renewed, new connections get the new pair.
+
+    The holder has checked the pair; if the context still cannot be built, the
+    old one stays and the failure is logged. Returns the unsubscribe function.
+    """
+
+    def on_renewed(own: OwnCertificate) -> None:
+        try:
+            server.set_ssl_context(trust.update())
+        except Exception:
+            LOGGER.exception("federation listener: cannot build the TLS context of the new pair")
+            return
+        LOGGER.info("federation listener: new connections get %s", own.describe())
+
+    return holder.subscribe(on_renewed)

@@ -5,7 +5,9 @@ Theory of operation
 One gauge, labelled ``certificate``, whose values come from a bounded set:
 
 * the gateway's own certificates, under fixed names (:data:`FEDERATION`,
-  :data:`CLIENT_API`, :data:`ORG_CA`), read from the files the config names;
+  :data:`CLIENT_API`, :data:`ORG_CA`): the first two are set by their
+  :class:`~gateway.tls_runtime.CertificateHolder` from the pair *in use*
+  (a bad file on disk is not in use), the org CA is read from its file;
 * each peer's CA, under the peer's org name, taken from the rules in force
   (``Peer.ca_pem``, already in memory and validated by the rules loader).
 
@@ -15,12 +17,11 @@ since the chain stops working when its first certificate expires.
 :class:`CertificateGauges` remembers which peer labels it set, so a peer that
 leaves the rules loses its series instead of leaving a stale one behind (and
 an alert on it firing forever). Peers are refreshed on every rules reload
-(:meth:`CertificateGauges.follow`); own files are re-read by the periodic
-gauge refresher (:mod:`gateway.observability.gauges`), because ``gateway pki
-rotate`` replaces them without a rules reload. A file that cannot be read or
-parsed keeps its last value and counts
-``gateway_certificate_read_errors_total``: the certificate in use is the one
-loaded at start-up, so its expiry is still the truth.
+(:meth:`CertificateGauges.follow`); own files given to the periodic gauge
+refresher (:mod:`gateway.observability.gauges`; the app gives it the org CA
+file, which a CA rollover changes) are re-read there. A file that cannot be
+read or parsed keeps its last value and counts
+``gateway_certificate_read_errors_total``.
 """
 
 from __future__ import annotations

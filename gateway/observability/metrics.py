@@ -194,6 +194,12 @@ CERTIFICATE_NOT_AFTER = Gauge(
     "and each peer's CA from the rules (labelled with the peer's org).",
     ["certificate"],
 )
+CERTIFICATE_RELOADS = Counter(
+    "gateway_certificate_reloads_total",
+    "Loads of an own certificate and key pair (start-up, file change, SIGHUP), by certificate "
+    "(federation, client_api) and result (success, failure). A failure keeps the pair in use.",
+    ["certificate", "result"],
+)
 CERTIFICATE_READ_ERRORS = Counter(
     "gateway_certificate_read_errors_total",
     "Times an own certificate file could not be read or parsed for its expiry, by certificate.",

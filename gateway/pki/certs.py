@@ -6,6 +6,10 @@
   for the same key, and changes when the key does.
 * A **CA PEM** must hold exactly one certificate, which must be a CA
   (basicConstraints ``CA:TRUE``).
+* A **CA bundle** (a peer's trust anchors in the rules, or the org's own CA
+  file during a CA rollover) holds one to :data:`MAX_CAS_PER_BUNDLE` CA
+  certificates, each a CA, none twice: old and new CA side by side while an
+  org changes its CA.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import base64
 import binascii
 import hashlib
 import re
+from collections.abc import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -22,6 +27,8 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from gateway.errors import PKIError
 
 PIN_PREFIX = "sha256/"
+#: At most this many CA certificates in one bundle (a rollover needs two).
+MAX_CAS_PER_BUNDLE = 8
 _PIN_RE = re.compile(r"sha256/[A-Za-z0-9+/]{43}=")
 
 
@@ -45,6 +52,39 @@ def load_ca_pem(pem: bytes, *, source: str) -> x509.Certificate:
     if not is_ca(cert):
         raise PKIError(f"{source}: is not a CA certificate (basicConstraints CA:TRUE missing)")
     return cert
+
+
+def load_ca_bundle_pem(pem: bytes, *, source: str) -> tuple[x509.Certificate, ...]:
+    """One or more CA certificates from ``pem``, in file order; ``PKIError`` otherwise."""
+    certs = load_certificates_pem(pem, source=source)
+    if len(certs) > MAX_CAS_PER_BUNDLE:
+        raise PKIError(
+            f"{source}: holds {len(certs)} certificates; a CA bundle holds at most "
+            f"{MAX_CAS_PER_BUNDLE}"
+        )
+    seen: set[bytes] = set()
+    for index, cert in enumerate(certs, start=1):
+        where = source if len(certs) == 1 else f"{source}: certificate {index}"
+        if not is_ca(cert):
+            raise PKIError(f"{where}: is not a CA certificate (basicConstraints CA:TRUE missing)")
+        der = cert.public_bytes(serialization.Encoding.DER)
+        if der in seen:
+            raise PKIError(f"{where}: the same CA certificate is in the bundle twice")
+        seen.add(der)
+    return tuple(certs)
+
+
+def bundle_sha256(certs: Sequence[x509.Certificate]) -> str:
+    """Hex SHA-256 of the certificates' DER, concatenated: for one CA, its fingerprint."""
+    digest = hashlib.sha256()
+    for cert in certs:
+        digest.update(cert.public_bytes(serialization.Encoding.DER))
+    return digest.hexdigest()
+
+
+def bundle_pem(certs: Sequence[x509.Certificate]) -> str:
+    """The PEM text of ``certs``, one after the other, re-encoded."""
+    return "".join(cert.public_bytes(serialization.Encoding.PEM).decode("ascii") for cert in certs)
 
 
 def is_ca(cert: x509.Certificate) -> bool:

@@ -36,7 +36,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from gateway.core.address import normalize_domain
 from gateway.errors import AddressError, PKIError
 from gateway.files import read_private, write_atomically
-from gateway.pki.certs import load_certificates_pem, public_key_pin
+from gateway.pki.certs import load_ca_bundle_pem, load_certificates_pem, public_key_pin
 
 CA_VALIDITY_DAYS = 3650
 DEFAULT_CERT_VALIDITY_DAYS = 90
@@ -115,8 +115,13 @@ def issue_ca(
     now: datetime,
     validity_days: int = CA_VALIDITY_DAYS,
     key: ec.EllipticCurvePrivateKey | None = None,
+    common_name: str | None = None,
 ) -> Issued:
-    """A self-signed org CA: ``CA:TRUE, pathlen:0``, keyCertSign and cRLSign."""
+    """A self-signed org CA: ``CA:TRUE, pathlen:0``, keyCertSign and cRLSign.
+
+    ``common_name`` defaults to ``<org> gateway CA``; a CA rollover gives the new
+    CA a name of its own, so that old and new are told apart everywhere.
+    """
     org = _org(org)
     if validity_days < 1:
         raise PKIError(f"CA validity of {validity_days} days must be at least 1")
@@ -125,7 +130,7 @@ def issue_ca(
     name = x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"{org} gateway CA"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name or f"{org} gateway CA"),
         ]
     )
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
@@ -402,6 +407,20 @@ def load_issued(cert_path: Path, key_path: Path) -> Issued:
     if not same_public_key(cert, key):
         raise PKIError(f"{key_path}: is not the private key of {cert_path}")
     return Issued(cert=cert, key=key)
+
+
+def load_ca_bundle(path: Path) -> tuple[x509.Certificate, ...]:
+    """The org CA file: one CA, or two during a CA rollover; ``PKIError`` naming the file."""
+    return load_ca_bundle_pem(read_certificate_file(path), source=str(path))
+
+
+def load_issuing_ca(ca_path: Path, key_path: Path) -> Issued:
+    """The CA in the org CA file (a bundle during a rollover) whose key is ``key_path``."""
+    key = load_ec_key(key_path)
+    for cert in load_ca_bundle(ca_path):
+        if same_public_key(cert, key):
+            return Issued(cert=cert, key=key)
+    raise PKIError(f"{key_path}: is the key of none of the CAs in {ca_path}")
 
 
 def same_public_key(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> bool:

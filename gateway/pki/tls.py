@@ -17,19 +17,31 @@
   (LUCKY13 and its kin), no static RSA key exchange, no DHE. TLS 1.3's own
   suites are all AEAD with ephemeral keys.
 
+Each builder presents either the files ``cert_file``/``key_file`` (read now)
+or an already checked :class:`~gateway.pki.own.OwnCertificate` (``own``),
+whose bytes are handed to OpenSSL through an anonymous in-memory file
+(``memfd``; a private temporary directory where there is none): what was
+checked is what is served, and a hot reload never reads a file half-written.
+A certificate file may hold the certificate followed by its intermediates;
+all of it is presented.
+
 ``ssl`` and ``OSError`` failures become :class:`~gateway.errors.PKIError` naming
 the file that could not be used.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import ssl
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Final
 
 from gateway.errors import PKIError
 from gateway.files import check_private
+from gateway.pki.own import OwnCertificate
 
 #: The TLS versions an admin may set as the client API's minimum.
 CLIENT_API_TLS_VERSIONS: Final = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
@@ -71,6 +83,66 @@ def _load_cert_chain(context: ssl.SSLContext, cert_file: Path, key_file: Path) -
         raise PKIError(f"{exc.filename or cert_file}: cannot read: {exc.strerror or exc}") from exc
 
 
+@contextlib.contextmanager
+def _memory_files(*contents: bytes) -> Iterator[list[str]]:
+    """Paths that read as ``contents``, gone when the block ends; never on a disk if avoidable."""
+    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+        fds: list[int] = []
+        try:
+            for data in contents:
+                fd = os.memfd_create("gateway-tls", os.MFD_CLOEXEC)
+                fds.append(fd)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            yield [f"/proc/self/fd/{fd}" for fd in fds]
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="gateway-tls-") as directory:
+        paths = []
+        for index, data in enumerate(contents):
+            path = os.path.join(directory, str(index))
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            paths.append(path)
+        yield paths
+
+
+def _load_own(context: ssl.SSLContext, own: OwnCertificate) -> None:
+    try:
+        with _memory_files(own.cert_pem, own.key_pem) as (cert_path, key_path):
+            context.load_cert_chain(certfile=cert_path, keyfile=key_path)
+    except ssl.SSLError as exc:
+        raise PKIError(
+            f"certificate {own.describe()}: OpenSSL cannot use it with its key "
+            f"({exc.reason or exc})"
+        ) from exc
+    except OSError as exc:
+        raise PKIError(f"cannot hand the certificate to OpenSSL: {exc.strerror or exc}") from exc
+
+
+def _present(
+    context: ssl.SSLContext,
+    cert_file: Path | None,
+    key_file: Path | None,
+    own: OwnCertificate | None,
+) -> None:
+    if own is not None:
+        _load_own(context, own)
+    elif cert_file is not None and key_file is not None:
+        _load_cert_chain(context, cert_file, key_file)
+    else:
+        raise ValueError("give cert_file and key_file, or own")
+
+
+def check_loadable(own: OwnCertificate) -> None:
+    """``PKIError`` unless OpenSSL accepts ``own`` as a server certificate and key."""
+    _load_own(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), own)
+
+
 def _trust(context: ssl.SSLContext, pem: bytes, *, source: str) -> None:
     try:
         context.load_verify_locations(cadata=pem.decode("ascii"))
@@ -84,7 +156,11 @@ def _tls13_only(context: ssl.SSLContext) -> None:
 
 
 def federation_server_context(
-    *, cert_file: Path, key_file: Path, trusted_ca_pems: Iterable[bytes]
+    *,
+    cert_file: Path | None = None,
+    key_file: Path | None = None,
+    own: OwnCertificate | None = None,
+    trusted_ca_pems: Iterable[bytes],
 ) -> ssl.SSLContext:
     """mTLS server context trusting exactly ``trusted_ca_pems`` (the peers' CAs).
 
@@ -95,14 +171,18 @@ def federation_server_context(
     context.verify_mode = ssl.CERT_REQUIRED
     for index, pem in enumerate(trusted_ca_pems):
         _trust(context, pem, source=f"peer CA #{index + 1}")
-    _load_cert_chain(context, cert_file, key_file)
+    _present(context, cert_file, key_file, own)
     return context
 
 
 def federation_client_context(
-    *, cert_file: Path, key_file: Path, peer_ca_pem: bytes
+    *,
+    cert_file: Path | None = None,
+    key_file: Path | None = None,
+    own: OwnCertificate | None = None,
+    peer_ca_pem: bytes,
 ) -> ssl.SSLContext:
-    """mTLS client context for one peer: trusts only that peer's CA, checks its name.
+    """mTLS client context for one peer: trusts only that peer's CA(s), checks its name.
 
     Callers pass ``server_hostname=<peer org>`` when wrapping the connection.
     """
@@ -111,12 +191,16 @@ def federation_client_context(
     context.verify_mode = ssl.CERT_REQUIRED
     context.check_hostname = True
     _trust(context, peer_ca_pem, source="peer CA")
-    _load_cert_chain(context, cert_file, key_file)
+    _present(context, cert_file, key_file, own)
     return context
 
 
 def client_api_server_context(
-    *, cert_file: Path, key_file: Path, min_version: str = DEFAULT_CLIENT_API_MIN_TLS
+    *,
+    cert_file: Path | None = None,
+    key_file: Path | None = None,
+    own: OwnCertificate | None = None,
+    min_version: str = DEFAULT_CLIENT_API_MIN_TLS,
 ) -> ssl.SSLContext:
     """Server context for the client API: no client certificates; see the module docstring.
 
@@ -133,5 +217,5 @@ def client_api_server_context(
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     context.verify_mode = ssl.CERT_NONE
-    _load_cert_chain(context, cert_file, key_file)
+    _present(context, cert_file, key_file, own)
     return context

@@ -69,7 +69,9 @@ def identity(
 def trust(*orgs: Org, pins: dict[str, set[bytes]] | None = None) -> dict[str, PeerTrust]:
     pins = pins or {}
     return {
-        org.name: PeerTrust(org=org.name, ca=org.ca.cert, pins=frozenset(pins.get(org.name, ())))
+        org.name: PeerTrust(
+            org=org.name, cas=(org.ca.cert,), pins=frozenset(pins.get(org.name, ()))
+        )
         for org in orgs
     }
 
@@ -95,7 +97,7 @@ async def serving(
         context = federation_server_context(
             cert_file=server.cert_file,
             key_file=server.key_file,
-            trusted_ca_pems=[p.ca.public_bytes(Encoding.PEM) for p in peers.values()],
+            trusted_ca_pems=[c.public_bytes(Encoding.PEM) for p in peers.values() for c in p.cas],
         )
     send, receive = trio.open_memory_channel[Outcome](16)
 

@@ -901,7 +901,7 @@ async def test_trust_is_built_once_per_rules_object(world: World) -> None:
     assert trust.server_context() is context
     assert trust.peers() is peers
     assert set(peers) == {GLOBEX, INITECH}
-    assert peers[GLOBEX].ca == world.globex.ca.cert
+    assert peers[GLOBEX].cas == (world.globex.ca.cert,)
 
     world.write_rules([INITECH])
     await world.holder.reload()

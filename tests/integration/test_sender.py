@@ -1356,7 +1356,7 @@ def federation_server(
     )
     if names is not None:
         context.sni_callback = lambda _obj, name, _ctx: names.append(name)
-    trust = {sending.org: PeerTrust(org=sending.org, ca=sending.ca.cert)}
+    trust = {sending.org: PeerTrust(org=sending.org, cas=(sending.ca.cert,))}
 
     def identify(stream: trio.SSLStream[trio.SocketStream]) -> str:
         return verify_peer_certificate(peer_certificate_der(stream), trust, now=datetime.now(UTC))

@@ -305,7 +305,8 @@ def trust_of(
 ) -> dict[str, PeerTrust]:
     pins = pins or {}
     return {
-        org: PeerTrust(org=org, ca=ca.cert, pins=frozenset(pins.get(org, set()))) for org, ca in cas
+        org: PeerTrust(org=org, cas=(ca.cert,), pins=frozenset(pins.get(org, set())))
+        for org, ca in cas
     }
 
 
@@ -404,7 +405,7 @@ def test_peer_trust_from_pem(acme_ca: dev.Issued) -> None:
         "ACME.example", acme_ca.cert_pem(), pins=[spki_pin(leaf.cert)], source="rules.yaml"
     )
     assert trust.org == "acme.example"
-    assert trust.ca == acme_ca.cert
+    assert trust.cas == (acme_ca.cert,)
     assert trust.pins == frozenset({parse_pin(spki_pin(leaf.cert))})
     with pytest.raises(PKIError, match=r"rules\.yaml: invalid pin"):
         PeerTrust.from_pem("acme.example", acme_ca.cert_pem(), pins=["md5/x"], source="rules.yaml")
@@ -502,7 +503,7 @@ def test_peer_card_loads_as_one_peers_entry(acme_ca: dev.Issued) -> None:
     text = render_card(
         org="acme.example",
         endpoint="https://gw.acme.example:8443",
-        ca=acme_ca.cert,
+        cas=[acme_ca.cert],
         pins=[spki_pin(leaf.cert)],
         signing_key=signing,
     )

@@ -480,3 +480,18 @@ def test_not_utf8_is_reported_with_its_place(files: dict[str, bytes]) -> None:
     with pytest.raises(RulesError) as info:
         load_rules(b"version: 1\norg: \xff\n", filename=FILE)
     assert info.value.issues == ["conf/acme.yaml:2:6: (document): the file is not UTF-8 text"]
+
+
+def test_a_peer_ca_file_may_hold_a_bundle_of_cas(files: dict[str, bytes]) -> None:
+    """Old and new CA side by side, during the peer's CA rollover: both are its anchors."""
+    bundle = files["conf/certs/globex-ca.pem"] + files["conf/certs/initech-ca.pem"]
+    rules = load(VALID, {**files, "conf/certs/globex-ca.pem": bundle})
+    globex = rules.peers["globex.example"]  # type: ignore[attr-defined]
+    assert globex.ca_pem.encode() == bundle
+    single = load(VALID, files).peers["globex.example"]  # type: ignore[attr-defined]
+    assert globex.ca_sha256 != single.ca_sha256  # a changed bundle is a change of trust
+    leaf_in_bundle = {**files, "conf/certs/globex-ca.pem": bundle + files["conf/certs/leaf.pem"]}
+    assert issues(VALID, leaf_in_bundle) == [
+        "conf/acme.yaml:7:9: peers.globex.example.ca: conf/certs/globex-ca.pem: certificate 3: "
+        "is not a CA certificate (basicConstraints CA:TRUE missing)"
+    ]

@@ -17,14 +17,11 @@ is not a CA, a peer equal to our own org, duplicate YAML keys) live only here.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import os.path
 import re
 from collections.abc import Callable, Iterable
 from types import MappingProxyType
 from typing import Any
-
-from cryptography.hazmat.primitives import serialization
 
 from gateway.core.address import normalize_domain, normalize_user
 from gateway.core.durations import format_duration, parse_duration
@@ -59,7 +56,7 @@ from gateway.core.yamlmarks import (
     paused_gc,
 )
 from gateway.errors import AddressError, PKIError, RulesError
-from gateway.pki.certs import load_ca_pem, parse_pin
+from gateway.pki.certs import bundle_pem, bundle_sha256, load_ca_bundle_pem, parse_pin
 
 ReadFile = Callable[[str], bytes]
 
@@ -481,13 +478,11 @@ class _Checker:
         self, data: bytes, source: str, position: Position, path: str, ca_file: str | None
     ) -> tuple[str, str, str | None] | None:
         try:
-            cert = load_ca_pem(data, source=source)
+            certs = load_ca_bundle_pem(data, source=source)
         except PKIError as exc:
             self.error(position, path, exc.message)
             return None
-        pem = cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
-        fingerprint = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
-        return pem, fingerprint, ca_file
+        return bundle_pem(certs), bundle_sha256(certs), ca_file
 
     # -- groups ------------------------------------------------------------------------
     def groups(self, value: Any, position: Position) -> dict[str, Group]:

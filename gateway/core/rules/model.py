@@ -84,8 +84,8 @@ class Peer:
 
     org: str
     endpoint: str
-    ca_pem: str  # exactly one CA certificate, PEM, as re-encoded after parsing
-    ca_sha256: str  # hex SHA-256 of the CA certificate's DER: its fingerprint
+    ca_pem: str  # one or more CA certificates (a rollover: old and new), PEM, re-encoded
+    ca_sha256: str  # hex SHA-256 of the CA certificates' DER, concatenated: one CA's fingerprint
     pins: tuple[str, ...]  # `sha256/...` SPKI pins; empty: no pinning
     signing_key: bytes  # raw Ed25519 public key of the org's key records
     ca_file: str | None = field(default=None, compare=False)  # the path read, None if inline
