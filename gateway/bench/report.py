@@ -69,6 +69,7 @@ SPOOL_FIELDS: Final = (
     "spool.peers_spool_depth",
 )
 _ABSENT: Final = object()
+PROFILE_ROWS: Final = 10  # functions of each gateway's profile in the table
 
 
 def lookup(report: Mapping[str, Any], path: str) -> Any:
@@ -196,6 +197,16 @@ def render_table(report: Mapping[str, Any]) -> str:
             f"{report['sample']['opened']} ({report['sample']['failed']} failed)",
         )
     )
+    for role, summary in (report.get("profile") or {}).items():
+        busy, idle = summary["busy_samples"], summary["idle_samples"]
+        rows.append(
+            (
+                f"{role} profile ({summary['file']})",
+                f"{busy:,} busy samples, {idle:,} idle; busiest by own time:",
+            )
+        )
+        for entry in summary["by_own_time"][:PROFILE_ROWS]:
+            rows.append((f"  {entry['share'] * 100:5.1f}%", entry["function"]))
     outage = report.get("outage")
     if outage:
         rows += [

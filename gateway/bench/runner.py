@@ -75,6 +75,7 @@ from typing import Any, Final
 import trio
 
 from gateway.bench.floor import FloorResult, run_floor
+from gateway.bench.profile import start_recording, summarize_file
 from gateway.client.api import ClientSession
 from gateway.core.address import Address
 from gateway.core.envelope import Envelope, encode_envelope, new_envelope_id
@@ -139,6 +140,7 @@ class BenchOptions:
     floor: bool = True
     transaction_envelopes: int | None = None  # limits.max_transaction_envelopes; None: default
     keep: Path | None = None  # keep the orgs' directories here instead of a temp dir
+    profile: Path | None = None  # py-spy each gateway during the run; stacks go here
 
     def __post_init__(self) -> None:
         if not 1 <= self.envelopes <= MAX_ENVELOPES:
@@ -158,6 +160,8 @@ class BenchOptions:
                 f"--transaction-envelopes must be 1..{MAX_TRANSACTION_ENVELOPES}, "
                 f"got {self.transaction_envelopes}"
             )
+        if self.profile is not None and self.spool is not None:
+            raise ValueError("--profile samples a delivery or outage run, not --spool")
         if self.sample < 0:
             raise ValueError(f"--sample must be 0 or more, got {self.sample}")
         limit = max_payload_bytes(Address.of(SENDER_USER, SENDER_ORG))
@@ -651,8 +655,16 @@ def _delivery(bed: Bed, options: BenchOptions) -> dict[str, Any]:
         assert bed.proc_receiver.process is not None
         receiver_pid = bed.proc_receiver.process.pid
         cpu_receiver_before = cpu_seconds(receiver_pid)
+    recordings = []
+    if options.profile is not None:
+        # The receiver restarts during an outage run: only the sender is sampled then.
+        targets = [("sender", pid_sender)] + ([("receiver", receiver_pid)] if receiver_pid else [])
+        recordings = [start_recording(name, pid, options.profile) for name, pid in targets]
     client_cpu_before = time.process_time()
-    phase = trio.run(_timed_run, bed, state, options)
+    try:
+        phase = trio.run(_timed_run, bed, state, options)
+    finally:
+        written = [recording.stop() for recording in recordings]
     client_cpu = time.process_time() - client_cpu_before
     sender = _gateway_figures(bed.proc_sender, cpu_sender)
     receiver = _gateway_figures(bed.proc_receiver, cpu_receiver_before)  # restarted: from 0
@@ -701,6 +713,11 @@ def _delivery(bed: Bed, options: BenchOptions) -> dict[str, Any]:
         ),
         "sample": {"opened": opened, "failed": open_failures},
         "outage": None,
+        "profile": {
+            recording.name: summarize_file(path)
+            for recording, path in zip(recordings, written, strict=True)
+        }
+        or None,
     }
     if outage:
         ready_at = phase["ready_at"]

@@ -72,6 +72,14 @@ def register(subparsers: Registrar) -> None:
     parser.add_argument(
         "--keep", type=Path, default=None, metavar="DIR", help="keep the orgs' files under DIR"
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="sample each gateway with py-spy during the run: collapsed stacks in DIR, "
+        "and its busiest functions in the report",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     set_handler(parser, run)
 
@@ -89,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
             floor=not args.no_floor,
             transaction_envelopes=args.transaction_envelopes,
             keep=args.keep,
+            profile=args.profile,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc

@@ -128,3 +128,30 @@ def test_bench_refuses_a_bad_option() -> None:
     )
     assert done.returncode == 2
     assert "--window" in done.stderr
+
+
+def test_bench_profile_samples_both_gateways_with_py_spy(tmp_path: Path) -> None:
+    profile = tmp_path / "profile"
+    report = run_bench(tmp_path, "--envelopes", "1000", "--no-floor", "--profile", str(profile))
+    for role in ("sender", "receiver"):
+        summary = report["profile"][role]
+        stacks = profile / f"{role}.folded"
+        assert summary["file"] == str(stacks)
+        # Collapsed stacks, one `frame;...;frame count` per line, that tools can read.
+        first = stacks.read_text().splitlines()[0]
+        assert first.rpartition(" ")[2].isdigit(), first
+        assert summary["busy_samples"] > 0
+        assert summary["by_own_time"], summary
+        assert all(0 < entry["share"] <= 1 for entry in summary["by_total_time"])
+
+
+def test_bench_profile_is_refused_for_the_spool_scenario(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [gateway_script(), "bench", "--spool", "10", "--profile", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "--profile" in done.stderr
