@@ -9,7 +9,7 @@
     tls: {cert: pki/gateway.pem, key: pki/gateway.key, ca: pki/ca.pem}
     client_tls: {cert: pki/client-api.pem, key: pki/client-api.key, min_version: "1.3"}  # or: plain
     listen: {federation: 127.0.0.1:8443, client: 127.0.0.1:8080, metrics: 127.0.0.1:9090}
-    endpoint: https://127.0.0.1:8443    # the URL partners dial
+    endpoint: https://127.0.0.1:8443    # the URL partners dial (or a list: several nodes)
     storage: sqlite                     # data_dir/gateway.sqlite3, or a postgresql:// URL
     limits: {max_body_bytes: 8388608, backoff_initial: 1s, ...}
     log: {format: text, level: info}    # format: text (default) or json (JSON lines)
@@ -98,7 +98,22 @@ def parse_host_port(text: str) -> HostPort:
     return HostPort(host=host, port=int(port_text))
 
 
-def validate_endpoint(text: str) -> str:
+MAX_ENDPOINTS: Final = 8  # as many as a partner's rules take for one peer
+
+
+def _endpoints(value: object) -> tuple[str, ...]:
+    """One endpoint URL, or a list of 1 to MAX_ENDPOINTS distinct ones."""
+    if not isinstance(value, list):
+        return (validate_endpoint(value),)
+    if not 1 <= len(value) <= MAX_ENDPOINTS:
+        raise ValueError(f"give 1 to {MAX_ENDPOINTS} endpoint URLs, got {len(value)}")
+    urls = tuple(validate_endpoint(item) for item in value)
+    if len({url.rstrip("/") for url in urls}) != len(urls):
+        raise ValueError("an endpoint URL is listed twice")
+    return urls
+
+
+def validate_endpoint(text: object) -> str:
     """An ``https://host[:port][/path]`` URL partners can dial; ``ValueError`` otherwise."""
     if not isinstance(text, str):
         raise ValueError(f"expected an https:// URL, got {text!r}")
@@ -226,7 +241,9 @@ class GatewayConfig:
     tls: TLSConfig
     client_tls: ClientTLSConfig | None  # None: `plain`, behind a TLS-terminating proxy
     listen: ListenConfig
-    endpoint: str
+    # The URL(s) partners dial: several when the org runs several gateway nodes
+    # (each node's federation listener); the peer card lists them all.
+    endpoints: tuple[str, ...]
     storage: StorageConfig
     limits: Limits
     log: LogConfig = LogConfig()
@@ -241,6 +258,11 @@ class GatewayConfig:
     @property
     def base_dir(self) -> Path:
         return self.path.parent
+
+    @property
+    def endpoint(self) -> str:
+        """The first URL partners dial (the only one, for a single node)."""
+        return self.endpoints[0]
 
 
 # -- loading -----------------------------------------------------------------------
@@ -455,9 +477,9 @@ def load_config(path: Path | str) -> GatewayConfig:
     )
 
     if "endpoint" in top:
-        endpoint = reader.converted(top["endpoint"], "endpoint", validate_endpoint)
+        endpoints = reader.converted(top["endpoint"], "endpoint", _endpoints)
     else:
-        endpoint = f"https://{org}:{listen.federation.port}"
+        endpoints = (f"https://{org}:{listen.federation.port}",)
 
     storage = reader.converted(
         top.get("storage", "sqlite"), "storage", lambda v: _storage(v, data_dir)
@@ -520,7 +542,7 @@ def load_config(path: Path | str) -> GatewayConfig:
         tls=tls,
         client_tls=client_tls,
         listen=listen,
-        endpoint=endpoint,
+        endpoints=endpoints,
         storage=storage,
         limits=limits,
         log=log,

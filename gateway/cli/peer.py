@@ -48,7 +48,7 @@ def _usage(_args: argparse.Namespace) -> int:
 def render_card(
     *,
     org: str,
-    endpoint: str,
+    endpoints: Sequence[str],
     cas: Sequence[x509.Certificate],
     pins: list[str],
     signing_key: str,
@@ -62,7 +62,9 @@ def render_card(
     lines = [
         f"# {org}: paste under `peers:` in your federation rules",
         f"{org}:",
-        f"{CARD_INDENT}endpoint: {json.dumps(endpoint)}",
+        # One URL as a string, several (nodes of one gateway) as a list.
+        f"{CARD_INDENT}endpoint: "
+        + (json.dumps(endpoints[0]) if len(endpoints) == 1 else json.dumps(list(endpoints))),
         f"{CARD_INDENT}ca_pem: |",
         *(f"{inner}{line}" for line in pem.splitlines()),
         f"{CARD_INDENT}pins:",
@@ -86,7 +88,7 @@ def card_for(config: GatewayConfig) -> str:
         pins.append(dev.key_pin(dev.load_ec_key(staged)))
     return render_card(
         org=config.org,
-        endpoint=config.endpoint,
+        endpoints=config.endpoints,
         cas=cas,
         pins=pins,
         signing_key=format_signing_key(dev.signing_public_key_raw(signing_key)),

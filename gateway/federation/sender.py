@@ -314,11 +314,11 @@ class SenderSettings:
         )
 
 
-Link = tuple[str, str, tuple[str, ...]]  # endpoint, CA fingerprint, pins
+Link = tuple[tuple[str, ...], str, tuple[str, ...]]  # endpoints, CA fingerprint, pins
 
 
 def _link(peer: Peer) -> Link:
-    return (peer.endpoint, peer.ca_sha256, peer.pins)
+    return (peer.endpoints, peer.ca_sha256, peer.pins)
 
 
 @dataclass(eq=False)

@@ -15,8 +15,11 @@ connection per sending gateway (docs/protocol.md §1). Its ``verify`` is an
 that trusts only that peer's CA and presents our gateway certificate (never a
 CA path: httpx 0.28 would then drop the client certificate).
 
-The client dials the ``endpoint`` the rules give (its host may be an IP
-address) but verifies the server as the **peer's org**: every request carries
+The client dials an ``endpoint`` the rules give (its host may be an IP
+address; a peer running several gateway nodes may list several: the one that
+worked last is tried first, and one that cannot be connected to is skipped
+for the next at once, see :meth:`HttpxPeerTransport._exchange`) but verifies
+the server as the **peer's org**: every request carries
 httpcore's ``sni_hostname`` extension, which httpcore hands to the TLS layer
 as ``server_hostname``; so SNI is the org and OpenSSL's hostname check (the
 context has ``check_hostname``) wants the org as a dNSName SAN.
@@ -56,6 +59,7 @@ from typing import Final, Protocol
 import httpx
 import trio
 from cryptography import x509
+from prometheus_client import Counter
 
 from gateway import __version__
 from gateway.config import MAX_INFLIGHT_TRANSACTIONS
@@ -68,6 +72,7 @@ from gateway.federation.protocol import (
     decode_results,
 )
 from gateway.http.tls import classify_handshake_error, describe_ssl_error, find_ssl_error
+from gateway.observability.metrics import PEER_ENDPOINT_FAILOVERS, bounded
 from gateway.pki.certs import parse_pin, spki_sha256
 from gateway.pki.own import OwnCertificate
 from gateway.pki.tls import federation_client_context
@@ -198,7 +203,7 @@ def pinned_sslobject_class(pins: frozenset[bytes], *, org: str) -> type[ssl.SSLO
 class _Link:
     """What a peer's client was built for; a reload that changes it rebuilds the client."""
 
-    endpoint: str
+    endpoints: tuple[str, ...]
     ca_sha256: str
     pins: tuple[str, ...]
     own_sha256: str  # our certificate pair presented ("" when read from files)
@@ -206,7 +211,7 @@ class _Link:
     @classmethod
     def of(cls, peer: Peer, own: OwnCertificate | None) -> _Link:
         return cls(
-            endpoint=peer.endpoint.rstrip("/"),
+            endpoints=tuple(endpoint.rstrip("/") for endpoint in peer.endpoints),
             ca_sha256=peer.ca_sha256,
             pins=peer.pins,
             own_sha256=own.sha256 if own is not None else "",
@@ -216,13 +221,14 @@ class _Link:
 class _PeerClient:
     """A peer's httpx client and how many requests are on it; retired ones close when idle."""
 
-    __slots__ = ("http", "inflight", "link", "retired")
+    __slots__ = ("current", "http", "inflight", "link", "retired")
 
     def __init__(self, link: _Link, http: httpx.AsyncClient) -> None:
         self.link = link
         self.http = http
         self.inflight = 0
         self.retired = False
+        self.current = 0  # the endpoint tried first: the last one that worked
 
 
 class HttpxPeerTransport:
@@ -286,32 +292,95 @@ class HttpxPeerTransport:
     async def _put(
         self, client: _PeerClient, peer: str, txn_id: str, body: bytes, *, expected: int
     ) -> list[EnvelopeResult]:
-        request = client.http.build_request(
+        status, headers, answer = await self._exchange(
+            client,
+            peer,
             "PUT",
-            f"{client.link.endpoint}{TRANSACTIONS_PATH}{txn_id}",
+            f"{TRANSACTIONS_PATH}{txn_id}",
             content=body,
             headers={
                 "content-type": "application/json",
                 "accept": "application/json",
                 "user-agent": USER_AGENT,
             },
-            extensions={_SNI_EXTENSION: peer},
+            limit=self._max_answer_bytes,
         )
-        try:
-            response = await client.http.send(request, stream=True)
-            try:
-                answer = await self._read_answer(peer, response)
-            finally:
-                await response.aclose()
-        except httpx.HTTPError as exc:
-            raise translate_httpx_error(exc, peer) from exc
         return interpret_answer(
-            peer,
-            response.status_code,
-            answer,
-            expected=expected,
-            retry_after=response.headers.get("retry-after"),
+            peer, status, answer, expected=expected, retry_after=headers.get("retry-after")
         )
+
+    async def _exchange(
+        self,
+        client: _PeerClient,
+        peer: str,
+        method: str,
+        path: str,
+        *,
+        content: bytes | None = None,
+        headers: dict[str, str],
+        limit: int,
+    ) -> tuple[int, httpx.Headers, bytes]:
+        """One request on one of the peer's endpoints: (status, headers, body read).
+
+        The endpoint that worked last goes first. One that cannot be connected
+        to (refused, unreachable, a connect timeout, a failed handshake) has
+        received nothing of the request, so the next one is tried at once; the
+        one that answers is kept for the next request (docs/protocol.md §1).
+        Anything after the request was sent is this request's failure.
+        """
+        endpoints = client.link.endpoints
+        first = client.current
+        failed: httpx.HTTPError | None = None
+        for step in range(len(endpoints)):
+            index = (first + step) % len(endpoints)
+            request = client.http.build_request(
+                method,
+                f"{endpoints[index]}{path}",
+                content=content,
+                headers=headers,
+                extensions={_SNI_EXTENSION: peer},
+            )
+            try:
+                response = await client.http.send(request, stream=True)
+                try:
+                    body = await self._read_answer(peer, response, limit=limit)
+                finally:
+                    await response.aclose()
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                failed = exc
+                if len(endpoints) > 1:
+                    LOGGER.warning(
+                        "%s: cannot connect to %s (%s); trying the next endpoint",
+                        peer,
+                        endpoints[index],
+                        translate_httpx_error(exc, peer).kind.value,
+                        extra={"event": "peer_endpoint_failed", "peer": peer},
+                    )
+                continue
+            except httpx.HTTPError as exc:
+                raise translate_httpx_error(exc, peer) from exc
+            if index != client.current:
+                client.current = index
+                self._failovers(peer).inc()
+                LOGGER.warning(
+                    "%s: now using endpoint %s",
+                    peer,
+                    endpoints[index],
+                    extra={"event": "peer_endpoint_switched", "peer": peer},
+                )
+            return response.status_code, response.headers, body
+        assert failed is not None  # endpoints is never empty
+        error = translate_httpx_error(failed, peer)
+        if len(endpoints) > 1:
+            error = TransportError(
+                f"{error.message} (and every other of its {len(endpoints)} endpoints)",
+                kind=error.kind,
+                reason=error.reason,
+            )
+        raise error from failed
+
+    def _failovers(self, peer: str) -> Counter:
+        return PEER_ENDPOINT_FAILOVERS.labels(bounded(peer, self._rules.current.peers))
 
     async def get(self, peer: str, path: str, *, max_bytes: int) -> tuple[int, bytes]:
         """``GET path`` on the peer's persistent mTLS client: (status, body).
@@ -334,21 +403,15 @@ class HttpxPeerTransport:
     async def _get(
         self, client: _PeerClient, peer: str, path: str, *, max_bytes: int
     ) -> tuple[int, bytes]:
-        request = client.http.build_request(
+        status, _headers, body = await self._exchange(
+            client,
+            peer,
             "GET",
-            f"{client.link.endpoint}{path}",
+            path,
             headers={"accept": "application/json", "user-agent": USER_AGENT},
-            extensions={_SNI_EXTENSION: peer},
+            limit=max_bytes,
         )
-        try:
-            response = await client.http.send(request, stream=True)
-            try:
-                body = await self._read_answer(peer, response, limit=max_bytes)
-            finally:
-                await response.aclose()
-        except httpx.HTTPError as exc:
-            raise translate_httpx_error(exc, peer) from exc
-        return response.status_code, body
+        return status, body
 
     async def _read_answer(
         self, peer: str, response: httpx.Response, *, limit: int | None = None

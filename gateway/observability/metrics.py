@@ -144,6 +144,13 @@ MAILBOX_FULL_REFUSALS = Counter(
     ["path"],
 )
 
+PEER_ENDPOINT_FAILOVERS = Counter(
+    "gateway_peer_endpoint_failovers_total",
+    "Times the sender switched to another of a peer's endpoints because the one in use "
+    "could not be connected to, by peer.",
+    ["peer"],
+)
+
 # -- storage reserve (gateway.reserve) -----------------------------------------------
 STORAGE_AVAILABLE_BYTES = Gauge(
     "gateway_storage_available_bytes",

@@ -24,6 +24,7 @@ bounds (the autojump clock would jump while sockets wait).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import os
 import random
@@ -1512,3 +1513,69 @@ async def test_nothing_listening_is_a_connect_failure(tmp_path: Path) -> None:
     finally:
         await transport.aclose()
     assert caught.value.kind is FailureKind.CONNECT
+
+
+async def test_a_peer_with_several_endpoints_is_reached_on_one_that_works(tmp_path: Path) -> None:
+    """Nodes of one peer: a dead endpoint is skipped at once, and the live one is kept."""
+    acme, globex = make_side(tmp_path, ORG), make_side(tmp_path, A)
+    seen: dict[str, list[str]] = {"first": [], "second": []}
+
+    def receiver(name: str) -> Handler:
+        async def handle(request: Request) -> Response:
+            seen[name].append(request.path)
+            return answer_accepting_all(request)
+
+        return handle
+
+    with trio.socket.socket() as probe:  # a port that was free a moment ago
+        await probe.bind(("127.0.0.1", 0))
+        free_port = probe.getsockname()[1]
+    failovers = functools.partial(sample, "gateway_peer_endpoint_failovers_total", peer=A)
+    before = failovers()
+    with trio.fail_after(TLS_TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            second_scope = trio.CancelScope()
+
+            async def serve_second(*, task_status: trio.TaskStatus[int]) -> None:
+                with second_scope:
+                    server = federation_server(globex, acme, receiver("second"))
+                    await server.serve("127.0.0.1", 0, task_status=task_status)
+
+            second = await nursery.start(serve_second)
+            endpoints = f"[https://127.0.0.1:{free_port}, https://127.0.0.1:{second}]"
+            rules = RulesHolder.load(write_rules(tmp_path, {A: endpoints}))
+            transport = HttpxPeerTransport(ORG, acme.cert_file, acme.key_file, rules, timeout=10.0)
+            envelopes = [decode_envelope(make_item(A).data)]
+            body = encode_transaction(ORG, A, envelopes)
+            try:
+                # Nothing listens at the first: the second takes it, and is kept.
+                await transport.send_transaction(A, new_txn_id(), body, expected=1)
+                await transport.send_transaction(A, new_txn_id(), body, expected=1)
+                assert (len(seen["first"]), len(seen["second"])) == (0, 2)
+                assert failovers() == before + 1
+
+                # The first node comes up and the second goes away: the first takes over.
+                await nursery.start(
+                    federation_server(globex, acme, receiver("first")).serve,
+                    "127.0.0.1",
+                    free_port,
+                )
+                second_scope.cancel()
+                await trio.testing.wait_all_tasks_blocked()
+                await transport.send_transaction(A, new_txn_id(), body, expected=1)
+                assert (len(seen["first"]), len(seen["second"])) == (1, 2)
+                assert failovers() == before + 2
+
+                # Both down: a connect failure that says all were tried.
+                nursery.cancel_scope.cancel()
+            finally:
+                await transport.aclose()
+    rules = RulesHolder.load(write_rules(tmp_path, {A: endpoints}))
+    transport = HttpxPeerTransport(ORG, acme.cert_file, acme.key_file, rules, timeout=5.0)
+    try:
+        with trio.fail_after(TLS_TEST_TIMEOUT), pytest.raises(TransportError) as caught:
+            await transport.send_transaction(A, new_txn_id(), body, expected=1)
+    finally:
+        await transport.aclose()
+    assert caught.value.kind is FailureKind.CONNECT
+    assert "and every other of its 2 endpoints" in caught.value.message

@@ -71,6 +71,13 @@ def test_what_init_writes_loads(tmp_path: Path) -> None:
     assert config.limits == Limits()
 
 
+def test_a_gateway_of_several_nodes_gives_every_endpoint(tmp_path: Path) -> None:
+    text = "org: acme.example\nendpoint: ['https://gw1.acme.example', 'https://gw2.acme.example']\n"
+    config = load_config(write(tmp_path, text))
+    assert config.endpoints == ("https://gw1.acme.example", "https://gw2.acme.example")
+    assert config.endpoint == "https://gw1.acme.example"
+
+
 def test_only_org_is_required(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, "org: Acme.Example\n"))
     assert config.org == "acme.example"
@@ -189,6 +196,15 @@ def test_config_is_frozen(tmp_path: Path) -> None:
         ("org: acme.example\nendpoint: http://x:1\n", "endpoint: 'http://x:1' must be an https"),
         ("org: acme.example\nendpoint: 'https://'\n", "endpoint: 'https://' has no host"),
         ("org: acme.example\nendpoint: 'https://x:99999'\n", "endpoint: 'https://x:99999' is not"),
+        ("org: acme.example\nendpoint: []\n", "endpoint: give 1 to 8 endpoint URLs, got 0"),
+        (
+            "org: acme.example\nendpoint: ['https://a:1', 'http://b:1']\n",
+            "endpoint: 'http://b:1' must be an https",
+        ),
+        (
+            "org: acme.example\nendpoint: ['https://a:1', 'https://a:1/']\n",
+            "endpoint: an endpoint URL is listed twice",
+        ),
         ("org: acme.example\nstorage: mysql\n", "storage: expected sqlite or a postgresql"),
         ("org: acme.example\nlimits: {max_body_bytes: -1}\n", "limits.max_body_bytes: expected"),
         ("org: acme.example\nlimits: {max_body_bytes: true}\n", "limits.max_body_bytes: expected"),

@@ -502,7 +502,7 @@ def test_peer_card_loads_as_one_peers_entry(acme_ca: dev.Issued) -> None:
     signing = format_signing_key(dev.signing_public_key_raw(dev.generate_signing_key()))
     text = render_card(
         org="acme.example",
-        endpoint="https://gw.acme.example:8443",
+        endpoints=["https://gw.acme.example:8443"],
         cas=[acme_ca.cert],
         pins=[spki_pin(leaf.cert)],
         signing_key=signing,
@@ -518,6 +518,16 @@ def test_peer_card_loads_as_one_peers_entry(acme_ca: dev.Issued) -> None:
     # Pasted under `peers:` (indented by two), it is still that entry.
     indented = "peers:\n" + "".join(f"  {line}\n" for line in text.splitlines())
     assert yaml.safe_load(indented)["peers"] == yaml.safe_load(text)
+    # A gateway of several nodes: the card lists every endpoint.
+    nodes = ["https://gw1.acme.example:8443", "https://gw2.acme.example:8443"]
+    several = render_card(
+        org="acme.example",
+        endpoints=nodes,
+        cas=[acme_ca.cert],
+        pins=[spki_pin(leaf.cert)],
+        signing_key=signing,
+    )
+    assert yaml.safe_load(several)["acme.example"]["endpoint"] == nodes
 
 
 def garbage_pem(label: str) -> str:

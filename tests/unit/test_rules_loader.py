@@ -374,6 +374,30 @@ ERROR_CASES = [
         id="endpoint-not-https",
     ),
     pytest.param(
+        edit(
+            "endpoint: https://gw.initech.example",
+            "endpoint: [https://a.initech.example, ftp://b.initech.example]",
+        ),
+        "conf/acme.yaml:11:43: peers.initech.example.endpoint[1]: invalid endpoint "
+        "'ftp://b.initech.example': expected https://HOST[:PORT][/PATH] (no user, query or "
+        "fragment)",
+        id="endpoint-list-with-a-bad-url",
+    ),
+    pytest.param(
+        edit(
+            "endpoint: https://gw.initech.example",
+            "endpoint: [https://a.initech.example, https://a.initech.example/]",
+        ),
+        "conf/acme.yaml:11:43: peers.initech.example.endpoint[1]: duplicate endpoint "
+        "'https://a.initech.example/'",
+        id="endpoint-list-duplicate",
+    ),
+    pytest.param(
+        edit("endpoint: https://gw.initech.example", "endpoint: []"),
+        "conf/acme.yaml:11:15: peers.initech.example.endpoint: give 1 to 8 endpoint URLs, got 0",
+        id="endpoint-list-empty",
+    ),
+    pytest.param(
         edit("  legal:\n    members: [carol]\n", "  legal:\n    <<: {members: [carol]}\n"),
         "conf/acme.yaml:24:5: groups.legal: merge keys (<<) are not supported; write the keys out",
         id="merge-key",
@@ -495,3 +519,19 @@ def test_a_peer_ca_file_may_hold_a_bundle_of_cas(files: dict[str, bytes]) -> Non
         "conf/acme.yaml:7:9: peers.globex.example.ca: conf/certs/globex-ca.pem: certificate 3: "
         "is not a CA certificate (basicConstraints CA:TRUE missing)"
     ]
+
+
+def test_a_peer_may_list_several_endpoints(files: dict[str, bytes]) -> None:
+    text = edit(
+        "endpoint: https://gw.initech.example",
+        "endpoint:\n      - https://gw1.initech.example:8443\n"
+        "      - https://gw2.initech.example:8443",
+    )
+    initech = load(text, files).peers["initech.example"]  # type: ignore[attr-defined]
+    assert initech.endpoints == (
+        "https://gw1.initech.example:8443",
+        "https://gw2.initech.example:8443",
+    )
+    assert initech.endpoint == "https://gw1.initech.example:8443"
+    single = load(VALID, files).peers["initech.example"]  # type: ignore[attr-defined]
+    assert single.endpoints == ("https://gw.initech.example",)

@@ -108,10 +108,32 @@ INVALID = {
     "bad-signing-key": edit(SIGNING_KEY_LINE, "    signing_key: ed25519:short"),
     "missing-signing-key": edit(SIGNING_KEY_LINE + "\n", ""),
     "missing-endpoint": edit("    endpoint: https://gw.globex.example:8443\n", ""),
+    "endpoints-empty": edit("endpoint: https://gw.globex.example:8443", "endpoint: []"),
+    "endpoints-bad-url": edit(
+        "endpoint: https://gw.globex.example:8443",
+        "endpoint: [https://gw1.globex.example, http://gw2.globex.example]",
+    ),
+    "endpoints-duplicate": edit(
+        "endpoint: https://gw.globex.example:8443",
+        "endpoint: [https://gw1.globex.example, https://gw1.globex.example]",
+    ),
+    "endpoints-too-many": edit(
+        "endpoint: https://gw.globex.example:8443",
+        "endpoint: [" + ", ".join(f"https://gw{n}.globex.example" for n in range(9)) + "]",
+    ),
     "groups-not-mapping": MINIMAL + "groups: []\n",
     "peers-null": MINIMAL + "peers:\ngroups: {}\n",
     "group-null": MINIMAL + "groups:\n  staff:\n",
 }
+
+
+def test_both_accept_several_endpoints_for_a_peer() -> None:
+    text = edit(
+        "endpoint: https://gw.globex.example:8443",
+        "endpoint: [https://gw1.globex.example:8443, https://gw2.globex.example:8443]",
+    )
+    assert schema_accepts(text)
+    assert loader_accepts(text)
 
 
 def test_both_accept_the_smallest_file() -> None:

@@ -139,8 +139,10 @@ def diff_rules(old: Rules, new: Rules) -> RulesDiff:
 
 def _peer_changes(old: Peer, new: Peer) -> list[Change]:
     changes = []
-    if old.endpoint != new.endpoint:
-        changes.append(Change(old.org, "endpoint", old.endpoint, new.endpoint))
+    if old.endpoints != new.endpoints:
+        changes.append(
+            Change(old.org, "endpoint", ", ".join(old.endpoints), ", ".join(new.endpoints))
+        )
     if old.ca_sha256 != new.ca_sha256:
         changes.append(
             Change(old.org, "ca", f"sha256:{old.ca_sha256[:16]}", f"sha256:{new.ca_sha256[:16]}")

@@ -30,6 +30,7 @@ from gateway.core.rules.model import (
     DEFAULT_MAX_ENVELOPE_BYTES,
     DEFAULT_TTL,
     GROUP_NAME_RE,
+    MAX_PEER_ENDPOINTS,
     MAX_TTL_SECONDS,
     MIN_ENVELOPE_BYTES,
     MIN_TTL_SECONDS,
@@ -338,10 +339,10 @@ class _Checker:
         self.check_keys(spec, path, _PEER_KEYS, _PEER_REQUIRED, key_position)
         ok = True
 
-        endpoint = None
+        endpoints = None
         if "endpoint" in spec:
-            endpoint = self.endpoint(spec["endpoint"], spec.value_position("endpoint"), path)
-            ok = ok and endpoint is not None
+            endpoints = self.endpoints(spec["endpoint"], spec.value_position("endpoint"), path)
+            ok = ok and endpoints is not None
 
         ca = self.ca(spec, key_position, path)
         ok = ok and ca is not None
@@ -382,12 +383,12 @@ class _Checker:
                     signing_key = parse_signing_key(text)
                 except ValueError as exc:
                     self.error(key_value_position, key_path, str(exc))
-        if not ok or endpoint is None or ca is None or signing_key is None:
+        if not ok or endpoints is None or ca is None or signing_key is None:
             return None
         ca_pem, ca_sha256, ca_file = ca
         return Peer(
             org=name,
-            endpoint=endpoint,
+            endpoints=endpoints,
             ca_pem=ca_pem,
             ca_sha256=ca_sha256,
             pins=tuple(pins),
@@ -396,8 +397,35 @@ class _Checker:
             mark=self.mark(key_position, path),
         )
 
-    def endpoint(self, value: Any, position: Position, path: str) -> str | None:
+    def endpoints(self, value: Any, position: Position, path: str) -> tuple[str, ...] | None:
+        """``endpoint:`` is one URL, or a list of 1 to MAX_PEER_ENDPOINTS of them."""
         path = _join(path, "endpoint")
+        if not isinstance(value, list):
+            one = self.endpoint(value, position, path)
+            return None if one is None else (one,)
+        items = self.expect_list(value, position, path, "endpoint URLs")
+        if items is None:
+            return None
+        if not 1 <= len(items) <= MAX_PEER_ENDPOINTS:
+            self.error(
+                position,
+                path,
+                f"give 1 to {MAX_PEER_ENDPOINTS} endpoint URLs, got {len(items)}",
+            )
+            return None
+        urls: list[str] = []
+        for index, item in enumerate(items):
+            item_position = items.item_position(index)
+            url = self.endpoint(item, item_position, f"{path}[{index}]")
+            if url is None:
+                return None
+            if url.rstrip("/") in (u.rstrip("/") for u in urls):
+                self.error(item_position, f"{path}[{index}]", f"duplicate endpoint {url!r}")
+                return None
+            urls.append(url)
+        return tuple(urls)
+
+    def endpoint(self, value: Any, position: Position, path: str) -> str | None:
         text = self.expect_str(value, position, path, "an endpoint URL")
         if text is None:
             return None

@@ -17,6 +17,7 @@ RULES_VERSION = 1
 WILDCARD = "*"  # in send_to / receive_from: every peer in `peers`
 GROUP_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
+MAX_PEER_ENDPOINTS = 8  # federation listeners one peer entry may list
 PROTOCOL_MAX_ENVELOPE_BYTES = 1_048_576  # the protocol's hard cap; no group may exceed it
 MIN_ENVELOPE_BYTES = 1
 DEFAULT_MAX_ENVELOPE_BYTES = 65_536
@@ -83,13 +84,21 @@ class Peer:
     """Another org's gateway, as this org's rules describe it."""
 
     org: str
-    endpoint: str
+    # Its federation listeners: one URL, or several nodes of one gateway (tried in
+    # turn; the sender keeps using one that works). At least one, at most
+    # MAX_PEER_ENDPOINTS.
+    endpoints: tuple[str, ...]
     ca_pem: str  # one or more CA certificates (a rollover: old and new), PEM, re-encoded
     ca_sha256: str  # hex SHA-256 of the CA certificates' DER, concatenated: one CA's fingerprint
     pins: tuple[str, ...]  # `sha256/...` SPKI pins; empty: no pinning
     signing_key: bytes  # raw Ed25519 public key of the org's key records
     ca_file: str | None = field(default=None, compare=False)  # the path read, None if inline
     mark: Mark | None = field(default=None, compare=False)
+
+    @property
+    def endpoint(self) -> str:
+        """The first endpoint: where a peer with one gateway node is reached."""
+        return self.endpoints[0]
 
     @property
     def trust(self) -> tuple[str, tuple[str, ...]]:
