@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import trio
 
+from gateway import __version__
 from gateway.clientapi.api import ClientAPI
 from gateway.clientapi.mailbox_wait import MailboxWaiters
 from gateway.config import GatewayConfig
@@ -57,11 +58,12 @@ from gateway.observability.audit import AuditWriter
 from gateway.observability.certs import CLIENT_API, FEDERATION, ORG_CA, CertificateGauges
 from gateway.observability.endpoints import MetricsEndpoints, NotReady
 from gateway.observability.gauges import run_gauge_refresher
+from gateway.observability.metrics import NodeInfo
 from gateway.pki import dev
 from gateway.pki.own import OwnCertificate
 from gateway.pki.tls import client_api_server_context
 from gateway.reserve import SpaceReserve
-from gateway.rules_runtime import RulesHolder, watch_rules_file, watch_sighup
+from gateway.rules_runtime import ReloadRecord, RulesHolder, watch_rules_file, watch_sighup
 from gateway.storage.base import Bound, Storage
 from gateway.storage.sqlite import open_sqlite_storage
 from gateway.tls_runtime import CertificateHolder, reload_all, watch_certificate_files
@@ -168,7 +170,7 @@ async def run_gateway(
             f"{config.path}: storage: only sqlite is available in this version of the gateway"
         )
 
-    audit = AuditWriter(config.audit_path, max_bytes=config.audit_max_bytes)
+    audit = AuditWriter(config.audit_path, max_bytes=config.audit_max_bytes, node=config.node)
     async with open_sqlite_storage(config.storage.sqlite_path) as storage:
         # The disk of the database keeps a reserve; new envelopes wait below it.
         reserve = SpaceReserve(
@@ -298,9 +300,15 @@ async def run_gateway(
                 client.set_ssl_context(context)
 
             client_certificate.subscribe(client_renewed)
-        unaudit = rules.subscribe_records(
-            lambda record: audit.record_reload(record, rules.current.peers)
-        )
+        node_info = NodeInfo(config.node, __version__)
+        node_info.show(rules.sha256)
+
+        def reloaded(record: ReloadRecord) -> None:
+            audit.record_reload(record, rules.current.peers)
+            if record.ok:
+                node_info.show(rules.sha256)
+
+        unaudit = rules.subscribe_records(reloaded)
         certificates = CertificateGauges()
         unfollow_certificates = certificates.follow(rules)
         # The federation and client API series follow the pairs in use (tls_runtime).

@@ -3,6 +3,7 @@
 ::
 
     org: acme.example                   # required; the gateway's identity
+    node: gw1                           # this node's name (default: the host's name)
     data_dir: data                      # spool, mailboxes, state (mode 0700)
     rules: rules.yaml                   # federation rules
     signing_key: keys/org-signing.key   # Ed25519, signs the org's key records
@@ -31,6 +32,7 @@ import difflib
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -96,6 +98,25 @@ def parse_host_port(text: str) -> HostPort:
         if ip.version == 6 and not bracketed:
             raise ValueError(f"{text!r}: write an IPv6 host in brackets, like [::1]:8443")
     return HostPort(host=host, port=int(port_text))
+
+
+NODE_NAME_RE: Final = re.compile(r"[a-z0-9](?:[a-z0-9.-]{0,61}[a-z0-9])?")
+
+
+def validate_node_name(value: object) -> str:
+    """A node's name: 1-63 of a-z 0-9 . - (not at either end), like a host name."""
+    if not isinstance(value, str) or not NODE_NAME_RE.fullmatch(value):
+        raise ValueError(
+            f"expected 1 to 63 of a-z, 0-9, '.' and '-' (not first or last), got {value!r}"
+        )
+    return value
+
+
+def default_node_name() -> str:
+    """The host's name, lower-cased, anything else a node name may not hold made '-'."""
+    name = re.sub(r"[^a-z0-9.-]", "-", socket.gethostname().lower()).strip(".-")[:63]
+    name = name.strip(".-")
+    return name if NODE_NAME_RE.fullmatch(name) else "gateway"
 
 
 MAX_ENDPOINTS: Final = 8  # as many as a partner's rules take for one peer
@@ -249,6 +270,9 @@ class GatewayConfig:
     log: LogConfig = LogConfig()
     audit_log: Path | None = None  # None: data_dir/audit.log
     audit_max_bytes: int = DEFAULT_AUDIT_MAX_BYTES
+    # This process's name among the org's gateway nodes (audit records, metrics,
+    # logs); the host's name unless gateway.yaml says `node:`.
+    node: str = field(default_factory=lambda: default_node_name())
 
     @property
     def audit_path(self) -> Path:
@@ -269,6 +293,7 @@ class GatewayConfig:
 
 _TOP_KEYS = (
     "org",
+    "node",
     "data_dir",
     "rules",
     "signing_key",
@@ -533,7 +558,14 @@ def load_config(path: Path | str) -> GatewayConfig:
             "audit_max_bytes", f"must be at least {MIN_AUDIT_MAX_BYTES}, got {audit_max_bytes}"
         )
 
+    node = (
+        reader.converted(top["node"], "node", validate_node_name)
+        if "node" in top
+        else default_node_name()
+    )
+
     return GatewayConfig(
+        node=node,
         path=path,
         org=org,
         data_dir=data_dir,

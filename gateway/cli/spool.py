@@ -295,6 +295,7 @@ def run_purge(args: argparse.Namespace, *, confirm: Confirm = ask_on_terminal) -
         config.audit_path,
         "spool_purged",
         max_bytes=config.audit_max_bytes,
+        node=config.node,
         peer=peer or "*",
         older_than_s=older_than,
         count=purged,

@@ -106,7 +106,11 @@ def run_issue(args: argparse.Namespace) -> int:
     token = trio.run(issue)
     # Audited before it is shown: a token the audit log does not know is never handed out.
     append_event(
-        config.audit_path, "token_issued", max_bytes=config.audit_max_bytes, user=str(user)
+        config.audit_path,
+        "token_issued",
+        max_bytes=config.audit_max_bytes,
+        node=config.node,
+        user=str(user),
     )
     print(token)
     print(f"token issued for {user}; it is shown only this once", file=sys.stderr)
@@ -130,6 +134,7 @@ def run_revoke(args: argparse.Namespace) -> int:
         config.audit_path,
         "token_revoked",
         max_bytes=config.audit_max_bytes,
+        node=config.node,
         user=str(user),
         count=count,
     )

@@ -30,6 +30,10 @@ to ``audit.log.<UTC timestamp>`` and starts a new file whose first record is
 ``previous_file`` = its name: verify the files in order and the chain runs
 through (or verify one file alone with ``--from-hash``).
 
+Several gateway nodes of one org each keep a chain of their own (the
+``node`` field of every record names it): :func:`group_chains` splits the
+files given to ``gateway audit verify`` by node, and each chain is walked.
+
 A record never holds a payload, a ciphertext, a token or key material: the
 kinds and their fields are listed in :data:`KINDS`, field names that smell of
 secrets are refused (:data:`FORBIDDEN_FIELDS`), and every string is bounded.
@@ -353,6 +357,34 @@ def verify_files(paths: Sequence[Path], *, from_hash: str | None = None) -> Chai
     return ChainReport(walker.records, len(paths), walker.first_seq, last_seq, walker.expected_prev)
 
 
+def chain_node(path: Path) -> str | None:
+    """The ``node`` named by the first record of ``path`` (None: no node, or no record).
+
+    Each gateway node keeps a chain of its own; a record names its node.
+    """
+    with path.open("rb") as handle:
+        first = handle.readline(MAX_RECORD_BYTES + 1)
+    try:
+        node = parse_record(first.rstrip(b"\n")).get("node")
+    except ValueError:
+        return None
+    return node if isinstance(node, str) else None
+
+
+def group_chains(paths: Sequence[Path]) -> list[tuple[str | None, list[Path]]]:
+    """``paths`` split into one chain per node, each in the order given.
+
+    An org running several gateway nodes has one audit chain per node (and its
+    rotated files); :func:`verify_files` walks each. Files of one node stay
+    in the order given (oldest first). Chains come in the order their first
+    file was given.
+    """
+    chains: dict[str | None, list[Path]] = {}
+    for path in paths:
+        chains.setdefault(chain_node(path), []).append(path)
+    return list(chains.items())
+
+
 # -- appending (blocking: a worker thread in the gateway, directly in the CLI) ------------
 
 
@@ -490,14 +522,21 @@ def local_actor() -> str:
 
 
 def append_event(
-    path: Path, kind: str, *, max_bytes: int = DEFAULT_MAX_BYTES, **fields: AuditValue
+    path: Path,
+    kind: str,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    node: str | None = None,
+    **fields: AuditValue,
 ) -> dict[str, object]:
     """One record, now, by this process: what the CLI commands use.
 
-    Adds ``source: cli`` and ``actor`` (the login name). ``AuditError`` if it
-    cannot be written.
+    Adds ``source: cli``, ``actor`` (the login name) and ``node`` (the node whose
+    config the command ran with). ``AuditError`` if it cannot be written.
     """
     fields = {"source": "cli", "actor": local_actor(), **fields}
+    if node is not None:
+        fields["node"] = node
     event = AuditEvent.of(kind, at=time.time(), **fields)
     try:
         (record,) = append_events(path, [event], max_bytes=max_bytes)
@@ -559,6 +598,7 @@ class AuditWriter:
         max_bytes: int = DEFAULT_MAX_BYTES,
         capacity: int = QUEUE_CAPACITY,
         wall_clock: Callable[[], float] = time.time,
+        node: str | None = None,
     ) -> None:
         if max_bytes < MIN_MAX_BYTES:
             raise ValueError(f"max_bytes must be at least {MIN_MAX_BYTES}")
@@ -567,14 +607,16 @@ class AuditWriter:
         self.path = path
         self._max_bytes = max_bytes
         self._wall_clock = wall_clock
+        # Every record names the gateway node that wrote it (several nodes, one org).
+        self._node: dict[str, AuditValue] = {"node": node} if node is not None else {}
         self._send, self._receive = trio.open_memory_channel[AuditEvent](capacity)
 
     async def record(self, kind: str, **fields: AuditValue) -> None:
-        await self._send.send(AuditEvent.of(kind, at=self._wall_clock(), **fields))
+        await self._send.send(AuditEvent.of(kind, at=self._wall_clock(), **self._node, **fields))
 
     def record_nowait(self, kind: str, **fields: AuditValue) -> bool:
         """Queue a record without waiting; False (counted, logged) if the queue is full."""
-        event = AuditEvent.of(kind, at=self._wall_clock(), **fields)
+        event = AuditEvent.of(kind, at=self._wall_clock(), **self._node, **fields)
         try:
             self._send.send_nowait(event)
         except trio.WouldBlock:

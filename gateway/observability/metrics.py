@@ -11,6 +11,7 @@ Hot paths keep labelled children (``.labels(...)`` once, then ``.inc()``).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Container
 
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
@@ -30,6 +31,12 @@ RULES_RELOADS = Counter(
     "gateway_rules_reloads_total",
     "Rules loads and reloads, by result (success or failure).",
     ["result"],
+)
+NODE_INFO = Gauge(
+    "gateway_node_info",
+    "1 for this gateway node, labelled with its name, its version and the SHA-256 of the "
+    "rules it has in force: nodes of one org whose rules_sha256 differ run different rules.",
+    ["node", "version", "rules_sha256"],
 )
 RULES_LOADED_TIMESTAMP = Gauge(
     "gateway_rules_loaded_timestamp_seconds",
@@ -227,3 +234,22 @@ AUDIT_WRITE_FAILURES = Counter(
     "gateway_audit_write_failures_total",
     "Attempts to append a batch to the audit log that failed (retried until written).",
 )
+
+
+class NodeInfo:
+    """``gateway_node_info`` of this process: one series, moved to each rules load."""
+
+    def __init__(self, node: str, version: str) -> None:
+        self.node = node
+        self.version = version
+        self._labels: tuple[str, str, str] | None = None
+
+    def show(self, rules_sha256: str) -> None:
+        labels = (self.node, self.version, rules_sha256)
+        if labels == self._labels:
+            return
+        if self._labels is not None:
+            with contextlib.suppress(KeyError):
+                NODE_INFO.remove(*self._labels)
+        NODE_INFO.labels(*labels).set(1)
+        self._labels = labels

@@ -172,3 +172,43 @@ def test_admin_commands_append_to_one_chain(tmp_path: Path) -> None:
     assert token not in log.read_text()
     result = ok("audit", "verify", log)
     assert result.stdout.startswith("intact: 4 record(s)")
+
+
+def test_the_chains_of_several_nodes_are_each_verified(tmp_path: Path) -> None:
+    """Each gateway node of an org keeps its own chain; one command checks them all."""
+    logs = {}
+    for node in ("gw1", "gw2"):
+        path = tmp_path / f"{node}.audit.log"
+        events = [
+            AuditEvent.of("token_issued", at=1_700_000_000.0 + n, node=node, user=f"u{n}")
+            for n in range(RECORDS)
+        ]
+        append_events(path, events)
+        logs[node] = path
+    result = ok("audit", "verify", logs["gw1"], logs["gw2"])
+    assert f"node gw1: intact: {RECORDS} record(s) (seq 1-{RECORDS}) in 1 file" in result.stdout
+    assert f"node gw2: intact: {RECORDS} record(s)" in result.stdout
+
+    # A change in one node's chain is named with its node; the other still verifies.
+    data = lines(logs["gw2"])
+    data[3] = data[3].replace(b'"u3"', b'"u9"')
+    logs["gw2"].write_bytes(b"".join(data))
+    tampered = gateway("audit", "verify", logs["gw1"], logs["gw2"])
+    assert tampered.returncode == 1
+    assert f"node gw2: TAMPERED: {logs['gw2']}:4: record seq 4" in tampered.stdout
+    assert "node gw1: intact" in tampered.stdout
+
+    # --from-hash names where one chain starts: it cannot apply to two.
+    refused = gateway("audit", "verify", logs["gw1"], logs["gw2"], "--from-hash", "0" * 64)
+    assert refused.returncode == 2
+    assert "--from-hash applies to one chain; these files hold 2" in refused.stderr
+
+
+def test_records_written_by_admin_commands_name_the_node(tmp_path: Path) -> None:
+    directory = tmp_path / "acme"
+    ok("init", "--org", "acme.example", "--dir", directory)
+    config = directory / "gateway.yaml"
+    config.write_text(config.read_text() + "node: gw7\n")
+    ok("token", "issue", "alice", "-c", config)
+    (record,) = [json.loads(line) for line in lines(directory / "data" / "audit.log")]
+    assert record["node"] == "gw7"

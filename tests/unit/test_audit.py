@@ -30,6 +30,8 @@ from gateway.observability.audit import (
     append_event,
     append_events,
     canonical_bytes,
+    chain_node,
+    group_chains,
     record_hash,
     seal_record,
     utc_timestamp,
@@ -395,3 +397,43 @@ async def test_a_reload_records_itself_and_each_peer_it_changed(
     assert records[0]["result"] == "success"
     assert records[0]["peers_added"] == ["new.example"]
     assert all(r.get("rules_sha256", "ab" * 32) == "ab" * 32 for r in records)
+
+
+# -- several gateway nodes: a chain each ------------------------------------------------
+
+
+async def test_the_writer_names_its_node_in_every_record(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    log = tmp_path / "audit.log"
+    writer = AuditWriter(log, node="gw2")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        await writer.record("policy_denial", envelope_id="e1", reason="no_group")
+        assert writer.record_nowait("token_issued", user="a@acme.example")
+        nursery.cancel_scope.cancel()
+    assert [json.loads(line)["node"] for line in lines_of(log)] == ["gw2", "gw2"]
+    record = append_event(log, "token_revoked", node="gw2", user="a@acme.example", count=1)
+    assert record["node"] == "gw2"
+    assert verify_files([log]).records == 3
+
+
+def test_files_of_several_nodes_are_several_chains(tmp_path: Path) -> None:
+    def chain_of(node: str | None, name: str, count: int) -> Path:
+        path = tmp_path / name
+        fields = {"node": node} if node is not None else {}
+        events = [
+            AuditEvent.of("token_issued", at=1_700_000_000.0 + n, user=f"u{n}", **fields)
+            for n in range(count)
+        ]
+        append_events(path, events)
+        return path
+
+    gw1, gw2 = chain_of("gw1", "gw1-audit.log", 3), chain_of("gw2", "gw2-audit.log", 2)
+    alone = chain_of(None, "audit.log", 1)
+    empty = tmp_path / "empty.log"
+    empty.write_bytes(b"")
+    chains = group_chains([gw2, alone, gw1, empty])
+    assert chains == [("gw2", [gw2]), (None, [alone, empty]), ("gw1", [gw1])]
+    assert chain_node(gw1) == "gw1"
+    assert [verify_files(files).records for node, files in chains if node] == [2, 3]

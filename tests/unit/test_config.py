@@ -9,11 +9,13 @@ import pytest
 
 from gateway.cli.init import InitOptions, render_config
 from gateway.config import (
+    NODE_NAME_RE,
     SQLITE_FILENAME,
     ClientTLSConfig,
     HostPort,
     Limits,
     ListenConfig,
+    default_node_name,
     load_config,
     parse_host_port,
 )
@@ -292,3 +294,26 @@ def test_parse_host_port(text: str, expected: HostPort) -> None:
 def test_parse_host_port_refuses(text: str) -> None:
     with pytest.raises(ValueError, match=r"."):
         parse_host_port(text)
+
+
+def test_a_node_has_a_name_the_host_s_by_default(tmp_path: Path) -> None:
+    named = load_config(write(tmp_path, "org: acme.example\nnode: gw-2.dc1\n"))
+    assert named.node == "gw-2.dc1"
+    default = load_config(write(tmp_path, "org: acme.example\n"))
+    assert default.node == default_node_name()
+    assert NODE_NAME_RE.fullmatch(default.node)
+
+
+@pytest.mark.parametrize("bad", ["GW1", "-gw", "gw_1", "''", "x" * 64, "7"])
+def test_a_bad_node_name_is_refused_with_its_key(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(ConfigError, match="node: expected 1 to 63 of a-z"):
+        load_config(write(tmp_path, f"org: acme.example\nnode: {bad}\n"))
+
+
+def test_the_default_node_name_is_made_valid_from_any_host_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("socket.gethostname", lambda: "Build_Box.Example.")
+    assert default_node_name() == "build-box.example"
+    monkeypatch.setattr("socket.gethostname", lambda: "___")
+    assert default_node_name() == "gateway"

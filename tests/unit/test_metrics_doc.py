@@ -251,3 +251,19 @@ def test_the_dashboard_has_a_prometheus_datasource_variable() -> None:
     for panel in dashboard["panels"]:
         if panel["type"] != "row":
             assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+
+
+def test_node_info_is_one_series_that_follows_the_rules_in_force() -> None:
+    from prometheus_client import REGISTRY
+
+    from gateway.observability.metrics import NodeInfo
+
+    def value(sha256: str) -> float | None:
+        labels = {"node": "gw9", "version": "1.2.3", "rules_sha256": sha256}
+        return REGISTRY.get_sample_value("gateway_node_info", labels)
+
+    info = NodeInfo("gw9", "1.2.3")
+    info.show("a" * 64)
+    assert value("a" * 64) == 1
+    info.show("b" * 64)
+    assert (value("a" * 64), value("b" * 64)) == (None, 1)
