@@ -3,8 +3,8 @@
 Every machine of this project (and CI) runs PostgreSQL 15 on 127.0.0.1:5432
 with trust auth for the user ``postgres``. The tests never skip for want of
 it: a server that is not there fails the run with a message saying so
-(``GATEWAY_TEST_POSTGRES`` points the tests at another server, as a libpq
-URL of its maintenance database).
+(``GATEWAY_TEST_POSTGRES`` points the tests at another server, as a
+``postgresql://`` URL of its maintenance database).
 
 One database per session (``gw_test_<random>``: runs on one server never see
 each other's data), emptied between tests with ``TRUNCATE`` (much faster
@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg
-import psycopg.conninfo
 import pytest
 
 ADMIN_URL_ENV = "GATEWAY_TEST_POSTGRES"
@@ -47,9 +47,10 @@ def _connect_admin() -> psycopg.Connection[tuple[object, ...]]:
 
 
 def database_url(name: str) -> str:
-    params = psycopg.conninfo.conninfo_to_dict(admin_url())
-    params["dbname"] = name
-    return psycopg.conninfo.make_conninfo("", **params)
+    """The admin URL with its database replaced by ``name`` (a postgresql:// URL,
+    as gateway.yaml takes it)."""
+    parts = urllib.parse.urlsplit(admin_url())
+    return urllib.parse.urlunsplit(parts._replace(path="/" + name))
 
 
 @contextmanager

@@ -207,7 +207,7 @@ async def test_a_server_that_is_not_there_is_one_clear_line() -> None:
 
 
 async def test_a_wrong_database_or_url_is_one_clear_line(postgres_url: str) -> None:
-    wrong_db = postgres_url.replace("dbname=gw_test_", "dbname=gw_missing_")
+    wrong_db = postgres_url.rsplit("/", 1)[0] + "/gw_missing_database"
     with pytest.raises(StorageError, match=r"cannot connect: .*does not exist") as error:
         async with open_postgres_storage(wrong_db):
             pass
