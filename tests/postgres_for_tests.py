@@ -76,3 +76,23 @@ def empty_tables(url: str) -> None:
         if rows:
             tables = ", ".join(str(row[0]) for row in rows)
             conn.execute(f"TRUNCATE {tables} RESTART IDENTITY".encode())
+
+
+def database_name(url: str) -> str:
+    return urllib.parse.urlsplit(url).path.lstrip("/")
+
+
+def cut_off(url: str) -> None:
+    """The database goes away: new connections refused, open ones terminated."""
+    name = database_name(url)
+    with _connect_admin() as admin:
+        admin.execute(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false".encode())
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+        )
+
+
+def bring_back(url: str) -> None:
+    """The database returns."""
+    with _connect_admin() as admin:
+        admin.execute(f"ALTER DATABASE {database_name(url)} WITH ALLOW_CONNECTIONS true".encode())

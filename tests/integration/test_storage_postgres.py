@@ -22,9 +22,9 @@ from gateway.storage.postgres import (
     describe,
     open_postgres_storage,
 )
-from gateway.storage.postgres.engine import storage_error
+from gateway.storage.postgres.engine import POOL_TIMEOUT_S, storage_error
 from tests.integration.test_storage_sqlite import BOB, GLOBEX, HASH, accepted, mail, spool_item
-from tests.postgres_for_tests import fresh_database
+from tests.postgres_for_tests import bring_back, cut_off, fresh_database
 
 
 async def test_two_nodes_recording_one_transaction_store_it_once(postgres_url: str) -> None:
@@ -228,3 +228,26 @@ def test_errors_are_translated_at_the_edge() -> None:
     error = storage_error("x", other)
     assert type(error) is StorageError
     assert str(error) == "storage x: OperationalError: server closed the connection unexpectedly"
+
+
+async def test_a_database_that_goes_away_fails_calls_and_recovers_by_itself() -> None:
+    with fresh_database() as url:
+        async with open_postgres_storage(url) as store:
+            await store.spool_put([spool_item("before")], at_ms=1)
+            await trio.to_thread.run_sync(cut_off, url)
+            started = trio.current_time()
+            with pytest.raises(StorageError):
+                await store.spool_put([spool_item("during")], at_ms=1)
+            with pytest.raises(StorageError):
+                await store.check_writable()
+            assert trio.current_time() - started < 2 * POOL_TIMEOUT_S + 2
+            await trio.to_thread.run_sync(bring_back, url)
+            with trio.fail_after(60):
+                while True:
+                    try:
+                        await store.check_writable()
+                        break
+                    except StorageError:
+                        await trio.sleep(0.5)
+            assert await store.spool_put([spool_item("after")], at_ms=1) == ["after"]
+            assert [s.envelope_id for s in await store.spool_list()] == ["before", "after"]

@@ -54,7 +54,7 @@ Op = Callable[[Connection], T]
 
 POOL_SIZE: Final = 8  # connections (and worker threads) per gateway process
 CONNECT_TIMEOUT_S: Final = 5  # libpq connect_timeout: a server that does not answer
-POOL_TIMEOUT_S: Final = 5.0  # wait this long for a connection before the op fails
+POOL_TIMEOUT_S: Final = 3.0  # wait this long for a connection before the op fails
 OPEN_TIMEOUT_S: Final = 10.0  # the pool's first connections, at start
 MAX_ATTEMPTS: Final = 3  # runs of one op that meets deadlocks or serialization failures
 _DISK_FULL: Final = "53100"
