@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import ssl
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -29,7 +30,7 @@ from gateway.core.address import Address
 from gateway.core.envelope import Envelope, encode_envelope
 from gateway.crypto.envelope_crypto import seal
 from gateway.crypto.keys import UserKeys
-from gateway.devnet import DevNet, DevOrg, GatewayProcess
+from gateway.devnet import DevNet, DevOrg, GatewayProcess, gateway_command
 from tests.e2e.traffic import metric_value
 from tests.postgres_for_tests import bring_back, cut_off, fresh_database
 
@@ -141,6 +142,25 @@ async def test_a_postgresql_gateway_federates_with_an_sqlite_gateway(
         at_alice = await receive_all(acme, alice_token, {e.id for e in to_alice})
         assert at_bob == dict.fromkeys((e.id for e in to_bob), 1), proc_acme.log_tail()
         assert at_alice == dict.fromkeys((e.id for e in to_alice), 1), proc_acme.log_tail()
+        # The admin commands read the same database while acme runs.
+        for command in (("peers", "--json"), ("spool", "ls", "--json")):
+            done = subprocess.run(
+                gateway_command(*command, "-c", str(acme.config_path)),
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert done.returncode == 0, done.stderr
+            json.loads(done.stdout)
+        peers = subprocess.run(
+            gateway_command("peers", "-c", str(acme.config_path)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert GLOBEX in peers.stdout
         assert proc_acme.stop() == 0
         assert proc_globex.stop() == 0
 

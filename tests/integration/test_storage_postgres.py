@@ -10,6 +10,8 @@ there.
 
 from __future__ import annotations
 
+from typing import Any
+
 import psycopg
 import pytest
 import trio
@@ -251,3 +253,22 @@ async def test_a_database_that_goes_away_fails_calls_and_recovers_by_itself() ->
                         await trio.sleep(0.5)
             assert await store.spool_put([spool_item("after")], at_ms=1) == ["after"]
             assert [s.envelope_id for s in await store.spool_list()] == ["before", "after"]
+
+
+async def test_a_connection_lost_mid_transaction_never_reports_success(postgres_url: str) -> None:
+    async with open_postgres_storage(postgres_url) as store:
+
+        def lose_the_connection(conn: Any) -> None:
+            conn.execute(
+                "INSERT INTO statuses (envelope_id, sender, status, at_ms) "
+                "VALUES ('lost', 'alice@acme.example', 'forwarded', 1)"
+            )
+            conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+
+        with pytest.raises(StorageError) as error:
+            await store.engine.write(lose_the_connection)
+        assert "\n" not in str(error.value)
+        assert await store.status_get("lost") is None
+        # The pool replaced the broken connection: the next write just works.
+        await store.status_set("kept", "alice@acme.example", "forwarded", at_ms=1)
+        assert await store.status_get("kept") is not None

@@ -8,19 +8,19 @@ outside any transaction, where every read is one statement (one snapshot).
 
 Idempotency holds across nodes because the database enforces it (unique
 keys, ``ON CONFLICT``), and bounds hold because a writer locks the counter
-rows it adds to, sorted, before it reads them (:func:`_lock_counts`). The
-tables are in :mod:`gateway.storage.postgres.schema`.
+rows it adds to, sorted, before it reads them (:mod:`.writes`). The tables
+are in :mod:`gateway.storage.postgres.schema`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Final
 
 from gateway.core.address import MAX_DOMAIN_LENGTH
-from gateway.errors import CapacityError, Reason
+from gateway.errors import Reason
 from gateway.storage._shared import (
     _first_unseen,
     _ids,
@@ -71,6 +71,12 @@ from gateway.storage.base import (
 from gateway.storage.postgres.engine import POOL_SIZE, Connection, PostgresEngine, describe
 from gateway.storage.postgres.engine import open_postgres_engine as _open_engine
 from gateway.storage.postgres.schema import migrate
+from gateway.storage.postgres.writes import (
+    check_bound,
+    present,
+    set_statuses,
+    store_in_mailboxes,
+)
 
 DELETE_CHUNK: Final = 1_000  # rows per commit for purges and prunes
 _TRUNCATED: Final = " [truncated]"
@@ -86,157 +92,11 @@ _SPOOL_SUMMARY_COLUMNS = (
 _MAILBOX_COLUMNS = (
     "seq, envelope_id, recipient, sender, created_ms, expires_ms, stored_ms, burn_on_read, data"
 )
-_SET_STATUSES = (
-    "INSERT INTO statuses (envelope_id, sender, status, at_ms) "
-    "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[]) "
-    "ON CONFLICT (envelope_id) DO UPDATE SET status = excluded.status, "
-    "at_ms = excluded.at_ms"
-)
 _TXN_SELECT = "SELECT body_hash, results, at_ms FROM transactions WHERE origin = %s AND txn_id = %s"
-
-# The counter rows of the keys a write adds to, created if absent and locked
-# until the commit; sorted, so two writers never wait for each other in a cycle.
-_LOCK_COUNTS: Final = {
-    Reason.LANE_FULL: (
-        "INSERT INTO spool_lanes (peer, depth, bytes) "
-        "SELECT k, 0, 0 FROM unnest(%s::text[]) AS k ORDER BY k "
-        "ON CONFLICT (peer) DO UPDATE SET depth = spool_lanes.depth "
-        "RETURNING peer, depth, bytes"
-    ),
-    Reason.MAILBOX_FULL: (
-        "INSERT INTO mailbox_counts (recipient, depth, bytes) "
-        "SELECT k, 0, 0 FROM unnest(%s::text[]) AS k ORDER BY k "
-        "ON CONFLICT (recipient) DO UPDATE SET depth = mailbox_counts.depth "
-        "RETURNING recipient, depth, bytes"
-    ),
-}
 
 
 class _Replayed(Exception):
     """Another writer recorded the same transaction first: roll back, answer from it."""
-
-
-# -- ops shared by several methods -------------------------------------------------
-def _present(conn: Connection, table: str, ids: Sequence[str]) -> set[str]:
-    if not ids:
-        return set()
-    sql = f"SELECT envelope_id FROM {table} WHERE envelope_id = ANY(%s)"  # noqa: S608
-    return {row[0] for row in conn.execute(sql.encode(), (list(ids),))}
-
-
-def _lock_counts(conn: Connection, kind: Reason, keys: Iterable[str]) -> dict[str, tuple[int, int]]:
-    wanted = sorted(set(keys))
-    if not wanted:
-        return {}
-    rows = conn.execute(_LOCK_COUNTS[kind], (wanted,)).fetchall()
-    return {key: (int(depth), int(size)) for key, depth, size in rows}
-
-
-def _check_bound(
-    conn: Connection, kind: Reason, adding: Sequence[tuple[str, int]], bound: Bound | None
-) -> None:
-    """Lock the counters of ``adding`` (key, size); raise ``CapacityError`` if any would pass."""
-    counts = _lock_counts(conn, kind, (key for key, _size in adding))
-    if bound is None:
-        return
-    more: dict[str, list[int]] = {}
-    for key, size in adding:
-        pair = more.setdefault(key, [0, 0])
-        pair[0] += 1
-        pair[1] += size
-    full = {
-        key
-        for key, (count, size) in more.items()
-        if not bound.room_for(*counts.get(key, (0, 0)), count, size)
-    }
-    if full:
-        what = "spool lane" if kind is Reason.LANE_FULL else "mailbox"
-        named = ", ".join(sorted(full)) if kind is Reason.LANE_FULL else f"{len(full)} user(s)"
-        raise CapacityError(f"{what} full for {named}", reason=kind, full=frozenset(full))
-
-
-def _fit_bound(
-    conn: Connection, adding: Sequence[tuple[str, int]], bound: Bound | None
-) -> list[bool]:
-    """Lock the mailbox counters of ``adding``; whether each item fits, in order."""
-    used = _lock_counts(conn, Reason.MAILBOX_FULL, (key for key, _size in adding))
-    if bound is None:
-        return [True] * len(adding)
-    fits: list[bool] = []
-    for key, size in adding:
-        depth, total = used.get(key, (0, 0))
-        room = bound.room_for(depth, total, 1, size)
-        if room:
-            used[key] = (depth + 1, total + size)
-        fits.append(room)
-    return fits
-
-
-def _store_in_mailboxes(
-    conn: Connection,
-    entries: Sequence[EnvelopeRecord],
-    at_ms: int,
-    *,
-    bound: Bound | None = None,
-    each: bool = False,
-) -> tuple[list[EnvelopeRecord], set[str], list[str]]:
-    """As the SQLite engine's: store entries never seen; return those stored, their
-    recipients, and the ids left out because their mailbox was full.
-
-    The seen ids are claimed with ``ON CONFLICT DO NOTHING``: an id another
-    node claimed meanwhile is skipped here, never stored twice.
-    """
-    ids = [entry.envelope_id for entry in entries]
-    fresh = _first_unseen(entries, _present(conn, "seen_envelopes", ids))
-    held = _present(conn, "mailbox", [entry.envelope_id for entry in fresh])
-    stored = [entry for entry in fresh if entry.envelope_id not in held]
-    left_out: list[str] = []
-    adding = [(e.recipient, e.size) for e in stored]
-    if each:
-        fits = _fit_bound(conn, adding, bound)
-        if not all(fits):
-            left_out = [e.envelope_id for e, fit in zip(stored, fits, strict=True) if not fit]
-            stored = [e for e, fit in zip(stored, fits, strict=True) if fit]
-            out = set(left_out)
-            fresh = [e for e in fresh if e.envelope_id not in out]
-    else:
-        _check_bound(conn, Reason.MAILBOX_FULL, adding, bound)
-    if fresh:
-        claimed = {
-            row[0]
-            for row in conn.execute(
-                "INSERT INTO seen_envelopes (envelope_id, expires_ms) "
-                "SELECT * FROM unnest(%s::text[], %s::bigint[]) "
-                "ON CONFLICT (envelope_id) DO NOTHING RETURNING envelope_id",
-                ([e.envelope_id for e in fresh], [e.expires_ms for e in fresh]),
-            )
-        }
-        stored = [e for e in stored if e.envelope_id in claimed]
-    if stored:
-        conn.execute(
-            "INSERT INTO mailbox (envelope_id, recipient, sender, created_ms, expires_ms, "
-            "stored_ms, size, burn_on_read, data) "
-            "SELECT e, r, s, c, x, %s, z, b, d FROM unnest(%s::text[], %s::text[], %s::text[], "
-            "%s::bigint[], %s::bigint[], %s::int[], %s::boolean[], %s::bytea[]) "
-            "WITH ORDINALITY AS t(e, r, s, c, x, z, b, d, n) ORDER BY n",
-            (
-                at_ms,
-                [e.envelope_id for e in stored],
-                [e.recipient for e in stored],
-                [e.sender for e in stored],
-                [e.created_ms for e in stored],
-                [e.expires_ms for e in stored],
-                [e.size for e in stored],
-                [e.burn_on_read for e in stored],
-                [e.data for e in stored],
-            ),
-        )
-    return stored, {entry.recipient for entry in stored}, left_out
-
-
-def _set_statuses(conn: Connection, rows: Sequence[tuple[str, str, str, int]]) -> None:
-    if rows:
-        conn.execute(_SET_STATUSES, [list(column) for column in zip(*rows, strict=True)])
 
 
 class PostgresStorage:
@@ -263,11 +123,11 @@ class PostgresStorage:
 
         def op(conn: Connection) -> list[str]:
             ids = [item.envelope_id for item in items]
-            known = _present(conn, "statuses", ids) | _present(conn, "spool", ids)
+            known = present(conn, "statuses", ids) | present(conn, "spool", ids)
             fresh = _first_unseen(items, known)
             # Locks the lanes' counters even without a bound: sequence numbers
             # of one lane are then handed out in commit order.
-            _check_bound(conn, Reason.LANE_FULL, [(i.peer, i.size) for i in fresh], bound)
+            check_bound(conn, Reason.LANE_FULL, [(i.peer, i.size) for i in fresh], bound)
             if not fresh:
                 return []
             rows = conn.execute(
@@ -539,7 +399,7 @@ class PostgresStorage:
             if row is not None:
                 replayed = _txn_record(origin, txn_id, row)
                 return DeliverOutcome(stored=(), recipients=frozenset(), replayed=replayed)
-            stored, recipients, full = _store_in_mailboxes(
+            stored, recipients, full = store_in_mailboxes(
                 conn, entries, at_ms, bound=bound, each=True
             )
             answer = results_json
@@ -589,10 +449,8 @@ class PostgresStorage:
         entries = list(entries)
 
         def op(conn: Connection) -> DeliverOutcome:
-            stored, recipients, _ = _store_in_mailboxes(conn, entries, at_ms, bound=bound)
-            _set_statuses(
-                conn, [(e.envelope_id, e.sender, STATUS_DELIVERED, at_ms) for e in stored]
-            )
+            stored, recipients, _ = store_in_mailboxes(conn, entries, at_ms, bound=bound)
+            set_statuses(conn, [(e.envelope_id, e.sender, STATUS_DELIVERED, at_ms) for e in stored])
             return DeliverOutcome(
                 stored=tuple(e.envelope_id for e in stored), recipients=frozenset(recipients)
             )
