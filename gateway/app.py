@@ -45,7 +45,7 @@ from gateway.clientapi.mailbox_wait import MailboxWaiters
 from gateway.config import GatewayConfig
 from gateway.core.address import Address
 from gateway.core.ratelimit import RateLimiter
-from gateway.errors import ConfigError, StorageError, StorageFullError
+from gateway.errors import StorageError, StorageFullError
 from gateway.federation.keys import KeyDirectory, fetch_remote_keys
 from gateway.federation.liveness import greet_peers, hearing
 from gateway.federation.receiver import Receiver
@@ -65,7 +65,7 @@ from gateway.pki.tls import client_api_server_context
 from gateway.reserve import SpaceReserve
 from gateway.rules_runtime import ReloadRecord, RulesHolder, watch_rules_file, watch_sighup
 from gateway.storage.base import Bound, Storage
-from gateway.storage.sqlite import open_sqlite_storage
+from gateway.storage.opening import open_configured_storage
 from gateway.tls_runtime import CertificateHolder, reload_all, watch_certificate_files
 
 LOGGER = logging.getLogger("gateway.app")
@@ -165,19 +165,17 @@ async def run_gateway(
             own=client_certificate.current, min_version=config.client_tls.min_version
         )
     org_signing_seed = dev.load_signing_key(config.signing_key).private_bytes_raw()
-    if config.storage.engine != "sqlite" or config.storage.sqlite_path is None:
-        raise ConfigError(
-            f"{config.path}: storage: only sqlite is available in this version of the gateway"
-        )
-
     audit = AuditWriter(config.audit_path, max_bytes=config.audit_max_bytes, node=config.node)
-    async with open_sqlite_storage(config.storage.sqlite_path) as storage:
-        # The disk of the database keeps a reserve; new envelopes wait below it.
-        reserve = SpaceReserve(
-            config.storage.sqlite_path.parent,
-            config.limits.storage_min_free_bytes,
-            reusable_bytes=storage.reusable_bytes,
-        )
+    async with open_configured_storage(config.storage) as storage:
+        # The disk of an SQLite database keeps a reserve; new envelopes wait below it.
+        # A PostgreSQL server's disk is its own (a full one answers StorageFullError).
+        reserve = None
+        if config.storage.sqlite_path is not None:
+            reserve = SpaceReserve(
+                config.storage.sqlite_path.parent,
+                config.limits.storage_min_free_bytes,
+                reusable_bytes=storage.reusable_bytes,
+            )
         transport = HttpxPeerTransport(
             config.org,
             None,
@@ -260,7 +258,7 @@ async def run_gateway(
         servers = [federation, client]
 
         async def storage_ready() -> bool:
-            # A real write through the writer thread: a full disk or a lost lock shows here.
+            # A real durable write: a full disk, a lost lock or a database gone shows here.
             await storage.check_writable()
             return True
 
@@ -271,7 +269,7 @@ async def run_gateway(
             return rules.current is not None
 
         async def disk_ready() -> bool:
-            why = reserve.shortfall()
+            why = reserve.shortfall() if reserve is not None else None
             if why is not None:
                 raise NotReady(why)
             return True
@@ -279,7 +277,7 @@ async def run_gateway(
         checks: Mapping[str, Callable[[], Awaitable[bool]]] = {
             "rules": rules_ready,
             "storage": storage_ready,
-            "disk": disk_ready,
+            **({"disk": disk_ready} if reserve is not None else {}),
             "listeners": listeners_ready,
         }
         MetricsEndpoints(checks).add_routes(metrics_router)
@@ -336,7 +334,8 @@ async def run_gateway(
                         task_status=task_status,
                     )
                 )
-                await root.start(lambda *, task_status: reserve.watch(task_status=task_status))
+                if reserve is not None:
+                    await root.start(reserve.watch)
                 root.start_soon(
                     lambda: _mailbox_sweeper(
                         storage, clock_ms=clock_ms, interval=MAILBOX_SWEEP_INTERVAL

@@ -6,13 +6,15 @@ An admin command reads ``gateway.yaml`` (``-c``), finds the storage the
 gateway uses, and runs one async function on it with ``trio.run``. It opens
 its own connections (one writer, one reader) to the same SQLite file: WAL mode
 lets it read while the running gateway writes, and SQLite's file lock with its
-busy timeout keeps the two processes' writes apart. So every command is safe
-while the gateway runs, and sees every write the gateway has already
-acknowledged.
+busy timeout keeps the two processes' writes apart. On PostgreSQL it opens a
+pool of two connections to the same database, whose transactions keep it
+apart from the nodes. So every command is safe while the gateway runs, and
+sees every write the gateway has already acknowledged.
 
-A command never creates the database: a missing file means the gateway has
-never run with this config, and the command says so instead of leaving an
-empty database behind.
+A command never creates an SQLite database: a missing file means the gateway
+has never run with this config, and the command says so instead of leaving an
+empty database behind. (A PostgreSQL database is created by its admin; a
+command run before the gateway creates the gateway's tables in it.)
 
 The rules file tells which peers the org federates with. A command that
 cannot read it still answers from storage (the spool matters most when
@@ -43,12 +45,11 @@ from gateway.core.durations import parse_duration
 from gateway.core.rules import load_rules
 from gateway.errors import AddressError, RulesError, StorageError
 from gateway.storage.base import Storage
-from gateway.storage.sqlite import open_sqlite_storage
+from gateway.storage.opening import open_configured_storage
 
 T = TypeVar("T")
 
 DEFAULT_CONFIG = "gateway.yaml"
-ADMIN_READERS = 1  # one command, one query at a time: no need for the gateway's four
 MAX_CELL_WIDTH = 60  # table cells longer than this are cut with an ellipsis (--json has all)
 ELLIPSIS = "…"
 WARNING_PREFIX = "gateway: warning: "
@@ -152,14 +153,14 @@ def warn_rules(rule_peers: RulePeers) -> None:
         warn(f"{rule_peers.problem}; showing what storage knows, without the rules")
 
 
-def sqlite_path(config: GatewayConfig) -> Path:
-    """The gateway's SQLite file, which must exist: a command never creates it."""
+def sqlite_path(config: GatewayConfig) -> Path | None:
+    """The gateway's SQLite file, which must exist: a command never creates it.
+
+    None for a PostgreSQL database (it is the server's, and opened as it is).
+    """
     storage = config.storage
     if storage.engine != "sqlite" or storage.sqlite_path is None:
-        raise StorageError(
-            f"{config.path}: storage: the admin commands support the sqlite engine only "
-            f"so far, not {storage.engine}"
-        )
+        return None
     path = storage.sqlite_path
     if not os.path.exists(path):
         raise StorageError(
@@ -178,10 +179,10 @@ def run_on_storage(config: GatewayConfig, fn: Callable[[Storage], Awaitable[T]])
     Storage errors come out as :class:`StorageError`; the storage's own
     argument checks (``ValueError``) as :class:`UsageError`.
     """
-    path = sqlite_path(config)
+    sqlite_path(config)
 
     async def main() -> T:
-        async with open_sqlite_storage(path, readers=ADMIN_READERS) as store:
+        async with open_configured_storage(config.storage, admin=True) as store:
             return await fn(store)
 
     try:

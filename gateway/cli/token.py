@@ -26,10 +26,9 @@ from gateway.core.address import Address
 from gateway.core.rules import CompiledRules, load_rules
 from gateway.errors import ConfigError
 from gateway.observability.audit import append_event
-from gateway.storage.sqlite import open_sqlite_storage
+from gateway.storage.opening import open_configured_storage
 
 DEFAULT_CONFIG = "gateway.yaml"
-STORAGE_READERS = 1  # one command, one query: not the gateway's pool of readers
 
 
 def register(subparsers: Registrar) -> None:
@@ -81,12 +80,6 @@ def _rules(config: GatewayConfig) -> CompiledRules:
     return CompiledRules(load_rules(_read_file(path), filename=path, read_file=_read_file))
 
 
-def _sqlite_path(config: GatewayConfig) -> Path:
-    if config.storage.engine != "sqlite" or config.storage.sqlite_path is None:
-        raise ConfigError(f"{config.path}: storage: token commands support sqlite storage only")
-    return config.storage.sqlite_path
-
-
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -97,10 +90,9 @@ def run_issue(args: argparse.Namespace) -> int:
         user = resolve_user(args.user, _rules(config))
     except ValueError as exc:
         raise UsageError(f"token issue: {exc}") from None
-    path = _sqlite_path(config)
 
     async def issue() -> str:
-        async with open_sqlite_storage(path, readers=STORAGE_READERS) as storage:
+        async with open_configured_storage(config.storage, admin=True) as storage:
             return await issue_token(storage, user, at_ms=_now_ms())
 
     token = trio.run(issue)
@@ -123,10 +115,9 @@ def run_revoke(args: argparse.Namespace) -> int:
         user: Address = parse_local_user(args.user, config.org)
     except ValueError as exc:
         raise UsageError(f"token revoke: {exc}") from None
-    path = _sqlite_path(config)
 
     async def revoke() -> int:
-        async with open_sqlite_storage(path, readers=STORAGE_READERS) as storage:
+        async with open_configured_storage(config.storage, admin=True) as storage:
             return await revoke_tokens(storage, user)
 
     count = trio.run(revoke)

@@ -52,6 +52,7 @@ import enum
 import json
 import logging
 import ssl
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
@@ -218,6 +219,40 @@ class _Link:
         )
 
 
+class _Body(httpx.AsyncByteStream):
+    """A request body of one chunk, iterated without an async generator.
+
+    httpx's own ``ByteStream`` yields from an async generator; when a
+    connection breaks while the body is being sent, that generator is left
+    unfinished and trio's finalizer warns about it. An iterator object has
+    nothing to finalize.
+    """
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return _OneChunk(self._data)
+
+
+class _OneChunk:
+    __slots__ = ("_data",)
+
+    def __init__(self, data: bytes) -> None:
+        self._data: bytes | None = data
+
+    def __aiter__(self) -> _OneChunk:
+        return self
+
+    async def __anext__(self) -> bytes:
+        data, self._data = self._data, None
+        if data is None:
+            raise StopAsyncIteration
+        return data
+
+
 class _PeerClient:
     """A peer's httpx client and how many requests are on it; retired ones close when idle."""
 
@@ -336,10 +371,12 @@ class HttpxPeerTransport:
             request = client.http.build_request(
                 method,
                 f"{endpoints[index]}{path}",
-                content=content,
                 headers=headers,
                 extensions={_SNI_EXTENSION: peer},
             )
+            if content is not None:
+                request.stream = _Body(content)
+                request.headers["content-length"] = str(len(content))
             try:
                 response = await client.http.send(request, stream=True)
                 try:

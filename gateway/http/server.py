@@ -29,7 +29,10 @@ A handler's :class:`~gateway.errors.RemoteError` becomes 400 with
 ``{"error": reason, "message": ...}`` (the message is for the party that
 caused it); a :class:`~gateway.errors.StorageFullError` (no room on the disk:
 nothing was stored) becomes 507 ``insufficient_storage`` with ``Retry-After``
-and one log line; any other exception becomes 500 with ``{"error":
+and one log line; any other :class:`~gateway.errors.StorageError` (the
+database failed or went away: nothing was acknowledged) becomes 503
+``storage_error`` with ``Retry-After``, one log line and a count in
+``gateway_storage_unavailable_total``; any other exception becomes 500 with ``{"error":
 "internal_error"}``, its traceback goes to the log (logger ``gateway.http``),
 and the connection stays usable: the request was read whole before the
 handler ran.
@@ -72,6 +75,7 @@ from gateway.errors import (
     ProtocolError,
     Reason,
     RemoteError,
+    StorageError,
     StorageFullError,
 )
 from gateway.http.limits import (
@@ -98,6 +102,7 @@ from gateway.http.tls import classify_handshake_error, describe_ssl_error
 from gateway.observability.metrics import (
     HTTP_CONNECTIONS_REFUSED,
     HTTP_REQUESTS,
+    STORAGE_UNAVAILABLE,
     TLS_HANDSHAKE_FAILURES,
 )
 
@@ -109,6 +114,7 @@ LINGER_MAX_BYTES: Final = 256 * KIB  # ...and how much of its input we discard m
 ACCEPT_RETRY_DELAY: Final = 0.1  # accept() failed for lack of file descriptors or memory
 RETRY_AFTER_SECONDS: Final = 1  # told to a peer refused by the per-peer cap
 STORAGE_RETRY_AFTER_SECONDS: Final = 30  # told on a full disk (507), like gateway.reserve
+STORAGE_UNAVAILABLE_RETRY_AFTER_SECONDS: Final = 5  # told when the database failed (503)
 # Rough size of what the request line and header framing add to the names and values.
 HEAD_OVERHEAD_BYTES: Final = 16
 HEADER_FRAMING_BYTES: Final = 4  # ": " and CRLF per header line
@@ -402,6 +408,18 @@ class HTTPServer:
                 507,
                 Reason.INSUFFICIENT_STORAGE,
                 headers=[("retry-after", str(STORAGE_RETRY_AFTER_SECONDS))],
+            )
+        except StorageError as exc:
+            # The database failed (gone, a connection lost mid-commit): temporary, and
+            # nothing of this request was acknowledged. Not a bug: no traceback.
+            STORAGE_UNAVAILABLE.labels(self.name).inc()
+            LOGGER.error(  # noqa: TRY400 -- a database that went away is not a bug
+                "%s: %s %s failed: %s", self.name, request.method, request.path, exc.message
+            )
+            return error_response(
+                503,
+                Reason.STORAGE,
+                headers=[("retry-after", str(STORAGE_UNAVAILABLE_RETRY_AFTER_SECONDS))],
             )
         except Exception:
             LOGGER.exception("%s: handler failed on %s %s", self.name, request.method, request.path)

@@ -168,6 +168,13 @@ STORAGE_RESERVE_BYTES = Gauge(
     "gateway_storage_reserve_bytes",
     "limits.storage_min_free_bytes: below it new envelopes are refused.",
 )
+STORAGE_UNAVAILABLE = Counter(
+    "gateway_storage_unavailable_total",
+    "Requests answered 503 storage_error (with Retry-After) because the database failed: "
+    "unreachable, a connection lost, a commit that did not happen. Nothing of them was "
+    "acknowledged.",
+    ["listener"],
+)
 STORAGE_RESERVE_REFUSALS = Counter(
     "gateway_storage_reserve_refusals_total",
     "Envelopes refused because the storage reserve was reached or a write found the disk "

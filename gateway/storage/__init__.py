@@ -13,10 +13,11 @@ interface, :class:`gateway.storage.base.Storage`:
 * **peer state**: failures and backoff, so a restart does not hammer a dead peer;
 * client **tokens** (hashed) and published **user key records**.
 
-Engines: :mod:`gateway.storage.sqlite` (embedded, the default). A PostgreSQL
-engine for multi-node orgs will implement the same protocol and pass the same
-tests. Services depend on :class:`~gateway.storage.base.Storage` only, so a
-test can hand them a fake.
+Engines: :mod:`gateway.storage.sqlite` (embedded, the default) and
+:mod:`gateway.storage.postgres` (a PostgreSQL database, ``storage:
+postgresql://...``); :mod:`gateway.storage.opening` opens the one a config
+names. Both pass the same contract tests. Services depend on
+:class:`~gateway.storage.base.Storage` only, so a test can hand them a fake.
 
 Every write method is durable when it returns; every method raises
 :class:`gateway.errors.StorageError` when the database fails, and

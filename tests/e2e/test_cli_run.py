@@ -94,6 +94,40 @@ def test_a_key_file_open_to_the_group_is_one_line_and_a_failure(net: DevNet, key
     )
 
 
+def use_storage(org: DevOrg, url: str) -> None:
+    """Point the org's gateway.yaml at ``url`` (``storage:``)."""
+    text = org.config_path.read_text()
+    assert "\nstorage: sqlite" in text
+    org.config_path.write_text(text.replace("\nstorage: sqlite", f"\nstorage: {url}"))
+
+
+def test_a_postgresql_server_that_is_not_there_is_one_line(net: DevNet) -> None:
+    org = net.orgs[ACME]
+    use_storage(org, "postgresql://gw:s3cret@127.0.0.1:1/gateway")
+    line = one_error_line(run_once(org))
+    assert line.startswith("gateway: error: storage postgresql://gw@127.0.0.1:1/gateway: ")
+    assert "cannot connect" in line
+    assert "s3cret" not in line
+
+
+def test_a_wrong_postgresql_database_is_one_line(net: DevNet, postgres_url: str) -> None:
+    org = net.orgs[ACME]
+    use_storage(org, postgres_url.rsplit("/", 1)[0] + "/gw_no_such_database")
+    line = one_error_line(run_once(org))
+    assert "cannot connect" in line
+    assert 'database "gw_no_such_database" does not exist' in line
+
+
+def test_a_gateway_on_postgresql_is_ready(net: DevNet, postgres_url: str) -> None:
+    org = net.orgs[ACME]
+    use_storage(org, postgres_url)
+    net.start(ACME)
+    ready = health(org)
+    assert ready.returncode == 0, ready.stdout + ready.stderr
+    # No disk reserve: the database server's disk is not the gateway's to watch.
+    assert ready.stdout == f'gateway: healthy: {org.metrics_url}/readyz: {{"ready":true}}\n'
+
+
 def health(org: DevOrg, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         gateway_command("health", "-c", str(org.config_path), *args),

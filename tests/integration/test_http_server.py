@@ -27,7 +27,7 @@ import trio.testing
 from cryptography import x509
 from prometheus_client import REGISTRY
 
-from gateway.errors import ConfigError, EnvelopeError, PeerAuthError, Reason
+from gateway.errors import ConfigError, EnvelopeError, PeerAuthError, Reason, StorageError
 from gateway.http import (
     HTTPServer,
     Request,
@@ -36,6 +36,7 @@ from gateway.http import (
     json_response,
     text_response,
 )
+from gateway.http.server import STORAGE_UNAVAILABLE_RETRY_AFTER_SECONDS
 from tests.certs_for_tests import CertAuthority, client_context, server_context_mtls
 
 ACME = "acme.example"
@@ -421,6 +422,28 @@ async def test_handler_exception_gets_generic_500_and_is_logged(
     async with httpx.AsyncClient() as http:
         assert (await http.get(f"http://{HOST}:{port}/other")).status_code == 200
     assert answered(name, 500) == 1
+
+
+async def test_a_failed_database_gets_503_with_retry_after_and_is_counted(
+    nursery: trio.Nursery, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def storage_gone(request: Request) -> Response:
+        raise StorageError("storage postgresql://gw@db/gw: OperationalError: connection lost")
+
+    before = sample("gateway_storage_unavailable_total", listener=name)
+    port = await start(nursery, HTTPServer(name, storage_gone))
+    with caplog.at_level(logging.ERROR, logger="gateway.http"):
+        async with httpx.AsyncClient() as http:
+            reply = await http.post(f"http://{HOST}:{port}/v1/envelopes", content=b"{}")
+    assert reply.status_code == 503
+    assert reply.headers["retry-after"] == str(STORAGE_UNAVAILABLE_RETRY_AFTER_SECONDS)
+    assert reply.json() == {"error": "storage_error"}
+    assert b"postgresql" not in reply.content
+    assert sample("gateway_storage_unavailable_total", listener=name) == before + 1
+    # One line, no traceback: a database that went away is not a bug.
+    [record] = [r for r in caplog.records if r.name == "gateway.http"]
+    assert record.exc_info is None
+    assert "connection lost" in record.getMessage()
 
 
 async def test_remote_error_from_handler_gets_400_with_reason(

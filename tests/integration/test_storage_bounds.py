@@ -7,15 +7,12 @@ a call that would pass a bound stores nothing and names every key that is full.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import pytest
 import trio
 
 from gateway.errors import CapacityError, Reason
 from gateway.storage.base import Bound
-from gateway.storage.sqlite import SqliteStorage, open_sqlite_storage
+from gateway.storage.sqlite import SqliteStorage
 from tests.integration.test_storage_sqlite import (
     BOB,
     CAROL,
@@ -28,9 +25,9 @@ from tests.integration.test_storage_sqlite import (
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStorage]:
-    async with open_sqlite_storage(tmp_path / "gateway.db") as opened:
-        yield opened
+def store(engine_store: SqliteStorage) -> SqliteStorage:
+    """Each engine in turn (tests/conftest.py)."""
+    return engine_store
 
 
 async def depth(store: SqliteStorage, peer: str) -> int:

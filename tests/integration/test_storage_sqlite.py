@@ -101,9 +101,15 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[SqliteStorage]:
+async def sqlite_store(db_path: Path) -> AsyncIterator[SqliteStorage]:
     async with open_sqlite_storage(db_path) as opened:
         yield opened
+
+
+@pytest.fixture
+def store(engine_store: SqliteStorage) -> SqliteStorage:
+    """The contract tests run on each engine (tests/conftest.py); the others on SQLite."""
+    return engine_store
 
 
 async def put_one(store: SqliteStorage, envelope_id: str) -> None:
@@ -338,14 +344,14 @@ async def test_deliver_refuses_to_store_an_entry_not_answered_accepted(
     assert await store.txn_lookup(GLOBEX, "t") is None
 
 
-async def test_envelope_ids_are_deduplicated_across_close_and_reopen(db_path: Path) -> None:
-    async with open_sqlite_storage(db_path) as store:
+async def test_envelope_ids_are_deduplicated_across_close_and_reopen(open_store: Any) -> None:
+    async with open_store() as store:
         first = mail("m1", data=b"first copy")
         await store.deliver(GLOBEX, "txn-1", HASH, accepted(first), [first], at_ms=1)
         fetched = await store.mailbox_fetch(BOB, limit=10)
         assert await store.mailbox_ack(BOB, [e.envelope_id for e in fetched]) == 1
 
-    async with open_sqlite_storage(db_path) as store:
+    async with open_store() as store:
         # The sender retries in a new transaction after a crash: answered, not stored.
         retry = mail("m1", data=b"second copy")
         outcome = await store.deliver(GLOBEX, "txn-2", HASH, accepted(retry), [retry], at_ms=2)
@@ -467,42 +473,42 @@ async def test_deleted_envelopes_are_gone_from_the_file_bytes(db_path: Path) -> 
 
 
 # -- group commit and the writer -----------------------------------------------------
-async def test_concurrent_writes_share_commits(store: SqliteStorage) -> None:
-    before = store.commits
+async def test_concurrent_writes_share_commits(sqlite_store: SqliteStorage) -> None:
+    before = sqlite_store.commits
 
     async def put(i: int) -> None:
-        await store.spool_put([spool_item(f"e{i}")], at_ms=1)
+        await sqlite_store.spool_put([spool_item(f"e{i}")], at_ms=1)
 
     async with trio.open_nursery() as nursery:
         for i in range(200):
             nursery.start_soon(put, i)
-    assert len(await store.spool_list(limit=1_000)) == 200
-    assert store.commits - before < 50
+    assert len(await sqlite_store.spool_list(limit=1_000)) == 200
+    assert sqlite_store.commits - before < 50
 
 
-async def test_waiting_writes_commit_together(store: SqliteStorage) -> None:
-    before = store.commits
-    gate = WriterGate(store)
+async def test_waiting_writes_commit_together(sqlite_store: SqliteStorage) -> None:
+    before = sqlite_store.commits
+    gate = WriterGate(sqlite_store)
     async with trio.open_nursery() as nursery:
         await gate.hold(nursery)
         for i in range(100):
-            nursery.start_soon(put_one, store, f"e{i}")
+            nursery.start_soon(put_one, sqlite_store, f"e{i}")
         await trio.testing.wait_all_tasks_blocked()
         gate.release.set()
     # One commit for the gate's op, one for all hundred puts that waited behind it.
-    assert store.commits - before == 2
-    assert len(await store.spool_list()) == 100
+    assert sqlite_store.commits - before == 2
+    assert len(await sqlite_store.spool_list()) == 100
 
 
-async def test_a_failing_op_fails_alone_and_its_batch_commits(store: SqliteStorage) -> None:
-    await store.token_put(ALICE, b"taken", at_ms=1)
-    before = store.commits
-    gate = WriterGate(store)
+async def test_a_failing_op_fails_alone_and_its_batch_commits(sqlite_store: SqliteStorage) -> None:
+    await sqlite_store.token_put(ALICE, b"taken", at_ms=1)
+    before = sqlite_store.commits
+    gate = WriterGate(sqlite_store)
     failures: dict[str, BaseException] = {}
 
     async def expect_failure(name: str, fn: Any, *args: object) -> None:
         try:
-            await (fn(*args, at_ms=2) if fn == store.token_put else fn(*args))
+            await (fn(*args, at_ms=2) if fn == sqlite_store.token_put else fn(*args))
         except (StorageError, ValueError) as exc:
             failures[name] = exc
 
@@ -513,35 +519,35 @@ async def test_a_failing_op_fails_alone_and_its_batch_commits(store: SqliteStora
     async with trio.open_nursery() as nursery:
         await gate.hold(nursery)
         for i in range(5):
-            nursery.start_soon(put_one, store, f"a{i}")
-        nursery.start_soon(expect_failure, "duplicate", store.token_put, BOB, b"taken")
-        nursery.start_soon(expect_failure, "raised", store.engine.write, write_then_raise)
+            nursery.start_soon(put_one, sqlite_store, f"a{i}")
+        nursery.start_soon(expect_failure, "duplicate", sqlite_store.token_put, BOB, b"taken")
+        nursery.start_soon(expect_failure, "raised", sqlite_store.engine.write, write_then_raise)
         for i in range(5):
-            nursery.start_soon(put_one, store, f"b{i}")
+            nursery.start_soon(put_one, sqlite_store, f"b{i}")
         await trio.testing.wait_all_tasks_blocked()
         gate.release.set()
 
-    assert store.commits - before == 2  # the failures shared the batch, and it committed
+    assert sqlite_store.commits - before == 2  # the failures shared the batch, and it committed
     assert isinstance(failures["duplicate"], StorageError)
     assert isinstance(failures["duplicate"].__cause__, sqlite3.IntegrityError)
     assert isinstance(failures["raised"], ValueError)
-    assert len(await store.spool_list()) == 10
-    assert await store.token_lookup(b"taken") == ALICE
-    assert await store.token_lookup(b"\x99") is None  # rolled back with its op
+    assert len(await sqlite_store.spool_list()) == 10
+    assert await sqlite_store.token_lookup(b"taken") == ALICE
+    assert await sqlite_store.token_lookup(b"\x99") is None  # rolled back with its op
 
 
 async def test_a_failing_op_alone_is_rolled_back_and_the_writer_goes_on(
-    store: SqliteStorage,
+    sqlite_store: SqliteStorage,
 ) -> None:
     def write_then_raise(conn: sqlite3.Connection) -> None:
         conn.execute("INSERT INTO tokens (token_hash, user, created_ms) VALUES (x'99', 'x', 1)")
         raise ValueError("changed my mind")
 
     with pytest.raises(ValueError, match="changed my mind"):
-        await store.engine.write(write_then_raise)
-    assert await store.token_lookup(b"\x99") is None
-    assert await store.spool_put([spool_item("e1")], at_ms=1) == ["e1"]
-    assert [s.envelope_id for s in await store.spool_list()] == ["e1"]
+        await sqlite_store.engine.write(write_then_raise)
+    assert await sqlite_store.token_lookup(b"\x99") is None
+    assert await sqlite_store.spool_put([spool_item("e1")], at_ms=1) == ["e1"]
+    assert [s.envelope_id for s in await sqlite_store.spool_list()] == ["e1"]
 
 
 async def test_batch_operations_keep_per_envelope_answers(store: SqliteStorage) -> None:
@@ -590,21 +596,21 @@ async def test_check_writable_commits_a_real_write_and_changes_nothing(db_path: 
 
 
 async def test_check_writable_fails_when_the_database_takes_no_writes(
-    store: SqliteStorage, db_path: Path
+    sqlite_store: SqliteStorage, db_path: Path
 ) -> None:
     def short_wait(conn: sqlite3.Connection) -> None:
         conn.execute("PRAGMA busy_timeout = 20")
 
-    await store.engine.write_alone(short_wait)
+    await sqlite_store.engine.write_alone(short_wait)
     other = sqlite3.connect(db_path, isolation_level=None)
     try:
         other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
         with pytest.raises(StorageError, match="locked"):
-            await store.check_writable()
+            await sqlite_store.check_writable()
         other.execute("ROLLBACK")
     finally:
         other.close()
-    await store.check_writable()  # and recovers with the database
+    await sqlite_store.check_writable()  # and recovers with the database
 
 
 async def test_check_writable_on_a_closed_store(db_path: Path) -> None:
@@ -615,15 +621,15 @@ async def test_check_writable_on_a_closed_store(db_path: Path) -> None:
 
 
 async def test_check_writable_can_be_abandoned_while_the_writer_is_stuck(
-    store: SqliteStorage,
+    sqlite_store: SqliteStorage,
 ) -> None:
-    gate = WriterGate(store)
+    gate = WriterGate(sqlite_store)
     scope = trio.CancelScope()
     gave_up: list[bool] = []
 
     async def probe() -> None:
         with scope:
-            await store.check_writable()
+            await sqlite_store.check_writable()
         gave_up.append(scope.cancelled_caught)
 
     async with trio.open_nursery() as nursery:
@@ -634,7 +640,7 @@ async def test_check_writable_can_be_abandoned_while_the_writer_is_stuck(
         await trio.testing.wait_all_tasks_blocked()
         assert gave_up == [True]  # returned while the writer is still held
         gate.release.set()
-    await store.check_writable()
+    await sqlite_store.check_writable()
 
 
 async def test_a_closed_store_refuses_work(db_path: Path) -> None:
@@ -646,14 +652,14 @@ async def test_a_closed_store_refuses_work(db_path: Path) -> None:
         await store.spool_peers()
 
 
-async def test_a_cancelled_writer_still_gets_its_write(store: SqliteStorage) -> None:
-    gate = WriterGate(store)
+async def test_a_cancelled_writer_still_gets_its_write(sqlite_store: SqliteStorage) -> None:
+    gate = WriterGate(sqlite_store)
     scope = trio.CancelScope()
     returned: list[bool] = []
 
     async def put_then_note() -> None:
         with scope:
-            await put_one(store, "e1")
+            await put_one(sqlite_store, "e1")
             returned.append(True)
 
     async with trio.open_nursery() as nursery:
@@ -664,7 +670,7 @@ async def test_a_cancelled_writer_still_gets_its_write(store: SqliteStorage) -> 
         await trio.testing.wait_all_tasks_blocked()
         gate.release.set()
     assert returned == [True]
-    assert [s.envelope_id for s in await store.spool_list()] == ["e1"]
+    assert [s.envelope_id for s in await sqlite_store.spool_list()] == ["e1"]
 
 
 # -- opening, schema, files -----------------------------------------------------------
@@ -736,9 +742,9 @@ async def test_statuses(store: SqliteStorage) -> None:
             await store.status_set("e1", ALICE, bad, at_ms=3)
 
 
-async def test_peer_state_survives_a_restart(db_path: Path) -> None:
+async def test_peer_state_survives_a_restart(open_store: Any) -> None:
     long_error = "connect failed: " + "x" * 2_000
-    async with open_sqlite_storage(db_path) as store:
+    async with open_store() as store:
         assert await store.peer_state_get(GLOBEX) is None
         await store.peer_state_put(
             PeerState(
@@ -750,7 +756,7 @@ async def test_peer_state_survives_a_restart(db_path: Path) -> None:
             )
         )
         await store.peer_state_put(PeerState(peer=INITECH, last_success_ms=5))
-    async with open_sqlite_storage(db_path) as store:
+    async with open_store() as store:
         state = await store.peer_state_get(GLOBEX)
         assert state is not None
         assert (state.failures, state.backoff_until_ms, state.last_success_ms) == (
@@ -909,7 +915,7 @@ async def test_takes_and_fetches_past_the_small_read_are_whole_and_in_order(
 
 
 async def test_a_small_read_that_meets_a_lock_goes_to_a_reader_thread(
-    store: SqliteStorage, monkeypatch: pytest.MonkeyPatch
+    sqlite_store: SqliteStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real = engine_module._run_read
     where: list[str] = []
@@ -923,16 +929,22 @@ async def test_a_small_read_that_meets_a_lock_goes_to_a_reader_thread(
         return real(conn, fn)
 
     monkeypatch.setattr(engine_module, "_run_read", run_read)
-    assert await store.engine.read_small(lambda conn: conn.execute("SELECT 7").fetchone()) == (7,)
+    assert await sqlite_store.engine.read_small(
+        lambda conn: conn.execute("SELECT 7").fetchone()
+    ) == (7,)
     assert where[0] == threading.main_thread().name
     assert where[1].startswith("gateway-storage-reader-")
 
 
-async def test_a_small_read_that_fails_otherwise_is_a_storage_error(store: SqliteStorage) -> None:
+async def test_a_small_read_that_fails_otherwise_is_a_storage_error(
+    sqlite_store: SqliteStorage,
+) -> None:
     with pytest.raises(StorageError, match="no such table"):
-        await store.engine.read_small(lambda conn: conn.execute("SELECT * FROM nope"))
+        await sqlite_store.engine.read_small(lambda conn: conn.execute("SELECT * FROM nope"))
     # The connection is still good for the next one.
-    assert await store.engine.read_small(lambda conn: conn.execute("SELECT 1").fetchone()) == (1,)
+    assert await sqlite_store.engine.read_small(
+        lambda conn: conn.execute("SELECT 1").fetchone()
+    ) == (1,)
 
 
 async def test_a_small_read_on_a_closed_engine_is_refused(db_path: Path) -> None:

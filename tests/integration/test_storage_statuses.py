@@ -50,9 +50,15 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[SqliteStorage]:
+async def sqlite_store(db_path: Path) -> AsyncIterator[SqliteStorage]:
     async with open_sqlite_storage(db_path) as opened:
         yield opened
+
+
+@pytest.fixture
+def store(engine_store: SqliteStorage) -> SqliteStorage:
+    """Each engine in turn (tests/conftest.py)."""
+    return engine_store
 
 
 def status_rows(db_path: Path) -> dict[str, str]:
@@ -61,10 +67,10 @@ def status_rows(db_path: Path) -> dict[str, str]:
 
 
 async def test_spooled_is_queued_at_its_spool_time_without_a_status_row(
-    store: SqliteStorage, db_path: Path
+    sqlite_store: SqliteStorage, db_path: Path
 ) -> None:
-    assert await store.spool_put([spool_item("e1")], at_ms=10) == ["e1"]
-    status = await store.status_get("e1")
+    assert await sqlite_store.spool_put([spool_item("e1")], at_ms=10) == ["e1"]
+    status = await sqlite_store.status_get("e1")
     assert status is not None
     assert (status.envelope_id, status.sender, status.status, status.at_ms) == (
         "e1",
@@ -73,7 +79,7 @@ async def test_spooled_is_queued_at_its_spool_time_without_a_status_row(
         10,
     )
     assert status_rows(db_path) == {}
-    assert await store.status_get("never") is None
+    assert await sqlite_store.status_get("never") is None
 
 
 async def test_each_way_out_of_the_spool_writes_its_status(store: SqliteStorage) -> None:

@@ -20,10 +20,24 @@ import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Final, TypeVar
+from typing import Final, TypeVar
 
 from gateway.core.address import MAX_DOMAIN_LENGTH
 from gateway.errors import Reason
+from gateway.storage._shared import (
+    _first_unseen,
+    _ids,
+    _mailbox_entry,
+    _peer,
+    _peer_state,
+    _records,
+    _spool_entry,
+    _spool_summary,
+    _statuses,
+    _txn_record,
+    _txn_results,
+    _user,
+)
 from gateway.storage.base import (
     EXPIRE_BATCH,
     LIST_LIMIT,
@@ -31,11 +45,8 @@ from gateway.storage.base import (
     MAX_ENVELOPE_ID_LENGTH,
     MAX_ITEMS_PER_CALL,
     MAX_LAST_ERROR_LENGTH,
-    MAX_STATUS_LENGTH,
     MAX_TOKEN_HASH_BYTES,
     MAX_TXN_ID_LENGTH,
-    MAX_USER_LENGTH,
-    RESULT_ACCEPTED,
     STATUS_DELIVERED,
     STATUS_EXPIRED,
     STATUS_PURGED,
@@ -54,7 +65,6 @@ from gateway.storage.base import (
     SpoolItem,
     SpoolSummary,
     TxnRecord,
-    check_batch,
     check_bytes,
     check_count,
     check_ms,
@@ -123,136 +133,9 @@ _DEFER = (
     "not_before_ms = ? + MIN(?, ? * (1 << MIN(deferrals, 30)))"
 )
 
-_TXN_SELECT = "SELECT body_hash, results, at_ms FROM transactions WHERE origin = ? AND txn_id = ?"
-
-Row = tuple[Any, ...]
-_R = TypeVar("_R", bound=EnvelopeRecord)
 _E = TypeVar("_E")
 
-
-# -- argument checks (before anything is queued) ---------------------------------
-def _peer(peer: object) -> str:
-    return check_text("peer", peer, MAX_DOMAIN_LENGTH)
-
-
-def _user(user: object) -> str:
-    return check_text("user", user, MAX_USER_LENGTH)
-
-
-def _ids(what: str, ids: Collection[str]) -> list[str]:
-    if isinstance(ids, str | bytes) or not isinstance(ids, Collection):
-        raise ValueError(f"{what} must be a collection of envelope ids, got {type(ids).__name__}")
-    if len(ids) > MAX_ITEMS_PER_CALL:
-        raise ValueError(f"{what}: {len(ids)} ids in one call, at most {MAX_ITEMS_PER_CALL}")
-    return [check_text(f"{what} id", i, MAX_ENVELOPE_ID_LENGTH) for i in ids]
-
-
-def _records(what: str, entries: Sequence[EnvelopeRecord], kind: type[EnvelopeRecord]) -> None:
-    check_batch(what, entries)
-    for entry in entries:
-        if not isinstance(entry, kind):
-            raise ValueError(f"{what} must hold {kind.__name__}, got {type(entry).__name__}")
-
-
-def _statuses(results: Mapping[str, str]) -> list[tuple[str, str]]:
-    if not isinstance(results, Mapping):
-        raise ValueError(f"results must be a mapping, got {type(results).__name__}")
-    if len(results) > MAX_ITEMS_PER_CALL:
-        raise ValueError(f"results: {len(results)} in one call, at most {MAX_ITEMS_PER_CALL}")
-    return [
-        (check_text("results id", k, MAX_ENVELOPE_ID_LENGTH), check_status(v))
-        for k, v in results.items()
-    ]
-
-
-def _txn_results(results: Mapping[str, str], entries: Sequence[EnvelopeRecord]) -> str:
-    if not isinstance(results, Mapping):
-        raise ValueError(f"results must be a mapping, got {type(results).__name__}")
-    if len(results) > MAX_ITEMS_PER_CALL:
-        raise ValueError(f"results: {len(results)} in one call, at most {MAX_ITEMS_PER_CALL}")
-    for key, value in results.items():
-        check_text("results id", key, MAX_ENVELOPE_ID_LENGTH)
-        check_text(f"result of {key}", value, MAX_STATUS_LENGTH)
-    for entry in entries:
-        if results.get(entry.envelope_id) != RESULT_ACCEPTED:
-            raise ValueError(
-                f"entry {entry.envelope_id} is stored but its result is "
-                f"{results.get(entry.envelope_id)!r}, not {RESULT_ACCEPTED!r}"
-            )
-    return json.dumps(dict(results), separators=(",", ":"))
-
-
-# -- row mapping -----------------------------------------------------------------
-# Envelope rows (spool_take, mailbox_fetch: once per envelope sent or fetched)
-# become records without the record checks: this file is ours, and every such
-# row was written (spool_put, _store_in_mailboxes) from a record that passed
-# them, with times from check_ms. See EnvelopeRecord._from_trusted.
-def _spool_entry(row: Row) -> SpoolEntry:
-    seq, envelope_id, peer, sender, recipient, created, expires, spooled, burn, data = row
-    return SpoolEntry._from_trusted(
-        seq=seq,
-        envelope_id=envelope_id,
-        peer=peer,
-        sender=sender,
-        recipient=recipient,
-        created_ms=created,
-        expires_ms=expires,
-        spooled_ms=spooled,
-        burn_on_read=bool(burn),
-        data=bytes(data),
-    )
-
-
-def _spool_summary(row: Row) -> SpoolSummary:
-    seq, envelope_id, peer, sender, recipient, created, expires, spooled, size = row
-    return SpoolSummary(
-        seq=seq,
-        envelope_id=envelope_id,
-        peer=peer,
-        sender=sender,
-        recipient=recipient,
-        created_ms=created,
-        expires_ms=expires,
-        spooled_ms=spooled,
-        size=size,
-    )
-
-
-def _mailbox_entry(row: Row) -> MailboxEntry:
-    seq, envelope_id, recipient, sender, created, expires, stored, burn, data = row
-    return MailboxEntry._from_trusted(
-        seq=seq,
-        envelope_id=envelope_id,
-        recipient=recipient,
-        sender=sender,
-        created_ms=created,
-        expires_ms=expires,
-        stored_ms=stored,
-        burn_on_read=bool(burn),
-        data=bytes(data),
-    )
-
-
-def _txn_record(origin: str, txn_id: str, row: Row) -> TxnRecord:
-    body_hash, results, at_ms = row
-    return TxnRecord(
-        origin=origin,
-        txn_id=txn_id,
-        body_hash=bytes(body_hash),
-        results=json.loads(results),
-        at_ms=at_ms,
-    )
-
-
-def _peer_state(row: Row) -> PeerState:
-    peer, failures, backoff_until, last_success, last_error = row
-    return PeerState(
-        peer=peer,
-        failures=failures,
-        backoff_until_ms=backoff_until,
-        last_success_ms=last_success,
-        last_error=last_error,
-    )
+_TXN_SELECT = "SELECT body_hash, results, at_ms FROM transactions WHERE origin = ? AND txn_id = ?"
 
 
 # -- ops shared by several methods -------------------------------------------------
@@ -288,16 +171,6 @@ async def _small_first(
         return rows
     rows, _whole = await engine.read(lambda conn: op(conn, limit))
     return rows
-
-
-def _first_unseen(entries: Sequence[_R], skip: set[str]) -> list[_R]:
-    """Entries whose id is not in ``skip``, each id once (its first occurrence), in order."""
-    fresh: list[_R] = []
-    for entry in entries:
-        if entry.envelope_id not in skip:
-            skip.add(entry.envelope_id)
-            fresh.append(entry)
-    return fresh
 
 
 def _store_in_mailboxes(
