@@ -45,7 +45,7 @@ from gateway.clientapi.mailbox_wait import MailboxWaiters
 from gateway.config import GatewayConfig
 from gateway.core.address import Address
 from gateway.core.ratelimit import RateLimiter
-from gateway.errors import StorageError, StorageFullError
+from gateway.errors import StorageError
 from gateway.federation.keys import KeyDirectory, fetch_remote_keys
 from gateway.federation.liveness import greet_peers, hearing
 from gateway.federation.receiver import Receiver
@@ -118,10 +118,13 @@ async def _mailbox_sweeper(
             if removed:
                 LOGGER.info("mailboxes: %d expired envelope(s) removed", removed)
                 await storage.scrub()
-        except StorageFullError as exc:  # no traceback: not a bug (gateway.reserve)
-            LOGGER.error("mailbox sweep failed: %s; trying again in %ss", exc.message, interval)  # noqa: TRY400
-        except StorageError:
-            LOGGER.exception("mailbox sweep failed; trying again in %ss", interval)
+        except StorageError as exc:  # one line, traceback at DEBUG: a disk or database fault
+            LOGGER.error(  # noqa: TRY400
+                "mailbox sweep failed: %s; trying again in %ss",
+                exc.message,
+                interval,
+                exc_info=LOGGER.isEnabledFor(logging.DEBUG),
+            )
         await trio.sleep(interval)
 
 

@@ -139,7 +139,7 @@ from gateway.config import MAX_INFLIGHT_TRANSACTIONS, Limits
 from gateway.core.encoding import b64url_encode
 from gateway.core.envelope import decode_envelope
 from gateway.core.rules import CompiledRules, Peer
-from gateway.errors import EnvelopeError, Reason, StorageError, StorageFullError
+from gateway.errors import EnvelopeError, Reason, StorageError
 from gateway.federation.backoff import (
     BackoffPolicy,
     RandomSource,
@@ -570,19 +570,15 @@ class _LaneRunner:
         while True:
             try:
                 await self.step()
-            except StorageFullError as exc:  # no traceback: not a bug (gateway.reserve)
+            except StorageError as exc:
+                # A full disk or a database that went away: not a bug, one line (the
+                # traceback at DEBUG); the lane tries again after a poll interval.
                 LOGGER.error(  # noqa: TRY400
-                    "%s: storage full: %s; the lane tries again in %ss",
+                    "%s: storage failed: %s; the lane tries again in %ss",
                     self.org,
                     exc.message,
                     self.settings.poll_interval,
-                )
-                await trio.sleep(self.settings.poll_interval)
-            except StorageError:
-                LOGGER.exception(
-                    "%s: storage failed; the lane tries again in %ss",
-                    self.org,
-                    self.settings.poll_interval,
+                    exc_info=LOGGER.isEnabledFor(logging.DEBUG),
                 )
                 await trio.sleep(self.settings.poll_interval)
 

@@ -37,7 +37,7 @@ from typing import Final, Protocol
 
 import trio
 
-from gateway.errors import StorageError, StorageFullError
+from gateway.errors import StorageError
 from gateway.observability.metrics import (
     FEDERATION_ENVELOPES,
     OTHER,
@@ -166,8 +166,11 @@ async def run_spool_sweeper(
                 storage, now_ms=clock_ms(), peers=peers(), gauges=gauges, scrub=scrub_pending
             )
             scrub_pending = result.scrubbed is False
-        except StorageFullError as exc:  # no traceback: not a bug (gateway.reserve)
-            LOGGER.error("spool sweep failed: %s; trying again in %ss", exc.message, interval)  # noqa: TRY400
-        except StorageError:
-            LOGGER.exception("spool sweep failed; trying again in %ss", interval)
+        except StorageError as exc:  # one line, traceback at DEBUG: a disk or database fault
+            LOGGER.error(  # noqa: TRY400
+                "spool sweep failed: %s; trying again in %ss",
+                exc.message,
+                interval,
+                exc_info=LOGGER.isEnabledFor(logging.DEBUG),
+            )
         await trio.sleep(interval)

@@ -139,9 +139,12 @@ async def run_gauge_refresher(
             await refresh_gauges(
                 storage, rules.current, now_ms=clock_ms(), spool=spool, mailboxes=mailboxes
             )
-        except StorageError:
-            LOGGER.exception(
-                "refreshing the spool and mailbox gauges failed; next try in %ss", interval
+        except StorageError as exc:  # one line, traceback at DEBUG: a disk or database fault
+            LOGGER.error(  # noqa: TRY400
+                "refreshing the spool and mailbox gauges failed: %s; next try in %ss",
+                exc.message,
+                interval,
+                exc_info=LOGGER.isEnabledFor(logging.DEBUG),
             )
         if not started:
             task_status.started()
