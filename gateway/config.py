@@ -415,11 +415,19 @@ def _seconds(value: object) -> float:
     return float(seconds)
 
 
+def validate_postgres_url(value: object) -> str:
+    """A ``postgresql://`` (or ``postgres://``) URL; ``ValueError`` that never echoes it."""
+    if isinstance(value, str) and value.startswith(("postgresql://", "postgres://")):
+        return value
+    shown = "a URL" if isinstance(value, str) and "://" in value else repr(value)
+    raise ValueError(f"expected a postgresql:// URL, got {shown}")
+
+
 def _storage(value: object, data_dir: Path) -> StorageConfig:
     if value == "sqlite":
         return StorageConfig(engine="sqlite", sqlite_path=data_dir / SQLITE_FILENAME)
     if isinstance(value, str) and value.startswith(("postgresql://", "postgres://")):
-        return StorageConfig(engine="postgresql", url=value)
+        return StorageConfig(engine="postgresql", url=validate_postgres_url(value))
     shown = "a URL" if isinstance(value, str) and "://" in value else repr(value)
     raise ValueError(f"expected sqlite or a postgresql:// URL, got {shown}")
 

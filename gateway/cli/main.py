@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "rules",
     "peers",
     "spool",
+    "storage",
     "token",
     "audit",
     "bench",
