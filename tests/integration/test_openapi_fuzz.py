@@ -15,6 +15,11 @@ What is checked, for every operation of the file:
 * never a 5xx, and every answer's status, content type, headers and body are
   what the file documents (schemathesis' conformance checks).
 
+The refusals a fuzzer cannot reach on one gateway (full lanes and mailboxes,
+the submission rate, a full disk, a user in no group, a failing peer) are
+produced at the end of this module, each on a gateway set up for it, and held
+to the file by the same conformance checks.
+
 The gateway is :func:`tests.integration.test_client_api._start` (real sockets
 on 127.0.0.1, plain HTTP, a real SQLite store and real rules, the clock fixed
 at ``NOW_MS``) run by ``trio.run`` in a thread of its own, because
@@ -49,11 +54,12 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
+import httpx
 import pytest
 import schemathesis
 import trio
@@ -73,7 +79,22 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from tests.integration.test_client_api import GLOBEX, HOUR_MS, NOW_MS, ORG, _start
+from gateway.clientapi.tokens import issue_token
+from gateway.core.address import Address
+from gateway.core.envelope import new_envelope_id
+from gateway.core.ratelimit import RateLimiter
+from gateway.crypto.keys import UserKeys
+from gateway.errors import PeerAuthError, StorageFullError
+from gateway.storage.base import Bound
+from tests.integration.test_client_api import (
+    GLOBEX,
+    HOUR_MS,
+    NOW_MS,
+    ORG,
+    Gateway,
+    _start,
+    envelope,
+)
 
 OPENAPI = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
 CALLER = f"alice@{ORG}"
@@ -350,3 +371,169 @@ def test_the_server_does_what_the_openapi_file_says(
             assert not 200 <= response.status_code < 300, "schema-invalid request accepted"
 
     fuzz()
+
+
+# -- the refusals a fuzzer does not reach -------------------------------------------------
+# Full lanes and mailboxes, the submission rate, a full disk, a user in no group, an
+# oversized key body, a peer that fails: each needs a gateway set up for it. Every
+# answer is held to the file by the same schemathesis checks (status, content type,
+# headers such as Retry-After, body). Not not_a_server_error: 502, 503 and 507 are
+# documented answers here, each asserted by its status and reason code.
+CONFORMANCE = [
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
+
+
+@pytest.fixture(scope="module")
+def document() -> schemathesis.BaseSchema:
+    return schemathesis.openapi.from_path(OPENAPI)
+
+
+def documented(
+    document: schemathesis.BaseSchema,
+    method: str,
+    template: str,
+    response: httpx.Response,
+    *,
+    status: int,
+    error: str | None = None,
+    **path_parameters: str,
+) -> None:
+    """``response`` is ``status`` (with ``error``) and everything about it is as the file says."""
+    assert response.status_code == status, response.text
+    if error is not None:
+        assert response.json()["error"] == error
+    case = document[template][method].Case(path_parameters=path_parameters or None)
+    case.validate_response(response, checks=CONFORMANCE)
+
+
+@pytest.fixture
+async def gw(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Gateway]:
+    """A gateway like the fuzzer's, with the bounds ``request.param`` names."""
+    bounds: dict[str, Any] = getattr(request, "param", {})
+    async for gateway in _start(tmp_path, ssl_context=None, client_verify=None, **bounds):
+        yield gateway
+
+
+class _Reserve:
+    """A storage reserve that is always short: every submission is 507."""
+
+    async def admit(self, size: int) -> str | None:
+        await trio.lowlevel.checkpoint()
+        return "1 MiB free, below the reserve"
+
+    def note_full(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    "gw", [{"lane_bound": Bound(1, 10**6), "mailbox_bound": Bound(1, 10**6)}], indirect=True
+)
+async def test_full_lanes_and_mailboxes_answer_as_documented(
+    gw: Gateway, document: schemathesis.BaseSchema
+) -> None:
+    stored = [envelope(CALLER, f"bob@{ORG}"), envelope(CALLER, f"zed@{GLOBEX}")]
+    for env in stored:
+        documented(document, "POST", "/v1/envelopes", await gw.submit("alice", env), status=202)
+    for recipient, error in ((f"bob@{ORG}", "mailbox_full"), (f"zed@{GLOBEX}", "lane_full")):
+        full = await gw.submit("alice", envelope(CALLER, recipient))
+        documented(document, "POST", "/v1/envelopes", full, status=503, error=error)
+    batch = [envelope(CALLER, f"bob@{ORG}"), envelope(CALLER, f"zed@{GLOBEX}")]
+    answer = await gw.client.post(
+        "/v1/envelopes/batch",
+        json={"envelopes": [env.to_json() for env in batch]},
+        headers=gw.auth("alice"),
+    )
+    documented(document, "POST", "/v1/envelopes/batch", answer, status=200)
+    assert answer.headers["retry-after"] == "30"
+    # An id someone else's envelope holds: a conflict.
+    taken = envelope(f"bob@{ORG}", f"dave@{ORG}", envelope_id=stored[0].id)
+    conflict = await gw.submit("bob", taken)
+    documented(document, "POST", "/v1/envelopes", conflict, status=409)
+
+
+@pytest.mark.parametrize("gw", [{"submit_rate": RateLimiter(rate=0.01, burst=1)}], indirect=True)
+async def test_the_submission_rate_answers_as_documented(
+    gw: Gateway, document: schemathesis.BaseSchema
+) -> None:
+    first = await gw.submit("alice", envelope(CALLER, f"bob@{ORG}"))
+    documented(document, "POST", "/v1/envelopes", first, status=202)
+    again = await gw.submit("alice", envelope(CALLER, f"bob@{ORG}"))
+    documented(document, "POST", "/v1/envelopes", again, status=429, error="rate_limited")
+    batch = await gw.client.post(
+        "/v1/envelopes/batch",
+        json={"envelopes": [envelope(CALLER, f"bob@{ORG}").to_json()]},
+        headers=gw.auth("alice"),
+    )
+    documented(document, "POST", "/v1/envelopes/batch", batch, status=429)
+
+
+@pytest.mark.parametrize("gw", [{"reserve": _Reserve()}], indirect=True)
+async def test_a_full_disk_answers_as_documented(
+    gw: Gateway, document: schemathesis.BaseSchema, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    single = await gw.submit("alice", envelope(CALLER, f"bob@{ORG}"))
+    documented(document, "POST", "/v1/envelopes", single, status=507)
+    batch = await gw.client.post(
+        "/v1/envelopes/batch",
+        json={"envelopes": [envelope(CALLER, f"bob@{ORG}").to_json()]},
+        headers=gw.auth("alice"),
+    )
+    documented(document, "POST", "/v1/envelopes/batch", batch, status=507)
+
+    async def disk_full(*args: object, **kwargs: object) -> NoReturn:
+        raise StorageFullError("database or disk is full")
+
+    monkeypatch.setattr(gw.store, "user_keys_put", disk_full)
+    monkeypatch.setattr(gw.store, "mailbox_ack", disk_full)
+    keys = UserKeys.generate(Address.parse(CALLER)).public().to_json()
+    published = await gw.client.put("/v1/keys", json=keys, headers=gw.auth("alice"))
+    documented(document, "PUT", "/v1/keys", published, status=507)
+    ack = await gw.client.post(
+        "/v1/mailbox/ack", json={"ids": [new_envelope_id()]}, headers=gw.auth("alice")
+    )
+    documented(document, "POST", "/v1/mailbox/ack", ack, status=507)
+
+
+async def test_other_refusals_answer_as_documented(
+    gw: Gateway, document: schemathesis.BaseSchema
+) -> None:
+    # A token whose user the rules put in no group: 403 no_group everywhere.
+    ghost = await issue_token(gw.store, Address.of("ghost", ORG), at_ms=NOW_MS)
+    headers = {"authorization": f"Bearer {ghost}"}
+    for method, template, path, parameters in (
+        ("GET", "/v1/me", "/v1/me", {}),
+        ("GET", "/v1/mailbox", "/v1/mailbox", {}),
+        ("GET", "/v1/orgs/{org}", f"/v1/orgs/{ORG}", {"org": ORG}),
+    ):
+        answer = await gw.client.request(method, path, headers=headers)
+        documented(document, method, template, answer, status=403, error="no_group", **parameters)
+    # No token: 401 with WWW-Authenticate, on every operation.
+    some_id = new_envelope_id()
+    anonymous = await gw.client.get(f"/v1/status/{some_id}")
+    documented(document, "GET", "/v1/status/{id}", anonymous, status=401, id=some_id)
+    # A key body over 16 KiB.
+    big = await gw.client.put("/v1/keys", content=b" " * 20_000, headers=gw.auth("alice"))
+    documented(document, "PUT", "/v1/keys", big, status=413, error="body_too_large")
+    # A peer that cannot be asked, or answers a record that does not verify.
+    gw.remote_records[f"zed@{GLOBEX}"] = PeerAuthError("peer is down")
+    down = await gw.client.get(f"/v1/keys/zed@{GLOBEX}", headers=gw.auth("alice"))
+    zed = {"address": f"zed@{GLOBEX}"}
+    documented(document, "GET", "/v1/keys/{address}", down, status=502, **zed)
+    gw.remote_records[f"zed@{GLOBEX}"] = b'{"v": 1}'
+    forged = await gw.client.get(f"/v1/keys/zed@{GLOBEX}", headers=gw.auth("alice"))
+    documented(document, "GET", "/v1/keys/{address}", forged, status=502, **zed)
+    # A status that exists, and a key record that does.
+    sent = envelope(CALLER, f"zed@{GLOBEX}")
+    await gw.submit("alice", sent)
+    status = await gw.client.get(f"/v1/status/{sent.id}", headers=gw.auth("alice"))
+    documented(document, "GET", "/v1/status/{id}", status, status=200, id=sent.id)
+    keys = UserKeys.generate(Address.parse(CALLER)).public().to_json()
+    await gw.client.put("/v1/keys", json=keys, headers=gw.auth("alice"))
+    record = await gw.client.get(f"/v1/keys/{CALLER}", headers=gw.auth("bob"))
+    documented(document, "GET", "/v1/keys/{address}", record, status=200, address=CALLER)
+    mailbox = await gw.client.get("/v1/mailbox", headers=gw.auth("bob"))
+    documented(document, "GET", "/v1/mailbox", mailbox, status=200)
