@@ -724,7 +724,10 @@ class ClientAPI:
         caller = await self._caller(request, query=_MAILBOX_QUERY)
         if isinstance(caller, Response):
             return caller
-        wait = _int_query(request, "wait", DEFAULT_WAIT_SECONDS, 0, int(self._max_wait))
+        # Any wait the protocol allows is taken; a gateway whose limits.long_poll_max is
+        # shorter holds the poll that long at most (an empty answer is always possible).
+        asked = _int_query(request, "wait", DEFAULT_WAIT_SECONDS, 0, MAX_WAIT_SECONDS)
+        wait = min(asked, self._max_wait)
         limit = _int_query(request, "limit", DEFAULT_FETCH_LIMIT, 1, MAX_FETCH_LIMIT)
         deadline = trio.current_time() + wait
         while True:

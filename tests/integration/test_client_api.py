@@ -34,7 +34,13 @@ from prometheus_client import REGISTRY
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
-from gateway.clientapi import MAX_BATCH_ENVELOPES, ClientAPI, MailboxWaiters, TooManyWatches
+from gateway.clientapi import (
+    MAX_BATCH_ENVELOPES,
+    MAX_WAIT_SECONDS,
+    ClientAPI,
+    MailboxWaiters,
+    TooManyWatches,
+)
 from gateway.clientapi.tokens import issue_token, new_token, revoke_tokens
 from gateway.core.address import Address
 from gateway.core.envelope import (
@@ -216,6 +222,7 @@ async def _start(
     mailbox_bound: Bound | None = None,
     submit_rate: RateLimiter | None = None,
     reserve: Reserve | None = None,
+    max_wait_seconds: float = MAX_WAIT_SECONDS,
 ) -> AsyncIterator[Gateway]:
     globex_seed = secrets.token_bytes(32)
     org_seed = secrets.token_bytes(32)
@@ -255,6 +262,7 @@ async def _start(
             mailbox_bound=mailbox_bound,
             submit_rate=submit_rate,
             reserve=reserve,
+            max_wait_seconds=max_wait_seconds,
         )
         router = Router()
         api.add_routes(router)
@@ -842,6 +850,22 @@ async def test_a_long_poll_returns_empty_at_its_timeout(
     assert answer.json() == {"envelopes": []}
     assert 30 <= elapsed < 31, elapsed
     assert gw.waiters.watched_users == 0
+
+
+async def test_a_wait_past_the_gateways_long_poll_max_is_held_that_long_at_most(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # limits.long_poll_max: 5s. A client may still ask for any wait the protocol
+    # allows (docs/openapi.yaml: 0-60); it gets an answer after 5 s, not a 400.
+    async for gw in _start(tmp_path, ssl_context=None, client_verify=None, max_wait_seconds=5):
+        async with httpx.AsyncClient(base_url=gw.client.base_url, timeout=None) as client:
+            start = trio.current_time()
+            answer = await client.get("/v1/mailbox?wait=60", headers=gw.auth("bob"))
+            elapsed = trio.current_time() - start
+        assert (answer.status_code, answer.json()) == (200, {"envelopes": []})
+        assert 5 <= elapsed < 6, elapsed
+        refused = await gw.client.get("/v1/mailbox?wait=61", headers=gw.auth("bob"))
+        assert refused.status_code == 400
 
 
 async def test_wait_zero_answers_at_once(gw: Gateway) -> None:
