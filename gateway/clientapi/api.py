@@ -84,6 +84,7 @@ from gateway.crypto.key_records import (
 )
 from gateway.crypto.keys import PublicKeys
 from gateway.errors import (
+    AddressError,
     CapacityError,
     EnvelopeError,
     GatewayError,
@@ -143,6 +144,7 @@ MAX_ACK_IDS: Final = 500  # ids in one POST /v1/mailbox/ack
 MAX_KEYS_BODY_BYTES: Final = 16 * 1024  # PUT /v1/keys body; real ones are ~150 bytes
 MS_PER_SECOND: Final = 1000
 
+_MAILBOX_QUERY: Final = frozenset({"wait", "limit"})  # the one endpoint that takes a query
 RESULT_ACCEPTED: Final = "accepted"  # the submissions counter's label for a stored envelope
 WWW_AUTHENTICATE: Final = ("www-authenticate", 'Bearer realm="gateway"')
 
@@ -326,7 +328,15 @@ class ClientAPI:
         router.add("GET", "/v1/orgs/{org}", self.get_org)
 
     # -- authentication ------------------------------------------------------------
-    async def _caller(self, request: Request) -> _Caller | Response:
+    async def _caller(
+        self, request: Request, *, query: frozenset[str] = frozenset()
+    ) -> _Caller | Response:
+        """The authenticated caller, or the refusal to answer; ``query``: the parameters taken.
+
+        A query parameter the endpoint does not take is ``400 protocol_error``
+        (after the token is checked): a misspelt ``limt=5`` is the client's
+        bug to hear about, not to be silently ignored.
+        """
         address = await authenticate(self._storage, request.header("authorization"))
         if address is None or address.org != self._org:
             return error_response(401, Reason.UNAUTHORIZED, headers=[WWW_AUTHENTICATE])
@@ -334,6 +344,11 @@ class ClientAPI:
         group = rules.group_of(address.user)
         if group is None:
             return error_response(403, Reason.NO_GROUP)
+        unknown = request.query.keys() - query
+        if unknown:
+            names = ", ".join(repr(name[:40]) for name in sorted(unknown)[:5])
+            taken = ", ".join(sorted(query)) or "none"
+            raise ProtocolError(f"unknown query parameter(s) {names}; this endpoint takes {taken}")
         return _Caller(address, group, rules)
 
     # -- GET /v1/me ------------------------------------------------------------------
@@ -706,10 +721,13 @@ class ClientAPI:
 
     # -- mailbox -----------------------------------------------------------------------
     async def get_mailbox(self, request: Request, params: Mapping[str, str]) -> Response:
-        caller = await self._caller(request)
+        caller = await self._caller(request, query=_MAILBOX_QUERY)
         if isinstance(caller, Response):
             return caller
-        wait = _int_query(request, "wait", DEFAULT_WAIT_SECONDS, 0, int(self._max_wait))
+        # Any wait the protocol allows is taken; a gateway whose limits.long_poll_max is
+        # shorter holds the poll that long at most (an empty answer is always possible).
+        asked = _int_query(request, "wait", DEFAULT_WAIT_SECONDS, 0, MAX_WAIT_SECONDS)
+        wait = min(asked, self._max_wait)
         limit = _int_query(request, "limit", DEFAULT_FETCH_LIMIT, 1, MAX_FETCH_LIMIT)
         deadline = trio.current_time() + wait
         while True:
@@ -752,11 +770,11 @@ class ClientAPI:
         if isinstance(caller, Response):
             return caller
         envelope_id = params["envelope_id"]
-        known = (
-            await self._storage.status_get(envelope_id)
-            if ENVELOPE_ID_RE.fullmatch(envelope_id)
-            else None
-        )
+        if not ENVELOPE_ID_RE.fullmatch(envelope_id):
+            raise ProtocolError(
+                "not an envelope id (22 characters of base64url)", reason=Reason.ENVELOPE_BAD_ID
+            )
+        known = await self._storage.status_get(envelope_id)
         # Someone else's envelope looks exactly like no envelope.
         if known is None or known.sender != caller.user:
             return error_response(404, Reason.NOT_FOUND)
@@ -791,7 +809,7 @@ class ClientAPI:
         caller = await self._caller(request)
         if isinstance(caller, Response):
             return caller
-        address = Address.parse(params["address"])  # AddressError: 400 with its reason
+        address = _normal_address(params["address"])  # AddressError: 400 with its reason
         if address.org == self._org:
             if caller.rules.group_of(address.user) is None:
                 return error_response(404, Reason.NOT_FOUND)
@@ -828,7 +846,7 @@ class ClientAPI:
         caller = await self._caller(request)
         if isinstance(caller, Response):
             return caller
-        org = normalize_domain(params["org"])  # AddressError: 400 with its reason
+        org = _normal_domain(params["org"])  # AddressError: 400 with its reason
         if org == self._org:
             key = self._org_verify_key
         else:
@@ -855,6 +873,32 @@ def _object_body(body: bytes, what: str, fields: set[str]) -> dict[str, object]:
         names = ", ".join(repr(name) for name in sorted(fields))
         raise ProtocolError(f"{what}: body must be a JSON object with exactly {names}")
     return obj
+
+
+def _normal_address(text: str) -> Address:
+    """``text`` as an address, which it must spell in its normal form; ``AddressError``.
+
+    One resource has one URL: ``Alice@ACME.example`` is refused (saying what to
+    use), not folded, exactly as an envelope's ``from`` and ``to`` are.
+    """
+    address = Address.parse(text)
+    if str(address) != text:
+        raise AddressError(
+            f"address {text[:80]!r} is not in normal form (use {address})",
+            reason=Reason.ADDRESS_MALFORMED,
+        )
+    return address
+
+
+def _normal_domain(text: str) -> str:
+    """``text`` as an org domain, which it must spell in its normal form; ``AddressError``."""
+    org = normalize_domain(text)
+    if org != text:
+        raise AddressError(
+            f"domain {text[:80]!r} is not in normal form (use {org})",
+            reason=Reason.ADDRESS_BAD_DOMAIN,
+        )
+    return org
 
 
 def _int_query(request: Request, name: str, default: int, low: int, high: int) -> int:

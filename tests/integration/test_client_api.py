@@ -34,7 +34,13 @@ from prometheus_client import REGISTRY
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
-from gateway.clientapi import MAX_BATCH_ENVELOPES, ClientAPI, MailboxWaiters, TooManyWatches
+from gateway.clientapi import (
+    MAX_BATCH_ENVELOPES,
+    MAX_WAIT_SECONDS,
+    ClientAPI,
+    MailboxWaiters,
+    TooManyWatches,
+)
 from gateway.clientapi.tokens import issue_token, new_token, revoke_tokens
 from gateway.core.address import Address
 from gateway.core.envelope import (
@@ -216,6 +222,7 @@ async def _start(
     mailbox_bound: Bound | None = None,
     submit_rate: RateLimiter | None = None,
     reserve: Reserve | None = None,
+    max_wait_seconds: float = MAX_WAIT_SECONDS,
 ) -> AsyncIterator[Gateway]:
     globex_seed = secrets.token_bytes(32)
     org_seed = secrets.token_bytes(32)
@@ -255,6 +262,7 @@ async def _start(
             mailbox_bound=mailbox_bound,
             submit_rate=submit_rate,
             reserve=reserve,
+            max_wait_seconds=max_wait_seconds,
         )
         router = Router()
         api.add_routes(router)
@@ -672,12 +680,42 @@ async def test_fetch_returns_oldest_first_within_the_limit_and_never_the_expired
 
 
 @pytest.mark.parametrize(
-    "query", ["wait=61", "wait=-1", "wait=abc", "limit=0", "limit=501", "limit=1&limit=2"]
+    "query",
+    ["wait=61", "wait=-1", "wait=abc", "limit=0", "limit=501", "limit=1&limit=2", "limt=5", "x"],
 )
 async def test_mailbox_query_out_of_bounds_is_400(gw: Gateway, query: str) -> None:
     answer = await gw.client.get(f"/v1/mailbox?{query}", headers=gw.auth("bob"))
     assert answer.status_code == 400
     assert answer.json()["error"] == "protocol_error"
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/me"),
+        ("POST", "/v1/envelopes"),
+        ("POST", "/v1/envelopes/batch"),
+        ("POST", "/v1/mailbox/ack"),
+        ("GET", f"/v1/status/{new_envelope_id()}"),
+        ("PUT", "/v1/keys"),
+        ("GET", "/v1/keys/bob@acme.example"),
+        ("GET", "/v1/orgs/acme.example"),
+    ],
+)
+async def test_a_query_parameter_an_endpoint_does_not_take_is_400(
+    gw: Gateway, method: str, path: str
+) -> None:
+    env = envelope("alice@acme.example", "bob@acme.example")
+    answer = await gw.client.request(
+        method, f"{path}?debug=1", content=encode_envelope(env), headers=gw.auth("alice")
+    )
+    assert answer.status_code == 400
+    assert answer.json()["error"] == "protocol_error"
+    assert "'debug'" in answer.json()["message"]
+    await gw.assert_nothing_stored(env)
+    # The token is checked first: a stranger learns nothing about the endpoint.
+    anonymous = await gw.client.request(method, f"{path}?debug=1")
+    assert anonymous.status_code == 401
 
 
 async def test_ack_deletes_only_the_callers_envelopes(gw: Gateway) -> None:
@@ -748,7 +786,8 @@ async def test_a_status_is_visible_to_its_sender_only(gw: Gateway) -> None:
     unknown = await gw.client.get(f"/v1/status/{new_envelope_id()}", headers=gw.auth("alice"))
     assert unknown.status_code == 404
     garbage = await gw.client.get("/v1/status/not-an-id", headers=gw.auth("alice"))
-    assert garbage.status_code == 404
+    assert garbage.status_code == 400
+    assert garbage.json()["error"] == "envelope_bad_id"
 
 
 # -- long-poll ----------------------------------------------------------------------------------
@@ -811,6 +850,22 @@ async def test_a_long_poll_returns_empty_at_its_timeout(
     assert answer.json() == {"envelopes": []}
     assert 30 <= elapsed < 31, elapsed
     assert gw.waiters.watched_users == 0
+
+
+async def test_a_wait_past_the_gateways_long_poll_max_is_held_that_long_at_most(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # limits.long_poll_max: 5s. A client may still ask for any wait the protocol
+    # allows (docs/openapi.yaml: 0-60); it gets an answer after 5 s, not a 400.
+    async for gw in _start(tmp_path, ssl_context=None, client_verify=None, max_wait_seconds=5):
+        async with httpx.AsyncClient(base_url=gw.client.base_url, timeout=None) as client:
+            start = trio.current_time()
+            answer = await client.get("/v1/mailbox?wait=60", headers=gw.auth("bob"))
+            elapsed = trio.current_time() - start
+        assert (answer.status_code, answer.json()) == (200, {"envelopes": []})
+        assert 5 <= elapsed < 6, elapsed
+        refused = await gw.client.get("/v1/mailbox?wait=61", headers=gw.auth("bob"))
+        assert refused.status_code == 400
 
 
 async def test_wait_zero_answers_at_once(gw: Gateway) -> None:
@@ -911,7 +966,7 @@ async def test_published_keys_come_back_signed_by_the_org(gw: Gateway) -> None:
     # Republishing replaces the record.
     newer = UserKeys.generate(keys.address).public()
     await gw.client.put("/v1/keys", json=newer.to_json(), headers=gw.auth("alice"))
-    again = await gw.client.get("/v1/keys/Alice@acme.example", headers=gw.auth("bob"))
+    again = await gw.client.get("/v1/keys/alice@acme.example", headers=gw.auth("bob"))
     assert verify_key_record(again.content, org_verify_key=org_key, expected_address=newer.address)
     assert (
         verify_key_record(again.content, org_verify_key=org_key, expected_address=newer.address)
@@ -940,6 +995,27 @@ async def test_local_key_lookups_that_find_nothing_are_404(gw: Gateway) -> None:
     garbage = await gw.client.get("/v1/keys/not-an-address", headers=gw.auth("alice"))
     assert garbage.status_code == 400
     assert garbage.json()["error"].startswith("address_")
+
+
+@pytest.mark.parametrize(
+    ("path", "reason", "normal"),
+    [
+        ("/v1/keys/Alice@acme.example", "address_malformed", "alice@acme.example"),
+        ("/v1/keys/alice@ACME.example", "address_malformed", "alice@acme.example"),
+        ("/v1/keys/alice@acme.example.", "address_malformed", "alice@acme.example"),
+        ("/v1/orgs/ACME.example", "address_bad_domain", "acme.example"),
+        ("/v1/orgs/globex.example.", "address_bad_domain", "globex.example"),
+    ],
+)
+async def test_addresses_and_orgs_in_paths_must_be_in_normal_form(
+    gw: Gateway, path: str, reason: str, normal: str
+) -> None:
+    # One resource, one URL: a spelling that would fold to another is refused, saying which.
+    answer = await gw.client.get(path, headers=gw.auth("alice"))
+    assert answer.status_code == 400
+    assert answer.json()["error"] == reason
+    assert f"(use {normal})" in answer.json()["message"]
+    assert gw.lookups == []
 
 
 async def test_a_peers_key_record_is_fetched_and_checked_against_its_pinned_key(
