@@ -528,7 +528,7 @@ async def test_policy_denials_are_counted_by_direction_and_reason(gw: Gateway) -
     [
         (b"not json", "envelope_malformed"),
         (b"{}", "envelope_malformed"),
-        (b'{"v": 2}', "envelope_bad_version"),
+        (b'{"v": 3}', "envelope_bad_version"),
         (b"[]", "envelope_malformed"),
     ],
 )
