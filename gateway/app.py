@@ -52,6 +52,7 @@ from gateway.federation.sender import Sender, SenderSettings
 from gateway.federation.sweeper import run_spool_sweeper
 from gateway.federation.transport import HttpxPeerTransport
 from gateway.federation.trust import FederationTrust, follow_certificate, follow_reloads
+from gateway.federation.versions import PeerVersions
 from gateway.http import HTTPServer, Router, ServerLimits
 from gateway.observability.audit import AuditWriter
 from gateway.observability.certs import CLIENT_API, FEDERATION, ORG_CA, CertificateGauges
@@ -192,6 +193,7 @@ async def run_gateway(
             rules=rules,
             clock_ms=clock_ms,
             settings=SenderSettings.from_limits(config.limits),
+            envelope_versions=PeerVersions(transport),
         )
         waiters = MailboxWaiters()
         # One bound for every way into a mailbox: a colleague's envelope or a peer's.

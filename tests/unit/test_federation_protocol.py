@@ -313,7 +313,11 @@ def test_an_answer_about_other_envelopes_is_refused() -> None:
 
 
 def test_version_document() -> None:
-    assert version_document() == {"versions": ["v1"], "server": SERVER_NAME}
+    assert version_document() == {
+        "versions": ["v1"],
+        "envelope_versions": [1, 2],
+        "server": SERVER_NAME,
+    }
     assert SERVER_NAME.startswith("federation-gateway/")
 
 
