@@ -182,6 +182,14 @@ class ClientSession:
         body = await self._call("POST", "/v1/mailbox/ack", json={"ids": list(envelope_ids)})
         return int(body["deleted"])
 
+    async def report_retention_mismatch(self, envelope_ids: Sequence[str]) -> int:
+        """``POST /v1/reports/retention-mismatch``: envelopes refused for a dishonest
+        retention copy; returns how many the gateway recorded."""
+        body = await self._call(
+            "POST", "/v1/reports/retention-mismatch", json={"ids": list(envelope_ids)}
+        )
+        return int(body["recorded"])
+
     async def status(self, envelope_id: str) -> dict[str, Any]:
         """``GET /v1/status/{id}``: ``{"id", "status", "at"}`` of an envelope we sent."""
         result: dict[str, Any] = await self._call("GET", f"/v1/status/{envelope_id}")

@@ -17,6 +17,9 @@ one seen before.
 Sending: look up and check the recipient's keys, read the sender group's
 limits (``GET /v1/me``) for the default TTL and whether burn-on-read is
 required, seal, submit; the answer is the envelope id and its first status.
+A sender whose group is under outbound retention (``GET /v1/me`` names the
+retention key) seals envelope version 2 with a retention copy for that key;
+others seal version 1, which every peer speaks.
 
 Receiving: fetch (long-polling up to ``wait`` s), and for each envelope find
 the sender's verify key (remembered, else looked up and checked as above),
@@ -24,7 +27,11 @@ verify and open it, then acknowledge everything handled in one call. An
 envelope that does not verify or open, even with freshly looked-up keys, is
 acknowledged and reported as discarded (leaving it would return it forever).
 One whose sender's keys changed is left in the mailbox and reported: it can
-be read with ``accept_new_key`` once the change is confirmed.
+be read with ``accept_new_key`` once the change is confirmed. A version 2
+envelope whose retention copy is not the one its content key gives (its
+sender did not retain it honestly) is refused: its text is not shown, it is
+reported to the gateway (``POST /v1/reports/retention-mismatch``, counted and
+audited there) and then acknowledged.
 """
 
 from __future__ import annotations
@@ -39,8 +46,8 @@ from gateway.client.api import ClientAPIError, Submitted
 from gateway.client.contacts import ContactBook, KeyChangedError, Trust
 from gateway.core.address import Address
 from gateway.core.envelope import Envelope
-from gateway.core.keytext import format_signing_key, parse_signing_key
-from gateway.crypto.envelope_crypto import open_envelope, seal
+from gateway.core.keytext import format_signing_key, parse_retention_key, parse_signing_key
+from gateway.crypto.envelope_crypto import open_envelope, seal, seal_v2
 from gateway.crypto.key_records import parse_verified_key_record, verify_key_record
 from gateway.crypto.keys import PublicKeys, UserKeys
 from gateway.errors import (
@@ -49,6 +56,7 @@ from gateway.errors import (
     ProtocolError,
     Reason,
     RemoteError,
+    RetentionWrapMismatch,
 )
 
 MS_PER_SECOND: Final = 1000
@@ -78,6 +86,8 @@ class Session(Protocol):
     async def fetch(self, *, wait: int = 0, limit: int = 100) -> list[Envelope]: ...
 
     async def ack(self, envelope_ids: Sequence[str]) -> int: ...
+
+    async def report_retention_mismatch(self, envelope_ids: Sequence[str]) -> int: ...
 
     async def status(self, envelope_id: str) -> dict[str, Any]: ...
 
@@ -137,6 +147,7 @@ class Problem:
     sender: Address
     message: str
     discarded: bool
+    retention_mismatch: bool = False  # refused: its retention copy did not match
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +157,7 @@ class Inbox:
     messages: tuple[Received, ...]
     problems: tuple[Problem, ...]
     acknowledged: int
+    reported: int = 0  # retention mismatches the gateway recorded
 
 
 class ReferenceClient:
@@ -256,16 +268,29 @@ class ReferenceClient:
             ttl_seconds = default
         if limits.get("burn_on_read") == BURN_ON_READ_REQUIRED:
             burn_on_read = True
+        retention_key = _retention_key(me)
         public, trust = await self.verified_keys(to, accept_new_key=accept_new_key)
         now = self._clock_ms()
-        envelope = seal(
-            text.encode("utf-8"),
-            sender=self.keys,
-            recipient=public,
-            created_ms=now,
-            expires_ms=now + ttl_seconds * MS_PER_SECOND,
-            burn_on_read=burn_on_read,
-        )
+        if retention_key is None:
+            envelope = seal(
+                text.encode("utf-8"),
+                sender=self.keys,
+                recipient=public,
+                created_ms=now,
+                expires_ms=now + ttl_seconds * MS_PER_SECOND,
+                burn_on_read=burn_on_read,
+            )
+        else:
+            envelope = seal_v2(
+                text.encode("utf-8"),
+                sender=self.keys,
+                recipient=public,
+                created_ms=now,
+                expires_ms=now + ttl_seconds * MS_PER_SECOND,
+                burn_on_read=burn_on_read,
+                retention_key_id=retention_key[0],
+                retention_public_key=retention_key[1],
+            )
         submitted = await self.session.submit(envelope)
         return Sent(
             envelope_id=envelope.id,
@@ -285,9 +310,24 @@ class ReferenceClient:
         messages: list[Received] = []
         problems: list[Problem] = []
         done: list[str] = []
+        dishonest: list[str] = []
         for envelope in envelopes:
             try:
                 payload = await self._open(envelope, accept_new_key=accept_new_key)
+            except RetentionWrapMismatch:
+                problems.append(
+                    Problem(
+                        envelope.id,
+                        envelope.sender,
+                        "REFUSED: its retention copy does not match the message: the sender "
+                        "did not retain it honestly; not shown, reported to your gateway",
+                        True,
+                        retention_mismatch=True,
+                    )
+                )
+                dishonest.append(envelope.id)
+                done.append(envelope.id)
+                continue
             except KeyChangedError as exc:
                 problems.append(Problem(envelope.id, envelope.sender, exc.message, False))
                 continue
@@ -312,8 +352,10 @@ class ReferenceClient:
                 )
             )
             done.append(envelope.id)
+        # Reported before acknowledged: the gateway records only what is in the mailbox.
+        reported = await self.session.report_retention_mismatch(dishonest) if dishonest else 0
         acknowledged = await self.session.ack(done) if done else 0
-        return Inbox(tuple(messages), tuple(problems), acknowledged)
+        return Inbox(tuple(messages), tuple(problems), acknowledged, reported)
 
     async def _open(self, envelope: Envelope, *, accept_new_key: bool) -> bytes:
         known = self.contacts.get(envelope.sender)
@@ -322,6 +364,8 @@ class ReferenceClient:
                 return open_envelope(
                     envelope, recipient=self.keys, sender_verify_key=known.verify_key
                 )
+            except RetentionWrapMismatch:
+                raise  # signed by the key we know: no newer key changes that
             except EnvelopeOpenError:
                 pass  # perhaps the sender has new keys: ask their org
         public, trust = await self.verified_keys(envelope.sender, accept_new_key=accept_new_key)
@@ -332,3 +376,21 @@ class ReferenceClient:
     # -- status ---------------------------------------------------------------------------
     async def status(self, envelope_id: str) -> dict[str, Any]:
         return await self.session.status(envelope_id)
+
+
+def _retention_key(me: object) -> tuple[str, bytes] | None:
+    """The retention key (id, X25519 key) ``GET /v1/me`` names for outbound retention."""
+    retention = me.get("retention") if isinstance(me, dict) else None
+    if retention is None:
+        return None
+    key = retention.get("key") if isinstance(retention, dict) else None
+    if not isinstance(retention, dict) or retention.get("outbound") is not True:
+        return None
+    key_id = key.get("id") if isinstance(key, dict) else None
+    text = key.get("public_key") if isinstance(key, dict) else None
+    if not isinstance(key_id, str) or not isinstance(text, str):
+        raise ProtocolError("GET /v1/me: retention without a usable key")
+    try:
+        return key_id, parse_retention_key(text)
+    except ValueError as exc:
+        raise ProtocolError(f"GET /v1/me: retention key: {exc}") from None

@@ -12,8 +12,10 @@ read once per request (``rules.current``), so one request sees one version.
 A submission goes through, in order: parse (``400`` with the envelope's reason
 code), ``from`` must be the token's user (``403 sender_mismatch``), the clock
 checks of :func:`~gateway.core.envelope.validate_envelope` (``400``, e.g.
-``expired``), then the outbound rule and the sender group's limits
-(``403`` with the reason code and the rule's ``file:line``). A refused
+``expired``), then the outbound rule, the sender group's limits and its
+retention (``403`` with the reason code and the rule's ``file:line``; a group
+under outbound retention sends only version 2 envelopes with a retention copy
+for a key of the rules). A refused
 envelope is answered at once and nothing is stored. An allowed one gets the
 sender's group asserted (encoded from the submitted JSON object itself, see
 :func:`~gateway.core.envelope.encode_validated`) and is written durably: into the
@@ -35,6 +37,12 @@ Long-poll (``GET /v1/mailbox?wait=S``): a :class:`~.mailbox_wait.MailboxWatch`
 is taken *before* the mailbox is read, so an arrival between the read and the
 wait is not missed; an empty read then waits for a wakeup or the deadline and
 reads again.
+
+Retention: ``GET /v1/me`` tells a client under outbound retention which key
+to wrap for; ``POST /v1/reports/retention-mismatch`` is how a client reports
+envelopes it refused because their retention copy did not match (an envelope
+in the caller's mailbox only): each is counted and audited
+(``retention_mismatch``), with the sender as the envelope names it.
 
 Key records: ``PUT /v1/keys`` signs the caller's public keys with the org
 signing key and stores the record; ``GET /v1/keys/{address}`` serves ours
@@ -73,7 +81,7 @@ from gateway.core.envelope import (
     encode_envelope,
     encode_validated,
 )
-from gateway.core.keytext import format_signing_key
+from gateway.core.keytext import format_retention_key, format_signing_key
 from gateway.core.ratelimit import RateLimiter
 from gateway.core.rules import CompiledRules, Decision, Group, Mark
 from gateway.crypto.key_records import (
@@ -100,8 +108,10 @@ from gateway.observability.metrics import (
     CLIENTAPI_SUBMISSIONS,
     MAILBOX_FULL_REFUSALS,
     POLICY_DENIALS,
+    RETENTION_MISMATCH_REPORTS,
     SPOOL_FULL_REFUSALS,
     STORAGE_RESERVE_REFUSALS,
+    bounded,
 )
 from gateway.reserve import Reserve
 from gateway.storage.base import (
@@ -324,6 +334,7 @@ class ClientAPI:
         router.add("PUT", "/v1/keys", self.put_keys)
         router.add("GET", "/v1/keys/{address}", self.get_keys)
         router.add("GET", "/v1/orgs/{org}", self.get_org)
+        router.add("POST", "/v1/reports/retention-mismatch", self.post_retention_mismatch)
 
     # -- authentication ------------------------------------------------------------
     async def _caller(self, request: Request) -> _Caller | Response:
@@ -342,22 +353,29 @@ class ClientAPI:
         if isinstance(caller, Response):
             return caller
         limits = caller.group.limits
-        return json_response(
-            200,
-            {
-                "address": caller.user,
-                "group": caller.group.name,
-                "limits": {
-                    "max_envelope_bytes": limits.max_envelope_bytes,
-                    "ttl": {
-                        "min": limits.ttl.min,
-                        "default": limits.ttl.default,
-                        "max": limits.ttl.max,
-                    },
-                    "burn_on_read": limits.burn_on_read.value,
+        body: dict[str, object] = {
+            "address": caller.user,
+            "group": caller.group.name,
+            "limits": {
+                "max_envelope_bytes": limits.max_envelope_bytes,
+                "ttl": {
+                    "min": limits.ttl.min,
+                    "default": limits.ttl.default,
+                    "max": limits.ttl.max,
                 },
+                "burn_on_read": limits.burn_on_read.value,
             },
-        )
+        }
+        retention = caller.group.retention
+        org_retention = caller.rules.rules.retention
+        if retention.active and org_retention is not None:
+            key = org_retention.key
+            body["retention"] = {
+                "outbound": retention.outbound,
+                "inbound": retention.inbound,
+                "key": {"id": key.id, "public_key": format_retention_key(key.public_key)},
+            }
+        return json_response(200, body)
 
     # -- submissions -------------------------------------------------------------------
     async def post_envelope(self, request: Request, params: Mapping[str, str]) -> Response:
@@ -529,6 +547,8 @@ class ClientAPI:
             ttl_seconds=_ttl_seconds(env),
             burn_on_read=env.burn_on_read,
         )
+        # The sender group's retention, last: what the archive must get (docs/retention.md).
+        decision = caller.rules.decide_retention(decision, env.retention)
         if not decision.allowed:
             self._count_denial(decision.direction.value, decision.reason)
             log.info(
@@ -745,6 +765,55 @@ class ClientAPI:
         unique = list(dict.fromkeys(ids))
         deleted = await self._storage.mailbox_ack(caller.user, unique) if unique else 0
         return json_response(200, {"deleted": deleted})
+
+    # -- retention ---------------------------------------------------------------------------
+    async def post_retention_mismatch(
+        self, request: Request, params: Mapping[str, str]
+    ) -> Response:
+        """A client refused these envelopes of its mailbox: their retention copy did not match."""
+        caller = await self._caller(request)
+        if isinstance(caller, Response):
+            return caller
+        ids = _object_body(request.body, "retention mismatch report", {"ids"})["ids"]
+        if not isinstance(ids, list) or not 0 < len(ids) <= MAX_FETCH_LIMIT:
+            raise ProtocolError(f"field 'ids' must be a list of 1 to {MAX_FETCH_LIMIT} ids")
+        for envelope_id in ids:
+            if not isinstance(envelope_id, str) or not ENVELOPE_ID_RE.fullmatch(envelope_id):
+                raise ProtocolError(
+                    "field 'ids' must hold envelope ids (22 characters of base64url)",
+                    reason=Reason.ENVELOPE_BAD_ID,
+                )
+        wanted = set(ids)
+        # A client reports what it just fetched, from the head of its mailbox, before
+        # it acknowledges: only envelopes there are recorded, so a report cannot put
+        # words into the audit log about envelopes the caller never received.
+        entries = await self._storage.mailbox_fetch(caller.user, limit=MAX_FETCH_LIMIT)
+        found = [entry for entry in entries if entry.envelope_id in wanted]
+        peers = caller.rules.peers
+        for entry in found:
+            sender_org = entry.sender.rpartition("@")[2]
+            origin = "local" if sender_org == self._org else bounded(sender_org, peers)
+            RETENTION_MISMATCH_REPORTS.labels(origin).inc()
+            log.warning(
+                "envelope %s from %s to %s: the recipient's client refused it, its retention "
+                "copy does not match",
+                entry.envelope_id,
+                entry.sender,
+                caller.user,
+                extra={
+                    "event": "retention_mismatch",
+                    "envelope_id": entry.envelope_id,
+                    "user": caller.user,
+                },
+            )
+            await self._audit.record(
+                "retention_mismatch",
+                envelope_id=entry.envelope_id,
+                user=caller.user,
+                sender=entry.sender,
+                group=caller.group.name,
+            )
+        return json_response(200, {"recorded": len(found)})
 
     # -- delivery statuses -----------------------------------------------------------------
     async def get_status(self, request: Request, params: Mapping[str, str]) -> Response:

@@ -93,6 +93,7 @@ FILE_MODE: Final = 0o600
 KINDS: Final = frozenset(
     {
         "policy_denial",  # the rules refused an envelope (client API or a peer's)
+        "retention_mismatch",  # a client refused an envelope: its retention copy did not match
         "rules_reload",  # a load of the rules: trigger, result, sha256
         "peer_added",  # a reload added a peer
         "peer_removed",  # a reload removed a peer

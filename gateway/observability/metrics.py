@@ -168,6 +168,13 @@ CLIENTAPI_SUBMISSIONS = Counter(
     "Envelopes submitted through the client API, by result (accepted, or the reason code).",
     ["result"],
 )
+RETENTION_MISMATCH_REPORTS = Counter(
+    "gateway_clientapi_retention_mismatch_reports_total",
+    "Envelopes our clients refused because their retention copy did not match their content "
+    "key (a sender that did not retain honestly), by the sender's org: local, a peer of the "
+    "rules, or other.",
+    ["origin"],
+)
 CLIENTAPI_LOCAL_DELIVERIES = Counter(
     "gateway_clientapi_local_deliveries_total",
     "Envelopes the client API wrote straight into a local mailbox (sender and recipient "

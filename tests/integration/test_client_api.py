@@ -50,6 +50,7 @@ from gateway.crypto.key_records import sign_key_record, verify_key_record
 from gateway.crypto.keys import UserKeys
 from gateway.errors import KeyRecordError, PeerAuthError
 from gateway.http import HTTPServer, Router
+from gateway.observability.audit import AuditSink
 from gateway.pki import dev
 from gateway.pki.tls import client_api_server_context
 from gateway.reserve import Reserve
@@ -216,10 +217,12 @@ async def _start(
     mailbox_bound: Bound | None = None,
     submit_rate: RateLimiter | None = None,
     reserve: Reserve | None = None,
+    make_rules: Callable[[bytes], str] = rules_text,
+    audit: AuditSink | None = None,
 ) -> AsyncIterator[Gateway]:
     globex_seed = secrets.token_bytes(32)
     org_seed = secrets.token_bytes(32)
-    text = rules_text(bytes(SigningKey(globex_seed).verify_key))
+    text = make_rules(bytes(SigningKey(globex_seed).verify_key))
     rules_path = tmp_path / "rules.yaml"
     rules_path.write_text(text)
     holder = RulesHolder.load(rules_path)
@@ -255,6 +258,7 @@ async def _start(
             mailbox_bound=mailbox_bound,
             submit_rate=submit_rate,
             reserve=reserve,
+            audit=audit,
         )
         router = Router()
         api.add_routes(router)
