@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import trio
 
+from gateway.archive_sweeper import run_archive_sweeper
 from gateway.clientapi.api import ClientAPI
 from gateway.clientapi.mailbox_wait import MailboxWaiters
 from gateway.config import GatewayConfig
@@ -236,6 +237,7 @@ async def run_gateway(
                 rate=config.limits.submit_rate_per_user, burst=config.limits.submit_burst_per_user
             ),
             reserve=reserve,
+            archive=storage.archive,
         )
 
         federation_router, client_router, metrics_router = Router(), Router(), Router()
@@ -331,6 +333,11 @@ async def run_gateway(
                     )
                 )
                 await root.start(lambda *, task_status: reserve.watch(task_status=task_status))
+                await root.start(
+                    lambda *, task_status: run_archive_sweeper(
+                        storage.archive, clock_ms=clock_ms, task_status=task_status
+                    )
+                )
                 root.start_soon(
                     lambda: _mailbox_sweeper(
                         storage, clock_ms=clock_ms, interval=MAILBOX_SWEEP_INTERVAL

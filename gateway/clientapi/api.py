@@ -72,9 +72,11 @@ from prometheus_client import Counter
 from gateway.clientapi.mailbox_wait import MailboxWaiters, TooManyWatches
 from gateway.clientapi.tokens import authenticate
 from gateway.core.address import Address, normalize_domain
+from gateway.core.archive import ArchiveItem
 from gateway.core.encoding import loads_strict
 from gateway.core.envelope import (
     ENVELOPE_ID_RE,
+    MAX_TIME_MS,
     Envelope,
     check_envelope_clock,
     decode_envelope,
@@ -108,6 +110,8 @@ from gateway.observability.metrics import (
     CLIENTAPI_SUBMISSIONS,
     MAILBOX_FULL_REFUSALS,
     POLICY_DENIALS,
+    RETENTION_ARCHIVED,
+    RETENTION_ARCHIVED_BYTES,
     RETENTION_MISMATCH_REPORTS,
     SPOOL_FULL_REFUSALS,
     STORAGE_RESERVE_REFUSALS,
@@ -281,6 +285,12 @@ async def _store_what_fits(
     return None
 
 
+class ArchiveSink(Protocol):
+    """Where retained envelopes go (the storage's retention archive)."""
+
+    async def append(self, items: Sequence[ArchiveItem], *, at_ms: int) -> list[str]: ...
+
+
 class ClientAPI:
     """The client API's handlers; :meth:`add_routes` puts them on a router."""
 
@@ -301,6 +311,7 @@ class ClientAPI:
         mailbox_bound: Bound | None = None,
         submit_rate: RateLimiter | None = None,
         reserve: Reserve | None = None,
+        archive: ArchiveSink | None = None,
     ) -> None:
         if not isinstance(org_signing_seed, bytes) or len(org_signing_seed) != KEY_BYTES:
             raise ValueError(f"org_signing_seed must be {KEY_BYTES} bytes")
@@ -320,6 +331,7 @@ class ClientAPI:
         self._lane_bound = lane_bound
         self._mailbox_bound = mailbox_bound
         self._reserve = reserve
+        self._archive = archive  # None: retention is enforced, nothing is archived here
         self._submit_rate = submit_rate  # per user, charged one token per envelope
         self._submissions: dict[str, Counter] = {}
         self._denials: dict[tuple[str, str], Counter] = {}
@@ -440,17 +452,19 @@ class ClientAPI:
             item if isinstance(item, _Refused) else self._check(caller, item, now_ms)
             for item in items
         ]
+        stored: dict[str, str] = {}
+        full: dict[str, Reason] = {}  # envelope id -> lane_full / mailbox_full
+        # Archived first, durably: an envelope of a group under retention is never
+        # stored (so never delivered) unless its archive copy is.
+        await self._archive_retained(caller, verdicts, now_ms, full)
         local: list[EnvelopeRecord] = []
         spool: list[SpoolItem] = []
         for verdict in verdicts:
-            if isinstance(verdict, _Allowed):
+            if isinstance(verdict, _Allowed) and verdict.env.id not in full:
                 if verdict.peer is None:
                     local.append(envelope_record(verdict.env, verdict.data))
                 else:
                     spool.append(spool_item(verdict.env, verdict.data, verdict.peer))
-
-        stored: dict[str, str] = {}
-        full: dict[str, Reason] = {}  # envelope id -> lane_full / mailbox_full
         if local:
             try:
                 outcome = await self._put_local(local, now_ms, full)
@@ -508,6 +522,47 @@ class ClientAPI:
             if isinstance(verdict, _Refused) and verdict.decision is not None:
                 await self._audit_denial(caller, verdict.envelope_id, verdict.decision)
         return outcomes
+
+    async def _archive_retained(
+        self,
+        caller: _Caller,
+        verdicts: Sequence[_Allowed | _Refused],
+        now_ms: int,
+        full: dict[str, Reason],
+    ) -> None:
+        retention = caller.group.retention
+        if self._archive is None or not retention.outbound:
+            return
+        keep_until = min(now_ms + retention.keep * MS_PER_SECOND, MAX_TIME_MS)
+        items = [
+            ArchiveItem(
+                envelope_id=verdict.env.id,
+                group=caller.group.name,
+                direction="outbound",
+                sender=str(verdict.env.sender),
+                recipient=str(verdict.env.recipient),
+                key_id=verdict.env.retention.key_id,
+                delete_after_ms=keep_until,
+                envelope=verdict.data,
+            )
+            for verdict in verdicts
+            if isinstance(verdict, _Allowed) and verdict.env.retention is not None
+        ]
+        if not items:
+            return
+        try:
+            archived = await self._archive.append(items, at_ms=now_ms)
+        except StorageFullError as exc:
+            records = [envelope_record(v.env, v.data) for v in verdicts if isinstance(v, _Allowed)]
+            self._disk_full(exc, records, full)
+            return
+        if archived:
+            labels = bounded(caller.group.name, caller.rules.rules.groups)
+            RETENTION_ARCHIVED.labels(labels, "outbound").inc(len(archived))
+            sizes = {item.envelope_id: len(item.envelope) for item in items}
+            RETENTION_ARCHIVED_BYTES.labels(labels, "outbound").inc(
+                sum(sizes[envelope_id] for envelope_id in archived)
+            )
 
     async def _audit_denial(
         self, caller: _Caller, envelope_id: str | None, decision: Decision

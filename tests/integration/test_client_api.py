@@ -219,6 +219,7 @@ async def _start(
     reserve: Reserve | None = None,
     make_rules: Callable[[bytes], str] = rules_text,
     audit: AuditSink | None = None,
+    with_archive: bool = False,
 ) -> AsyncIterator[Gateway]:
     globex_seed = secrets.token_bytes(32)
     org_seed = secrets.token_bytes(32)
@@ -259,6 +260,7 @@ async def _start(
             submit_rate=submit_rate,
             reserve=reserve,
             audit=audit,
+            archive=store.archive if with_archive else None,
         )
         router = Router()
         api.add_routes(router)

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from gateway.core.address import Address
+from gateway.core.archive import check_chain
 from gateway.core.envelope import (
     RETENTION_WRAP_BYTES,
     WRAPPED_KEY_BYTES,
@@ -83,6 +84,7 @@ async def gw(tmp_path: Path, audit: RecordingAudit) -> AsyncIterator[Gateway]:
         client_verify=None,
         make_rules=retention_rules,
         audit=audit,
+        with_archive=True,
     ):
         yield gateway
 
@@ -309,3 +311,25 @@ async def test_the_retention_answers_match_the_openapi_file(gw: Gateway) -> None
         "/v1/reports/retention-mismatch", json={"ids": [env.id]}, headers=gw.auth("bob")
     )
     conforms(document, "/v1/reports/retention-mismatch", "post", 200, report.json())
+
+
+async def test_retained_envelopes_are_archived_once_and_refused_ones_never(gw: Gateway) -> None:
+    labels = {"group": "engineering", "direction": "outbound"}
+    before = sample("gateway_retention_archived_envelopes_total", **labels)
+    sent = v2("alice@acme.example", "zed@globex.example")
+    local = v2("alice@acme.example", "bob@acme.example")
+    refused = v2("alice@acme.example", "zed@globex.example", key_id=None)
+    for env in (sent, local, refused, sent):  # the last: a client's retry
+        await gw.submit("alice", env)
+    records = await gw.store.archive.records(from_ms=0, to_ms=NOW_MS + 1)
+    assert [(r.envelope_id, r.direction, r.group, r.key_id) for r in records] == [
+        (sent.id, "outbound", "engineering", "acme-2026"),
+        (local.id, "outbound", "engineering", "acme-2026"),
+    ]
+    assert records[0].envelope == encode_envelope(sent.with_group("engineering"))
+    assert records[0].delete_after_ms == NOW_MS + 30 * 86_400_000
+    assert check_chain(records) == []
+    assert sample("gateway_retention_archived_envelopes_total", **labels) == before + 2
+    # carol's group is not under retention: nothing of hers is archived.
+    await gw.submit("carol", envelope("carol@acme.example", "bob@acme.example"))
+    assert len(await gw.store.archive.records(from_ms=0, to_ms=NOW_MS + 1)) == 2
