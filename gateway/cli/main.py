@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "peers",
     "spool",
     "token",
+    "retention",
     "audit",
     "bench",
     "client",
