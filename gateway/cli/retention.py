@@ -44,7 +44,7 @@ from gateway.core.archive import (
     read_export,
     trailer_line,
 )
-from gateway.core.envelope import MAX_TIME_MS, decode_envelope
+from gateway.core.envelope import MAX_TIME_MS, RetentionWrap, decode_envelope
 from gateway.core.keytext import format_retention_key, format_signing_key, parse_signing_key
 from gateway.crypto.envelope_crypto import open_retained
 from gateway.crypto.key_records import org_verify_key
@@ -339,7 +339,11 @@ def _open_records(
             continue
         try:
             env = decode_envelope(record.envelope)
-            payload = open_retained(env, retention_secret=pair.secret)
+            # An inbound record's copy is the recipient's, beside the envelope.
+            wrap = (
+                RetentionWrap(record.key_id, pair.public_key, record.wrap) if record.wrap else None
+            )
+            payload = open_retained(env, retention_secret=pair.secret, wrap=wrap)
         except (EnvelopeError, EnvelopeOpenError):
             problems.append(f"record {record.seq}: envelope {record.envelope_id} does not open")
             continue

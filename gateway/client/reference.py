@@ -31,7 +31,10 @@ be read with ``accept_new_key`` once the change is confirmed. A version 2
 envelope whose retention copy is not the one its content key gives (its
 sender did not retain it honestly) is refused: its text is not shown, it is
 reported to the gateway (``POST /v1/reports/retention-mismatch``, counted and
-audited there) and then acknowledged.
+audited there) and then acknowledged. A recipient whose group is under
+inbound retention (``GET /v1/me`` names the key) acknowledges each version 2
+envelope it opened with the content key wrapped for its own org's retention
+key, and lists those it could not open as ``unread``.
 """
 
 from __future__ import annotations
@@ -45,9 +48,14 @@ from typing import Any, Final, Protocol
 from gateway.client.api import ClientAPIError, Submitted
 from gateway.client.contacts import ContactBook, KeyChangedError, Trust
 from gateway.core.address import Address
-from gateway.core.envelope import Envelope
+from gateway.core.envelope import ENVELOPE_VERSION_V2, Envelope
 from gateway.core.keytext import format_signing_key, parse_retention_key, parse_signing_key
-from gateway.crypto.envelope_crypto import open_envelope, seal, seal_v2
+from gateway.crypto.envelope_crypto import (
+    open_envelope,
+    recipient_retention_wrap,
+    seal,
+    seal_v2,
+)
 from gateway.crypto.key_records import parse_verified_key_record, verify_key_record
 from gateway.crypto.keys import PublicKeys, UserKeys
 from gateway.errors import (
@@ -85,7 +93,13 @@ class Session(Protocol):
 
     async def fetch(self, *, wait: int = 0, limit: int = 100) -> list[Envelope]: ...
 
-    async def ack(self, envelope_ids: Sequence[str]) -> int: ...
+    async def ack(
+        self,
+        envelope_ids: Sequence[str],
+        *,
+        retention: Mapping[str, tuple[str, bytes]] | None = None,
+        unread: Sequence[str] = (),
+    ) -> int: ...
 
     async def report_retention_mismatch(self, envelope_ids: Sequence[str]) -> int: ...
 
@@ -307,6 +321,8 @@ class ReferenceClient:
     ) -> Inbox:
         """Fetch, verify, open and acknowledge what is in our mailbox."""
         envelopes = await self.session.fetch(wait=wait, limit=limit)
+        inbound_key = _retention_key(await self.session.me(), "inbound") if envelopes else None
+        copies: dict[str, tuple[str, bytes]] = {}
         messages: list[Received] = []
         problems: list[Problem] = []
         done: list[str] = []
@@ -342,6 +358,18 @@ class ReferenceClient:
                 )
                 done.append(envelope.id)
                 continue
+            if inbound_key is not None and envelope.version == ENVELOPE_VERSION_V2:
+                # Under inbound retention the acknowledgement carries the content key
+                # wrapped for our org's retention key: the gateway archives it.
+                copies[envelope.id] = (
+                    inbound_key[0],
+                    recipient_retention_wrap(
+                        envelope,
+                        recipient=self.keys,
+                        key_id=inbound_key[0],
+                        public_key=inbound_key[1],
+                    ),
+                )
             messages.append(
                 Received(
                     envelope_id=envelope.id,
@@ -354,7 +382,13 @@ class ReferenceClient:
             done.append(envelope.id)
         # Reported before acknowledged: the gateway records only what is in the mailbox.
         reported = await self.session.report_retention_mismatch(dishonest) if dishonest else 0
-        acknowledged = await self.session.ack(done) if done else 0
+        if not done:
+            acknowledged = 0
+        elif inbound_key is None:
+            acknowledged = await self.session.ack(done)
+        else:
+            unread = [p.envelope_id for p in problems if p.discarded]
+            acknowledged = await self.session.ack(done, retention=copies, unread=unread)
         return Inbox(tuple(messages), tuple(problems), acknowledged, reported)
 
     async def _open(self, envelope: Envelope, *, accept_new_key: bool) -> bytes:
@@ -378,13 +412,13 @@ class ReferenceClient:
         return await self.session.status(envelope_id)
 
 
-def _retention_key(me: object) -> tuple[str, bytes] | None:
-    """The retention key (id, X25519 key) ``GET /v1/me`` names for outbound retention."""
+def _retention_key(me: object, direction: str = "outbound") -> tuple[str, bytes] | None:
+    """The retention key (id, X25519 key) ``GET /v1/me`` names, if under retention that way."""
     retention = me.get("retention") if isinstance(me, dict) else None
     if retention is None:
         return None
     key = retention.get("key") if isinstance(retention, dict) else None
-    if not isinstance(retention, dict) or retention.get("outbound") is not True:
+    if not isinstance(retention, dict) or retention.get(direction) is not True:
         return None
     key_id = key.get("id") if isinstance(key, dict) else None
     text = key.get("public_key") if isinstance(key, dict) else None

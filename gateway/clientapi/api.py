@@ -73,15 +73,19 @@ from gateway.clientapi.mailbox_wait import MailboxWaiters, TooManyWatches
 from gateway.clientapi.tokens import authenticate
 from gateway.core.address import Address, normalize_domain
 from gateway.core.archive import ArchiveItem
-from gateway.core.encoding import loads_strict
+from gateway.core.encoding import b64url_decode_canonical, loads_strict
 from gateway.core.envelope import (
     ENVELOPE_ID_RE,
+    ENVELOPE_VERSION,
     MAX_TIME_MS,
+    RETENTION_KEY_ID_RE,
+    RETENTION_WRAP_BYTES,
     Envelope,
     check_envelope_clock,
     decode_envelope,
     encode_envelope,
     encode_validated,
+    envelope_version_of,
 )
 from gateway.core.keytext import format_retention_key, format_signing_key
 from gateway.core.ratelimit import RateLimiter
@@ -604,6 +608,9 @@ class ClientAPI:
         )
         # The sender group's retention, last: what the archive must get (docs/retention.md).
         decision = caller.rules.decide_retention(decision, env.retention)
+        decision = caller.rules.decide_recipient_retention(
+            decision, env.recipient, version=env.version
+        )
         if not decision.allowed:
             self._count_denial(decision.direction.value, decision.reason)
             log.info(
@@ -808,18 +815,92 @@ class ClientAPI:
         caller = await self._caller(request)
         if isinstance(caller, Response):
             return caller
-        ids = _object_body(request.body, "acknowledgement", {"ids"})["ids"]
-        if not isinstance(ids, list) or len(ids) > MAX_ACK_IDS:
-            raise ProtocolError(f"field 'ids' must be a list of at most {MAX_ACK_IDS} ids")
-        for envelope_id in ids:
-            if not isinstance(envelope_id, str) or not ENVELOPE_ID_RE.fullmatch(envelope_id):
-                raise ProtocolError(
-                    "field 'ids' must hold envelope ids (22 characters of base64url)",
-                    reason=Reason.ENVELOPE_BAD_ID,
-                )
-        unique = list(dict.fromkeys(ids))
+        ack = _parse_ack(request.body)
+        unique = list(dict.fromkeys(ack.ids))
+        if caller.group.retention.inbound and unique:
+            kept = await self._retain_inbound(caller, ack, unique)
+            if isinstance(kept, Response):
+                return kept
+            unique = kept
         deleted = await self._storage.mailbox_ack(caller.user, unique) if unique else 0
         return json_response(200, {"deleted": deleted})
+
+    async def _retain_inbound(
+        self, caller: _Caller, ack: _Ack, ids: list[str]
+    ) -> list[str] | Response:
+        """Archive what a member of a group under inbound retention acknowledges.
+
+        Every acknowledged version 2 envelope needs a retention copy for a key
+        of the rules, or the whole acknowledgement is refused and nothing is
+        deleted (``403 retention_required``). Those the client lists as
+        ``unread`` (it could not open them) and version 1 ones (no content
+        key) are deleted unarchived, and audited so. Only envelopes at the
+        head of the mailbox, where a client acknowledges what it fetched, are
+        looked at; the ids returned are those that may be deleted.
+        """
+        org = caller.rules.rules.retention
+        retention = caller.group.retention
+        wanted = set(ids)
+        entries = [
+            entry
+            for entry in await self._storage.mailbox_fetch(caller.user, limit=MAX_FETCH_LIMIT)
+            if entry.envelope_id in wanted
+        ]
+        now_ms = self._clock_ms()
+        items: list[ArchiveItem] = []
+        unarchived: list[tuple[str, str, str]] = []  # (id, sender, why)
+        missing: list[str] = []
+        for entry in entries:
+            copy = ack.retention.get(entry.envelope_id)
+            if entry.envelope_id in ack.unread:
+                unarchived.append((entry.envelope_id, entry.sender, "unread"))
+            elif envelope_version_of(entry.data) == ENVELOPE_VERSION:
+                unarchived.append((entry.envelope_id, entry.sender, "version_1"))
+            elif copy is None or org is None or org.key_named(copy[0]) is None:
+                missing.append(entry.envelope_id)
+            else:
+                items.append(
+                    ArchiveItem(
+                        envelope_id=entry.envelope_id,
+                        group=caller.group.name,
+                        direction="inbound",
+                        sender=entry.sender,
+                        recipient=caller.user,
+                        key_id=copy[0],
+                        delete_after_ms=min(now_ms + retention.keep * MS_PER_SECOND, MAX_TIME_MS),
+                        envelope=entry.data,
+                        wrap=copy[1],
+                    )
+                )
+        if missing:
+            self._count_denial("inbound", Reason.RETENTION_REQUIRED)
+            current = f" for key {org.key.id}" if org is not None else ""
+            return json_response(
+                403,
+                {
+                    "error": Reason.RETENTION_REQUIRED.value,
+                    "message": f"group {caller.group.name} is under inbound retention: "
+                    f"acknowledge each envelope read with a retention copy{current} "
+                    f"({len(missing)} without one); nothing was deleted",
+                },
+            )
+        if items and self._archive is not None:
+            archived = await self._archive.append(items, at_ms=now_ms)
+            label = bounded(caller.group.name, caller.rules.rules.groups)
+            RETENTION_ARCHIVED.labels(label, "inbound").inc(len(archived))
+            RETENTION_ARCHIVED_BYTES.labels(label, "inbound").inc(
+                sum(len(item.envelope) for item in items if item.envelope_id in set(archived))
+            )
+        for envelope_id, sender, why in unarchived:
+            await self._audit.record(
+                "retention_not_archived",
+                envelope_id=envelope_id,
+                user=caller.user,
+                sender=sender,
+                group=caller.group.name,
+                reason=why,
+            )
+        return [entry.envelope_id for entry in entries]
 
     # -- retention ---------------------------------------------------------------------------
     async def post_retention_mismatch(
@@ -971,6 +1052,70 @@ def _json_body(body: bytes, what: str) -> object:
         return loads_strict(body)
     except ValueError:
         raise ProtocolError(f"{what}: request body is not JSON") from None
+
+
+@dataclass(frozen=True, slots=True)
+class _Ack:
+    ids: list[str]
+    retention: dict[str, tuple[str, bytes]]  # envelope id -> (key id, retention copy)
+    unread: frozenset[str]
+
+
+_ACK_FIELDS: Final = frozenset({"ids", "retention", "unread"})
+
+
+def _envelope_ids(value: object, name: str, limit: int) -> list[str]:
+    if not isinstance(value, list) or len(value) > limit:
+        raise ProtocolError(f"field {name!r} must be a list of at most {limit} ids")
+    for envelope_id in value:
+        if not isinstance(envelope_id, str) or not ENVELOPE_ID_RE.fullmatch(envelope_id):
+            raise ProtocolError(
+                f"field {name!r} must hold envelope ids (22 characters of base64url)",
+                reason=Reason.ENVELOPE_BAD_ID,
+            )
+    return value
+
+
+def _parse_ack(body: bytes) -> _Ack:
+    """``{"ids": [...]}``, with ``retention`` and ``unread`` for inbound retention."""
+    obj = _json_body(body, "acknowledgement")
+    if not isinstance(obj, dict) or "ids" not in obj or not obj.keys() <= _ACK_FIELDS:
+        raise ProtocolError(
+            "acknowledgement: body must be a JSON object with 'ids' "
+            "(and, under inbound retention, 'retention' and 'unread')"
+        )
+    ids = _envelope_ids(obj["ids"], "ids", MAX_ACK_IDS)
+    unread = frozenset(_envelope_ids(obj.get("unread", []), "unread", MAX_ACK_IDS))
+    copies = obj.get("retention", {})
+    if not isinstance(copies, dict) or len(copies) > MAX_ACK_IDS:
+        raise ProtocolError(f"field 'retention' must map at most {MAX_ACK_IDS} envelope ids")
+    retention: dict[str, tuple[str, bytes]] = {}
+    for envelope_id, copy in copies.items():
+        _envelope_ids([envelope_id], "retention", 1)
+        key_id = copy.get("key_id") if isinstance(copy, dict) else None
+        text = copy.get("wrap") if isinstance(copy, dict) else None
+        if (
+            not isinstance(copy, dict)
+            or copy.keys() != {"key_id", "wrap"}
+            or not isinstance(key_id, str)
+            or not RETENTION_KEY_ID_RE.fullmatch(key_id)
+            or not isinstance(text, str)
+        ):
+            raise ProtocolError(
+                'field \'retention\' must map envelope ids to {"key_id", "wrap"}',
+                reason=Reason.ENVELOPE_BAD_RETENTION,
+            )
+        try:
+            wrap = b64url_decode_canonical(text)
+        except ValueError:
+            wrap = b""
+        if len(wrap) != RETENTION_WRAP_BYTES:
+            raise ProtocolError(
+                f"a retention copy is {RETENTION_WRAP_BYTES} bytes of canonical base64url",
+                reason=Reason.ENVELOPE_BAD_RETENTION,
+            )
+        retention[envelope_id] = (key_id, wrap)
+    return _Ack(ids, retention, unread)
 
 
 def _object_body(body: bytes, what: str, fields: set[str]) -> dict[str, object]:

@@ -10,10 +10,13 @@ chains each record to the one before it, like the audit log::
     hash = SHA-256("gateway-retention-archive-v1" 0x00 || lv(seq) || lv(envelope_id)
                    || lv(group) || lv(direction) || lv(sender) || lv(recipient)
                    || lv(key_id) || lv(archived_ms) || lv(delete_after_ms)
-                   || lv(envelope) || prev)
+                   || lv(wrap) || lv(envelope) || prev)
 
 with ``lv(x) = u32(len(x)) || x``, integers as decimal ASCII, ``prev`` the
-previous record's 32-byte hash (32 zero bytes for the first). Deleting
+previous record's 32-byte hash (32 zero bytes for the first), and ``wrap``
+empty for an outbound record (its retention copy is in the envelope) and, for
+an inbound one, the retention copy the recipient's client made with the
+content key it opened (docs/retention.md, "Inbound"). Deleting
 expired records from the head leaves the rest verifiable: the oldest left
 names its predecessor's hash, and every later one links to it.
 
@@ -54,6 +57,7 @@ class ArchiveItem:
     key_id: str
     delete_after_ms: int
     envelope: bytes  # the canonical bytes as stored
+    wrap: bytes = b""  # inbound: the recipient's retention copy of the content key
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +76,7 @@ class ArchiveRecord:
     envelope: bytes
     prev: bytes
     hash: bytes
+    wrap: bytes = b""
 
     def expected_hash(self) -> bytes:
         return record_hash(
@@ -85,6 +90,7 @@ class ArchiveRecord:
                 self.key_id,
                 self.delete_after_ms,
                 self.envelope,
+                self.wrap,
             ),
             archived_ms=self.archived_ms,
             prev=self.prev,
@@ -103,6 +109,7 @@ class ArchiveRecord:
             "delete_after": self.delete_after_ms,
             # The exact stored bytes (ASCII JSON), as a string: hashed as they are.
             "envelope": self.envelope.decode("ascii"),
+            "wrap": self.wrap.hex(),
             "prev": self.prev.hex(),
             "hash": self.hash.hex(),
         }
@@ -126,6 +133,7 @@ class ArchiveRecord:
                 envelope=_str(obj["envelope"]).encode("ascii"),
                 prev=bytes.fromhex(_str(obj["prev"])),
                 hash=bytes.fromhex(_str(obj["hash"])),
+                wrap=bytes.fromhex(_str(obj["wrap"])),
             )
         except (KeyError, UnicodeEncodeError) as exc:
             raise ValueError(f"a record is missing or has a bad field ({exc})") from None
@@ -146,6 +154,7 @@ def record_hash(seq: int, item: ArchiveItem, *, archived_ms: int, prev: bytes) -
         item.key_id.encode(),
         str(archived_ms).encode(),
         str(item.delete_after_ms).encode(),
+        item.wrap,
         item.envelope,
     )
     digest = hashlib.sha256(ARCHIVE_DOMAIN)

@@ -737,3 +737,14 @@ def _check_group(group: object) -> None:
             "with a letter or digit",
             Reason.ENVELOPE_BAD_GROUP,
         )
+
+
+def envelope_version_of(data: bytes) -> int:
+    """The version of an envelope in this gateway's canonical encoding, read from its end.
+
+    Canonical JSON sorts the keys, so a version 1 envelope ends in ``"v":1}``
+    and a version 2 one in its ``wrapped_key`` member (docs/envelope.md §8.1).
+    Only for bytes this gateway wrote (the spool): what does not end as a
+    version 1 envelope is taken as version 2.
+    """
+    return ENVELOPE_VERSION if data.endswith(b',"v":1}') else ENVELOPE_VERSION_V2

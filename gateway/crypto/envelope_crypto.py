@@ -369,19 +369,48 @@ def _unwrap_retention(wrap: RetentionWrap, *, envelope_id: str, secret: bytes) -
     return content_key if honest and public_key == wrap.public_key else None
 
 
-def open_retained(env: Envelope, *, retention_secret: bytes) -> bytes:
+def open_retained(
+    env: Envelope, *, retention_secret: bytes, wrap: RetentionWrap | None = None
+) -> bytes:
     """The payload of a retained version 2 envelope, opened with the retention secret key.
 
-    Checks the frame as :func:`open_envelope` does, not the sender's signature
-    (the caller checks that with a verify key it trusts). ``EnvelopeOpenError``.
+    ``wrap`` is the retention copy to use: by default the envelope's own (an
+    outbound record); for an inbound record, the one the recipient's client
+    made. Checks the frame as :func:`open_envelope` does, not the sender's
+    signature (the caller checks that with a verify key it trusts).
+    ``EnvelopeOpenError``.
     """
-    if env.version != ENVELOPE_VERSION_V2 or env.retention is None:
+    wrap = env.retention if wrap is None else wrap
+    if env.version != ENVELOPE_VERSION_V2 or wrap is None:
         _fail(env, "no retention copy")
-    content_key = open_retention_wrap(env.retention, envelope_id=env.id, secret=retention_secret)
+    content_key = open_retention_wrap(wrap, envelope_id=env.id, secret=retention_secret)
     inner = _decrypt_content(env, content_key)
     if inner is None:
         _fail(env, "content")
     return _unframe(env, inner)
+
+
+def recipient_retention_wrap(
+    env: Envelope, *, recipient: UserKeys, key_id: str, public_key: bytes
+) -> bytes:
+    """The retention copy a recipient under inbound retention acknowledges ``env`` with.
+
+    The recipient's own org's retention key (``key_id``, ``public_key``) wraps
+    the content key the recipient opens from ``wrapped_key``, by the same
+    deterministic function as a sender's copy (:func:`retention_wrap`). Only a
+    version 2 envelope has a content key; ``EnvelopeOpenError`` otherwise, or
+    if it does not open. Call it for envelopes :func:`open_envelope` opened.
+    """
+    if env.version != ENVELOPE_VERSION_V2 or env.recipient != recipient.address:
+        _fail(env, "no content key for these keys")
+    content_key = _unwrap_for_recipient(env, recipient)
+    if content_key is None:
+        _fail(env, "wrapped key")
+    try:
+        return retention_wrap(content_key, envelope_id=env.id, key_id=key_id, public_key=public_key)
+    except (CryptoError, ValueError) as exc:
+        log.debug("envelope %.40r: retention key unusable", env.id)
+        raise EnvelopeOpenError() from exc
 
 
 # -- open ----------------------------------------------------------------------

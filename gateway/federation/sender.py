@@ -144,7 +144,7 @@ from prometheus_client import Counter
 
 from gateway.config import MAX_INFLIGHT_TRANSACTIONS, Limits
 from gateway.core.encoding import b64url_encode
-from gateway.core.envelope import decode_envelope
+from gateway.core.envelope import decode_envelope, envelope_version_of
 from gateway.core.rules import CompiledRules, Peer
 from gateway.errors import EnvelopeError, Reason, StorageError, StorageFullError
 from gateway.federation.backoff import (
@@ -160,7 +160,6 @@ from gateway.federation.protocol import (
     TEMPORARY_RESULTS,
     EnvelopeResult,
     encode_transaction,
-    envelope_version_of,
     splice_transaction,
     spliced_body_holds,
 )

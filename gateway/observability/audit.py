@@ -94,6 +94,7 @@ KINDS: Final = frozenset(
     {
         "policy_denial",  # the rules refused an envelope (client API or a peer's)
         "retention_mismatch",  # a client refused an envelope: its retention copy did not match
+        "retention_not_archived",  # inbound retention: acknowledged unarchived (unread, v1)
         "retention_export",  # `gateway retention export`: which range, how many records
         "retention_hold_added",  # `gateway retention hold add`
         "retention_hold_removed",  # `gateway retention hold remove`

@@ -105,12 +105,21 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
     officer = base / "officer"
     officer.mkdir(mode=0o700)
     key_2026 = keygen(officer, "acme-2026")
+    globex_key = keygen(officer, "globex-2026")  # globex's own officer, in real life
     with DevNet(base) as dev:
         acme, globex = dev.add_org(ACME), dev.add_org(GLOBEX)
         acme_rules(acme, globex, {"key": key_2026})
         globex.write_rules(
             peers=[acme],
-            groups={"partners": {"members": ["bob"], "send_to": [ACME], "receive_from": [ACME]}},
+            groups={
+                "partners": {
+                    "members": ["bob"],
+                    "send_to": [ACME],
+                    "receive_from": [ACME],
+                    "retention": {"inbound": "required", "keep": "30d"},
+                }
+            },
+            retention={"key": globex_key},
         )
         dev.start(ACME)
         dev.start(GLOBEX)
@@ -124,9 +133,12 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
         yield net
 
 
-def export_and_open(net: Net, name: str, *keys: str) -> subprocess.CompletedProcess[str]:
+def export_and_open(
+    net: Net, name: str, *keys: str, org: DevOrg | None = None
+) -> subprocess.CompletedProcess[str]:
     export = net.officer / f"{name}.jsonl"
-    ok("retention", "export", "-c", str(net.acme.config_path), "--out", str(export))
+    config = (org or net.acme).config_path
+    ok("retention", "export", "-c", str(config), "--out", str(export))
     assert stat.S_IMODE(export.stat().st_mode) == 0o600
     key_args = [arg for key in keys for arg in ("--key", str(net.officer / f"{key}.key"))]
     return run("retention", "open", str(export), *key_args)
@@ -148,6 +160,17 @@ def test_the_archive_holds_what_alice_wrote_and_only_the_officer_reads_it(net: N
         "acme-2026",
     )
 
+    # globex archived what bob read: he acknowledged it with a copy for globex's key.
+    at_globex = export_and_open(net, "globex-first", "globex-2026", org=net.globex)
+    assert at_globex.returncode == 0, at_globex.stderr
+    [received] = [json.loads(x) for x in at_globex.stdout.splitlines()]
+    assert (received["id"], received["text"], received["direction"]) == (
+        envelope_id,
+        FIRST,
+        "inbound",
+    )
+    assert (received["group"], received["key_id"]) == ("partners", "globex-2026")
+
     # Neither gateway's files (databases, WAL, logs, audit), nor the export, hold the text.
     report = find_plaintext(
         [
@@ -156,6 +179,7 @@ def test_the_archive_holds_what_alice_wrote_and_only_the_officer_reads_it(net: N
             net.dev.base / f"{ACME}.log",
             net.dev.base / f"{GLOBEX}.log",
             net.officer / "first.jsonl",
+            net.officer / "globex-first.jsonl",
         ],
         [FIRST],
     )

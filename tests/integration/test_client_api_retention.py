@@ -7,11 +7,13 @@ stores nothing, is answered with its reason and rule, and is counted.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -22,6 +24,7 @@ from gateway.core.envelope import (
     WRAPPED_KEY_BYTES,
     Envelope,
     RetentionWrap,
+    b64url_encode,
     decode_envelope,
     encode_envelope,
     new_envelope_id,
@@ -54,7 +57,13 @@ def retention_rules(globex_verify_key: bytes) -> str:
         f"  previous: [{{id: acme-2025, public_key: {format_retention_key(KEY_2025)}}}]\n"
     )
     text = text.replace("default: deny\n", "default: deny\n" + section, 1)
-    # engineering (alice, bob, dave) is under outbound retention; legal (carol) is not.
+    # engineering (alice, bob, dave) is under outbound retention; legal (carol) under
+    # inbound retention only.
+    text = text.replace(
+        "    members: [carol]\n",
+        "    members: [carol]\n    retention: {inbound: required, keep: 90d}\n",
+        1,
+    )
     return text.replace(
         "    members: [alice, bob, dave]\n",
         "    members: [alice, bob, dave]\n    retention: {outbound: required, keep: 30d}\n",
@@ -197,8 +206,8 @@ async def test_a_copy_for_the_current_or_a_previous_key_goes_through_unchanged(
     assert summary.envelope_id == env.id
 
 
-async def test_groups_not_under_retention_send_either_version(gw: Gateway) -> None:
-    # carol (legal) may reach colleagues only, and is not under retention.
+async def test_groups_not_under_outbound_retention_send_either_version(gw: Gateway) -> None:
+    # carol (legal) may reach colleagues only, and is not under outbound retention.
     old = envelope("carol@acme.example", "bob@acme.example")
     new = v2("carol@acme.example", "bob@acme.example", key_id=None)
     assert (await gw.submit("carol", old)).status_code == 202
@@ -226,7 +235,10 @@ async def test_me_names_the_retention_key_to_wrap_for(gw: Gateway) -> None:
         "key": {"id": "acme-2026", "public_key": format_retention_key(KEY_2026)},
     }
     carol = (await gw.client.get("/v1/me", headers=gw.auth("carol"))).json()
-    assert "retention" not in carol
+    assert carol["retention"]["inbound"] is True
+    assert carol["retention"]["outbound"] is False
+    erin = (await gw.client.get("/v1/me", headers=gw.auth("erin"))).json()
+    assert "retention" not in erin
 
 
 def mailbox_record(env: Envelope) -> EnvelopeRecord:
@@ -330,6 +342,91 @@ async def test_retained_envelopes_are_archived_once_and_refused_ones_never(gw: G
     assert records[0].delete_after_ms == NOW_MS + 30 * 86_400_000
     assert check_chain(records) == []
     assert sample("gateway_retention_archived_envelopes_total", **labels) == before + 2
-    # carol's group is not under retention: nothing of hers is archived.
+    # carol's group is not under outbound retention: nothing she sends is archived.
     await gw.submit("carol", envelope("carol@acme.example", "bob@acme.example"))
     assert len(await gw.store.archive.records(from_ms=0, to_ms=NOW_MS + 1)) == 2
+
+
+# -- inbound retention: legal (carol) acknowledges with a retention copy ------------------
+
+
+async def ack(gw: Gateway, user: str, body: dict[str, object]) -> httpx.Response:
+    return await gw.client.post("/v1/mailbox/ack", json=body, headers=gw.auth(user))
+
+
+def copy_for(env: Envelope, key_id: str = "acme-2026") -> dict[str, dict[str, str]]:
+    return {env.id: {"key_id": key_id, "wrap": b64url_encode(bytes(range(RETENTION_WRAP_BYTES)))}}
+
+
+async def test_a_version_1_envelope_to_a_recipient_under_inbound_retention_is_refused(
+    gw: Gateway,
+) -> None:
+    env = envelope("erin@acme.example", "carol@acme.example", burn_on_read=True)
+    answer = await gw.submit("erin", env)
+    assert answer.status_code == 403
+    assert answer.json()["error"] == "retention_required"
+    await gw.assert_nothing_stored(env)
+    assert (
+        await gw.submit("erin", v2_burning("erin@acme.example", "carol@acme.example"))
+    ).status_code == 202
+
+
+def v2_burning(sender: str, recipient: str) -> Envelope:
+    return dataclasses.replace(v2(sender, recipient, key_id=None), burn_on_read=True)
+
+
+async def test_an_ack_under_inbound_retention_needs_a_copy_and_is_archived(
+    gw: Gateway, audit: RecordingAudit
+) -> None:
+    env = v2("alice@acme.example", "carol@acme.example")
+    assert (await gw.submit("alice", env)).status_code == 202
+    refused = await ack(gw, "carol", {"ids": [env.id]})
+    assert refused.status_code == 403
+    assert refused.json()["error"] == "retention_required"
+    assert await gw.mailbox("carol") == [env.id]  # nothing deleted
+    unknown_key = await ack(gw, "carol", {"ids": [env.id], "retention": copy_for(env, "acme-2027")})
+    assert unknown_key.status_code == 403
+    answer = await ack(gw, "carol", {"ids": [env.id], "retention": copy_for(env)})
+    assert answer.json() == {"deleted": 1}
+    records = await gw.store.archive.records(from_ms=0, to_ms=NOW_MS + 1)
+    inbound = [r for r in records if r.direction == "inbound"]
+    assert [(r.envelope_id, r.group, r.recipient, r.key_id) for r in inbound] == [
+        (env.id, "legal", "carol@acme.example", "acme-2026")
+    ]
+    assert inbound[0].wrap == bytes(range(RETENTION_WRAP_BYTES))
+    assert check_chain(records) == []
+
+
+async def test_unread_and_version_1_envelopes_go_unarchived_and_audited(
+    gw: Gateway, audit: RecordingAudit
+) -> None:
+    unreadable = v2("alice@acme.example", "carol@acme.example")
+    old = envelope("zed@globex.example", "carol@acme.example")
+    await gw.submit("alice", unreadable)
+    await gw.store.mailbox_put_local([mailbox_record(old)], at_ms=NOW_MS)  # from before the rule
+    answer = await ack(
+        gw, "carol", {"ids": [unreadable.id, old.id], "retention": {}, "unread": [unreadable.id]}
+    )
+    assert answer.json() == {"deleted": 2}
+    assert [
+        (kind, fields["envelope_id"], fields["reason"])
+        for kind, fields in audit.records
+        if kind == "retention_not_archived"
+    ] == [
+        ("retention_not_archived", unreadable.id, "unread"),
+        ("retention_not_archived", old.id, "version_1"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"ids": [], "retention": {"x": {}}},
+        {"ids": [], "retention": {new_envelope_id(): {"key_id": "k", "wrap": "AAAA"}}},
+        {"ids": [], "retention": {new_envelope_id(): {"key_id": "-k", "wrap": "A" * 107}}},
+        {"ids": [], "unread": ["short"]},
+        {"ids": [], "colour": "blue"},
+    ],
+)
+async def test_a_malformed_ack_is_400(gw: Gateway, body: dict[str, object]) -> None:
+    assert (await ack(gw, "carol", body)).status_code == 400

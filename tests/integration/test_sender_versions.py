@@ -16,11 +16,10 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from gateway.core.envelope import Envelope, decode_envelope, encode_envelope
+from gateway.core.envelope import Envelope, decode_envelope, encode_envelope, envelope_version_of
 from gateway.errors import Reason
 from gateway.federation.protocol import (
     VERSION_PATH,
-    envelope_version_of,
     parse_envelope_versions,
     version_document,
 )

@@ -44,6 +44,7 @@ from gateway.crypto.envelope_crypto import (
     open_envelope,
     open_retained,
     open_retention_wrap,
+    recipient_retention_wrap,
     retention_public_key,
     retention_wrap,
     seal,
@@ -503,3 +504,24 @@ def test_every_bit_flip_of_the_v2_wire_form_is_caught() -> None:
 
 def test_retention_key_fixture_matches_the_vector() -> None:
     assert b64url_decode_canonical("eaYx7t4b-cmPEgMs3q3Q56B5OY_HhriMyEbsia-FpRo") == RETENTION_KEY
+
+
+def test_a_recipient_wraps_the_content_key_for_its_own_org() -> None:
+    globex_secret, globex_key = generate_retention_key()
+    env = seal_to_bob(b"read at globex")
+    wrap = recipient_retention_wrap(env, recipient=BOB, key_id="globex-1", public_key=globex_key)
+    assert wrap == retention_wrap(
+        open_retention_wrap(env.retention, envelope_id=env.id, secret=RETENTION_SECRET)
+        if env.retention is not None
+        else b"",
+        envelope_id=env.id,
+        key_id="globex-1",
+        public_key=globex_key,
+    )
+    copy = RetentionWrap("globex-1", globex_key, wrap)
+    assert open_retained(env, retention_secret=globex_secret, wrap=copy) == b"read at globex"
+    with pytest.raises(EnvelopeOpenError):
+        recipient_retention_wrap(env, recipient=MALLORY, key_id="g", public_key=globex_key)
+    v1 = seal(b"x", sender=ALICE, recipient=BOB.public(), created_ms=T0, expires_ms=T0 + 1)
+    with pytest.raises(EnvelopeOpenError):
+        recipient_retention_wrap(v1, recipient=BOB, key_id="g", public_key=globex_key)

@@ -300,3 +300,30 @@ def test_diff_shows_retention_changes() -> None:
     assert format_diff(diff_rules(old, rekeyed)) == [
         "~ retention org: key acme-2026 -> acme-2026 (another public key)"
     ]
+
+
+def test_a_recipient_under_inbound_retention_receives_version_2_only(
+    compiled: CompiledRules,
+) -> None:
+    # finance (alice) is under inbound retention in the example; engineering (carol) is not.
+    inbound = compiled.decide_inbound(
+        "globex.example",
+        BOB,
+        ALICE,
+        asserted_group=None,
+        size=1,
+        ttl_seconds=60,
+        burn_on_read=False,
+    )
+    assert compiled.decide_recipient_retention(inbound, ALICE, version=2) is inbound
+    refused = compiled.decide_recipient_retention(inbound, ALICE, version=1)
+    assert refused.reason is Reason.RETENTION_REQUIRED
+    assert refused.rule is not None
+    assert refused.rule.path == "groups.finance.retention"
+    local = outbound(compiled, CAROL, ALICE)
+    assert compiled.decide_recipient_retention(local, ALICE, version=1).reason is (
+        Reason.RETENTION_REQUIRED
+    )
+    to_carol = outbound(compiled, ALICE, CAROL)
+    assert compiled.decide_recipient_retention(to_carol, CAROL, version=1) is to_carol
+    assert compiled.decide_recipient_retention(to_carol, BOB, version=1) is to_carol

@@ -293,6 +293,31 @@ class CompiledRules:
             )
         return allowed
 
+    def decide_recipient_retention(
+        self, allowed: Decision, recipient: Address, *, version: int
+    ) -> Decision:
+        """``allowed``, or its refusal because a local recipient's group is under inbound retention.
+
+        Such a group acknowledges each envelope with a retention copy of its
+        content key, which only a version 2 envelope has: a version 1 envelope
+        cannot be retained, so it is refused (``retention_required``).
+        """
+        if not allowed.allowed or recipient.org != self.org or version != 1:
+            return allowed
+        index = self._by_user.get(recipient.user)
+        if index is None or not index.group.retention.inbound:
+            return allowed
+        group = index.group
+        return _deny(
+            Reason.RETENTION_REQUIRED,
+            allowed.direction,
+            group.name,
+            allowed.peer,
+            group.retention.mark,
+            f"group {group.name} is under inbound retention: it receives version 2 "
+            "envelopes only (it acknowledges each with a retention copy of its content key)",
+        )
+
     def decide_outbound(
         self,
         sender: Address,

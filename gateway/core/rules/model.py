@@ -108,6 +108,10 @@ class OrgRetention:
     def accepted(self) -> tuple[RetentionKey, ...]:
         return (self.key, *self.previous)
 
+    def key_named(self, key_id: str) -> RetentionKey | None:
+        """The accepted key (current or previous) with this id, if any."""
+        return next((key for key in self.accepted if key.id == key_id), None)
+
     def accepts(self, key_id: str, public_key: bytes) -> bool:
         """Whether a retention copy for this (id, key) pair may enter the archive."""
         return any(k.id == key_id and k.public_key == public_key for k in self.accepted)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from gateway.core.archive import DIRECTIONS, ZERO_HASH, ArchiveItem, ArchiveRecord, record_hash
+from gateway.core.envelope import RETENTION_WRAP_BYTES
 from gateway.storage.base import (
     MAX_ENVELOPE_ID_LENGTH,
     MAX_ITEMS_PER_CALL,
@@ -34,7 +35,7 @@ MAX_RECORDS_PER_READ: Final = 1_000
 
 _COLUMNS = (
     "seq, envelope_id, grp, direction, sender, recipient, key_id, archived_ms, "
-    "delete_after_ms, envelope, prev, hash"
+    "delete_after_ms, envelope, prev, hash, wrap"
 )
 _DELETE_EXPIRED = (
     "DELETE FROM retention_archive WHERE seq IN (SELECT seq FROM retention_archive "
@@ -93,8 +94,8 @@ class SqliteArchive:
                 digest = record_hash(seq, item, archived_ms=at_ms, prev=prev)
                 conn.execute(
                     "INSERT INTO retention_archive (seq, envelope_id, direction, grp, sender, "
-                    "recipient, key_id, archived_ms, delete_after_ms, size, prev, hash, envelope) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "recipient, key_id, archived_ms, delete_after_ms, size, prev, hash, wrap, "
+                    "envelope) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         seq,
                         item.envelope_id,
@@ -108,6 +109,7 @@ class SqliteArchive:
                         len(item.envelope),
                         prev,
                         digest,
+                        item.wrap,
                         item.envelope,
                     ),
                 )
@@ -220,11 +222,13 @@ def _check_item(item: ArchiveItem) -> None:
         raise ValueError(f"direction must be one of {DIRECTIONS}")
     if not isinstance(item.envelope, bytes) or not item.envelope:
         raise ValueError("envelope must be non-empty bytes")
+    if not isinstance(item.wrap, bytes) or len(item.wrap) not in (0, RETENTION_WRAP_BYTES):
+        raise ValueError(f"wrap must be empty or {RETENTION_WRAP_BYTES} bytes")
 
 
 def _record(row: tuple[object, ...]) -> ArchiveRecord:
     seq, envelope_id, grp, direction, sender, recipient, key_id, archived, delete_after = row[:9]
-    envelope, prev, digest = row[9:]
+    envelope, prev, digest, wrap = row[9:]
     return ArchiveRecord(
         seq=int(seq),  # type: ignore[call-overload]
         envelope_id=str(envelope_id),
@@ -238,4 +242,5 @@ def _record(row: tuple[object, ...]) -> ArchiveRecord:
         envelope=bytes(envelope),  # type: ignore[call-overload]
         prev=bytes(prev),  # type: ignore[call-overload]
         hash=bytes(digest),  # type: ignore[call-overload]
+        wrap=bytes(wrap),  # type: ignore[call-overload]
     )

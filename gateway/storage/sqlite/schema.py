@@ -192,6 +192,7 @@ CREATE TABLE retention_archive (
     size            INTEGER NOT NULL,
     prev            BLOB    NOT NULL,
     hash            BLOB    NOT NULL,
+    wrap            BLOB    NOT NULL,
     envelope        BLOB    NOT NULL,
     UNIQUE (envelope_id, direction)
 );
