@@ -25,10 +25,10 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 import trio
 
@@ -59,6 +59,8 @@ from gateway.observability.audit import append_event
 from gateway.pki import dev
 from gateway.storage.sqlite import open_sqlite_storage
 from gateway.storage.sqlite.archive import MAX_RECORDS_PER_READ, SqliteArchive
+
+T = TypeVar("T")
 
 DEFAULT_CONFIG = "gateway.yaml"
 STORAGE_READERS = 1
@@ -368,10 +370,10 @@ def _open_records(
 # -- holds -----------------------------------------------------------------------------
 
 
-def _run_on_archive(config: GatewayConfig, work):  # type: ignore[no-untyped-def]
+def _run_on_archive(config: GatewayConfig, work: Callable[[SqliteArchive], Awaitable[T]]) -> T:
     path = _sqlite_path(config)
 
-    async def run():  # type: ignore[no-untyped-def]
+    async def run() -> T:
         async with open_sqlite_storage(path, readers=STORAGE_READERS) as storage:
             return await work(storage.archive)
 
