@@ -335,7 +335,10 @@ async def run_gateway(
                 await root.start(lambda *, task_status: reserve.watch(task_status=task_status))
                 await root.start(
                     lambda *, task_status: run_archive_sweeper(
-                        storage.archive, clock_ms=clock_ms, task_status=task_status
+                        storage.archive,
+                        clock_ms=clock_ms,
+                        scrub=storage.scrub,
+                        task_status=task_status,
                     )
                 )
                 root.start_soon(

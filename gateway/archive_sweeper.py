@@ -11,7 +11,7 @@ again next time: the archive keeps growing meanwhile, never shrinks wrongly.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final, Protocol
 
 import trio
@@ -36,12 +36,23 @@ class SweptArchive(Protocol):
     async def stats(self) -> ArchiveStats: ...
 
 
-async def sweep_archive(archive: SweptArchive, *, now_ms: int) -> int:
-    """One sweep: delete what may go, set the gauges; how many records went."""
+async def _no_scrub() -> bool:
+    return True
+
+
+async def sweep_archive(
+    archive: SweptArchive, *, now_ms: int, scrub: Callable[[], Awaitable[bool]] = _no_scrub
+) -> int:
+    """One sweep: delete what may go, set the gauges; how many records went.
+
+    ``scrub`` (the storage's) makes deleted records unrecoverable from the
+    engine's files at once, as the mailbox sweeper does after its deletions.
+    """
     deleted = await archive.expire(now_ms=now_ms)
     if deleted:
         RETENTION_ARCHIVE_DELETED.inc(deleted)
         LOGGER.info("retention archive: %d record(s) past their keep deleted", deleted)
+        await scrub()
     stats = await archive.stats()
     RETENTION_ARCHIVE_RECORDS.set(stats.records)
     RETENTION_HOLDS.set(stats.holds)
@@ -55,6 +66,7 @@ async def run_archive_sweeper(
     *,
     clock_ms: Callable[[], int],
     interval: float = ARCHIVE_SWEEP_INTERVAL,
+    scrub: Callable[[], Awaitable[bool]] = _no_scrub,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Sweep now and every ``interval`` seconds until cancelled."""
@@ -63,7 +75,7 @@ async def run_archive_sweeper(
     task_status.started()
     while True:
         try:
-            await sweep_archive(archive, now_ms=clock_ms())
+            await sweep_archive(archive, now_ms=clock_ms(), scrub=scrub)
         except StorageFullError as exc:  # no traceback: not a bug (gateway.reserve)
             LOGGER.error("archive sweep failed: %s; trying again in %ss", exc.message, interval)  # noqa: TRY400
         except StorageError:

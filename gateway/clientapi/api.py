@@ -885,11 +885,11 @@ class ClientAPI:
                 },
             )
         if items and self._archive is not None:
-            archived = await self._archive.append(items, at_ms=now_ms)
+            archived = set(await self._archive.append(items, at_ms=now_ms))
             label = bounded(caller.group.name, caller.rules.rules.groups)
             RETENTION_ARCHIVED.labels(label, "inbound").inc(len(archived))
             RETENTION_ARCHIVED_BYTES.labels(label, "inbound").inc(
-                sum(len(item.envelope) for item in items if item.envelope_id in set(archived))
+                sum(len(item.envelope) for item in items if item.envelope_id in archived)
             )
         for envelope_id, sender, why in unarchived:
             await self._audit.record(

@@ -6,11 +6,19 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
+from gateway.archive_sweeper import sweep_archive
 from gateway.core.archive import ZERO_HASH, ArchiveItem, check_chain
 from gateway.storage.sqlite import open_sqlite_storage
 
 T0 = 1_800_000_000_000
+
+
+def sample(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
+
+
 DAY_MS = 86_400_000
 
 
@@ -118,3 +126,24 @@ async def test_bad_items_are_refused_before_anything_is_written(tmp_path: Path) 
         with pytest.raises(ValueError, match="direction"):
             await store.archive.append([item(1), bad], at_ms=T0)
         assert (await store.archive.stats()).records == 0
+
+
+async def test_the_sweeper_deletes_scrubs_and_shows_the_archive(tmp_path: Path) -> None:
+    async with open_sqlite_storage(tmp_path / "g.sqlite3") as store:
+        await store.archive.append([item(1, keep_days=1), item(2, keep_days=30)], at_ms=T0)
+        await store.archive.hold_add("carol@acme.example", at_ms=T0)
+        scrubbed: list[bool] = []
+
+        async def scrub() -> bool:
+            scrubbed.append(await store.scrub())
+            return scrubbed[-1]
+
+        deleted_before = sample("gateway_retention_archive_deleted_total")
+        assert await sweep_archive(store.archive, now_ms=T0 + DAY_MS, scrub=scrub) == 1
+        assert scrubbed == [True]
+        assert sample("gateway_retention_archive_deleted_total") == deleted_before + 1
+        assert sample("gateway_retention_archive_records") == 1
+        assert sample("gateway_retention_holds") == 1
+        assert sample("gateway_retention_archive_oldest_age_seconds") == DAY_MS / 1000
+        assert await sweep_archive(store.archive, now_ms=T0 + DAY_MS, scrub=scrub) == 0
+        assert scrubbed == [True]  # nothing deleted, nothing to scrub
