@@ -11,6 +11,7 @@ wrapped for the new key, and the old archive still opens with the old key only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -18,15 +19,24 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trio
 import yaml
+from nacl.signing import SigningKey
 
+from gateway.client.api import ClientAPIError, ClientSession
+from gateway.core.envelope import Envelope, signing_bytes
+from gateway.core.keytext import parse_retention_key
+from gateway.crypto.envelope_crypto import seal_v2
+from gateway.crypto.keys import UserKeys
 from gateway.demo import find_plaintext
 from gateway.devnet import DevNet, DevOrg
+from tests.e2e.traffic import metric_value
 
 pytestmark = pytest.mark.e2e
 
@@ -240,3 +250,94 @@ def test_legal_holds_are_listed_and_audited(net: Net) -> None:
     assert kinds.count("retention_hold_added") == 1
     assert kinds.count("retention_hold_removed") == 1
     assert "retention_export" in kinds
+
+
+def submit_as_alice(net: Net, envelope: Envelope) -> ClientAPIError | None:
+    async def submit() -> ClientAPIError | None:
+        session = ClientSession(net.acme.client_url, net.tokens["alice"], ca_file=net.acme.ca_file)
+        async with session:
+            try:
+                await session.submit(envelope)
+            except ClientAPIError as exc:
+                return exc
+        return None
+
+    return trio.run(submit)
+
+
+def test_a_cheating_sender_is_caught_by_the_recipient_and_a_missing_copy_by_the_origin(
+    net: Net,
+) -> None:
+    alice = UserKeys.load(net.home / "alice.json")
+    bob = UserKeys.load(net.home / "bob.json").public()
+    now = int(time.time() * 1000)
+    key_2026 = yaml.safe_load(net.acme.rules_path.read_text())["retention"]["key"]
+    honest = seal_v2(
+        b"kept out of the archive",
+        sender=alice,
+        recipient=bob,
+        created_ms=now,
+        expires_ms=now + 3_600_000,
+        retention_key_id=key_2026["id"],
+        retention_public_key=parse_retention_key(key_2026["public_key"]),
+    )
+    # A client that wraps random bytes instead of the content key, and signs it all.
+    assert honest.retention is not None
+    cheat = dataclasses.replace(
+        honest, retention=dataclasses.replace(honest.retention, wrap=os.urandom(80))
+    )
+    cheat = dataclasses.replace(
+        cheat, signature=SigningKey(alice.signing_seed).sign(signing_bytes(cheat)).signature
+    )
+    assert submit_as_alice(net, cheat) is None  # acme cannot tell: only bob's client can
+
+    done = run(
+        "client",
+        "recv",
+        "--wait",
+        "20",
+        env={
+            "GATEWAY_URL": net.globex.client_url,
+            "GATEWAY_TOKEN": net.tokens["bob"],
+            "GATEWAY_KEYS": str(net.home / "bob.json"),
+            "GATEWAY_CA": str(net.globex.ca_file),
+        },
+    )
+    assert done.returncode != 0
+    # Not shown (what else bob had waiting, from the tests before, is).
+    assert cheat.id not in done.stdout
+    assert "kept out of the archive" not in done.stdout
+    assert f"envelope {cheat.id} from {ALICE}: REFUSED" in done.stderr
+    assert "did not retain it honestly" in done.stderr
+    metrics = urllib.request.urlopen(f"{net.globex.metrics_url}/metrics", timeout=10).read()
+    assert (
+        metric_value(
+            metrics.decode(),
+            "gateway_clientapi_retention_mismatch_reports_total",
+            origin=ACME,
+        )
+        == 1
+    )
+    audit = [json.loads(line) for line in net.globex.config().audit_path.read_text().splitlines()]
+    [report] = [r for r in audit if r["kind"] == "retention_mismatch"]
+    assert (report["envelope_id"], report["sender"]) == (cheat.id, ALICE)
+
+    # No retention copy at all, or a copy for a key the rules do not name: refused at acme.
+    bare = seal_v2(
+        b"no copy", sender=alice, recipient=bob, created_ms=now, expires_ms=now + 3_600_000
+    )
+    refused = submit_as_alice(net, bare)
+    assert refused is not None
+    assert (refused.status, refused.code) == (403, "retention_required")
+    stranger = seal_v2(
+        b"wrong key",
+        sender=alice,
+        recipient=bob,
+        created_ms=now,
+        expires_ms=now + 3_600_000,
+        retention_key_id="acme-1999",
+        retention_public_key=os.urandom(32),
+    )
+    refused = submit_as_alice(net, stranger)
+    assert refused is not None
+    assert (refused.status, refused.code) == (403, "retention_key_unknown")
