@@ -70,22 +70,17 @@ import trio
 from prometheus_client import Counter
 
 from gateway.clientapi.mailbox_wait import MailboxWaiters, TooManyWatches
+from gateway.clientapi.retention import ArchiveSink, RetentionDesk, parse_ack, parse_report
 from gateway.clientapi.tokens import authenticate
 from gateway.core.address import Address, normalize_domain
-from gateway.core.archive import ArchiveItem
-from gateway.core.encoding import b64url_decode_canonical, loads_strict
+from gateway.core.encoding import loads_strict
 from gateway.core.envelope import (
     ENVELOPE_ID_RE,
-    ENVELOPE_VERSION,
-    MAX_TIME_MS,
-    RETENTION_KEY_ID_RE,
-    RETENTION_WRAP_BYTES,
     Envelope,
     check_envelope_clock,
     decode_envelope,
     encode_envelope,
     encode_validated,
-    envelope_version_of,
 )
 from gateway.core.keytext import format_retention_key, format_signing_key
 from gateway.core.ratelimit import RateLimiter
@@ -114,12 +109,8 @@ from gateway.observability.metrics import (
     CLIENTAPI_SUBMISSIONS,
     MAILBOX_FULL_REFUSALS,
     POLICY_DENIALS,
-    RETENTION_ARCHIVED,
-    RETENTION_ARCHIVED_BYTES,
-    RETENTION_MISMATCH_REPORTS,
     SPOOL_FULL_REFUSALS,
     STORAGE_RESERVE_REFUSALS,
-    bounded,
 )
 from gateway.reserve import Reserve
 from gateway.storage.base import (
@@ -289,12 +280,6 @@ async def _store_what_fits(
     return None
 
 
-class ArchiveSink(Protocol):
-    """Where retained envelopes go (the storage's retention archive)."""
-
-    async def append(self, items: Sequence[ArchiveItem], *, at_ms: int) -> list[str]: ...
-
-
 class ClientAPI:
     """The client API's handlers; :meth:`add_routes` puts them on a router."""
 
@@ -335,7 +320,10 @@ class ClientAPI:
         self._lane_bound = lane_bound
         self._mailbox_bound = mailbox_bound
         self._reserve = reserve
-        self._archive = archive  # None: retention is enforced, nothing is archived here
+        # archive None: retention is enforced, nothing is archived here
+        self._retention = RetentionDesk(
+            org=org, mailboxes=storage, archive=archive, audit=self._audit, clock_ms=clock_ms
+        )
         self._submit_rate = submit_rate  # per user, charged one token per envelope
         self._submissions: dict[str, Counter] = {}
         self._denials: dict[tuple[str, str], Counter] = {}
@@ -534,39 +522,14 @@ class ClientAPI:
         now_ms: int,
         full: dict[str, Reason],
     ) -> None:
-        retention = caller.group.retention
-        if self._archive is None or not retention.outbound:
-            return
-        keep_until = min(now_ms + retention.keep * MS_PER_SECOND, MAX_TIME_MS)
-        items = [
-            ArchiveItem(
-                envelope_id=verdict.env.id,
-                group=caller.group.name,
-                direction="outbound",
-                sender=str(verdict.env.sender),
-                recipient=str(verdict.env.recipient),
-                key_id=verdict.env.retention.key_id,
-                delete_after_ms=keep_until,
-                envelope=verdict.data,
-            )
-            for verdict in verdicts
-            if isinstance(verdict, _Allowed) and verdict.env.retention is not None
-        ]
-        if not items:
-            return
+        """Archive the allowed envelopes of a group under outbound retention, first."""
+        sent = [(v.env, v.data) for v in verdicts if isinstance(v, _Allowed)]
         try:
-            archived = await self._archive.append(items, at_ms=now_ms)
-        except StorageFullError as exc:
-            records = [envelope_record(v.env, v.data) for v in verdicts if isinstance(v, _Allowed)]
-            self._disk_full(exc, records, full)
-            return
-        if archived:
-            labels = bounded(caller.group.name, caller.rules.rules.groups)
-            RETENTION_ARCHIVED.labels(labels, "outbound").inc(len(archived))
-            sizes = {item.envelope_id: len(item.envelope) for item in items}
-            RETENTION_ARCHIVED_BYTES.labels(labels, "outbound").inc(
-                sum(sizes[envelope_id] for envelope_id in archived)
+            await self._retention.archive_sent(
+                group=caller.group, groups=caller.rules.rules.groups, sent=sent, now_ms=now_ms
             )
+        except StorageFullError as exc:
+            self._disk_full(exc, [envelope_record(env, data) for env, data in sent], full)
 
     async def _audit_denial(
         self, caller: _Caller, envelope_id: str | None, decision: Decision
@@ -815,92 +778,20 @@ class ClientAPI:
         caller = await self._caller(request)
         if isinstance(caller, Response):
             return caller
-        ack = _parse_ack(request.body)
+        ack = parse_ack(request.body)
         unique = list(dict.fromkeys(ack.ids))
         if caller.group.retention.inbound and unique:
-            kept = await self._retain_inbound(caller, ack, unique)
-            if isinstance(kept, Response):
-                return kept
+            kept = await self._retention.retain_acknowledged(
+                user=caller.user, group=caller.group, rules=caller.rules, ack=ack, ids=unique
+            )
+            if isinstance(kept, str):
+                self._count_denial("inbound", Reason.RETENTION_REQUIRED)
+                return json_response(
+                    403, {"error": Reason.RETENTION_REQUIRED.value, "message": kept}
+                )
             unique = kept
         deleted = await self._storage.mailbox_ack(caller.user, unique) if unique else 0
         return json_response(200, {"deleted": deleted})
-
-    async def _retain_inbound(
-        self, caller: _Caller, ack: _Ack, ids: list[str]
-    ) -> list[str] | Response:
-        """Archive what a member of a group under inbound retention acknowledges.
-
-        Every acknowledged version 2 envelope needs a retention copy for a key
-        of the rules, or the whole acknowledgement is refused and nothing is
-        deleted (``403 retention_required``). Those the client lists as
-        ``unread`` (it could not open them) and version 1 ones (no content
-        key) are deleted unarchived, and audited so. Only envelopes at the
-        head of the mailbox, where a client acknowledges what it fetched, are
-        looked at; the ids returned are those that may be deleted.
-        """
-        org = caller.rules.rules.retention
-        retention = caller.group.retention
-        wanted = set(ids)
-        entries = [
-            entry
-            for entry in await self._storage.mailbox_fetch(caller.user, limit=MAX_FETCH_LIMIT)
-            if entry.envelope_id in wanted
-        ]
-        now_ms = self._clock_ms()
-        items: list[ArchiveItem] = []
-        unarchived: list[tuple[str, str, str]] = []  # (id, sender, why)
-        missing: list[str] = []
-        for entry in entries:
-            copy = ack.retention.get(entry.envelope_id)
-            if entry.envelope_id in ack.unread:
-                unarchived.append((entry.envelope_id, entry.sender, "unread"))
-            elif envelope_version_of(entry.data) == ENVELOPE_VERSION:
-                unarchived.append((entry.envelope_id, entry.sender, "version_1"))
-            elif copy is None or org is None or org.key_named(copy[0]) is None:
-                missing.append(entry.envelope_id)
-            else:
-                items.append(
-                    ArchiveItem(
-                        envelope_id=entry.envelope_id,
-                        group=caller.group.name,
-                        direction="inbound",
-                        sender=entry.sender,
-                        recipient=caller.user,
-                        key_id=copy[0],
-                        delete_after_ms=min(now_ms + retention.keep * MS_PER_SECOND, MAX_TIME_MS),
-                        envelope=entry.data,
-                        wrap=copy[1],
-                    )
-                )
-        if missing:
-            self._count_denial("inbound", Reason.RETENTION_REQUIRED)
-            current = f" for key {org.key.id}" if org is not None else ""
-            return json_response(
-                403,
-                {
-                    "error": Reason.RETENTION_REQUIRED.value,
-                    "message": f"group {caller.group.name} is under inbound retention: "
-                    f"acknowledge each envelope read with a retention copy{current} "
-                    f"({len(missing)} without one); nothing was deleted",
-                },
-            )
-        if items and self._archive is not None:
-            archived = set(await self._archive.append(items, at_ms=now_ms))
-            label = bounded(caller.group.name, caller.rules.rules.groups)
-            RETENTION_ARCHIVED.labels(label, "inbound").inc(len(archived))
-            RETENTION_ARCHIVED_BYTES.labels(label, "inbound").inc(
-                sum(len(item.envelope) for item in items if item.envelope_id in archived)
-            )
-        for envelope_id, sender, why in unarchived:
-            await self._audit.record(
-                "retention_not_archived",
-                envelope_id=envelope_id,
-                user=caller.user,
-                sender=sender,
-                group=caller.group.name,
-                reason=why,
-            )
-        return [entry.envelope_id for entry in entries]
 
     # -- retention ---------------------------------------------------------------------------
     async def post_retention_mismatch(
@@ -910,46 +801,13 @@ class ClientAPI:
         caller = await self._caller(request)
         if isinstance(caller, Response):
             return caller
-        ids = _object_body(request.body, "retention mismatch report", {"ids"})["ids"]
-        if not isinstance(ids, list) or not 0 < len(ids) <= MAX_FETCH_LIMIT:
-            raise ProtocolError(f"field 'ids' must be a list of 1 to {MAX_FETCH_LIMIT} ids")
-        for envelope_id in ids:
-            if not isinstance(envelope_id, str) or not ENVELOPE_ID_RE.fullmatch(envelope_id):
-                raise ProtocolError(
-                    "field 'ids' must hold envelope ids (22 characters of base64url)",
-                    reason=Reason.ENVELOPE_BAD_ID,
-                )
-        wanted = set(ids)
-        # A client reports what it just fetched, from the head of its mailbox, before
-        # it acknowledges: only envelopes there are recorded, so a report cannot put
-        # words into the audit log about envelopes the caller never received.
-        entries = await self._storage.mailbox_fetch(caller.user, limit=MAX_FETCH_LIMIT)
-        found = [entry for entry in entries if entry.envelope_id in wanted]
-        peers = caller.rules.peers
-        for entry in found:
-            sender_org = entry.sender.rpartition("@")[2]
-            origin = "local" if sender_org == self._org else bounded(sender_org, peers)
-            RETENTION_MISMATCH_REPORTS.labels(origin).inc()
-            log.warning(
-                "envelope %s from %s to %s: the recipient's client refused it, its retention "
-                "copy does not match",
-                entry.envelope_id,
-                entry.sender,
-                caller.user,
-                extra={
-                    "event": "retention_mismatch",
-                    "envelope_id": entry.envelope_id,
-                    "user": caller.user,
-                },
-            )
-            await self._audit.record(
-                "retention_mismatch",
-                envelope_id=entry.envelope_id,
-                user=caller.user,
-                sender=entry.sender,
-                group=caller.group.name,
-            )
-        return json_response(200, {"recorded": len(found)})
+        recorded = await self._retention.record_mismatches(
+            user=caller.user,
+            group=caller.group.name,
+            peers=caller.rules.peers,
+            ids=parse_report(request.body),
+        )
+        return json_response(200, {"recorded": recorded})
 
     # -- delivery statuses -----------------------------------------------------------------
     async def get_status(self, request: Request, params: Mapping[str, str]) -> Response:
@@ -1052,70 +910,6 @@ def _json_body(body: bytes, what: str) -> object:
         return loads_strict(body)
     except ValueError:
         raise ProtocolError(f"{what}: request body is not JSON") from None
-
-
-@dataclass(frozen=True, slots=True)
-class _Ack:
-    ids: list[str]
-    retention: dict[str, tuple[str, bytes]]  # envelope id -> (key id, retention copy)
-    unread: frozenset[str]
-
-
-_ACK_FIELDS: Final = frozenset({"ids", "retention", "unread"})
-
-
-def _envelope_ids(value: object, name: str, limit: int) -> list[str]:
-    if not isinstance(value, list) or len(value) > limit:
-        raise ProtocolError(f"field {name!r} must be a list of at most {limit} ids")
-    for envelope_id in value:
-        if not isinstance(envelope_id, str) or not ENVELOPE_ID_RE.fullmatch(envelope_id):
-            raise ProtocolError(
-                f"field {name!r} must hold envelope ids (22 characters of base64url)",
-                reason=Reason.ENVELOPE_BAD_ID,
-            )
-    return value
-
-
-def _parse_ack(body: bytes) -> _Ack:
-    """``{"ids": [...]}``, with ``retention`` and ``unread`` for inbound retention."""
-    obj = _json_body(body, "acknowledgement")
-    if not isinstance(obj, dict) or "ids" not in obj or not obj.keys() <= _ACK_FIELDS:
-        raise ProtocolError(
-            "acknowledgement: body must be a JSON object with 'ids' "
-            "(and, under inbound retention, 'retention' and 'unread')"
-        )
-    ids = _envelope_ids(obj["ids"], "ids", MAX_ACK_IDS)
-    unread = frozenset(_envelope_ids(obj.get("unread", []), "unread", MAX_ACK_IDS))
-    copies = obj.get("retention", {})
-    if not isinstance(copies, dict) or len(copies) > MAX_ACK_IDS:
-        raise ProtocolError(f"field 'retention' must map at most {MAX_ACK_IDS} envelope ids")
-    retention: dict[str, tuple[str, bytes]] = {}
-    for envelope_id, copy in copies.items():
-        _envelope_ids([envelope_id], "retention", 1)
-        key_id = copy.get("key_id") if isinstance(copy, dict) else None
-        text = copy.get("wrap") if isinstance(copy, dict) else None
-        if (
-            not isinstance(copy, dict)
-            or copy.keys() != {"key_id", "wrap"}
-            or not isinstance(key_id, str)
-            or not RETENTION_KEY_ID_RE.fullmatch(key_id)
-            or not isinstance(text, str)
-        ):
-            raise ProtocolError(
-                'field \'retention\' must map envelope ids to {"key_id", "wrap"}',
-                reason=Reason.ENVELOPE_BAD_RETENTION,
-            )
-        try:
-            wrap = b64url_decode_canonical(text)
-        except ValueError:
-            wrap = b""
-        if len(wrap) != RETENTION_WRAP_BYTES:
-            raise ProtocolError(
-                f"a retention copy is {RETENTION_WRAP_BYTES} bytes of canonical base64url",
-                reason=Reason.ENVELOPE_BAD_RETENTION,
-            )
-        retention[envelope_id] = (key_id, wrap)
-    return _Ack(ids, retention, unread)
 
 
 def _object_body(body: bytes, what: str, fields: set[str]) -> dict[str, object]:
