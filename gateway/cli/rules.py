@@ -79,6 +79,13 @@ def register(subparsers: Registrar) -> None:
     )
     explain.add_argument("--burn-on-read", action="store_true", help="the envelope is burn-on-read")
     explain.add_argument(
+        "--envelope-version",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="the envelope's version (default 2; version 1 has no retention copy)",
+    )
+    explain.add_argument(
         "--without-retention",
         action="store_true",
         help="outbound: the envelope has no retention copy (default: one for the current key)",
@@ -181,6 +188,7 @@ def run_explain(args: argparse.Namespace) -> int:
         ttl_seconds=args.ttl,
         burn_on_read=args.burn_on_read,
         with_retention=not args.without_retention,
+        envelope_version=args.envelope_version,
     )
     note = compiled.retention_note(decision)
     if args.json:
@@ -200,11 +208,13 @@ def explain(
     ttl_seconds: int | None = None,
     burn_on_read: bool = False,
     with_retention: bool = True,
+    envelope_version: int = 2,
 ) -> Decision:
     """Decide as the gateway would, picking the direction from which address is ours.
 
-    An outbound envelope carries a retention copy for the current retention
-    key unless ``with_retention`` is false.
+    A version 2 outbound envelope carries a retention copy for the current
+    retention key unless ``with_retention`` is false; a version 1 one has none.
+    A local recipient under inbound retention receives version 2 only.
     """
     org = compiled.org
     if sender.org == org:
@@ -218,15 +228,16 @@ def explain(
         )
         org_retention = compiled.rules.retention
         wrap = None
-        if with_retention and org_retention is not None:
+        if with_retention and envelope_version == 2 and org_retention is not None:
             key = org_retention.key
             wrap = RetentionWrap(key.id, key.public_key, b"")
-        return compiled.decide_retention(decision, wrap)
+        decision = compiled.decide_retention(decision, wrap)
+        return compiled.decide_recipient_retention(decision, recipient, version=envelope_version)
     if recipient.org == org:
         if ttl_seconds is None:
             group = compiled.group_of(recipient.user)
             ttl_seconds = group.limits.ttl.default if group is not None else 0
-        return compiled.decide_inbound(
+        decision = compiled.decide_inbound(
             sender.org,
             sender,
             recipient,
@@ -235,6 +246,7 @@ def explain(
             ttl_seconds=ttl_seconds,
             burn_on_read=burn_on_read,
         )
+        return compiled.decide_recipient_retention(decision, recipient, version=envelope_version)
     raise UsageError(f"neither {sender} nor {recipient} is an address of {org}, the rules' org")
 
 

@@ -327,3 +327,12 @@ def test_a_recipient_under_inbound_retention_receives_version_2_only(
     to_carol = outbound(compiled, ALICE, CAROL)
     assert compiled.decide_recipient_retention(to_carol, CAROL, version=1) is to_carol
     assert compiled.decide_recipient_retention(to_carol, BOB, version=1) is to_carol
+
+
+def test_explain_asks_about_version_1_envelopes(compiled: CompiledRules) -> None:
+    assert explain(compiled, ALICE, BOB, envelope_version=1).reason is Reason.RETENTION_REQUIRED
+    assert explain(compiled, BOB, ALICE, envelope_version=1).reason is Reason.RETENTION_REQUIRED
+    assert explain(compiled, BOB, ALICE).allowed
+    # carol's group is under no retention: version 1 goes both ways.
+    assert explain(compiled, CAROL, BOB, envelope_version=1).allowed
+    assert explain(compiled, BOB, CAROL, envelope_version=1).allowed
