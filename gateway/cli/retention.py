@@ -40,8 +40,9 @@ from gateway.core.archive import (
     ArchiveRecord,
     Export,
     check_chain,
-    export_lines,
+    header_line,
     read_export,
+    record_line,
     trailer_line,
 )
 from gateway.core.envelope import MAX_TIME_MS, RetentionWrap, decode_envelope
@@ -64,7 +65,8 @@ T = TypeVar("T")
 
 DEFAULT_CONFIG = "gateway.yaml"
 STORAGE_READERS = 1
-MAX_EXPORT_FILE_BYTES = 16 * 1024**3  # what `open` reads at most
+# What `open` reads at most (into memory): export a shorter --from/--to range beyond it.
+MAX_EXPORT_FILE_BYTES = 1024**3
 PRIVATE_FILE_MODE = 0o600  # exports and opened text: for the compliance officer only
 
 
@@ -204,19 +206,44 @@ def run_keygen(args: argparse.Namespace) -> int:
 # -- export ---------------------------------------------------------------------------
 
 
-async def _records(
-    archive: SqliteArchive, *, start: int, end: int, user: str | None
-) -> list[ArchiveRecord]:
-    records: list[ArchiveRecord] = []
-    after = 0
+async def _write_export(
+    archive: SqliteArchive,
+    out: IO[bytes],
+    header: dict[str, object],
+    *,
+    start: int,
+    end: int,
+    user: str | None,
+    seed: bytes,
+) -> int:
+    """Stream the records page by page into ``out``, then the signed trailer; how many."""
+    digest = hashlib.sha256()
+    count = after = 0
+    line = header_line(header)
+    digest.update(line)
+    out.write(line)
     while True:
         page = await archive.records(
             from_ms=start, to_ms=end, user=user, after_seq=after, limit=MAX_RECORDS_PER_READ
         )
-        records.extend(page)
+        for record in page:
+            line = record_line(record)
+            digest.update(line)
+            out.write(line)
+        count += len(page)
         if len(page) < MAX_RECORDS_PER_READ:
-            return records
+            break
         after = page[-1].seq
+    body = digest.digest()
+    out.write(
+        trailer_line(
+            count=count,
+            body_sha256=body,
+            signature=sign_export(seed, body),
+            org_key=format_signing_key(org_verify_key(seed)),
+        )
+    )
+    return count
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -226,12 +253,6 @@ def run_export(args: argparse.Namespace) -> int:
     user = _address(args.user) if args.user is not None else None
     path = _sqlite_path(config)
     seed = dev.load_signing_key(config.signing_key).private_bytes_raw()
-
-    async def read() -> list[ArchiveRecord]:
-        async with open_sqlite_storage(path, readers=STORAGE_READERS) as storage:
-            return await _records(storage.archive, start=start, end=end, user=user)
-
-    records = trio.run(read)
     header: dict[str, object] = {
         "org": config.org,
         "from": start,
@@ -239,31 +260,30 @@ def run_export(args: argparse.Namespace) -> int:
         "user": user,
         "exported": _now_ms(),
     }
-    digest = hashlib.sha256()
-    # Audited before the file exists: an export the audit log does not know is never written.
-    append_event(
-        config.audit_path,
-        "retention_export",
-        max_bytes=config.audit_max_bytes,
-        user=user,
-        records=len(records),
-        start_ms=start,
-        end_ms=end,
-    )
-    with _private_file(args.out) as out:
-        for line in export_lines(header, records):
-            digest.update(line)
-            out.write(line)
-        body = digest.digest()
-        out.write(
-            trailer_line(
-                count=len(records),
-                body_sha256=body,
-                signature=sign_export(seed, body),
-                org_key=format_signing_key(org_verify_key(seed)),
+
+    async def export(out: IO[bytes]) -> int:
+        async with open_sqlite_storage(path, readers=STORAGE_READERS) as storage:
+            return await _write_export(
+                storage.archive, out, header, start=start, end=end, user=user, seed=seed
             )
+
+    with _private_file(args.out) as out:
+        count = trio.run(export, out)
+    try:
+        append_event(
+            config.audit_path,
+            "retention_export",
+            max_bytes=config.audit_max_bytes,
+            user=user,
+            records=count,
+            start_ms=start,
+            end_ms=end,
         )
-    print(f"exported {len(records)} record(s) to {args.out}", file=sys.stderr)
+    except BaseException:
+        # An export the audit log does not know is not left behind.
+        args.out.unlink(missing_ok=True)
+        raise
+    print(f"exported {count} record(s) to {args.out}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -287,7 +307,10 @@ def run_open(args: argparse.Namespace) -> int:
     try:
         size = args.file.stat().st_size
         if size > MAX_EXPORT_FILE_BYTES:
-            raise UsageError(f"{args.file}: larger than {MAX_EXPORT_FILE_BYTES} bytes")
+            raise UsageError(
+                f"{args.file}: larger than {MAX_EXPORT_FILE_BYTES} bytes; "
+                "export shorter ranges (--from, --to)"
+            )
         data = args.file.read_bytes()
     except OSError as exc:
         raise UsageError(f"{args.file}: cannot read: {exc.strerror or exc}") from None

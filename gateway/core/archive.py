@@ -189,11 +189,21 @@ def _line(obj: dict[str, object]) -> bytes:
     )
 
 
+def header_line(header: dict[str, object]) -> bytes:
+    """An export's first line."""
+    return _line({"kind": EXPORT_KIND, "v": EXPORT_VERSION, **header})
+
+
+def record_line(record: ArchiveRecord) -> bytes:
+    """One record's line of an export."""
+    return _line(record.to_json())
+
+
 def export_lines(header: dict[str, object], records: Iterable[ArchiveRecord]) -> Iterator[bytes]:
     """The header line and one line per record (the caller appends :func:`trailer_line`)."""
-    yield _line({"kind": EXPORT_KIND, "v": EXPORT_VERSION, **header})
+    yield header_line(header)
     for record in records:
-        yield _line(record.to_json())
+        yield record_line(record)
 
 
 def trailer_line(*, count: int, body_sha256: bytes, signature: bytes, org_key: str) -> bytes:
