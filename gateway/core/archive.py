@@ -18,7 +18,9 @@ empty for an outbound record (its retention copy is in the envelope) and, for
 an inbound one, the retention copy the recipient's client made with the
 content key it opened (docs/retention.md, "Inbound"). Deleting
 expired records from the head leaves the rest verifiable: the oldest left
-names its predecessor's hash, and every later one links to it.
+names its predecessor's hash, and every later one links to it. (An archive
+that deletion emptied starts a new chain from the zero hash; the sequence
+numbers go on, so the gap shows.)
 
 An **export** is a JSON Lines file: a header line, one line per record, and a
 trailer with the SHA-256 of every byte before it, signed with the org's
