@@ -40,12 +40,14 @@ from dataclasses import dataclass
 import trio
 
 from gateway import __version__
+from gateway.archive_sweeper import run_archive_sweeper
 from gateway.clientapi.api import ClientAPI
 from gateway.clientapi.mailbox_wait import MailboxWaiters
 from gateway.config import GatewayConfig
 from gateway.core.address import Address
 from gateway.core.ratelimit import RateLimiter
-from gateway.errors import StorageError
+from gateway.core.rules import CompiledRules
+from gateway.errors import ConfigError, StorageError
 from gateway.federation.keys import KeyDirectory, fetch_remote_keys
 from gateway.federation.liveness import greet_peers, hearing
 from gateway.federation.receiver import Receiver
@@ -53,6 +55,7 @@ from gateway.federation.sender import Sender, SenderSettings
 from gateway.federation.sweeper import run_spool_sweeper
 from gateway.federation.transport import HttpxPeerTransport
 from gateway.federation.trust import FederationTrust, follow_certificate, follow_reloads
+from gateway.federation.versions import PeerVersions
 from gateway.http import HTTPServer, Router, ServerLimits
 from gateway.observability.audit import AuditWriter
 from gateway.observability.certs import CLIENT_API, FEDERATION, ORG_CA, CertificateGauges
@@ -66,6 +69,7 @@ from gateway.reserve import SpaceReserve
 from gateway.rules_runtime import ReloadRecord, RulesHolder, watch_rules_file, watch_sighup
 from gateway.storage.base import Bound, Storage
 from gateway.storage.opening import open_configured_storage
+from gateway.storage.sqlite import SqliteStorage
 from gateway.tls_runtime import CertificateHolder, reload_all, watch_certificate_files
 
 LOGGER = logging.getLogger("gateway.app")
@@ -128,6 +132,13 @@ async def _mailbox_sweeper(
         await trio.sleep(interval)
 
 
+def _retains(rules: CompiledRules) -> bool:
+    """Whether any group of ``rules`` is under retention (either direction)."""
+    return any(
+        group.retention.outbound or group.retention.inbound for group in rules.rules.groups.values()
+    )
+
+
 async def _wait_for_stop_signal(servers: list[HTTPServer], waiters: MailboxWaiters) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
@@ -172,6 +183,15 @@ async def run_gateway(
     async with open_configured_storage(config.storage) as storage:
         # The disk of an SQLite database keeps a reserve; new envelopes wait below it.
         # A PostgreSQL server's disk is its own (a full one answers StorageFullError).
+        # The retention archive lives in the SQLite database; PostgreSQL has none
+        # yet, and a group under retention must then not run (nothing would be kept).
+        archive = storage.archive if isinstance(storage, SqliteStorage) else None
+        if archive is None and _retains(rules.current):
+            raise ConfigError(
+                f"{config.rules}: groups under retention need the retention archive, which "
+                "this version keeps in SQLite storage only; use `storage: sqlite` or remove "
+                "`retention:` from the groups"
+            )
         reserve = None
         if config.storage.sqlite_path is not None:
             reserve = SpaceReserve(
@@ -195,6 +215,7 @@ async def run_gateway(
             rules=rules,
             clock_ms=clock_ms,
             settings=SenderSettings.from_limits(config.limits),
+            envelope_versions=PeerVersions(transport),
         )
         waiters = MailboxWaiters()
         # One bound for every way into a mailbox: a colleague's envelope or a peer's.
@@ -237,6 +258,7 @@ async def run_gateway(
                 rate=config.limits.submit_rate_per_user, burst=config.limits.submit_burst_per_user
             ),
             reserve=reserve,
+            archive=archive,
         )
 
         federation_router, client_router, metrics_router = Router(), Router(), Router()
@@ -308,6 +330,15 @@ async def run_gateway(
             audit.record_reload(record, rules.current.peers)
             if record.ok:
                 node_info.show(rules.sha256)
+                if archive is None and _retains(rules.current):
+                    LOGGER.critical(
+                        "rules %s put groups under retention, but this storage has no "
+                        "retention archive (SQLite only in this version): their envelopes "
+                        "are checked for retention copies and NOT archived; restore the "
+                        "previous rules or move to SQLite storage",
+                        rules.sha256[:12],
+                        extra={"event": "retention_without_archive"},
+                    )
 
         unaudit = rules.subscribe_records(reloaded)
         certificates = CertificateGauges()
@@ -339,6 +370,15 @@ async def run_gateway(
                 )
                 if reserve is not None:
                     await root.start(reserve.watch)
+                if archive is not None:
+                    await root.start(
+                        lambda *, task_status: run_archive_sweeper(
+                            archive,
+                            clock_ms=clock_ms,
+                            scrub=storage.scrub,
+                            task_status=task_status,
+                        )
+                    )
                 root.start_soon(
                     lambda: _mailbox_sweeper(
                         storage, clock_ms=clock_ms, interval=MAILBOX_SWEEP_INTERVAL

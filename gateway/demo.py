@@ -34,9 +34,11 @@ unwinds through ``DevNet.close``).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import stat
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -50,8 +52,10 @@ from gateway.client.api import ClientAPIError, ClientSession
 from gateway.client.contacts import ContactBook
 from gateway.client.reference import Received, ReferenceClient
 from gateway.core.address import Address
+from gateway.core.keytext import format_retention_key
 from gateway.crypto.keys import UserKeys
-from gateway.devnet import DevNet, DevOrg
+from gateway.crypto.retention_keys import RetentionKeyPair
+from gateway.devnet import DevNet, DevOrg, gateway_command
 
 ACME: Final = "acme.example"
 GLOBEX: Final = "globex.example"
@@ -154,7 +158,8 @@ class Narrator:
         print(text, file=self._out, flush=True)
 
 
-STEPS: Final = 8
+STEPS: Final = 9
+RETENTION_KEY_ID: Final = "acme-demo"
 
 
 # -- the users -------------------------------------------------------------------------------
@@ -286,7 +291,7 @@ async def _conversation(
 
 
 # -- the whole demo ----------------------------------------------------------------------------
-def _rules(acme: DevOrg, globex: DevOrg) -> None:
+def _rules(acme: DevOrg, globex: DevOrg, retention_key: RetentionKeyPair) -> None:
     acme.write_rules(
         peers=[globex],
         groups={
@@ -294,8 +299,15 @@ def _rules(acme: DevOrg, globex: DevOrg) -> None:
                 "members": ["alice"],
                 "send_to": [GLOBEX],
                 "receive_from": [f"{GLOBEX}/partners"],
+                "retention": {"outbound": "required", "keep": "7y"},
             },
             "legal": {"members": ["carol"]},
+        },
+        retention={
+            "key": {
+                "id": retention_key.id,
+                "public_key": format_retention_key(retention_key.public_key),
+            }
         },
     )
     globex.write_rules(
@@ -309,9 +321,20 @@ def _demo(net: DevNet, base: Path, say: Narrator) -> None:
     acme, globex = net.add_org(ACME), net.add_org(GLOBEX)
     for org in (acme, globex):
         say.ok(f"gateway init --org {org.org}: a CA, gateway certificates, an org signing key")
-    _rules(acme, globex)
+    officer = base / "officer"  # the compliance officer's machine, away from the gateways
+    officer.mkdir(mode=0o700)
+    retention_key = RetentionKeyPair.generate(RETENTION_KEY_ID)
+    retention_key.save(officer / f"{RETENTION_KEY_ID}.key")
+    say.ok(
+        f"gateway retention keygen (offline): acme's retention key {RETENTION_KEY_ID}; "
+        "only its public half goes into acme's rules"
+    )
+    _rules(acme, globex, retention_key)
     say.ok("peer cards exchanged and pasted into each other's rules (CA, pin, signing key)")
-    say.say("acme.example: engineering (alice) <-> globex.example/partners; legal (carol): none")
+    say.say(
+        "acme.example: engineering (alice, under retention for 7 years) <-> "
+        "globex.example/partners; legal (carol): none"
+    )
     say.say("globex.example: partners (bob) <-> acme.example")
 
     say.step("Both gateways start as real processes, mTLS between them")
@@ -348,6 +371,44 @@ def _demo(net: DevNet, base: Path, say: Narrator) -> None:
         "their journals, both logs) for the exact bytes of the 4 texts: not one found"
     )
     say.ok("control: the same search does find alice's address in acme's database")
+    _officer_opens_the_archive(acme, officer, say)
+
+
+def _officer_opens_the_archive(acme: DevOrg, officer: Path, say: Narrator) -> None:
+    say.step("The compliance officer opens acme's archive offline")
+    export = officer / "acme-archive.jsonl"
+    _gateway("retention", "export", "-c", str(acme.config_path), "--out", str(export))
+    say.ok(
+        "gateway retention export: acme's archive, signed by acme's org key "
+        "(ciphertext only: the gateway holds no retention secret)"
+    )
+    if find_plaintext([export], MESSAGES).hits:
+        raise DemoFailed("the export holds plaintext")
+    key_file = officer / f"{RETENTION_KEY_ID}.key"
+    opened = _gateway("retention", "open", str(export), "--key", str(key_file))
+    messages = [json.loads(line) for line in opened.splitlines()]
+    texts = {message["text"] for message in messages}
+    if texts != {HELLO, BURN}:
+        raise DemoFailed(f"the archive opened to {len(texts)} other text(s) than alice sent")
+    say.ok(
+        f"gateway retention open --key {key_file.name}: chain and signature checked, "
+        f"{len(messages)} messages of alice opened"
+    )
+    for message in messages:
+        say.say(f"{message['from']} -> {message['to']}: {_quote(message['text'])}")
+    say.ok(
+        "the burn-on-read message is gone from bob's mailbox but kept in the archive: "
+        "retention overrides burn-on-read for the archive copy only"
+    )
+
+
+def _gateway(*args: str) -> str:
+    done = subprocess.run(
+        gateway_command(*args), capture_output=True, text=True, timeout=60, check=False
+    )
+    if done.returncode != 0:
+        raise DemoFailed(f"gateway {args[0]} {args[1]} failed: {done.stderr.strip()}")
+    return done.stdout
 
 
 def run_demo(*, out: TextIO = sys.stdout, keep: Path | None = None) -> int:

@@ -103,8 +103,12 @@ class DevOrg:
         *,
         peers: Sequence[DevOrg] = (),
         groups: Mapping[str, Mapping[str, Any]],
+        retention: Mapping[str, Any] | None = None,
     ) -> None:
-        """Rules with each of ``peers``' cards pasted under ``peers:``, and ``groups``."""
+        """Rules with each of ``peers``' cards pasted under ``peers:``, and ``groups``.
+
+        ``retention`` is the org-level section (docs/retention.md), if any.
+        """
         cards = "".join(
             "".join("  " + line + "\n" for line in peer.card().splitlines()) for peer in peers
         )
@@ -113,6 +117,7 @@ class DevOrg:
             "version: 1\n"
             f"org: {self.org}\n"
             "default: deny\n"
+            + (yaml.safe_dump({"retention": dict(retention)}, sort_keys=False) if retention else "")
             + (f"peers:\n{cards}" if peers else "peers: {}\n")
             + yaml.safe_dump({"groups": {k: dict(v) for k, v in groups.items()}}, sort_keys=False)
         )

@@ -22,6 +22,7 @@ its reason code, counted, and changes nothing.
         ├── AddressError              a `user@org` that does not parse
         ├── EnvelopeError             an envelope that does not parse or validate
         ├── EnvelopeOpenError         seal/open failed; one detail-free message, always
+        │   └── RetentionWrapMismatch a signed, opened envelope with a dishonest retention copy
         ├── KeyRecordError            a signed key record failed verification; detail-free
         ├── PeerAuthError             a peer whose certificate or claims do not check out
         └── ProtocolError             a request that breaks the wire protocol
@@ -58,6 +59,10 @@ class Reason(enum.StrEnum):
     ENVELOPE_BAD_SIGNATURE = "envelope_bad_signature"  # signature field malformed
     ENVELOPE_TOO_LARGE = "envelope_too_large"  # over the hard protocol limit
     ENVELOPE_OPEN_FAILED = "envelope_open_failed"  # the one crypto failure
+    # retention fields of a version 2 envelope malformed (partial, bad id, bad length)
+    ENVELOPE_BAD_RETENTION = "envelope_bad_retention"
+    # the retention copy is not the one the content key gives (the recipient's client saw it)
+    RETENTION_WRAP_MISMATCH = "retention_wrap_mismatch"
     EXPIRED = "expired"
     KEY_RECORD_MALFORMED = "key_record_malformed"  # a user's public keys do not parse
     KEY_RECORD_INVALID = "key_record_invalid"  # a signed key record failed verification
@@ -75,6 +80,8 @@ class Reason(enum.StrEnum):
     TTL_OUT_OF_BOUNDS = "ttl_out_of_bounds"
     BURN_ON_READ_REQUIRED = "burn_on_read_required"
     BURN_ON_READ_FORBIDDEN = "burn_on_read_forbidden"
+    RETENTION_REQUIRED = "retention_required"  # the group is under retention; no retention copy
+    RETENTION_KEY_UNKNOWN = "retention_key_unknown"  # a retention copy for no current key
 
     # -- peers and transport ------------------------------------------------
     ORIGIN_MISMATCH = "origin_mismatch"  # body `origin` is not the certificate's org
@@ -210,6 +217,26 @@ class EnvelopeOpenError(RemoteError):
 
     def __init__(self) -> None:
         super().__init__("envelope could not be opened")
+
+
+class RetentionWrapMismatch(EnvelopeOpenError):
+    """A signed version 2 envelope whose retention copy is not the one its content key gives.
+
+    Raised only after the signature verified and the envelope opened, so it
+    tells nothing to anyone but a sender the recipient has authenticated: that
+    sender did not retain the message honestly. A subclass of
+    :class:`EnvelopeOpenError`, so a caller that refuses every open failure
+    refuses this one too.
+    """
+
+    default_reason = Reason.RETENTION_WRAP_MISMATCH
+
+    def __init__(self) -> None:
+        RemoteError.__init__(
+            self,
+            "the sender's retention copy does not match this message: "
+            "it was not retained honestly; refused",
+        )
 
 
 class KeyRecordError(RemoteError):

@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "spool",
     "storage",
     "token",
+    "retention",
     "audit",
     "bench",
     "client",

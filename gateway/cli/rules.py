@@ -16,6 +16,7 @@ from pathlib import Path
 from gateway.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Registrar, UsageError, set_handler
 from gateway.core.address import Address
 from gateway.core.durations import parse_duration
+from gateway.core.envelope import RetentionWrap
 from gateway.core.rules import (
     CompiledRules,
     Decision,
@@ -77,6 +78,18 @@ def register(subparsers: Registrar) -> None:
         help="requested TTL like 1h or 2d (default: the deciding group's default TTL)",
     )
     explain.add_argument("--burn-on-read", action="store_true", help="the envelope is burn-on-read")
+    explain.add_argument(
+        "--envelope-version",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="the envelope's version (default 2; version 1 has no retention copy)",
+    )
+    explain.add_argument(
+        "--without-retention",
+        action="store_true",
+        help="outbound: the envelope has no retention copy (default: one for the current key)",
+    )
     explain.add_argument("--json", action="store_true", help="print the decision as JSON")
     set_handler(explain, run_explain)
 
@@ -174,11 +187,14 @@ def run_explain(args: argparse.Namespace) -> int:
         size=args.size,
         ttl_seconds=args.ttl,
         burn_on_read=args.burn_on_read,
+        with_retention=not args.without_retention,
+        envelope_version=args.envelope_version,
     )
+    note = compiled.retention_note(decision)
     if args.json:
-        print(json.dumps(decision_json(decision, sender, recipient), sort_keys=True))
+        print(json.dumps(decision_json(decision, sender, recipient, note), sort_keys=True))
     else:
-        print("\n".join(render_decision(decision, sender, recipient)))
+        print("\n".join(render_decision(decision, sender, recipient, note)))
     return EXIT_OK if decision.allowed else EXIT_FAILURE
 
 
@@ -191,8 +207,15 @@ def explain(
     size: int = 0,
     ttl_seconds: int | None = None,
     burn_on_read: bool = False,
+    with_retention: bool = True,
+    envelope_version: int = 2,
 ) -> Decision:
-    """Decide as the gateway would, picking the direction from which address is ours."""
+    """Decide as the gateway would, picking the direction from which address is ours.
+
+    A version 2 outbound envelope carries a retention copy for the current
+    retention key unless ``with_retention`` is false; a version 1 one has none.
+    A local recipient under inbound retention receives version 2 only.
+    """
     org = compiled.org
     if sender.org == org:
         if asserted_group is not None:
@@ -200,14 +223,21 @@ def explain(
         if ttl_seconds is None:
             group = compiled.group_of(sender.user)
             ttl_seconds = group.limits.ttl.default if group is not None else 0
-        return compiled.decide_outbound(
+        decision = compiled.decide_outbound(
             sender, recipient, size=size, ttl_seconds=ttl_seconds, burn_on_read=burn_on_read
         )
+        org_retention = compiled.rules.retention
+        wrap = None
+        if with_retention and envelope_version == 2 and org_retention is not None:
+            key = org_retention.key
+            wrap = RetentionWrap(key.id, key.public_key, b"")
+        decision = compiled.decide_retention(decision, wrap)
+        return compiled.decide_recipient_retention(decision, recipient, version=envelope_version)
     if recipient.org == org:
         if ttl_seconds is None:
             group = compiled.group_of(recipient.user)
             ttl_seconds = group.limits.ttl.default if group is not None else 0
-        return compiled.decide_inbound(
+        decision = compiled.decide_inbound(
             sender.org,
             sender,
             recipient,
@@ -216,10 +246,13 @@ def explain(
             ttl_seconds=ttl_seconds,
             burn_on_read=burn_on_read,
         )
+        return compiled.decide_recipient_retention(decision, recipient, version=envelope_version)
     raise UsageError(f"neither {sender} nor {recipient} is an address of {org}, the rules' org")
 
 
-def render_decision(decision: Decision, sender: Address, recipient: Address) -> list[str]:
+def render_decision(
+    decision: Decision, sender: Address, recipient: Address, retention: str | None = None
+) -> list[str]:
     verdict = "allowed" if decision.allowed else "denied"
     context = [decision.direction.value]
     if decision.group is not None:
@@ -241,10 +274,14 @@ def render_decision(decision: Decision, sender: Address, recipient: Address) -> 
             f"peer reads: {answer.value} (as for a user who does not exist: "
             "a peer may not learn who is in a group that does not hear it)"
         )
+    if retention is not None:
+        lines.append(f"retention: {retention}")
     return lines
 
 
-def decision_json(decision: Decision, sender: Address, recipient: Address) -> dict[str, object]:
+def decision_json(
+    decision: Decision, sender: Address, recipient: Address, retention: str | None = None
+) -> dict[str, object]:
     rule = decision.rule
     return {
         "allowed": decision.allowed,
@@ -258,6 +295,7 @@ def decision_json(decision: Decision, sender: Address, recipient: Address) -> di
         if rule is None
         else {"file": rule.file, "line": rule.line, "path": rule.path or None},
         "detail": decision.detail,
+        **({"retention": retention} if retention is not None else {}),
         # The reason code the peer would read in its transaction's answer.
         **(
             {"peer_reads": reason_for_peer(decision).value}

@@ -13,7 +13,7 @@ Errors are translated at this edge: a transport failure is a
 from __future__ import annotations
 
 import ssl
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 
+from gateway.core.encoding import b64url_encode
 from gateway.core.envelope import Envelope, encode_envelope
 from gateway.errors import GatewayError, Reason, RemoteError
 
@@ -177,10 +178,35 @@ class ClientSession:
         )
         return [Envelope.from_json(item) for item in body["envelopes"]]
 
-    async def ack(self, envelope_ids: Sequence[str]) -> int:
-        """``POST /v1/mailbox/ack``: delete these from the mailbox; returns how many went."""
-        body = await self._call("POST", "/v1/mailbox/ack", json={"ids": list(envelope_ids)})
+    async def ack(
+        self,
+        envelope_ids: Sequence[str],
+        *,
+        retention: Mapping[str, tuple[str, bytes]] | None = None,
+        unread: Sequence[str] = (),
+    ) -> int:
+        """``POST /v1/mailbox/ack``: delete these from the mailbox; returns how many went.
+
+        Under inbound retention: ``retention`` maps each id read to (key id,
+        retention copy), and ``unread`` lists those the client could not open.
+        """
+        request: dict[str, object] = {"ids": list(envelope_ids)}
+        if retention is not None:
+            request["retention"] = {
+                envelope_id: {"key_id": key_id, "wrap": b64url_encode(wrap)}
+                for envelope_id, (key_id, wrap) in retention.items()
+            }
+            request["unread"] = list(unread)
+        body = await self._call("POST", "/v1/mailbox/ack", json=request)
         return int(body["deleted"])
+
+    async def report_retention_mismatch(self, envelope_ids: Sequence[str]) -> int:
+        """``POST /v1/reports/retention-mismatch``: envelopes refused for a dishonest
+        retention copy; returns how many the gateway recorded."""
+        body = await self._call(
+            "POST", "/v1/reports/retention-mismatch", json={"ids": list(envelope_ids)}
+        )
+        return int(body["recorded"])
 
     async def status(self, envelope_id: str) -> dict[str, Any]:
         """``GET /v1/status/{id}``: ``{"id", "status", "at"}`` of an envelope we sent."""

@@ -17,6 +17,9 @@ one seen before.
 Sending: look up and check the recipient's keys, read the sender group's
 limits (``GET /v1/me``) for the default TTL and whether burn-on-read is
 required, seal, submit; the answer is the envelope id and its first status.
+A sender whose group is under outbound retention (``GET /v1/me`` names the
+retention key) seals envelope version 2 with a retention copy for that key;
+others seal version 1, which every peer speaks.
 
 Receiving: fetch (long-polling up to ``wait`` s), and for each envelope find
 the sender's verify key (remembered, else looked up and checked as above),
@@ -24,7 +27,14 @@ verify and open it, then acknowledge everything handled in one call. An
 envelope that does not verify or open, even with freshly looked-up keys, is
 acknowledged and reported as discarded (leaving it would return it forever).
 One whose sender's keys changed is left in the mailbox and reported: it can
-be read with ``accept_new_key`` once the change is confirmed.
+be read with ``accept_new_key`` once the change is confirmed. A version 2
+envelope whose retention copy is not the one its content key gives (its
+sender did not retain it honestly) is refused: its text is not shown, it is
+reported to the gateway (``POST /v1/reports/retention-mismatch``, counted and
+audited there) and then acknowledged. A recipient whose group is under
+inbound retention (``GET /v1/me`` names the key) acknowledges each version 2
+envelope it opened with the content key wrapped for its own org's retention
+key, and lists those it could not open as ``unread``.
 """
 
 from __future__ import annotations
@@ -38,9 +48,14 @@ from typing import Any, Final, Protocol
 from gateway.client.api import ClientAPIError, Submitted
 from gateway.client.contacts import ContactBook, KeyChangedError, Trust
 from gateway.core.address import Address
-from gateway.core.envelope import Envelope
-from gateway.core.keytext import format_signing_key, parse_signing_key
-from gateway.crypto.envelope_crypto import open_envelope, seal
+from gateway.core.envelope import ENVELOPE_VERSION_V2, Envelope
+from gateway.core.keytext import format_signing_key, parse_retention_key, parse_signing_key
+from gateway.crypto.envelope_crypto import (
+    open_envelope,
+    recipient_retention_wrap,
+    seal,
+    seal_v2,
+)
 from gateway.crypto.key_records import parse_verified_key_record, verify_key_record
 from gateway.crypto.keys import PublicKeys, UserKeys
 from gateway.errors import (
@@ -49,6 +64,7 @@ from gateway.errors import (
     ProtocolError,
     Reason,
     RemoteError,
+    RetentionWrapMismatch,
 )
 
 MS_PER_SECOND: Final = 1000
@@ -77,7 +93,15 @@ class Session(Protocol):
 
     async def fetch(self, *, wait: int = 0, limit: int = 100) -> list[Envelope]: ...
 
-    async def ack(self, envelope_ids: Sequence[str]) -> int: ...
+    async def ack(
+        self,
+        envelope_ids: Sequence[str],
+        *,
+        retention: Mapping[str, tuple[str, bytes]] | None = None,
+        unread: Sequence[str] = (),
+    ) -> int: ...
+
+    async def report_retention_mismatch(self, envelope_ids: Sequence[str]) -> int: ...
 
     async def status(self, envelope_id: str) -> dict[str, Any]: ...
 
@@ -137,6 +161,7 @@ class Problem:
     sender: Address
     message: str
     discarded: bool
+    retention_mismatch: bool = False  # refused: its retention copy did not match
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +171,7 @@ class Inbox:
     messages: tuple[Received, ...]
     problems: tuple[Problem, ...]
     acknowledged: int
+    reported: int = 0  # retention mismatches the gateway recorded
 
 
 class ReferenceClient:
@@ -256,16 +282,29 @@ class ReferenceClient:
             ttl_seconds = default
         if limits.get("burn_on_read") == BURN_ON_READ_REQUIRED:
             burn_on_read = True
+        retention_key = _retention_key(me)
         public, trust = await self.verified_keys(to, accept_new_key=accept_new_key)
         now = self._clock_ms()
-        envelope = seal(
-            text.encode("utf-8"),
-            sender=self.keys,
-            recipient=public,
-            created_ms=now,
-            expires_ms=now + ttl_seconds * MS_PER_SECOND,
-            burn_on_read=burn_on_read,
-        )
+        if retention_key is None:
+            envelope = seal(
+                text.encode("utf-8"),
+                sender=self.keys,
+                recipient=public,
+                created_ms=now,
+                expires_ms=now + ttl_seconds * MS_PER_SECOND,
+                burn_on_read=burn_on_read,
+            )
+        else:
+            envelope = seal_v2(
+                text.encode("utf-8"),
+                sender=self.keys,
+                recipient=public,
+                created_ms=now,
+                expires_ms=now + ttl_seconds * MS_PER_SECOND,
+                burn_on_read=burn_on_read,
+                retention_key_id=retention_key[0],
+                retention_public_key=retention_key[1],
+            )
         submitted = await self.session.submit(envelope)
         return Sent(
             envelope_id=envelope.id,
@@ -282,12 +321,29 @@ class ReferenceClient:
     ) -> Inbox:
         """Fetch, verify, open and acknowledge what is in our mailbox."""
         envelopes = await self.session.fetch(wait=wait, limit=limit)
+        inbound_key = _retention_key(await self.session.me(), "inbound") if envelopes else None
+        copies: dict[str, tuple[str, bytes]] = {}
         messages: list[Received] = []
         problems: list[Problem] = []
         done: list[str] = []
+        dishonest: list[str] = []
         for envelope in envelopes:
             try:
                 payload = await self._open(envelope, accept_new_key=accept_new_key)
+            except RetentionWrapMismatch:
+                problems.append(
+                    Problem(
+                        envelope.id,
+                        envelope.sender,
+                        "REFUSED: its retention copy does not match the message: the sender "
+                        "did not retain it honestly; not shown, reported to your gateway",
+                        True,
+                        retention_mismatch=True,
+                    )
+                )
+                dishonest.append(envelope.id)
+                done.append(envelope.id)
+                continue
             except KeyChangedError as exc:
                 problems.append(Problem(envelope.id, envelope.sender, exc.message, False))
                 continue
@@ -302,6 +358,18 @@ class ReferenceClient:
                 )
                 done.append(envelope.id)
                 continue
+            if inbound_key is not None and envelope.version == ENVELOPE_VERSION_V2:
+                # Under inbound retention the acknowledgement carries the content key
+                # wrapped for our org's retention key: the gateway archives it.
+                copies[envelope.id] = (
+                    inbound_key[0],
+                    recipient_retention_wrap(
+                        envelope,
+                        recipient=self.keys,
+                        key_id=inbound_key[0],
+                        public_key=inbound_key[1],
+                    ),
+                )
             messages.append(
                 Received(
                     envelope_id=envelope.id,
@@ -312,8 +380,16 @@ class ReferenceClient:
                 )
             )
             done.append(envelope.id)
-        acknowledged = await self.session.ack(done) if done else 0
-        return Inbox(tuple(messages), tuple(problems), acknowledged)
+        # Reported before acknowledged: the gateway records only what is in the mailbox.
+        reported = await self.session.report_retention_mismatch(dishonest) if dishonest else 0
+        if not done:
+            acknowledged = 0
+        elif inbound_key is None:
+            acknowledged = await self.session.ack(done)
+        else:
+            unread = [p.envelope_id for p in problems if p.discarded]
+            acknowledged = await self.session.ack(done, retention=copies, unread=unread)
+        return Inbox(tuple(messages), tuple(problems), acknowledged, reported)
 
     async def _open(self, envelope: Envelope, *, accept_new_key: bool) -> bytes:
         known = self.contacts.get(envelope.sender)
@@ -322,6 +398,8 @@ class ReferenceClient:
                 return open_envelope(
                     envelope, recipient=self.keys, sender_verify_key=known.verify_key
                 )
+            except RetentionWrapMismatch:
+                raise  # signed by the key we know: no newer key changes that
             except EnvelopeOpenError:
                 pass  # perhaps the sender has new keys: ask their org
         public, trust = await self.verified_keys(envelope.sender, accept_new_key=accept_new_key)
@@ -332,3 +410,21 @@ class ReferenceClient:
     # -- status ---------------------------------------------------------------------------
     async def status(self, envelope_id: str) -> dict[str, Any]:
         return await self.session.status(envelope_id)
+
+
+def _retention_key(me: object, direction: str = "outbound") -> tuple[str, bytes] | None:
+    """The retention key (id, X25519 key) ``GET /v1/me`` names, if under retention that way."""
+    retention = me.get("retention") if isinstance(me, dict) else None
+    if retention is None:
+        return None
+    key = retention.get("key") if isinstance(retention, dict) else None
+    if not isinstance(retention, dict) or retention.get(direction) is not True:
+        return None
+    key_id = key.get("id") if isinstance(key, dict) else None
+    text = key.get("public_key") if isinstance(key, dict) else None
+    if not isinstance(key_id, str) or not isinstance(text, str):
+        raise ProtocolError("GET /v1/me: retention without a usable key")
+    try:
+        return key_id, parse_retention_key(text)
+    except ValueError as exc:
+        raise ProtocolError(f"GET /v1/me: retention key: {exc}") from None

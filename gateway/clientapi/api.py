@@ -12,8 +12,10 @@ read once per request (``rules.current``), so one request sees one version.
 A submission goes through, in order: parse (``400`` with the envelope's reason
 code), ``from`` must be the token's user (``403 sender_mismatch``), the clock
 checks of :func:`~gateway.core.envelope.validate_envelope` (``400``, e.g.
-``expired``), then the outbound rule and the sender group's limits
-(``403`` with the reason code and the rule's ``file:line``). A refused
+``expired``), then the outbound rule, the sender group's limits and its
+retention (``403`` with the reason code and the rule's ``file:line``; a group
+under outbound retention sends only version 2 envelopes with a retention copy
+for a key of the rules). A refused
 envelope is answered at once and nothing is stored. An allowed one gets the
 sender's group asserted (encoded from the submitted JSON object itself, see
 :func:`~gateway.core.envelope.encode_validated`) and is written durably: into the
@@ -35,6 +37,12 @@ Long-poll (``GET /v1/mailbox?wait=S``): a :class:`~.mailbox_wait.MailboxWatch`
 is taken *before* the mailbox is read, so an arrival between the read and the
 wait is not missed; an empty read then waits for a wakeup or the deadline and
 reads again.
+
+Retention: ``GET /v1/me`` tells a client under outbound retention which key
+to wrap for; ``POST /v1/reports/retention-mismatch`` is how a client reports
+envelopes it refused because their retention copy did not match (an envelope
+in the caller's mailbox only): each is counted and audited
+(``retention_mismatch``), with the sender as the envelope names it.
 
 Key records: ``PUT /v1/keys`` signs the caller's public keys with the org
 signing key and stores the record; ``GET /v1/keys/{address}`` serves ours
@@ -62,6 +70,7 @@ import trio
 from prometheus_client import Counter
 
 from gateway.clientapi.mailbox_wait import MailboxWaiters, TooManyWatches
+from gateway.clientapi.retention import ArchiveSink, RetentionDesk, parse_ack, parse_report
 from gateway.clientapi.tokens import authenticate
 from gateway.core.address import Address, normalize_domain
 from gateway.core.encoding import loads_strict
@@ -73,7 +82,7 @@ from gateway.core.envelope import (
     encode_envelope,
     encode_validated,
 )
-from gateway.core.keytext import format_signing_key
+from gateway.core.keytext import format_retention_key, format_signing_key
 from gateway.core.ratelimit import RateLimiter
 from gateway.core.rules import CompiledRules, Decision, Group, Mark
 from gateway.crypto.key_records import (
@@ -293,6 +302,7 @@ class ClientAPI:
         mailbox_bound: Bound | None = None,
         submit_rate: RateLimiter | None = None,
         reserve: Reserve | None = None,
+        archive: ArchiveSink | None = None,
     ) -> None:
         if not isinstance(org_signing_seed, bytes) or len(org_signing_seed) != KEY_BYTES:
             raise ValueError(f"org_signing_seed must be {KEY_BYTES} bytes")
@@ -312,6 +322,10 @@ class ClientAPI:
         self._lane_bound = lane_bound
         self._mailbox_bound = mailbox_bound
         self._reserve = reserve
+        # archive None: retention is enforced, nothing is archived here
+        self._retention = RetentionDesk(
+            org=org, mailboxes=storage, archive=archive, audit=self._audit, clock_ms=clock_ms
+        )
         self._submit_rate = submit_rate  # per user, charged one token per envelope
         self._submissions: dict[str, Counter] = {}
         self._denials: dict[tuple[str, str], Counter] = {}
@@ -326,6 +340,7 @@ class ClientAPI:
         router.add("PUT", "/v1/keys", self.put_keys)
         router.add("GET", "/v1/keys/{address}", self.get_keys)
         router.add("GET", "/v1/orgs/{org}", self.get_org)
+        router.add("POST", "/v1/reports/retention-mismatch", self.post_retention_mismatch)
 
     # -- authentication ------------------------------------------------------------
     async def _caller(
@@ -357,22 +372,29 @@ class ClientAPI:
         if isinstance(caller, Response):
             return caller
         limits = caller.group.limits
-        return json_response(
-            200,
-            {
-                "address": caller.user,
-                "group": caller.group.name,
-                "limits": {
-                    "max_envelope_bytes": limits.max_envelope_bytes,
-                    "ttl": {
-                        "min": limits.ttl.min,
-                        "default": limits.ttl.default,
-                        "max": limits.ttl.max,
-                    },
-                    "burn_on_read": limits.burn_on_read.value,
+        body: dict[str, object] = {
+            "address": caller.user,
+            "group": caller.group.name,
+            "limits": {
+                "max_envelope_bytes": limits.max_envelope_bytes,
+                "ttl": {
+                    "min": limits.ttl.min,
+                    "default": limits.ttl.default,
+                    "max": limits.ttl.max,
                 },
+                "burn_on_read": limits.burn_on_read.value,
             },
-        )
+        }
+        retention = caller.group.retention
+        org_retention = caller.rules.rules.retention
+        if retention.active and org_retention is not None:
+            key = org_retention.key
+            body["retention"] = {
+                "outbound": retention.outbound,
+                "inbound": retention.inbound,
+                "key": {"id": key.id, "public_key": format_retention_key(key.public_key)},
+            }
+        return json_response(200, body)
 
     # -- submissions -------------------------------------------------------------------
     async def post_envelope(self, request: Request, params: Mapping[str, str]) -> Response:
@@ -437,17 +459,19 @@ class ClientAPI:
             item if isinstance(item, _Refused) else self._check(caller, item, now_ms)
             for item in items
         ]
+        stored: dict[str, str] = {}
+        full: dict[str, Reason] = {}  # envelope id -> lane_full / mailbox_full
+        # Archived first, durably: an envelope of a group under retention is never
+        # stored (so never delivered) unless its archive copy is.
+        await self._archive_retained(caller, verdicts, now_ms, full)
         local: list[EnvelopeRecord] = []
         spool: list[SpoolItem] = []
         for verdict in verdicts:
-            if isinstance(verdict, _Allowed):
+            if isinstance(verdict, _Allowed) and verdict.env.id not in full:
                 if verdict.peer is None:
                     local.append(envelope_record(verdict.env, verdict.data))
                 else:
                     spool.append(spool_item(verdict.env, verdict.data, verdict.peer))
-
-        stored: dict[str, str] = {}
-        full: dict[str, Reason] = {}  # envelope id -> lane_full / mailbox_full
         if local:
             try:
                 outcome = await self._put_local(local, now_ms, full)
@@ -506,6 +530,22 @@ class ClientAPI:
                 await self._audit_denial(caller, verdict.envelope_id, verdict.decision)
         return outcomes
 
+    async def _archive_retained(
+        self,
+        caller: _Caller,
+        verdicts: Sequence[_Allowed | _Refused],
+        now_ms: int,
+        full: dict[str, Reason],
+    ) -> None:
+        """Archive the allowed envelopes of a group under outbound retention, first."""
+        sent = [(v.env, v.data) for v in verdicts if isinstance(v, _Allowed)]
+        try:
+            await self._retention.archive_sent(
+                group=caller.group, groups=caller.rules.rules.groups, sent=sent, now_ms=now_ms
+            )
+        except StorageFullError as exc:
+            self._disk_full(exc, [envelope_record(env, data) for env, data in sent], full)
+
     async def _audit_denial(
         self, caller: _Caller, envelope_id: str | None, decision: Decision
     ) -> None:
@@ -543,6 +583,11 @@ class ClientAPI:
             size=env.size,
             ttl_seconds=_ttl_seconds(env),
             burn_on_read=env.burn_on_read,
+        )
+        # The sender group's retention, last: what the archive must get (docs/retention.md).
+        decision = caller.rules.decide_retention(decision, env.retention)
+        decision = caller.rules.decide_recipient_retention(
+            decision, env.recipient, version=env.version
         )
         if not decision.allowed:
             self._count_denial(decision.direction.value, decision.reason)
@@ -751,18 +796,36 @@ class ClientAPI:
         caller = await self._caller(request)
         if isinstance(caller, Response):
             return caller
-        ids = _object_body(request.body, "acknowledgement", {"ids"})["ids"]
-        if not isinstance(ids, list) or len(ids) > MAX_ACK_IDS:
-            raise ProtocolError(f"field 'ids' must be a list of at most {MAX_ACK_IDS} ids")
-        for envelope_id in ids:
-            if not isinstance(envelope_id, str) or not ENVELOPE_ID_RE.fullmatch(envelope_id):
-                raise ProtocolError(
-                    "field 'ids' must hold envelope ids (22 characters of base64url)",
-                    reason=Reason.ENVELOPE_BAD_ID,
+        ack = parse_ack(request.body)
+        unique = list(dict.fromkeys(ack.ids))
+        if caller.group.retention.inbound and unique:
+            kept = await self._retention.retain_acknowledged(
+                user=caller.user, group=caller.group, rules=caller.rules, ack=ack, ids=unique
+            )
+            if isinstance(kept, str):
+                self._count_denial("inbound", Reason.RETENTION_REQUIRED)
+                return json_response(
+                    403, {"error": Reason.RETENTION_REQUIRED.value, "message": kept}
                 )
-        unique = list(dict.fromkeys(ids))
+            unique = kept
         deleted = await self._storage.mailbox_ack(caller.user, unique) if unique else 0
         return json_response(200, {"deleted": deleted})
+
+    # -- retention ---------------------------------------------------------------------------
+    async def post_retention_mismatch(
+        self, request: Request, params: Mapping[str, str]
+    ) -> Response:
+        """A client refused these envelopes of its mailbox: their retention copy did not match."""
+        caller = await self._caller(request)
+        if isinstance(caller, Response):
+            return caller
+        recorded = await self._retention.record_mismatches(
+            user=caller.user,
+            group=caller.group.name,
+            peers=caller.rules.peers,
+            ids=parse_report(request.body),
+        )
+        return json_response(200, {"recorded": recorded})
 
     # -- delivery statuses -----------------------------------------------------------------
     async def get_status(self, request: Request, params: Mapping[str, str]) -> Response:

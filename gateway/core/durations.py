@@ -25,6 +25,30 @@ def parse_duration(text: str) -> int:
     return int(match.group(1)) * _UNITS[match.group(2)]
 
 
+# Retention periods are long: days, weeks or years (a year is 365 days).
+_PERIOD_UNITS = {"d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+_PERIOD_RE = re.compile(r"([0-9]{1,6})([dwy])")
+
+
+def parse_period(text: str) -> int:
+    """A retention period (``30d``, ``12w``, ``7y``) in seconds; ``ValueError`` if not one."""
+    match = _PERIOD_RE.fullmatch(text.strip()) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(
+            f"invalid period {text!r}: write a whole number and one unit of d, w, y "
+            "(like 90d, 7y; a year is 365 days)"
+        )
+    return int(match.group(1)) * _PERIOD_UNITS[match.group(2)]
+
+
+def format_period(seconds: int) -> str:
+    """The shortest exact form of a period: ``7y``, ``90d``."""
+    for unit, size in sorted(_PERIOD_UNITS.items(), key=lambda kv: -kv[1]):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return format_duration(seconds)
+
+
 def format_duration(seconds: int) -> str:
     """The shortest exact form: 86400 -> ``1d``, 90 -> ``90s``."""
     if seconds < 0:

@@ -54,11 +54,20 @@ from .address import Address
 from .encoding import b64url_decode_canonical, b64url_encode, is_canonical_b64url, loads_strict
 
 ENVELOPE_VERSION = 1
+# Version 2: the payload under one content key, wrapped for the recipient and,
+# for a group under retention, for the org's retention key (docs/envelope.md §8).
+ENVELOPE_VERSION_V2 = 2
+SUPPORTED_ENVELOPE_VERSIONS: Final = (ENVELOPE_VERSION, ENVELOPE_VERSION_V2)
 
 # -- bounds (docs/envelope.md, "Limits") ---------------------------------------
 MAX_CIPHERTEXT_BYTES = 1024 * 1024  # hard protocol limit; groups set lower ones
 ENVELOPE_ID_BYTES = 16
 SIGNATURE_BYTES = 64  # Ed25519
+X25519_KEY_BYTES = 32
+# A content key sealed for the recipient: libsodium's sealed box of 32 bytes.
+WRAPPED_KEY_BYTES = 32 + 48
+# The retention wrap: an X25519 public key, then the content key under AEAD.
+RETENTION_WRAP_BYTES = 32 + 32 + 16
 MAX_TIME_MS = 2**53 - 1  # largest integer every JSON implementation holds exactly
 MAX_ENVELOPE_TTL_MS = 366 * 24 * 3600 * 1000  # expires - created, at most
 MAX_CLOCK_SKEW_MS = 5 * 60 * 1000  # how far in the future `created` may lie
@@ -85,6 +94,9 @@ ENVELOPE_ID_RE = re.compile(r"[A-Za-z0-9_-]{21}[AQgw]")
 GROUP_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 SIGNING_DOMAIN = b"gateway-envelope-v1\x00"
+SIGNING_DOMAIN_V2 = b"gateway-envelope-v2\x00"
+# Names an org's retention key in the rules and in every envelope wrapped for it.
+RETENTION_KEY_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 _REQUIRED_FIELDS = frozenset(
     {"v", "id", "from", "to", "created", "expires", "burn_on_read", "ciphertext", "signature"}
@@ -92,6 +104,23 @@ _REQUIRED_FIELDS = frozenset(
 _OPTIONAL_FIELDS = frozenset({"group"})
 _T = TypeVar("_T")
 _ALL_FIELDS = _REQUIRED_FIELDS | _OPTIONAL_FIELDS
+_RETENTION_FIELDS = frozenset({"retention_key_id", "retention_key", "retention_wrap"})
+_REQUIRED_FIELDS_V2 = _REQUIRED_FIELDS | {"wrapped_key"}
+_ALL_FIELDS_V2 = _REQUIRED_FIELDS_V2 | _OPTIONAL_FIELDS | _RETENTION_FIELDS
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionWrap:
+    """A version 2 envelope's copy of its content key for the org's retention key.
+
+    ``key_id`` names the retention key in the origin org's rules and
+    ``public_key`` is that key, so that a recipient can recompute ``wrap``
+    from the content key it opened and compare (docs/envelope.md §8).
+    """
+
+    key_id: str
+    public_key: bytes = dataclasses.field(repr=False)  # X25519, 32 bytes
+    wrap: bytes = dataclasses.field(repr=False)  # RETENTION_WRAP_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +141,10 @@ class Envelope:
     ciphertext: bytes = dataclasses.field(repr=False)
     signature: bytes = dataclasses.field(repr=False)
     group: str | None = None  # added by the origin gateway; not signed
+    # Version 2 only: the content key sealed for the recipient, and its
+    # retention copy when the sender's group is under retention.
+    wrapped_key: bytes | None = dataclasses.field(default=None, repr=False)
+    retention: RetentionWrap | None = None
 
     @property
     def size(self) -> int:
@@ -139,6 +172,8 @@ class Envelope:
             ciphertext=_CIPHERTEXT_SLOT.__get__(self, Envelope),
             signature=self.signature,
             group=group,
+            wrapped_key=self.wrapped_key,
+            retention=self.retention,
         )
 
     def to_json(self) -> dict[str, object]:
@@ -156,6 +191,12 @@ class Envelope:
         held = _CIPHERTEXT_SLOT.__get__(self, Envelope)
         obj["ciphertext"] = held.text if type(held) is _WireCiphertext else b64url_encode(held)
         obj["signature"] = b64url_encode(self.signature)
+        if self.wrapped_key is not None:
+            obj["wrapped_key"] = b64url_encode(self.wrapped_key)
+        if self.retention is not None:
+            obj["retention_key_id"] = self.retention.key_id
+            obj["retention_key"] = b64url_encode(self.retention.public_key)
+            obj["retention_wrap"] = b64url_encode(self.retention.wrap)
         return obj
 
     @classmethod
@@ -168,19 +209,23 @@ class Envelope:
         version = obj["v"]
         if type(version) is not int:
             _fail(f"envelope field 'v' must be an integer, got {_kind(version)}")
-        if version != ENVELOPE_VERSION:
+        if version == ENVELOPE_VERSION:
+            allowed, required = _ALL_FIELDS, _REQUIRED_FIELDS
+        elif version == ENVELOPE_VERSION_V2:
+            allowed, required = _ALL_FIELDS_V2, _REQUIRED_FIELDS_V2
+        else:
             _fail(
                 f"envelope version {_short(version)} is not supported "
-                f"(this gateway speaks {ENVELOPE_VERSION})",
+                f"(this gateway speaks {', '.join(map(str, SUPPORTED_ENVELOPE_VERSIONS))})",
                 Reason.ENVELOPE_BAD_VERSION,
             )
         keys = obj.keys()
-        if not keys <= _ALL_FIELDS:  # set comparisons in C; the lists only for the message
-            unknown = [key for key in obj if key not in _ALL_FIELDS]
+        if not keys <= allowed:  # set comparisons in C; the lists only for the message
+            unknown = [key for key in obj if key not in allowed]
             names = ", ".join(_short(key) for key in sorted(map(str, unknown))[:5])
             _fail(f"envelope has unknown field(s): {names}")
-        if not keys >= _REQUIRED_FIELDS:
-            missing = sorted(_REQUIRED_FIELDS - keys)
+        if not keys >= required:
+            missing = sorted(required - keys)
             _fail(f"envelope is missing field(s): {', '.join(missing)}")
 
         # The size check comes before any decoding, so a huge ciphertext costs
@@ -218,6 +263,8 @@ class Envelope:
             ciphertext=_WireCiphertext.held(ciphertext_text),
             signature=signature,
             group=group,
+            wrapped_key=_get_key(obj, "wrapped_key") if version == ENVELOPE_VERSION_V2 else None,
+            retention=_get_retention(obj) if version == ENVELOPE_VERSION_V2 else None,
         )
         # The addresses were parsed into their normal form just above.
         _check_values(env, addresses=False)
@@ -305,6 +352,7 @@ def encode_envelope(env: Envelope) -> bytes:
         group=env.group,
         ciphertext=ciphertext,
         signature=b64url_encode(env.signature),
+        **_v2_members(env.to_json() if env.version != ENVELOPE_VERSION else {}),
     )
 
 
@@ -330,7 +378,21 @@ def encode_validated(raw: Mapping[str, object], group: str | None) -> bytes:
         group=group,
         ciphertext=cast(str, raw["ciphertext"]),
         signature=cast(str, raw["signature"]),
+        **_v2_members(raw),
     )
+
+
+def _v2_members(raw: Mapping[str, object]) -> dict[str, str]:
+    """The members only version 2 has, as :func:`_encode_checked` takes them.
+
+    The values are checked base64url and key ids: no character JSON escapes.
+    """
+    if "wrapped_key" not in raw:
+        return {}
+    retention = "".join(
+        f'"{name}":"{raw[name]}",' for name in sorted(_RETENTION_FIELDS) if name in raw
+    )
+    return {"retention_members": retention, "wrapped_key": cast(str, raw["wrapped_key"])}
 
 
 def _encode_checked(
@@ -345,6 +407,8 @@ def _encode_checked(
     group: str | None,
     ciphertext: str,
     signature: str,
+    retention_members: str = "",
+    wrapped_key: str | None = None,
 ) -> bytes:
     """The canonical encoding of checked values, written directly.
 
@@ -357,11 +421,14 @@ def _encode_checked(
     to a megabyte for escapes, is not needed.
     """
     group_member = "" if group is None else f'"group":"{group}",'
+    # Version 2's retention members sort between "id" and "signature", its
+    # wrapped key last (see _v2_members).
+    wrapped_member = "" if wrapped_key is None else f',"wrapped_key":"{wrapped_key}"'
     return (
         f'{{"burn_on_read":{"true" if burn_on_read else "false"},'
         f'"ciphertext":"{ciphertext}","created":{created},"expires":{expires},'
-        f'"from":"{sender}",{group_member}"id":"{envelope_id}",'
-        f'"signature":"{signature}","to":"{recipient}","v":{version}}}'
+        f'"from":"{sender}",{group_member}"id":"{envelope_id}",{retention_members}'
+        f'"signature":"{signature}","to":"{recipient}","v":{version}{wrapped_member}}}'
     ).encode("ascii")
 
 
@@ -400,6 +467,8 @@ def signing_bytes(env: Envelope) -> bytes:
     the ciphertext, each as a 4-byte big-endian length and its bytes. ``group``
     and ``signature`` are not covered.
     """
+    if env.version == ENVELOPE_VERSION_V2:
+        return _signing_bytes_v2(env)
     fields = (
         str(env.version).encode(),
         env.id.encode(),
@@ -417,6 +486,35 @@ def signing_bytes(env: Envelope) -> bytes:
     return b"".join(parts)
 
 
+def _signing_bytes_v2(env: Envelope) -> bytes:
+    """Version 2: v1's fields under its own prefix, then every wrapped key.
+
+    The wrapped key, then the retention key id, key and wrap; each of the
+    three is empty when the envelope has no retention copy (a key id is never
+    empty, so absent and present cannot be confused).
+    """
+    retention = env.retention
+    fields = (
+        str(env.version).encode(),
+        env.id.encode(),
+        str(env.sender).encode(),
+        str(env.recipient).encode(),
+        str(env.created).encode(),
+        str(env.expires).encode(),
+        b"1" if env.burn_on_read else b"0",
+        bytes(env.ciphertext),
+        bytes(env.wrapped_key or b""),
+        b"" if retention is None else retention.key_id.encode(),
+        b"" if retention is None else bytes(retention.public_key),
+        b"" if retention is None else bytes(retention.wrap),
+    )
+    parts = [SIGNING_DOMAIN_V2]
+    for field in fields:
+        parts.append(struct.pack(">I", len(field)))
+        parts.append(field)
+    return b"".join(parts)
+
+
 # -- validation ----------------------------------------------------------------
 
 
@@ -426,7 +524,7 @@ def check_envelope(env: Envelope) -> None:
 
 
 def _check_values(env: Envelope, *, addresses: bool) -> None:
-    if type(env.version) is not int or env.version != ENVELOPE_VERSION:
+    if type(env.version) is not int or env.version not in SUPPORTED_ENVELOPE_VERSIONS:
         _fail(
             f"envelope version {_short(env.version)} is not supported",
             Reason.ENVELOPE_BAD_VERSION,
@@ -470,6 +568,42 @@ def _check_values(env: Envelope, *, addresses: bool) -> None:
         )
     if not isinstance(env.signature, bytes) or len(env.signature) != SIGNATURE_BYTES:
         _fail(f"envelope signature must be {SIGNATURE_BYTES} bytes", Reason.ENVELOPE_BAD_SIGNATURE)
+    _check_key_wraps(env)
+
+
+def _check_key_wraps(env: Envelope) -> None:
+    if env.version == ENVELOPE_VERSION:
+        if env.wrapped_key is not None or env.retention is not None:
+            _fail("a version 1 envelope has no wrapped keys")
+        return
+    wrapped = env.wrapped_key
+    if not isinstance(wrapped, bytes) or len(wrapped) != WRAPPED_KEY_BYTES:
+        _fail(f"envelope field 'wrapped_key' must be {WRAPPED_KEY_BYTES} bytes")
+    retention = env.retention
+    if retention is None:
+        return
+    if not isinstance(retention, RetentionWrap):
+        _fail("envelope retention copy is malformed", Reason.ENVELOPE_BAD_RETENTION)
+    _check_retention_key_id(retention.key_id)
+    if not isinstance(retention.public_key, bytes) or len(retention.public_key) != X25519_KEY_BYTES:
+        _fail(
+            f"envelope field 'retention_key' must be {X25519_KEY_BYTES} bytes",
+            Reason.ENVELOPE_BAD_RETENTION,
+        )
+    if not isinstance(retention.wrap, bytes) or len(retention.wrap) != RETENTION_WRAP_BYTES:
+        _fail(
+            f"envelope field 'retention_wrap' must be {RETENTION_WRAP_BYTES} bytes",
+            Reason.ENVELOPE_BAD_RETENTION,
+        )
+
+
+def _check_retention_key_id(key_id: object) -> None:
+    if not isinstance(key_id, str) or not RETENTION_KEY_ID_RE.fullmatch(key_id):
+        _fail(
+            f"retention key id {_short(key_id)} must be 1-64 of A-Z a-z 0-9 . _ - starting "
+            "with a letter or digit",
+            Reason.ENVELOPE_BAD_RETENTION,
+        )
 
 
 def validate_envelope(env: Envelope, *, now_ms: int) -> None:
@@ -535,6 +669,32 @@ def _get(obj: dict[str, object], key: str, kind: type[_T]) -> _T:
     return value
 
 
+def _get_key(obj: dict[str, object], key: str, reason: Reason = Reason.ENVELOPE_MALFORMED) -> bytes:
+    try:
+        return b64url_decode_canonical(_get(obj, key, str))
+    except ValueError:
+        _fail(f"envelope field {key!r} is not canonical unpadded base64url", reason)
+
+
+def _get_retention(obj: dict[str, object]) -> RetentionWrap | None:
+    present = _RETENTION_FIELDS & obj.keys()
+    if not present:
+        return None
+    if present != _RETENTION_FIELDS:
+        _fail(
+            f"envelope has {', '.join(sorted(present))} without "
+            f"{', '.join(sorted(_RETENTION_FIELDS - present))}",
+            Reason.ENVELOPE_BAD_RETENTION,
+        )
+    key_id = _get(obj, "retention_key_id", str)
+    _check_retention_key_id(key_id)
+    return RetentionWrap(
+        key_id=key_id,
+        public_key=_get_key(obj, "retention_key", Reason.ENVELOPE_BAD_RETENTION),
+        wrap=_get_key(obj, "retention_wrap", Reason.ENVELOPE_BAD_RETENTION),
+    )
+
+
 @functools.lru_cache(maxsize=ADDRESS_CACHE_SIZE)
 def _cached_parse(text: str) -> Address:
     # A pure function of its argument; errors are raised, so never cached.
@@ -577,3 +737,14 @@ def _check_group(group: object) -> None:
             "with a letter or digit",
             Reason.ENVELOPE_BAD_GROUP,
         )
+
+
+def envelope_version_of(data: bytes) -> int:
+    """The version of an envelope in this gateway's canonical encoding, read from its end.
+
+    Canonical JSON sorts the keys, so a version 1 envelope ends in ``"v":1}``
+    and a version 2 one in its ``wrapped_key`` member (docs/envelope.md §8.1).
+    Only for bytes this gateway wrote (the spool): what does not end as a
+    version 1 envelope is taken as version 2.
+    """
+    return ENVELOPE_VERSION if data.endswith(b',"v":1}') else ENVELOPE_VERSION_V2

@@ -13,6 +13,29 @@ from gateway.core.encoding import b64url_decode_canonical, b64url_encode
 
 SIGNING_KEY_PREFIX = "ed25519:"
 _KEY_RE = re.compile(r"ed25519:[A-Za-z0-9_-]{43}")
+# An org's retention key (docs/retention.md): what `gateway retention keygen` prints.
+RETENTION_KEY_PREFIX = "x25519:"
+_RETENTION_KEY_RE = re.compile(r"x25519:[A-Za-z0-9_-]{43}")
+
+
+def format_retention_key(public_key: bytes) -> str:
+    if len(public_key) != 32:
+        raise ValueError("an X25519 public key is 32 bytes")
+    return RETENTION_KEY_PREFIX + b64url_encode(public_key)
+
+
+def parse_retention_key(text: str) -> bytes:
+    """The raw 32-byte key of ``x25519:...``; ``ValueError`` saying what is wrong."""
+    if not isinstance(text, str) or not _RETENTION_KEY_RE.fullmatch(text):
+        raise ValueError(
+            f"invalid retention key {text!r}: expected x25519: and 43 characters of "
+            "base64url (see `gateway retention keygen`)"
+        )
+    try:
+        raw = b64url_decode_canonical(text[len(RETENTION_KEY_PREFIX) :])
+    except ValueError:
+        raise ValueError(f"invalid retention key {text!r}: not canonical base64url") from None
+    return raw
 
 
 def format_signing_key(public_key: bytes) -> str:

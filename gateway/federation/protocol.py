@@ -45,11 +45,17 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import Final, NoReturn
 
 from gateway import __version__
 from gateway.core.address import normalize_domain
-from gateway.core.envelope import Envelope, encode_envelope, encode_validated
+from gateway.core.envelope import (
+    ENVELOPE_VERSION,
+    SUPPORTED_ENVELOPE_VERSIONS,
+    Envelope,
+    encode_envelope,
+    encode_validated,
+)
 from gateway.errors import AddressError, EnvelopeError, ProtocolError, Reason
 
 PROTOCOL_VERSION = "v1"
@@ -373,5 +379,38 @@ def decode_results(
 
 
 def version_document() -> dict[str, object]:
-    """The body of ``GET /federation/v1/version``."""
-    return {"versions": list(SUPPORTED_VERSIONS), "server": SERVER_NAME}
+    """The body of ``GET /federation/v1/version``.
+
+    ``envelope_versions`` lists the envelope versions (docs/envelope.md) this
+    gateway accepts; a sender sends a peer only envelopes of a version it lists,
+    and reads a document without the field as ``[1]``.
+    """
+    return {
+        "versions": list(SUPPORTED_VERSIONS),
+        "envelope_versions": list(SUPPORTED_ENVELOPE_VERSIONS),
+        "server": SERVER_NAME,
+    }
+
+
+MAX_ENVELOPE_VERSIONS: Final = 16  # listed in one version document, at most
+
+
+def parse_envelope_versions(body: bytes) -> frozenset[int]:
+    """The envelope versions a peer's version document lists; ``ProtocolError`` if malformed.
+
+    A document without ``envelope_versions`` is a gateway from before version
+    2 existed: it speaks version 1 only.
+    """
+    obj = _loads(body, "version document")
+    if type(obj) is not dict:
+        raise ProtocolError("version document must be an object")
+    if "envelope_versions" not in obj:
+        return frozenset({ENVELOPE_VERSION})
+    listed = obj["envelope_versions"]
+    if (
+        type(listed) is not list
+        or not 0 < len(listed) <= MAX_ENVELOPE_VERSIONS
+        or any(type(item) is not int or not 0 < item < 2**16 for item in listed)
+    ):
+        raise ProtocolError("version document: envelope_versions must list small integers")
+    return frozenset(listed)

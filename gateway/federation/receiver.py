@@ -182,6 +182,9 @@ def _judge_slot(slot: EnvelopeSlot, origin: str, rules: CompiledRules, now_ms: i
         ttl_seconds=envelope.ttl_ms // MS_PER_SECOND,
         burn_on_read=envelope.burn_on_read,
     )
+    decision = rules.decide_recipient_retention(
+        decision, envelope.recipient, version=envelope.version
+    )
     # A refusal is answered with reason_for_peer: a recipient the peer may not reach
     # reads as one who does not exist. Verdict.reason keeps the real one for us.
     result = ACCEPTED if decision.allowed else reason_for_peer(decision).value

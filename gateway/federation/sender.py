@@ -93,6 +93,13 @@ as one failure (each remembers the count it was sent under), and no
 transaction starts once one beside it has failed; a success beside a failure
 ends the backoff (the peer answers), and the failed envelopes go again.
 
+**Envelope versions.** Before a lane sends a batch holding version 2
+envelopes, it asks what the peer speaks (:mod:`gateway.federation.versions`,
+read from the peer's ``GET /federation/v1/version`` and remembered a while);
+envelopes of a version the peer does not list leave the lane unsent with
+``rejected:envelope_bad_version``. When that cannot be known (the peer is
+down), the lane sends anyway: the peer's answer per envelope decides.
+
 **Rules reloads.** The sender reconciles its lanes with the rules every
 ``poll_interval``, and at once after a reload that drops peers
 (``RulesHolder.subscribe``). A new peer gets a lane. A peer whose endpoint, CA
@@ -137,7 +144,7 @@ from prometheus_client import Counter
 
 from gateway.config import MAX_INFLIGHT_TRANSACTIONS, Limits
 from gateway.core.encoding import b64url_encode
-from gateway.core.envelope import decode_envelope
+from gateway.core.envelope import decode_envelope, envelope_version_of
 from gateway.core.rules import CompiledRules, Peer
 from gateway.errors import EnvelopeError, Reason, StorageError
 from gateway.federation.backoff import (
@@ -163,6 +170,7 @@ from gateway.federation.transport import (
     PeerTransport,
     TransportError,
 )
+from gateway.federation.versions import EnvelopeVersionSource
 from gateway.observability.metrics import (
     FEDERATION_ENVELOPES,
     FEDERATION_TRANSACTION_DURATION,
@@ -370,8 +378,11 @@ class Sender:
         clock_ms: ClockMs = system_clock_ms,
         settings: SenderSettings = SenderSettings(),
         random: RandomSource = random_module.random,
+        envelope_versions: EnvelopeVersionSource | None = None,
     ) -> None:
         self.org = org
+        # None: send every envelope as it is, and let each peer answer for itself.
+        self._envelope_versions = envelope_versions
         self.settings = settings
         self._storage = storage
         self._transport = transport
@@ -631,6 +642,9 @@ class _LaneRunner:
                 lane.dirty = True
                 await self.expire(expired, now)
                 return
+            if await self.refuse_unspoken(entries):
+                lane.dirty = True
+                return
             full = self.is_full(entries)
             if self.flights and not full:
                 # Another transaction is in flight and this one would be small: let it
@@ -766,6 +780,38 @@ class _LaneRunner:
         self.metrics.expired.inc(removed)
         self.metrics.outcome(OUTCOME_EXPIRED).inc(removed)
         LOGGER.info("%s: %d envelope(s) expired in the spool", self.org, removed)
+
+    async def refuse_unspoken(self, entries: Sequence[SpoolEntry]) -> bool:
+        """Take envelopes of a version the peer does not speak out of the lane, unsent.
+
+        Asks only when the batch holds a version 2 envelope; whether any left.
+        """
+        source = self.sender._envelope_versions
+        if source is None:
+            return False
+        versions = {entry.envelope_id: envelope_version_of(entry.data) for entry in entries}
+        if all(version == 1 for version in versions.values()):
+            return False
+        spoken = await source.envelope_versions(self.org)
+        if spoken is None:
+            return False  # not known now: the peer answers for each envelope
+        unspoken = [envelope_id for envelope_id, v in versions.items() if v not in spoken]
+        if not unspoken:
+            return False
+        status = rejected_status(Reason.ENVELOPE_BAD_VERSION.value)
+        removed = await self.storage.spool_complete(
+            self.org, dict.fromkeys(unspoken, status), at_ms=self.clock_ms()
+        )
+        self.metrics.outcome(Reason.ENVELOPE_BAD_VERSION.value).inc(removed)
+        LOGGER.warning(
+            "%s: %d envelope(s) of a version the peer does not speak (it speaks %s): "
+            "rejected unsent",
+            self.org,
+            removed,
+            ", ".join(map(str, sorted(spoken))),
+            extra={"event": "envelope_version_unspoken", "peer": self.org},
+        )
+        return True
 
     async def batch_for(self, entries: Sequence[SpoolEntry], *, from_head: bool) -> _Batch | None:
         """The batch to send for these entries: the kept one if it still heads the lane."""

@@ -97,6 +97,11 @@ FILE_MODE: Final = 0o600
 KINDS: Final = frozenset(
     {
         "policy_denial",  # the rules refused an envelope (client API or a peer's)
+        "retention_mismatch",  # a client refused an envelope: its retention copy did not match
+        "retention_not_archived",  # inbound retention: acknowledged unarchived (unread, v1)
+        "retention_export",  # `gateway retention export`: which range, how many records
+        "retention_hold_added",  # `gateway retention hold add`
+        "retention_hold_removed",  # `gateway retention hold remove`
         "rules_reload",  # a load of the rules: trigger, result, sha256
         "peer_added",  # a reload added a peer
         "peer_removed",  # a reload removed a peer

@@ -189,6 +189,39 @@ CLIENTAPI_SUBMISSIONS = Counter(
     "Envelopes submitted through the client API, by result (accepted, or the reason code).",
     ["result"],
 )
+RETENTION_ARCHIVED = Counter(
+    "gateway_retention_archived_envelopes_total",
+    "Envelopes appended to the retention archive, by the group under retention and direction.",
+    ["group", "direction"],
+)
+RETENTION_ARCHIVED_BYTES = Counter(
+    "gateway_retention_archived_bytes_total",
+    "Bytes (stored envelope bytes) appended to the retention archive, by group and direction.",
+    ["group", "direction"],
+)
+RETENTION_ARCHIVE_RECORDS = Gauge(
+    "gateway_retention_archive_records",
+    "Records in the retention archive, as of the last archive sweep.",
+)
+RETENTION_ARCHIVE_OLDEST_AGE = Gauge(
+    "gateway_retention_archive_oldest_age_seconds",
+    "Age of the oldest record in the retention archive (0 when empty), as of the last sweep.",
+)
+RETENTION_ARCHIVE_DELETED = Counter(
+    "gateway_retention_archive_deleted_total",
+    "Archive records deleted because their group's keep had passed and no hold kept them.",
+)
+RETENTION_HOLDS = Gauge(
+    "gateway_retention_holds",
+    "Users under a legal hold (their archive records are not deleted), as of the last sweep.",
+)
+RETENTION_MISMATCH_REPORTS = Counter(
+    "gateway_clientapi_retention_mismatch_reports_total",
+    "Envelopes our clients refused because their retention copy did not match their content "
+    "key (a sender that did not retain honestly), by the sender's org: local, a peer of the "
+    "rules, or other.",
+    ["origin"],
+)
 CLIENTAPI_LOCAL_DELIVERIES = Counter(
     "gateway_clientapi_local_deliveries_total",
     "Envelopes the client API wrote straight into a local mailbox (sender and recipient "

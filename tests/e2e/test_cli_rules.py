@@ -53,6 +53,7 @@ def test_check_accepts_every_example(examples: Path) -> None:
         "open-to-all.yaml: ok: 2 groups, 3 members, 2 peers",
         "partnership.yaml: ok: 2 groups, 3 members, 1 peer",
         "receive-from-group.yaml: ok: 1 group, 2 members, 1 peer",
+        "retention.yaml: ok: 2 groups, 3 members, 1 peer",
         "segmented.yaml: ok: 2 groups, 3 members, 1 peer",
     ]
     assert result.stderr == ""

@@ -62,18 +62,21 @@ def test_the_demo_runs_with_no_arguments_and_exits_0() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     for expected in (
-        "[1/8]",
-        "[8/8]",
+        "[1/9]",
+        "[9/9]",
         HELLO,
         "status forwarded",
         "denied by acme's gateway: peer_not_allowed (rule rules.yaml:",
         "a second fetch does not return it",
         "not one found",
+        "gateway retention open --key acme-demo.key: chain and signature checked, "
+        "2 messages of alice opened",
+        "retention overrides burn-on-read for the archive copy only",
         "Everything happened as narrated.",
     ):
         assert expected in out, f"{expected!r} missing from:\n{out}"
     # The temporary directory is gone with its processes.
-    base = next(line for line in out.splitlines() if line.startswith("[1/8]")).split(" in ")[-1]
+    base = next(line for line in out.splitlines() if line.startswith("[1/9]")).split(" in ")[-1]
     assert not Path(base).exists()
     assert processes_mentioning(base) == []
 
@@ -131,7 +134,7 @@ def test_an_interrupted_demo_stops_its_gateways(tmp_path: Path) -> None:
     try:
         assert demo.stdout is not None
         for line in demo.stdout:
-            if line.startswith("[3/8]"):  # both gateways are running now
+            if line.startswith("[3/9]"):  # both gateways are running now
                 break
         gateways = set(processes_mentioning(str(kept))) - {demo.pid}
         assert gateways, "no gateway process was running"

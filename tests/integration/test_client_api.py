@@ -56,6 +56,7 @@ from gateway.crypto.key_records import sign_key_record, verify_key_record
 from gateway.crypto.keys import UserKeys
 from gateway.errors import KeyRecordError, PeerAuthError
 from gateway.http import HTTPServer, Router
+from gateway.observability.audit import AuditSink
 from gateway.pki import dev
 from gateway.pki.tls import client_api_server_context
 from gateway.reserve import Reserve
@@ -223,10 +224,13 @@ async def _start(
     submit_rate: RateLimiter | None = None,
     reserve: Reserve | None = None,
     max_wait_seconds: float = MAX_WAIT_SECONDS,
+    make_rules: Callable[[bytes], str] = rules_text,
+    audit: AuditSink | None = None,
+    with_archive: bool = False,
 ) -> AsyncIterator[Gateway]:
     globex_seed = secrets.token_bytes(32)
     org_seed = secrets.token_bytes(32)
-    text = rules_text(bytes(SigningKey(globex_seed).verify_key))
+    text = make_rules(bytes(SigningKey(globex_seed).verify_key))
     rules_path = tmp_path / "rules.yaml"
     rules_path.write_text(text)
     holder = RulesHolder.load(rules_path)
@@ -263,6 +267,8 @@ async def _start(
             submit_rate=submit_rate,
             reserve=reserve,
             max_wait_seconds=max_wait_seconds,
+            audit=audit,
+            archive=store.archive if with_archive else None,
         )
         router = Router()
         api.add_routes(router)
@@ -536,7 +542,7 @@ async def test_policy_denials_are_counted_by_direction_and_reason(gw: Gateway) -
     [
         (b"not json", "envelope_malformed"),
         (b"{}", "envelope_malformed"),
-        (b'{"v": 2}', "envelope_bad_version"),
+        (b'{"v": 3}', "envelope_bad_version"),
         (b"[]", "envelope_malformed"),
     ],
 )

@@ -248,7 +248,7 @@ def test_one_field_replaced_by_garbage_raises_only_envelope_error(key: str, valu
 @pytest.mark.parametrize(
     ("changes", "reason"),
     [
-        ({"v": 2}, Reason.ENVELOPE_BAD_VERSION),
+        ({"v": 3}, Reason.ENVELOPE_BAD_VERSION),
         ({"v": 0}, Reason.ENVELOPE_BAD_VERSION),
         ({"v": True}, Reason.ENVELOPE_MALFORMED),  # a boolean is not the integer 1
         ({"v": 1.0}, Reason.ENVELOPE_MALFORMED),
@@ -322,7 +322,7 @@ def test_missing_signature_is_malformed() -> None:
 
 def test_unknown_version_wins_over_unknown_fields() -> None:
     # A future version may add fields; the answer must be "version", not "malformed".
-    assert reason_of_json({"v": 2, "shiny": True}) is Reason.ENVELOPE_BAD_VERSION
+    assert reason_of_json({"v": 3, "shiny": True}) is Reason.ENVELOPE_BAD_VERSION
 
 
 @pytest.mark.parametrize("value", [None, [], "envelope", 1, True])
@@ -427,7 +427,7 @@ def test_largest_envelope_fits_the_encoded_limit() -> None:
 @pytest.mark.parametrize(
     ("changes", "reason"),
     [
-        ({"version": 2}, Reason.ENVELOPE_BAD_VERSION),
+        ({"version": 3}, Reason.ENVELOPE_BAD_VERSION),
         ({"version": True}, Reason.ENVELOPE_BAD_VERSION),
         ({"id": "short"}, Reason.ENVELOPE_BAD_ID),
         ({"sender": Address("Alice", "acme.example")}, Reason.ENVELOPE_BAD_FROM),

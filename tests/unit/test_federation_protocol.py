@@ -154,7 +154,7 @@ def test_envelope_count_is_bounded_by_the_receiver_and_by_the_protocol() -> None
 
 def test_a_broken_envelope_costs_only_its_own_slot() -> None:
     good = envelope()
-    bad_version = {**envelope().to_json(), "v": 2}
+    bad_version = {**envelope().to_json(), "v": 3}
     no_signature = {k: v for k, v in envelope().to_json().items() if k != "signature"}
     dup_key_text = json.dumps(envelope().to_json())[:-1] + ', "v": 1}'
     body = (
@@ -245,7 +245,7 @@ def test_body_hash_is_the_sha256_of_the_exact_bytes() -> None:
 def test_the_answer_is_rebuilt_from_the_record_and_the_body() -> None:
     first, second = envelope(), envelope()
     body = body_of(
-        first.to_json(), {"v": 2, "id": "odd"}, "junk", second.to_json(), first.to_json()
+        first.to_json(), {"v": 3, "id": "odd"}, "junk", second.to_json(), first.to_json()
     )
     txn = decode_transaction(body)
     answer = [
@@ -313,7 +313,11 @@ def test_an_answer_about_other_envelopes_is_refused() -> None:
 
 
 def test_version_document() -> None:
-    assert version_document() == {"versions": ["v1"], "server": SERVER_NAME}
+    assert version_document() == {
+        "versions": ["v1"],
+        "envelope_versions": [1, 2],
+        "server": SERVER_NAME,
+    }
     assert SERVER_NAME.startswith("federation-gateway/")
 
 

@@ -162,7 +162,7 @@ ERROR_CASES = [
     pytest.param(
         edit("default: deny\n", "default: deny\ncolour: blue\n"),
         "conf/acme.yaml:4:1: colour: unknown key 'colour'; "
-        "known keys: version, org, default, peers, groups",
+        "known keys: version, org, default, retention, peers, groups",
         id="unknown-key-without-suggestion",
     ),
     pytest.param(

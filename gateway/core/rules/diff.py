@@ -7,7 +7,7 @@ peer to a file where a group has ``"*"`` is a gain of reach for that group.
 Layout, comments and the order of entries are never a change.
 
 ``format_diff`` renders one line per change, in a fixed order (org, peers,
-groups, reach, members, limits), each starting with ``+`` (gained or added),
+groups, reach, members, limits, retention), each starting with ``+`` (gained or added),
 ``-`` (lost or removed) or ``~`` (changed). docs/rules.md shows how to read it.
 """
 
@@ -15,8 +15,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.core.durations import format_duration
-from gateway.core.rules.model import Direction, Group, Limits, Peer, Rules
+from gateway.core.durations import format_duration, format_period
+from gateway.core.rules.model import (
+    Direction,
+    Group,
+    GroupRetention,
+    Limits,
+    OrgRetention,
+    Peer,
+    Rules,
+)
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -55,6 +63,8 @@ class RulesDiff:
     reach: tuple[ReachChange, ...]
     members: tuple[MemberMove, ...]
     limits: tuple[Change, ...]
+    # Of the org's retention keys (subject "org") and of each group's retention.
+    retention: tuple[Change, ...] = ()
 
     @property
     def changed(self) -> bool:
@@ -68,6 +78,7 @@ class RulesDiff:
             or self.reach
             or self.members
             or self.limits
+            or self.retention
         )
 
 
@@ -124,7 +135,15 @@ def diff_rules(old: Rules, new: Rules) -> RulesDiff:
         for name in sorted(set(old.groups) & set(new.groups))
         for change in _limit_changes(name, old.groups[name].limits, new.groups[name].limits)
     ]
+    retention = _org_retention_changes(old.retention, new.retention) + [
+        change
+        for name in sorted(set(old.groups) & set(new.groups))
+        for change in _group_retention_changes(
+            name, old.groups[name].retention, new.groups[name].retention
+        )
+    ]
     return RulesDiff(
+        retention=tuple(retention),
         org=(old.org, new.org) if old.org != new.org else None,
         peers_added=tuple(sorted(new_peers - old_peers)),
         peers_removed=tuple(sorted(old_peers - new_peers)),
@@ -182,6 +201,45 @@ def _limit_changes(group: str, old: Limits, new: Limits) -> list[Change]:
     return changes
 
 
+def _org_retention_changes(old: OrgRetention | None, new: OrgRetention | None) -> list[Change]:
+    def key_text(retention: OrgRetention | None) -> str:
+        return "(none)" if retention is None else retention.key.id
+
+    def previous_text(retention: OrgRetention | None) -> str:
+        return "[" + ", ".join(k.id for k in retention.previous) + "]" if retention else "[]"
+
+    changes = []
+    old_key = old.key if old is not None else None
+    new_key = new.key if new is not None else None
+    if old_key != new_key:
+        same_id = key_text(old) == key_text(new)
+        shown = f"{key_text(new)} (another public key)" if same_id else key_text(new)
+        changes.append(Change("org", "key", key_text(old), shown))
+    if previous_text(old) != previous_text(new):
+        changes.append(Change("org", "previous", previous_text(old), previous_text(new)))
+    return changes
+
+
+def _group_retention_changes(group: str, old: GroupRetention, new: GroupRetention) -> list[Change]:
+    changes = []
+    for key in ("outbound", "inbound"):
+        before, after = getattr(old, key), getattr(new, key)
+        if before != after:
+            changes.append(
+                Change(group, key, "required" if before else "off", "required" if after else "off")
+            )
+    if old.keep != new.keep:
+        changes.append(
+            Change(
+                group,
+                "keep",
+                format_period(old.keep) if old.keep else "(none)",
+                format_period(new.keep) if new.keep else "(none)",
+            )
+        )
+    return changes
+
+
 def format_diff(diff: RulesDiff) -> list[str]:
     """One line per change; an empty list when nothing differs in effect."""
     lines: list[str] = []
@@ -204,4 +262,5 @@ def format_diff(diff: RulesDiff) -> list[str]:
         else:
             lines.append(f"~ member {move.user}: {move.old_group} -> {move.new_group}")
     lines.extend(f"~ limits {c.subject}: {c.field} {c.old} -> {c.new}" for c in diff.limits)
+    lines.extend(f"~ retention {c.subject}: {c.field} {c.old} -> {c.new}" for c in diff.retention)
     return lines

@@ -20,6 +20,12 @@ The order of checks is fixed, so the reason of a denial is predictable:
 
 Limits are checked in the order size, TTL, burn-on-read.
 
+Retention (docs/retention.md) is one more question, asked by the origin
+gateway about an envelope the decision above allowed: if the sender's group is
+under outbound retention, the envelope must carry a retention copy for the
+org's current retention key or one of its previous keys
+(:meth:`CompiledRules.decide_retention`).
+
 What a peer is told is not always the reason: to a peer, one of our users
 whose group does not receive from it (nor from any of its groups) is
 indistinguishable from a user who does not exist. :func:`reason_for_peer`
@@ -35,8 +41,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gateway.core.address import Address
-from gateway.core.durations import format_duration
-from gateway.core.rules.model import WILDCARD, BurnOnRead, Direction, Group, Mark, Peer, Rules
+from gateway.core.durations import format_duration, format_period
+from gateway.core.envelope import RetentionWrap
+from gateway.core.rules.model import (
+    WILDCARD,
+    BurnOnRead,
+    Direction,
+    Group,
+    GroupRetention,
+    Mark,
+    Peer,
+    Rules,
+)
 from gateway.core.yamlmarks import paused_gc
 from gateway.errors import Reason
 
@@ -216,7 +232,92 @@ class CompiledRules:
         """The default TTL in seconds of the group named ``group``; ``KeyError`` if none."""
         return self.rules.groups[group].limits.ttl.default
 
+    def retention_of(self, group: str | None) -> GroupRetention:
+        """The retention of the group named ``group`` (none for an unknown group)."""
+        found = self.rules.groups.get(group) if group is not None else None
+        return found.retention if found is not None else GroupRetention()
+
+    def retention_note(self, decision: Decision) -> str | None:
+        """What retention does to an envelope ``decision`` concerns, for ``explain``."""
+        retention = self.retention_of(decision.group)
+        org = self.rules.retention
+        applies = (
+            retention.inbound if decision.direction is Direction.INBOUND else retention.outbound
+        )
+        if decision.group is None or not applies or org is None:
+            return None
+        inbound = decision.direction is Direction.INBOUND
+        side, which = ("acknowledged", "inbound") if inbound else ("sent", "outbound")
+        return (
+            f"group {decision.group} is under {which} "
+            f"retention: each envelope {side} carries its content key wrapped for retention key "
+            f"{org.key.id}; the archive copy is kept {format_period(retention.keep)}, whatever "
+            "burn-on-read and the TTL say (they apply to the mailbox copy only)"
+        )
+
     # -- decisions ---------------------------------------------------------------------
+    def decide_retention(self, allowed: Decision, retention: RetentionWrap | None) -> Decision:
+        """``allowed`` (outbound or local), or its refusal for the sender group's retention.
+
+        A group under outbound retention sends only envelopes with a retention
+        copy for the org's current retention key or one of its previous keys,
+        named by id and key both. Other decisions are returned as they are.
+        """
+        if not allowed.allowed or allowed.direction is Direction.INBOUND:
+            return allowed
+        group = self.rules.groups.get(allowed.group) if allowed.group is not None else None
+        if group is None or not group.retention.outbound:
+            return allowed
+        org = self.rules.retention
+        if retention is None:
+            current = f" for key {org.key.id}" if org is not None else ""
+            return _deny(
+                Reason.RETENTION_REQUIRED,
+                allowed.direction,
+                group.name,
+                allowed.peer,
+                group.retention.mark,
+                f"group {group.name} is under outbound retention: an envelope needs "
+                f"version 2 and a retention copy{current}",
+            )
+        if org is None or not org.accepts(retention.key_id, retention.public_key):
+            known = ", ".join(key.id for key in org.accepted) if org is not None else "none"
+            return _deny(
+                Reason.RETENTION_KEY_UNKNOWN,
+                allowed.direction,
+                group.name,
+                allowed.peer,
+                org.mark if org is not None else group.retention.mark,
+                f"retention key {retention.key_id!r} (with that public key) is not a retention "
+                f"key of the rules (current and previous: {known})",
+            )
+        return allowed
+
+    def decide_recipient_retention(
+        self, allowed: Decision, recipient: Address, *, version: int
+    ) -> Decision:
+        """``allowed``, or its refusal because a local recipient's group is under inbound retention.
+
+        Such a group acknowledges each envelope with a retention copy of its
+        content key, which only a version 2 envelope has: a version 1 envelope
+        cannot be retained, so it is refused (``retention_required``).
+        """
+        if not allowed.allowed or recipient.org != self.org or version != 1:
+            return allowed
+        index = self._by_user.get(recipient.user)
+        if index is None or not index.group.retention.inbound:
+            return allowed
+        group = index.group
+        return _deny(
+            Reason.RETENTION_REQUIRED,
+            allowed.direction,
+            group.name,
+            allowed.peer,
+            group.retention.mark,
+            f"group {group.name} is under inbound retention: it receives version 2 "
+            "envelopes only (it acknowledges each with a retention copy of its content key)",
+        )
+
     def decide_outbound(
         self,
         sender: Address,

@@ -24,25 +24,32 @@ from types import MappingProxyType
 from typing import Any
 
 from gateway.core.address import normalize_domain, normalize_user
-from gateway.core.durations import format_duration, parse_duration
-from gateway.core.keytext import parse_signing_key
+from gateway.core.durations import format_duration, format_period, parse_duration, parse_period
+from gateway.core.envelope import RETENTION_KEY_ID_RE
+from gateway.core.keytext import parse_retention_key, parse_signing_key
 from gateway.core.rules.model import (
     DEFAULT_MAX_ENVELOPE_BYTES,
     DEFAULT_TTL,
     GROUP_NAME_RE,
+    MAX_KEEP_SECONDS,
     MAX_PEER_ENDPOINTS,
+    MAX_PREVIOUS_RETENTION_KEYS,
     MAX_TTL_SECONDS,
     MIN_ENVELOPE_BYTES,
+    MIN_KEEP_SECONDS,
     MIN_TTL_SECONDS,
     PROTOCOL_MAX_ENVELOPE_BYTES,
     RULES_VERSION,
     WILDCARD,
     BurnOnRead,
     Group,
+    GroupRetention,
     Limits,
     Mark,
+    OrgRetention,
     Peer,
     PeerRef,
+    RetentionKey,
     Rules,
     TtlBounds,
 )
@@ -64,14 +71,20 @@ ReadFile = Callable[[str], bytes]
 MAX_RULES_FILE_BYTES = 64 * 1024 * 1024
 MAX_REPORTED_ISSUES = 1000  # past this, one closing line says how many more there are
 
-_ROOT_KEYS = ("version", "org", "default", "peers", "groups")
+_ROOT_KEYS = ("version", "org", "default", "retention", "peers", "groups")
 _ROOT_REQUIRED = ("version", "org", "default", "groups")
 _PEER_KEYS = ("endpoint", "ca", "ca_pem", "pins", "signing_key")
 _PEER_REQUIRED = ("endpoint", "signing_key")
-_GROUP_KEYS = ("members", "send_to", "receive_from", "limits")
+_GROUP_KEYS = ("members", "send_to", "receive_from", "limits", "retention")
 _GROUP_REQUIRED = ("members",)
 _LIMIT_KEYS = ("max_envelope_bytes", "ttl", "burn_on_read")
 _TTL_KEYS = ("min", "default", "max")
+_ORG_RETENTION_KEYS = ("key", "previous")
+_RETENTION_KEY_KEYS = ("id", "public_key")
+_GROUP_RETENTION_KEYS = ("outbound", "inbound", "keep")
+_RETENTION_REQUIRED = "required"
+_RETENTION_OFF = "off"
+_RETENTION_CHOICES = (_RETENTION_REQUIRED, _RETENTION_OFF)
 _DEFAULT_POLICY = "deny"
 _BURN_CHOICES = tuple(member.value for member in BurnOnRead)
 
@@ -142,6 +155,8 @@ class _Checker:
         self.user_group: dict[str, tuple[str, MarkedList, int]] = {}
         self.ca_cache: dict[str, bytes | OSError] = {}
         self.ca_files: list[str] = []
+        self.org_retention: OrgRetention | None = None
+        self.retention_written = False  # a `retention:` section, valid or not
 
     # -- reporting -------------------------------------------------------------
     def error(self, position: Position, path: str, message: str) -> None:
@@ -274,6 +289,11 @@ class _Checker:
                     "what is allowed and everything else is denied",
                 )
 
+        if "retention" in root:
+            self.retention_written = True
+            self.org_retention = self.retention_section(
+                root["retention"], root.value_position("retention"), root.key_position("retention")
+            )
         peers: dict[str, Peer] = {}
         if "peers" in root:
             peers = self.peers(root["peers"], root.value_position("peers"))
@@ -290,6 +310,7 @@ class _Checker:
             source=self.filename,
             default_mark=default_mark,
             ca_files=tuple(self.ca_files),
+            retention=self.org_retention,
         )
 
     # -- peers -----------------------------------------------------------------------
@@ -553,7 +574,14 @@ class _Checker:
         send_to = self.refs(spec, "send_to", path, with_groups=False)
         receive_from = self.refs(spec, "receive_from", path, with_groups=True)
         limits = self.limits(spec, path)
-        if members is None or send_to is None or receive_from is None or limits is None:
+        retention = self.group_retention(spec, path)
+        if (
+            members is None
+            or send_to is None
+            or receive_from is None
+            or limits is None
+            or retention is None
+        ):
             return None
         return Group(
             name=name,
@@ -561,6 +589,7 @@ class _Checker:
             send_to=send_to,
             receive_from=receive_from,
             limits=limits,
+            retention=retention,
             mark=self.mark(key_position, path),
             send_to_mark=self.key_mark(spec, "send_to", path),
             receive_from_mark=self.key_mark(spec, "receive_from", path),
@@ -708,6 +737,173 @@ class _Checker:
                 self.error(position, path, f"peer {peer} is not defined in peers{advice}")
             return None
         return PeerRef(peer, group if slash else None, mark)
+
+    # -- retention -------------------------------------------------------------------------
+    def retention_section(
+        self, value: Any, position: Position, key_position: Position
+    ) -> OrgRetention | None:
+        path = "retention"
+        mapping = self.expect_map(value, position, path, "the org's retention keys")
+        if mapping is None:
+            return None
+        self.check_keys(mapping, path, _ORG_RETENTION_KEYS, ("key",), key_position)
+        seen: dict[str, Position] = {}
+        key = None
+        if "key" in mapping:
+            key = self.retention_key(
+                mapping["key"], mapping.value_position("key"), _join(path, "key"), seen
+            )
+        previous: list[RetentionKey] = []
+        ok = key is not None
+        if "previous" in mapping:
+            previous_path = _join(path, "previous")
+            items = self.expect_list(
+                mapping["previous"],
+                mapping.value_position("previous"),
+                previous_path,
+                "the previous retention keys",
+            )
+            if items is None:
+                return None
+            if len(items) > MAX_PREVIOUS_RETENTION_KEYS:
+                self.error(
+                    mapping.value_position("previous"),
+                    previous_path,
+                    f"{len(items)} previous keys; at most {MAX_PREVIOUS_RETENTION_KEYS} "
+                    "(remove those whose rotation is over)",
+                )
+                ok = False
+            for index, item in enumerate(items):
+                checked = self.retention_key(
+                    item, items.item_position(index), f"{previous_path}[{index}]", seen
+                )
+                if checked is None:
+                    ok = False
+                else:
+                    previous.append(checked)
+        if not ok or key is None:
+            return None
+        return OrgRetention(key, tuple(previous), self.mark(key_position, path))
+
+    def retention_key(
+        self, value: Any, position: Position, path: str, seen: dict[str, Position]
+    ) -> RetentionKey | None:
+        mapping = self.expect_map(value, position, path, "a retention key {id, public_key}")
+        if mapping is None:
+            return None
+        self.check_keys(mapping, path, _RETENTION_KEY_KEYS, _RETENTION_KEY_KEYS, position)
+        key_id = None
+        if "id" in mapping:
+            id_position = mapping.value_position("id")
+            id_path = _join(path, "id")
+            key_id = self.expect_str(mapping["id"], id_position, id_path, "a retention key id")
+            if key_id is not None and not RETENTION_KEY_ID_RE.fullmatch(key_id):
+                self.error(
+                    id_position,
+                    id_path,
+                    f"invalid retention key id {key_id!r}: 1-64 of A-Z a-z 0-9 . _ -, "
+                    "starting with a letter or digit",
+                )
+                key_id = None
+            elif key_id is not None and key_id in seen:
+                self.error(
+                    id_position,
+                    id_path,
+                    f"retention key id {key_id!r} is used twice (first at line "
+                    f"{seen[key_id].line}); an id names one key forever",
+                )
+                key_id = None
+            elif key_id is not None:
+                seen[key_id] = id_position
+        public_key = None
+        if "public_key" in mapping:
+            key_position = mapping.value_position("public_key")
+            key_path = _join(path, "public_key")
+            text = self.expect_str(mapping["public_key"], key_position, key_path, "a public key")
+            if text is not None:
+                try:
+                    public_key = parse_retention_key(text)
+                except ValueError as exc:
+                    self.error(key_position, key_path, str(exc))
+        if key_id is None or public_key is None:
+            return None
+        return RetentionKey(key_id, public_key, self.mark(position, path))
+
+    def group_retention(self, spec: MarkedMap, path: str) -> GroupRetention | None:
+        if "retention" not in spec:
+            return GroupRetention()
+        path = _join(path, "retention")
+        key_position = spec.key_position("retention")
+        mapping = self.expect_map(
+            spec["retention"], spec.value_position("retention"), path, "the group's retention"
+        )
+        if mapping is None:
+            return None
+        self.check_keys(mapping, path, _GROUP_RETENTION_KEYS, (), key_position)
+        ok = True
+        directions: dict[str, bool] = {"outbound": False, "inbound": False}
+        for direction in directions:
+            if direction not in mapping:
+                continue
+            value = mapping[direction]
+            if value is False:  # YAML 1.1 reads an unquoted `off` as false
+                continue
+            if not isinstance(value, str) or value not in _RETENTION_CHOICES:
+                self.error(
+                    mapping.value_position(direction),
+                    _join(path, direction),
+                    f"expected one of {', '.join(_RETENTION_CHOICES)}; got {_describe(value)}",
+                )
+                ok = False
+                continue
+            directions[direction] = value == _RETENTION_REQUIRED
+        keep = 0
+        active = directions["outbound"] or directions["inbound"]
+        if "keep" in mapping:
+            keep_position = mapping.value_position("keep")
+            keep_path = _join(path, "keep")
+            raw = mapping["keep"]
+            try:
+                keep = parse_period(raw)
+            except ValueError as exc:
+                self.error(keep_position, keep_path, str(exc))
+                ok = False
+            else:
+                if not MIN_KEEP_SECONDS <= keep <= MAX_KEEP_SECONDS:
+                    self.error(
+                        keep_position,
+                        keep_path,
+                        f"{raw} is out of range {format_period(MIN_KEEP_SECONDS)}-"
+                        f"{format_period(MAX_KEEP_SECONDS)}",
+                    )
+                    ok = False
+                elif not active and ok:
+                    self.error(
+                        keep_position,
+                        keep_path,
+                        "keep without outbound or inbound: required keeps nothing",
+                    )
+                    ok = False
+        elif active:
+            self.error(
+                key_position,
+                _join(path, "keep"),
+                "missing required key 'keep' (how long the archive keeps a copy, like 7y)",
+            )
+            ok = False
+        if active and not self.retention_written:
+            self.error(
+                key_position,
+                path,
+                "retention is required here, but the rules have no org-level retention: "
+                "section naming the key to wrap for",
+            )
+            ok = False
+        if not ok:
+            return None
+        return GroupRetention(
+            directions["outbound"], directions["inbound"], keep, self.mark(key_position, path)
+        )
 
     # -- limits --------------------------------------------------------------------------
     def limits(self, spec: MarkedMap, path: str) -> Limits | None:

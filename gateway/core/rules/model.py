@@ -26,6 +26,9 @@ MAX_TTL_SECONDS = 365 * 86_400
 DEFAULT_TTL_MIN_SECONDS = 60
 DEFAULT_TTL_DEFAULT_SECONDS = 86_400
 DEFAULT_TTL_MAX_SECONDS = 7 * 86_400
+MIN_KEEP_SECONDS = 86_400  # a group under retention keeps its archive one day at least
+MAX_KEEP_SECONDS = 100 * 365 * 86_400
+MAX_PREVIOUS_RETENTION_KEYS = 16
 
 
 class BurnOnRead(enum.StrEnum):
@@ -80,6 +83,56 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class RetentionKey:
+    """One of the org's retention public keys (X25519); its secret half is offline."""
+
+    id: str
+    public_key: bytes
+    mark: Mark | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class OrgRetention:
+    """The org-level ``retention:`` section: the key to wrap for, and older ones.
+
+    Envelopes must carry a retention copy for ``key`` or, during a rotation,
+    for one of ``previous`` (clients that have not yet fetched the new key).
+    The archive keeps the key id with each envelope, so archives made under an
+    old key stay openable with that key's secret.
+    """
+
+    key: RetentionKey
+    previous: tuple[RetentionKey, ...] = ()
+    mark: Mark | None = field(default=None, compare=False)
+
+    @property
+    def accepted(self) -> tuple[RetentionKey, ...]:
+        return (self.key, *self.previous)
+
+    def key_named(self, key_id: str) -> RetentionKey | None:
+        """The accepted key (current or previous) with this id, if any."""
+        return next((key for key in self.accepted if key.id == key_id), None)
+
+    def accepts(self, key_id: str, public_key: bytes) -> bool:
+        """Whether a retention copy for this (id, key) pair may enter the archive."""
+        return any(k.id == key_id and k.public_key == public_key for k in self.accepted)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRetention:
+    """A group's ``retention:``: which directions are archived, and for how long."""
+
+    outbound: bool = False  # envelopes its members send carry a retention copy
+    inbound: bool = False  # its members acknowledge with a retention copy
+    keep: int = 0  # seconds the archive copy is kept
+    mark: Mark | None = field(default=None, compare=False)
+
+    @property
+    def active(self) -> bool:
+        return self.outbound or self.inbound
+
+
+@dataclass(frozen=True, slots=True)
 class Peer:
     """Another org's gateway, as this org's rules describe it."""
 
@@ -125,6 +178,7 @@ class Group:
     send_to: tuple[PeerRef, ...] = ()
     receive_from: tuple[PeerRef, ...] = ()
     limits: Limits = field(default_factory=Limits)
+    retention: GroupRetention = field(default_factory=GroupRetention)
     mark: Mark | None = field(default=None, compare=False)
     send_to_mark: Mark | None = field(default=None, compare=False)
     receive_from_mark: Mark | None = field(default=None, compare=False)
@@ -149,6 +203,7 @@ class Rules:
     default_mark: Mark | None = field(default=None, compare=False)  # `default: deny`
     ca_files: tuple[str, ...] = field(default=(), compare=False)  # CA files read, for watching
     version: int = RULES_VERSION
+    retention: OrgRetention | None = None
 
     @property
     def member_count(self) -> int:

@@ -175,9 +175,41 @@ CREATE TRIGGER spool_deferred_out AFTER DELETE ON spool BEGIN
 END;
 """
 
+# The retention archive (docs/retention.md): append-only but for deletion after
+# `delete_after_ms` (unless a hold names the sender or the recipient), each row
+# hash-chained to the one before (gateway.core.archive). The envelope's bytes last.
+_V3 = """
+CREATE TABLE retention_archive (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    envelope_id     TEXT    NOT NULL,
+    direction       TEXT    NOT NULL CHECK (direction IN ('outbound', 'inbound')),
+    grp             TEXT    NOT NULL,
+    sender          TEXT    NOT NULL,
+    recipient       TEXT    NOT NULL,
+    key_id          TEXT    NOT NULL,
+    archived_ms     INTEGER NOT NULL,
+    delete_after_ms INTEGER NOT NULL,
+    size            INTEGER NOT NULL,
+    prev            BLOB    NOT NULL,
+    hash            BLOB    NOT NULL,
+    wrap            BLOB    NOT NULL,
+    envelope        BLOB    NOT NULL,
+    UNIQUE (envelope_id, direction)
+);
+CREATE INDEX retention_archive_by_time ON retention_archive (archived_ms);
+CREATE INDEX retention_archive_by_deletion ON retention_archive (delete_after_ms);
+
+CREATE TABLE retention_holds (
+    user     TEXT    PRIMARY KEY,
+    added_ms INTEGER NOT NULL,
+    note     TEXT    NOT NULL
+) WITHOUT ROWID;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "spool, mailboxes, dedup, transactions, statuses, peers, tokens, keys", _V1),
     Migration(2, "spool_deferred: envelopes a peer answered with a temporary result", _V2),
+    Migration(3, "retention_archive and retention_holds", _V3),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -71,6 +71,7 @@ from gateway.storage.base import (
     check_status,
     check_text,
 )
+from gateway.storage.sqlite.archive import SqliteArchive
 from gateway.storage.sqlite.bounds import check_bound, fit_bound
 from gateway.storage.sqlite.engine import READER_THREADS, SqliteEngine, open_sqlite_engine
 from gateway.storage.sqlite.schema import migrate
@@ -249,6 +250,8 @@ class SqliteStorage:
 
     def __init__(self, engine: SqliteEngine) -> None:
         self.engine = engine
+        # The retention archive shares the file and the writer (its own module).
+        self.archive = SqliteArchive(engine)
 
     @property
     def commits(self) -> int:
