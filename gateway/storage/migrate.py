@@ -2,7 +2,8 @@
 
 Theory of operation
 -------------------
-The source is the SQLite file of a gateway that has **stopped cleanly**: a
+The source is the SQLite file of a gateway that has **stopped cleanly**, whose
+retention archive is empty (PostgreSQL has no archive yet): a
 running gateway keeps writing, and one killed leaves committed pages in its
 ``-wal`` file. Both show as a ``-wal`` file beside the database, so one there
 refuses the copy (start the gateway and stop it once: it checkpoints and
@@ -158,6 +159,9 @@ TABLES: Final = (
         "user",
     ),
 )
+#: Tables of the SQLite schema that PostgreSQL has no place for yet: a source
+#: holding rows in them is refused, never copied in part.
+_NOT_MOVED: Final = ("retention_archive", "retention_holds")
 #: The counters the target's triggers keep: (table, counter table, key column).
 _COUNTERS: Final = (("spool", "spool_lanes", "peer"), ("mailbox", "mailbox_counts", "recipient"))
 
@@ -196,6 +200,18 @@ def _open_source(path: Path) -> sqlite3.Connection:
         raise StorageError(
             f"{path}: schema version {version}, this gateway's is {SQLITE_LATEST_VERSION}: "
             "start and stop this version's gateway on it once, then migrate"
+        )
+    held = [
+        table
+        for table in _NOT_MOVED
+        if conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # noqa: S608 -- ours
+    ]
+    if held:
+        conn.close()
+        raise StorageError(
+            f"{path}: its retention archive ({', '.join(held)}) has no place in PostgreSQL "
+            "in this version: export it (`gateway retention export`), keep the file, and "
+            "migrate a gateway whose groups are not under retention"
         )
     return conn
 

@@ -91,3 +91,19 @@ async def test_a_database_of_an_older_schema_is_refused(tmp_path: Path, target: 
 def test_a_missing_source_is_refused(tmp_path: Path, target: str) -> None:
     with pytest.raises(StorageError, match="no such SQLite database"):
         migrate_sqlite_to_postgres(tmp_path / "nothing.sqlite3", target)
+
+
+async def test_a_database_with_a_retention_archive_is_refused(tmp_path: Path, target: str) -> None:
+    import contextlib
+    import sqlite3
+
+    source = await filled(tmp_path / "gateway.sqlite3")
+    with contextlib.closing(sqlite3.connect(source)) as conn:
+        conn.execute(
+            "INSERT INTO retention_holds (user, added_ms, note) VALUES ('a@acme.example', 1, '')"
+        )
+        conn.commit()
+    with pytest.raises(
+        StorageError, match=r"its retention archive \(retention_holds\) has no place"
+    ):
+        migrate_sqlite_to_postgres(source, target)
