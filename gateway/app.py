@@ -31,16 +31,19 @@ receiver.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
+import httpx
 import trio
 
 from gateway.clientapi.api import ClientAPI
 from gateway.clientapi.mailbox_wait import MailboxWaiters
+from gateway.clientapi.signin import SignInAPI
 from gateway.config import GatewayConfig
 from gateway.core.address import Address
 from gateway.core.ratelimit import RateLimiter
@@ -57,6 +60,8 @@ from gateway.observability.audit import AuditWriter
 from gateway.observability.certs import CLIENT_API, FEDERATION, ORG_CA, CertificateGauges
 from gateway.observability.endpoints import MetricsEndpoints, NotReady
 from gateway.observability.gauges import run_gauge_refresher
+from gateway.oidc.idp import IdP, idp_ssl_context, read_client_secret
+from gateway.oidc.sessions import SessionService
 from gateway.pki import dev
 from gateway.pki.own import OwnCertificate
 from gateway.pki.tls import client_api_server_context
@@ -116,6 +121,8 @@ async def _mailbox_sweeper(
             if removed:
                 LOGGER.info("mailboxes: %d expired envelope(s) removed", removed)
                 await storage.scrub()
+            # sign-in sessions past their refresh lifetime are forgotten here too
+            await storage.session_delete_ended(before_ms=clock_ms())
         except StorageFullError as exc:  # no traceback: not a bug (gateway.reserve)
             LOGGER.error("mailbox sweep failed: %s; trying again in %ss", exc.message, interval)  # noqa: TRY400
         except StorageError:
@@ -169,7 +176,10 @@ async def run_gateway(
         )
 
     audit = AuditWriter(config.audit_path, max_bytes=config.audit_max_bytes)
-    async with open_sqlite_storage(config.storage.sqlite_path) as storage:
+    async with (
+        open_sqlite_storage(config.storage.sqlite_path) as storage,
+        contextlib.AsyncExitStack() as exits,
+    ):
         # The disk of the database keeps a reserve; new envelopes wait below it.
         reserve = SpaceReserve(
             config.storage.sqlite_path.parent,
@@ -215,7 +225,33 @@ async def run_gateway(
             # Over the peer's persistent mTLS client; ClientAPI verifies the record.
             return await fetch_remote_keys(transport, address.org, address.user)
 
+        sessions: SessionService | None = None
+        if config.oidc.providers:
+            idps = {
+                provider.name: IdP(
+                    provider,
+                    config.oidc,
+                    http=await exits.enter_async_context(
+                        httpx.AsyncClient(
+                            verify=idp_ssl_context(provider), timeout=config.limits.request_timeout
+                        )
+                    ),
+                    client_secret=read_client_secret(provider),
+                )
+                for provider in config.oidc.providers
+            }
+            sessions = SessionService(
+                org=config.org,
+                config=config.oidc,
+                idps=idps,
+                storage=storage,
+                rules=rules,
+                clock_ms=clock_ms,
+            )
+
         client_api = ClientAPI(
+            sessions=sessions,
+            admin_tokens=config.oidc.admin_tokens,
             org=config.org,
             rules=rules,
             storage=storage,
@@ -240,6 +276,8 @@ async def run_gateway(
         receiver.add_routes(federation_router)
         KeyDirectory(org=config.org, rules=rules, storage=storage).add_routes(federation_router)
         client_api.add_routes(client_router)
+        if sessions is not None:
+            SignInAPI(sessions).add_routes(client_router)
 
         federation = HTTPServer(
             "federation",

@@ -3,8 +3,12 @@
 Theory of operation
 -------------------
 Every request first proves a user: ``Authorization: Bearer <token>`` is hashed
-and looked up (:mod:`gateway.clientapi.tokens`). No, unknown or revoked token:
-``401 unauthorized``. A token whose user the rules in force no longer name
+and looked up: a session token (``gws_``) of a sign-in through OpenID Connect
+(:mod:`gateway.oidc.sessions`: expired, ``401 session_expired``; a group that
+now requires a stronger sign-in, ``403 mfa_required``), or an admin-issued
+token (``gwt_``, :mod:`gateway.clientapi.tokens`; refused with
+``401 admin_tokens_disabled`` when ``oidc.admin_tokens`` is false). No,
+unknown or revoked token: ``401 unauthorized``. A token whose user the rules in force no longer name
 (removed from every group): ``403 no_group``, on every endpoint, so removing a
 user from the rules cuts them off without revoking anything. The rules are
 read once per request (``rules.current``), so one request sees one version.
@@ -62,7 +66,8 @@ import trio
 from prometheus_client import Counter
 
 from gateway.clientapi.mailbox_wait import MailboxWaiters, TooManyWatches
-from gateway.clientapi.tokens import authenticate
+from gateway.clientapi.signin import signin_error_response
+from gateway.clientapi.tokens import authenticate, is_well_formed
 from gateway.core.address import Address, normalize_domain
 from gateway.core.encoding import loads_strict
 from gateway.core.envelope import (
@@ -90,6 +95,7 @@ from gateway.errors import (
     KeyRecordError,
     ProtocolError,
     Reason,
+    SignInError,
     StorageFullError,
 )
 from gateway.http import Request, Response, Router, error_response, json_response
@@ -103,6 +109,7 @@ from gateway.observability.metrics import (
     SPOOL_FULL_REFUSALS,
     STORAGE_RESERVE_REFUSALS,
 )
+from gateway.oidc.sessions import SessionService, is_session_token
 from gateway.reserve import Reserve
 from gateway.storage.base import (
     STATUS_DELIVERED,
@@ -291,6 +298,8 @@ class ClientAPI:
         mailbox_bound: Bound | None = None,
         submit_rate: RateLimiter | None = None,
         reserve: Reserve | None = None,
+        sessions: SessionService | None = None,
+        admin_tokens: bool = True,
     ) -> None:
         if not isinstance(org_signing_seed, bytes) or len(org_signing_seed) != KEY_BYTES:
             raise ValueError(f"org_signing_seed must be {KEY_BYTES} bytes")
@@ -311,6 +320,8 @@ class ClientAPI:
         self._mailbox_bound = mailbox_bound
         self._reserve = reserve
         self._submit_rate = submit_rate  # per user, charged one token per envelope
+        self._sessions = sessions
+        self._admin_tokens = admin_tokens
         self._submissions: dict[str, Counter] = {}
         self._denials: dict[tuple[str, str], Counter] = {}
 
@@ -327,7 +338,26 @@ class ClientAPI:
 
     # -- authentication ------------------------------------------------------------
     async def _caller(self, request: Request) -> _Caller | Response:
-        address = await authenticate(self._storage, request.header("authorization"))
+        authorization = request.header("authorization")
+        scheme, _, credentials = (authorization or "").strip().partition(" ")
+        credentials = credentials.strip()
+        if scheme.lower() == "bearer" and is_session_token(credentials):
+            if self._sessions is None:
+                return error_response(401, Reason.UNAUTHORIZED, headers=[WWW_AUTHENTICATE])
+            session_rules = self._rules.current
+            try:
+                user, session_group = await self._sessions.authenticate(credentials, session_rules)
+            except SignInError as exc:
+                return signin_error_response(exc)
+            return _Caller(user, session_group, session_rules)
+        if not self._admin_tokens and is_well_formed(credentials):
+            return signin_error_response(
+                SignInError(
+                    "admin-issued tokens are turned off here: sign in with `gateway client login`",
+                    reason=Reason.ADMIN_TOKENS_DISABLED,
+                )
+            )
+        address = await authenticate(self._storage, authorization)
         if address is None or address.org != self._org:
             return error_response(401, Reason.UNAUTHORIZED, headers=[WWW_AUTHENTICATE])
         rules = self._rules.current

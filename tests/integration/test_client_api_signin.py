@@ -1,0 +1,273 @@
+"""Sign-in through the client API against the real test IdP (device flow), over real sockets.
+
+A gateway half (rules, SQLite, ClientAPI + SignInAPI on port 0) and the npm
+oidc-provider over TLS. The session clock is the real clock plus an offset the
+test moves, so a session token can expire without waiting; the IdP keeps its
+own (real) time.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+import yaml
+
+from gateway.clientapi import ClientAPI, MailboxWaiters
+from gateway.clientapi.signin import SignInAPI
+from gateway.clientapi.tokens import issue_token
+from gateway.config import OIDCConfig, OIDCProvider
+from gateway.core.address import Address
+from gateway.http import HTTPServer, Router
+from gateway.observability.metrics import OIDC_SESSION_REFRESHES, OIDC_SIGNINS
+from gateway.oidc.idp import IdP, idp_ssl_context
+from gateway.oidc.sessions import SessionService
+from gateway.pki import dev
+from gateway.rules_runtime import RulesHolder
+from gateway.storage.sqlite import SqliteStorage, open_sqlite_storage
+from tests.certs_for_tests import CertAuthority
+from tests.integration.test_client_api import OPENAPI, conforms
+from tests.oidc_idp import IdPServer, IdPUser
+
+ORG = "acme.example"
+RULES = f"""\
+version: 1
+org: {ORG}
+default: deny
+groups:
+  engineering:
+    members: [alice, bob]
+  legal:
+    members: [carol]
+"""
+SESSION_TTL = 300.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.offset_ms = 0
+
+    def __call__(self) -> int:
+        return _wall_ms() + self.offset_ms
+
+
+def _wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class Half:
+    client: httpx.AsyncClient
+    idp: IdPServer
+    store: SqliteStorage
+    clock: Clock
+    provider: str
+
+    async def device_sign_in(
+        self, login: str, otp: str | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        started = await self.client.post("/v1/sessions/device", json={})
+        assert started.status_code == 200, started.text
+        code = started.json()
+        assert code["provider"] == self.provider
+        assert code["verification_uri"].startswith(self.idp.issuer)
+        pending = await self.client.post(
+            "/v1/sessions", json={"grant_type": "device_code", "device_code": code["device_code"]}
+        )
+        assert pending.status_code == 400
+        assert pending.json()["error"] == "authorization_pending"
+        await trio.to_thread.run_sync(
+            lambda: self.idp.approve_device(code["user_code"], login, otp=otp)
+        )
+        done = await self.client.post(
+            "/v1/sessions", json={"grant_type": "device_code", "device_code": code["device_code"]}
+        )
+        return code["device_code"], {"status": done.status_code, **done.json()}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+def _count(metric: Any, *labels: str) -> float:
+    return float(metric.labels(*labels)._value.get())
+
+
+@pytest.fixture
+async def half(tmp_path: Path) -> AsyncIterator[Half]:
+    users = {
+        "alice": IdPUser("sub-alice", "pw-alice", ["engineering"], otp="135790"),
+        "carol": IdPUser("sub-carol", "pw-carol", ["legal"]),
+        "mallory": IdPUser("sub-mallory", "pw-mallory"),
+    }
+    idp = IdPServer(tmp_path / "idp", CertAuthority.create("IdP CA"), users)
+    await trio.to_thread.run_sync(idp.start)
+    rules_path = tmp_path / "rules.yaml"
+    rules_path.write_text(RULES)
+    name = f"sig{len(str(tmp_path)) % 97}"
+    provider = OIDCProvider(
+        name=name, issuer=idp.issuer, client_id="gateway", audiences=("gateway",), ca=idp.ca_path
+    )
+    settings = OIDCConfig(providers=(provider,), session_ttl=SESSION_TTL, refresh_ttl=3600)
+    clock = Clock()
+    try:
+        async with (
+            open_sqlite_storage(tmp_path / "gw.sqlite3") as store,
+            httpx.AsyncClient(verify=idp_ssl_context(provider), timeout=10) as http,
+        ):
+            rules = RulesHolder.load(str(rules_path))
+            sessions = SessionService(
+                org=ORG,
+                config=settings,
+                idps={name: IdP(provider, settings, http=http)},
+                storage=store,
+                rules=rules,
+                clock_ms=clock,
+            )
+            api = ClientAPI(
+                org=ORG,
+                rules=rules,
+                storage=store,
+                org_signing_seed=dev.generate_signing_key().private_bytes_raw(),
+                waiters=MailboxWaiters(),
+                sessions=sessions,
+                admin_tokens=False,
+            )
+            router = Router()
+            api.add_routes(router)
+            SignInAPI(sessions).add_routes(router)
+            server = HTTPServer(f"signin-{name}", router, ssl_context=None)
+            async with trio.open_nursery() as nursery:
+                port = await nursery.start(server.serve, "127.0.0.1", 0)
+                async with httpx.AsyncClient(
+                    base_url=f"http://127.0.0.1:{port}", timeout=30
+                ) as client:
+                    yield Half(client, idp, store, clock, name)
+                nursery.cancel_scope.cancel()
+    finally:
+        idp.stop()
+
+
+async def test_device_sign_in_expiry_refresh_and_disabling(half: Half) -> None:
+    ok_before = _count(OIDC_SIGNINS, half.provider, "ok")
+    device_code, signed = await half.device_sign_in("alice", otp="135790")
+    assert signed["status"] == 200, signed
+    assert signed["address"] == "alice@acme.example"
+    assert signed["group"] == "engineering"
+    assert signed["expires_in"] == SESSION_TTL
+    assert _count(OIDC_SIGNINS, half.provider, "ok") == ok_before + 1
+    me = await half.client.get("/v1/me", headers=bearer(signed["session_token"]))
+    assert me.status_code == 200
+    assert me.json()["address"] == "alice@acme.example"
+
+    # the device code is spent: refused, counted, no second session
+    replay = await half.client.post(
+        "/v1/sessions", json={"grant_type": "device_code", "device_code": device_code}
+    )
+    assert replay.status_code == 400
+    assert replay.json()["error"] == "device_code_invalid"
+    assert _count(OIDC_SIGNINS, half.provider, "device_code_invalid") >= 1
+
+    # the session token expires; the refresh re-checks the IdP and gives a new pair
+    half.clock.offset_ms += int(SESSION_TTL * 1000) + 1000
+    expired = await half.client.get("/v1/me", headers=bearer(signed["session_token"]))
+    assert expired.status_code == 401
+    assert expired.json()["error"] == "session_expired"
+    refreshed = await half.client.post(
+        "/v1/sessions",
+        json={"grant_type": "refresh_token", "refresh_token": signed["refresh_token"]},
+    )
+    assert refreshed.status_code == 200, refreshed.text
+    renewed = refreshed.json()
+    assert renewed["session_token"] != signed["session_token"]
+    openapi = yaml.safe_load(OPENAPI.read_text())
+    conforms(openapi, "/v1/sessions", "post", 200, renewed)
+    conforms(openapi, "/v1/sessions", "post", 401, expired.json())
+    conforms(openapi, "/v1/sessions", "post", 400, replay.json())
+    assert (
+        await half.client.get("/v1/me", headers=bearer(renewed["session_token"]))
+    ).status_code == 200
+    # a refresh token is good once
+    again = await half.client.post(
+        "/v1/sessions",
+        json={"grant_type": "refresh_token", "refresh_token": signed["refresh_token"]},
+    )
+    assert again.status_code == 401
+    assert again.json()["error"] == "session_expired"
+
+    # disabled at the IdP: the next refresh is refused and the session is gone
+    half.idp.disable("alice")
+    half.clock.offset_ms += int(SESSION_TTL * 1000) + 1000
+    refused_before = _count(OIDC_SESSION_REFRESHES, half.provider, "refresh_refused")
+    refused = await half.client.post(
+        "/v1/sessions",
+        json={"grant_type": "refresh_token", "refresh_token": renewed["refresh_token"]},
+    )
+    assert refused.status_code == 401
+    assert refused.json()["error"] == "refresh_refused"
+    assert _count(OIDC_SESSION_REFRESHES, half.provider, "refresh_refused") == refused_before + 1
+    gone = await half.client.get("/v1/me", headers=bearer(renewed["session_token"]))
+    assert gone.status_code == 401
+    assert (await half.store.session_by_refresh(b"\0" * 32)) is None
+
+
+async def test_a_user_in_no_group_is_refused_at_sign_in(half: Half) -> None:
+    _, signed = await half.device_sign_in("mallory")
+    assert signed["status"] == 403
+    assert signed["error"] == "no_group"
+    assert "mallory is in no group" in signed["message"]
+    conforms(yaml.safe_load(OPENAPI.read_text()), "/v1/sessions", "post", 403, signed)
+
+
+async def test_sign_out(half: Half) -> None:
+    _, signed = await half.device_sign_in("carol")
+    assert signed["group"] == "legal"
+    out = await half.client.delete("/v1/sessions/current", headers=bearer(signed["session_token"]))
+    assert out.status_code == 204
+    me = await half.client.get("/v1/me", headers=bearer(signed["session_token"]))
+    assert me.status_code == 401
+    again = await half.client.delete(
+        "/v1/sessions/current", headers=bearer(signed["session_token"])
+    )
+    assert again.status_code == 401
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+async def test_bad_id_tokens_are_refused_with_their_reason(half: Half) -> None:
+    now = _wall_ms() // 1000
+    claims = {
+        "iss": half.idp.issuer,
+        "sub": "sub-alice",
+        "aud": "gateway",
+        "exp": now + 60,
+        "iat": now,
+    }
+    none_alg = f"{_b64(json.dumps({'alg': 'none'}).encode())}.{_b64(json.dumps(claims).encode())}."
+    for token, reason in [("garbage", "token_malformed"), (none_alg, "token_algorithm")]:
+        answer = await half.client.post(
+            "/v1/sessions", json={"grant_type": "id_token", "id_token": token}
+        )
+        assert answer.status_code == 400
+        assert answer.json()["error"] == reason
+        assert _count(OIDC_SIGNINS, half.provider, reason) >= 1
+    unknown_grant = await half.client.post("/v1/sessions", json={"grant_type": "password"})
+    assert unknown_grant.status_code == 400
+
+
+async def test_admin_tokens_turned_off(half: Half) -> None:
+    token = await issue_token(half.store, Address.of("bob", ORG), at_ms=_wall_ms())
+    refused = await half.client.get("/v1/me", headers=bearer(token))
+    assert refused.status_code == 401
+    assert refused.json()["error"] == "admin_tokens_disabled"
+    assert "gateway client login" in refused.json()["message"]
