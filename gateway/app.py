@@ -61,6 +61,7 @@ from gateway.observability.certs import CLIENT_API, FEDERATION, ORG_CA, Certific
 from gateway.observability.endpoints import MetricsEndpoints, NotReady
 from gateway.observability.gauges import run_gauge_refresher
 from gateway.oidc.idp import IdP, idp_ssl_context, read_client_secret
+from gateway.oidc.members import IdPMemberships
 from gateway.oidc.sessions import SessionService
 from gateway.pki import dev
 from gateway.pki.own import OwnCertificate
@@ -152,7 +153,10 @@ async def run_gateway(
     task_status: trio.TaskStatus[BoundPorts] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run one gateway until SIGTERM/SIGINT (or until cancelled)."""
-    rules = RulesHolder.load(str(config.rules))
+    # Users whose group comes from an IdP claim (members_from): filled from the
+    # stored sessions once the storage is open, kept up to date by sign-ins.
+    memberships = IdPMemberships()
+    rules = RulesHolder.load(str(config.rules), idp_members=memberships)
     federation_certificate = CertificateHolder(
         FEDERATION, config.tls.cert, config.tls.key, org=config.org, ca_file=config.tls.ca
     )
@@ -247,7 +251,10 @@ async def run_gateway(
                 storage=storage,
                 rules=rules,
                 clock_ms=clock_ms,
+                memberships=memberships,
             )
+            known = await sessions.load_memberships()
+            LOGGER.info("sign-in: %d provider(s), %d signed-in user(s)", len(idps), known)
 
         client_api = ClientAPI(
             sessions=sessions,

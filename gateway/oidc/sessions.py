@@ -51,6 +51,7 @@ from gateway.errors import AddressError, Reason, SignInError
 from gateway.observability.metrics import OIDC_SESSION_REFRESHES, OIDC_SIGNINS, bounded
 from gateway.oidc.idp import IdP, TokenAnswer
 from gateway.oidc.idtoken import VerifiedIdToken, map_user
+from gateway.oidc.members import IdPMemberships
 from gateway.storage.base import SessionRecord, Storage
 
 log = logging.getLogger("gateway.oidc")
@@ -109,15 +110,49 @@ def admit(
     rules: CompiledRules,
     user: str,
     *,
-    groups: frozenset[str],
+    claims: Mapping[str, frozenset[str]],
     acr: str | None,
     amr: tuple[str, ...],
 ) -> Group:
-    """The rules' group for ``user`` signed in with these claims; ``SignInError`` saying why not."""
-    group = rules.group_of(user)
-    if group is None:
-        raise SignInError(f"{user} is in no group of the rules", reason=Reason.NO_GROUP)
+    """The rules' group for ``user`` signed in with these claims; ``SignInError`` saying why not.
+
+    The group is the one whose ``members`` name the user or whose
+    ``members_from`` matches a claim; none is ``no_group``, two are
+    ``group_conflict`` (naming both, and why), and a group whose ``requires``
+    this sign-in's ``acr``/``amr`` does not meet is ``mfa_required``.
+    """
+    groups = rules.groups_for(user, claims)
+    if not groups:
+        shown = "; ".join(f"{name}: {sorted(values)}" for name, values in claims.items() if values)
+        raise SignInError(
+            f"{user} is in no group of the rules"
+            + (f" (IdP claims {shown} match none)" if shown else ""),
+            reason=Reason.NO_GROUP,
+        )
+    if len(groups) > 1:
+        why = ", ".join(
+            f"{g.name} ({'named in members' if user in g.members else _claim_reason(g, claims)})"
+            for g in groups
+        )
+        raise SignInError(
+            f"{user} would be in two groups, {why}; a user is in one group at most: "
+            "ask an admin to fix the rules or the IdP's groups",
+            reason=Reason.GROUP_CONFLICT,
+        )
+    group = groups[0]
+    if group.requires is not None and not group.requires.met_by(acr, amr):
+        raise SignInError(
+            f"group {group.name} requires a stronger sign-in ({group.requires}); this one "
+            f"has acr {acr or 'none'} and amr {', '.join(amr) or 'none'}: sign in again "
+            "with multi-factor authentication",
+            reason=Reason.MFA_REQUIRED,
+        )
     return group
+
+
+def _claim_reason(group: Group, claims: Mapping[str, frozenset[str]]) -> str:
+    matched = [str(m) for m in group.members_from if m.value in claims.get(m.claim, ())]
+    return "IdP claim " + ", ".join(matched)
 
 
 class SessionService:
@@ -132,8 +167,10 @@ class SessionService:
         storage: Storage,
         rules: RulesSource,
         clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        memberships: IdPMemberships | None = None,
     ) -> None:
         self._org = org
+        self._members = memberships if memberships is not None else IdPMemberships()
         self._config = config
         self._idps = dict(idps)
         self._storage = storage
@@ -144,6 +181,15 @@ class SessionService:
     @property
     def providers(self) -> tuple[str, ...]:
         return tuple(self._idps)
+
+    async def load_memberships(self) -> int:
+        """Fill the IdP memberships from the stored sessions (at start-up); how many users."""
+        rows = await self._storage.session_groups()
+        return self._members.load(
+            (user, {idp.provider.groups_claim: frozenset(groups)})
+            for user, provider, groups in rows
+            if (idp := self._idps.get(provider)) is not None
+        )
 
     def idp(self, name: str | None) -> IdP:
         """The provider called ``name``; with only one configured, ``None`` picks it."""
@@ -232,7 +278,11 @@ class SessionService:
         address = map_user(token, idp.provider, self._org)
         groups = token.groups(idp.provider.groups_claim)
         group = admit(
-            self._rules.current, address.user, groups=groups, acr=token.acr, amr=token.amr
+            self._rules.current,
+            address.user,
+            claims={idp.provider.groups_claim: groups},
+            acr=token.acr,
+            amr=token.amr,
         )
         now_ms = self._clock_ms()
         session_token, refresh_token = _new_token(SESSION_PREFIX), _new_token(REFRESH_PREFIX)
@@ -251,6 +301,7 @@ class SessionService:
             amr=token.amr[:256],
         )
         await self._storage.session_put(record)
+        self._members.set(record.user, {idp.provider.groups_claim: groups})
         self._count_signin(idp.provider.name, OK)
         log.info("signed in %s through %s (group %s)", address, idp.provider.name, group.name)
         return self._signed_in(record, session_token, refresh_token, group, now_ms)
@@ -285,6 +336,8 @@ class SessionService:
             OIDC_SESSION_REFRESHES.labels(provider, exc.reason.value).inc()
             if exc.reason is not Reason.IDP_UNAVAILABLE:
                 await self._storage.session_delete(record.session_id)
+                if exc.reason is Reason.REFRESH_REFUSED:
+                    self._members.drop(record.user)  # disabled at the IdP: in no group now
                 log.info("session of %s ended at refresh: %s", record.user, exc.reason.value)
             raise
         OIDC_SESSION_REFRESHES.labels(provider, OK).inc()
@@ -309,7 +362,13 @@ class SessionService:
             groups = token.groups(idp.provider.groups_claim)
             acr, amr = token.acr or acr, token.amr or amr
         user = Address.parse(record.user)
-        group = admit(self._rules.current, user.user, groups=groups, acr=acr, amr=amr)
+        group = admit(
+            self._rules.current,
+            user.user,
+            claims={idp.provider.groups_claim: groups},
+            acr=acr,
+            amr=amr,
+        )
         session_token, refresh_token = _new_token(SESSION_PREFIX), _new_token(REFRESH_PREFIX)
         renewed = replace(
             record,
@@ -322,6 +381,7 @@ class SessionService:
             amr=amr[:256],
         )
         await self._storage.session_put(renewed)
+        self._members.set(record.user, {idp.provider.groups_claim: groups})
         return self._signed_in(renewed, session_token, refresh_token, group, now_ms)
 
     # -- use -----------------------------------------------------------------------
@@ -336,14 +396,17 @@ class SessionService:
             raise SignInError(
                 "the session token has expired; refresh it", reason=Reason.SESSION_EXPIRED
             )
+        idp = self._idps.get(record.provider)
         try:
             address = Address.parse(record.user)
         except AddressError:
-            raise SignInError("no such session", reason=Reason.UNAUTHORIZED) from None
+            idp = None
+        if idp is None:  # a provider no longer configured, or a row we did not write
+            raise SignInError("no such session", reason=Reason.UNAUTHORIZED)
         group = admit(
             rules,
             address.user,
-            groups=frozenset(record.idp_groups),
+            claims={idp.provider.groups_claim: frozenset(record.idp_groups)},
             acr=record.acr,
             amr=record.amr,
         )

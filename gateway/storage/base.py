@@ -673,7 +673,7 @@ class Storage(Protocol):
         """Publish (replace) ``user``'s key record, stored as given."""
         ...
 
-    # -- sign-in sessions (five methods; see "Sign-in sessions" above) -------------
+    # -- sign-in sessions (six methods; see "Sign-in sessions" above) --------------
     async def session_put(self, record: SessionRecord) -> None:
         """Store ``record``, replacing the row with its ``session_id`` (a refresh)."""
         ...
@@ -692,6 +692,14 @@ class Storage(Protocol):
 
     async def session_delete_ended(self, *, before_ms: int) -> int:
         """Forget sessions whose refresh lifetime ended before ``before_ms``; how many."""
+        ...
+
+    async def session_groups(self) -> list[tuple[str, str, tuple[str, ...]]]:
+        """``(user, provider, idp_groups)`` of every session, least recently refreshed first.
+
+        Read once at start-up, to know again which group the IdP puts each
+        signed-in user in (gateway.oidc.members).
+        """
         ...
 
     async def user_keys_get(self, user: str) -> bytes | None: ...

@@ -29,6 +29,7 @@ from gateway.core.address import Address
 from gateway.http import HTTPServer, Router
 from gateway.observability.metrics import OIDC_SESSION_REFRESHES, OIDC_SIGNINS
 from gateway.oidc.idp import IdP, idp_ssl_context
+from gateway.oidc.members import IdPMemberships
 from gateway.oidc.sessions import SessionService
 from gateway.pki import dev
 from gateway.rules_runtime import RulesHolder
@@ -46,7 +47,10 @@ groups:
   engineering:
     members: [alice, bob]
   legal:
-    members: [carol]
+    members_from: {{claim: groups, value: legal}}
+  secure:
+    members_from: {{value: secure}}
+    requires: {{acr: urn:gateway:test:mfa}}
 """
 SESSION_TTL = 300.0
 
@@ -70,6 +74,11 @@ class Half:
     store: SqliteStorage
     clock: Clock
     provider: str
+    rules: RulesHolder
+
+    async def rules_group(self, user: str) -> str | None:
+        group = self.rules.current.group_of(user)
+        return None if group is None else group.name
 
     async def device_sign_in(
         self, login: str, otp: str | None = None
@@ -107,6 +116,8 @@ async def half(tmp_path: Path) -> AsyncIterator[Half]:
         "alice": IdPUser("sub-alice", "pw-alice", ["engineering"], otp="135790"),
         "carol": IdPUser("sub-carol", "pw-carol", ["legal"]),
         "mallory": IdPUser("sub-mallory", "pw-mallory"),
+        "dana": IdPUser("sub-dana", "pw-dana", ["secure"], otp="246802"),
+        "eve": IdPUser("sub-eve", "pw-eve", ["legal", "secure"]),
     }
     idp = IdPServer(tmp_path / "idp", CertAuthority.create("IdP CA"), users)
     await trio.to_thread.run_sync(idp.start)
@@ -123,8 +134,10 @@ async def half(tmp_path: Path) -> AsyncIterator[Half]:
             open_sqlite_storage(tmp_path / "gw.sqlite3") as store,
             httpx.AsyncClient(verify=idp_ssl_context(provider), timeout=10) as http,
         ):
-            rules = RulesHolder.load(str(rules_path))
+            memberships = IdPMemberships()
+            rules = RulesHolder.load(str(rules_path), idp_members=memberships)
             sessions = SessionService(
+                memberships=memberships,
                 org=ORG,
                 config=settings,
                 idps={name: IdP(provider, settings, http=http)},
@@ -150,7 +163,7 @@ async def half(tmp_path: Path) -> AsyncIterator[Half]:
                 async with httpx.AsyncClient(
                     base_url=f"http://127.0.0.1:{port}", timeout=30
                 ) as client:
-                    yield Half(client, idp, store, clock, name)
+                    yield Half(client, idp, store, clock, name, rules)
                 nursery.cancel_scope.cancel()
     finally:
         idp.stop()
@@ -271,3 +284,30 @@ async def test_admin_tokens_turned_off(half: Half) -> None:
     assert refused.status_code == 401
     assert refused.json()["error"] == "admin_tokens_disabled"
     assert "gateway client login" in refused.json()["message"]
+
+
+async def test_groups_from_the_idp_and_mfa(half: Half) -> None:
+    # carol's legal membership comes from the IdP's groups claim
+    _, carol = await half.device_sign_in("carol")
+    assert carol["status"] == 200, carol
+    assert carol["group"] == "legal"
+    assert half.store is not None
+    # ... and the rules know it for her as a recipient too (the gateway's directory)
+    group = await half.rules_group("carol")
+    assert group == "legal"
+
+    # a group that requires MFA refuses a password-only session, saying why
+    _, weak = await half.device_sign_in("dana")
+    assert weak["status"] == 403
+    assert weak["error"] == "mfa_required"
+    assert "group secure requires a stronger sign-in (acr urn:gateway:test:mfa)" in weak["message"]
+    _, strong = await half.device_sign_in("dana", otp="246802")
+    assert strong["status"] == 200, strong
+    assert strong["group"] == "secure"
+
+    # two groups from the IdP's claims: refused at sign-in with the reason
+    _, eve = await half.device_sign_in("eve")
+    assert eve["status"] == 403
+    assert eve["error"] == "group_conflict"
+    assert "legal (IdP claim groups=legal)" in eve["message"]
+    assert "secure (IdP claim groups=secure)" in eve["message"]

@@ -111,3 +111,12 @@ class SqliteSessions:
             ).rowcount
 
         return await self.engine.write(op)
+
+    async def session_groups(self) -> list[tuple[str, str, tuple[str, ...]]]:
+        def op(conn: sqlite3.Connection) -> list[tuple[str, str, tuple[str, ...]]]:
+            rows = conn.execute(
+                "SELECT user, provider, idp_groups FROM sessions ORDER BY access_expires_ms"
+            ).fetchall()
+            return [(row[0], row[1], tuple(json.loads(row[2]))) for row in rows]
+
+        return await self.engine.read(op)
