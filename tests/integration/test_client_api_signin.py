@@ -21,6 +21,8 @@ import pytest
 import trio
 import yaml
 
+from gateway.client.api import ClientAPIError, ClientSession
+from gateway.client.signin import SavedSession, device_login, session_refresher
 from gateway.clientapi import ClientAPI, MailboxWaiters
 from gateway.clientapi.signin import SignInAPI
 from gateway.clientapi.tokens import issue_token
@@ -311,3 +313,43 @@ async def test_groups_from_the_idp_and_mfa(half: Half) -> None:
     assert eve["error"] == "group_conflict"
     assert "legal (IdP claim groups=legal)" in eve["message"]
     assert "secure (IdP claim groups=secure)" in eve["message"]
+
+
+async def test_reference_client_login_and_transparent_refresh(half: Half, tmp_path: Path) -> None:
+    """What `gateway client login` and the later commands do, against the real IdP."""
+    server = str(half.client.base_url).rstrip("/")
+    shown: list[dict[str, Any]] = []
+
+    def person_at_the_browser(started: dict[str, Any]) -> None:
+        shown.append(started)
+        half.idp.approve_device(started["user_code"], "alice", otp="135790")
+
+    saved = await device_login(
+        server, ca_file=None, provider=None, on_code=person_at_the_browser
+    )  # polls after the IdP's interval (5 s): the one real wait of these tests
+    assert shown[0]["verification_uri"].startswith(half.idp.issuer)
+    assert (saved.address, saved.group) == ("alice@acme.example", "engineering")
+    path = tmp_path / "alice.session.json"
+    saved.save(path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert SavedSession.load(path) == saved
+
+    refresh = session_refresher(path, saved, ca_file=None)
+    async with ClientSession(server, saved.session_token, refresh=refresh) as session:
+        assert (await session.me())["address"] == "alice@acme.example"
+        half.clock.offset_ms += int(SESSION_TTL * 1000) + 1000
+        # expired: the session refreshes itself once and repeats the call
+        assert (await session.me())["address"] == "alice@acme.example"
+    renewed = SavedSession.load(path)
+    assert renewed.session_token != saved.session_token
+    assert renewed.refresh_token != saved.refresh_token
+
+    # disabled at the IdP: the next refresh fails with the reason the client shows
+    half.idp.disable("alice")
+    half.clock.offset_ms += int(SESSION_TTL * 1000) + 1000
+    again = session_refresher(path, renewed, ca_file=None)
+    async with ClientSession(server, renewed.session_token, refresh=again) as session:
+        with pytest.raises(ClientAPIError) as refused:
+            await session.me()
+    assert refused.value.code == "refresh_refused"
+    assert "refused the refresh" in str(refused.value)
