@@ -20,6 +20,8 @@ import httpx
 import pytest
 import trio
 import yaml
+from joserfc import jwt
+from joserfc.jwk import RSAKey
 
 from gateway.client.api import ClientAPIError, ClientSession
 from gateway.client.signin import SavedSession, device_login, session_refresher
@@ -29,7 +31,11 @@ from gateway.clientapi.tokens import issue_token
 from gateway.config import OIDCConfig, OIDCProvider
 from gateway.core.address import Address
 from gateway.http import HTTPServer, Router
-from gateway.observability.metrics import OIDC_SESSION_REFRESHES, OIDC_SIGNINS
+from gateway.observability.metrics import (
+    OIDC_SESSION_REFRESHES,
+    OIDC_SIGNINS,
+    OIDC_UNKNOWN_KID_REFRESHES,
+)
 from gateway.oidc.idp import IdP, idp_ssl_context
 from gateway.oidc.members import IdPMemberships
 from gateway.oidc.sessions import SessionService
@@ -353,3 +359,62 @@ async def test_reference_client_login_and_transparent_refresh(half: Half, tmp_pa
             await session.me()
     assert refused.value.code == "refresh_refused"
     assert "refused the refresh" in str(refused.value)
+
+
+async def test_every_bad_id_token_is_refused_counted_and_changes_nothing(half: Half) -> None:
+    """Tokens signed with the test IdP's own keys (the test made them), but wrong in one way."""
+    idp_key = RSAKey.import_key(half.idp.jwks["keys"][0])  # kid rsa-1, served in the IdP's JWKS
+    now = _wall_ms() // 1000
+    good: dict[str, Any] = {
+        "iss": half.idp.issuer,
+        "sub": "sub-alice",
+        "aud": "gateway",
+        "exp": now + 60,
+        "iat": now,
+        "preferred_username": "alice",
+        "groups": ["engineering"],
+    }
+
+    def signed(key: Any = idp_key, kid: str = "rsa-1", alg: str = "RS256", **changes: Any) -> str:
+        return jwt.encode({"alg": alg, "kid": kid}, {**good, **changes}, key)
+
+    stranger = RSAKey.generate_key(2048, parameters={"kid": "rsa-1"})
+    unknown = RSAKey.generate_key(2048, parameters={"kid": "not-at-the-idp"})
+    body = signed().split(".")[1]
+    cases = {
+        "token_issuer": signed(iss="https://idp.other.example"),
+        "token_audience": signed(aud="another-client"),
+        "token_expired": signed(exp=now - 3600, iat=now - 7200),
+        "token_signature": signed(key=stranger),
+        "token_algorithm": f"{_b64(json.dumps({'alg': 'none'}).encode())}.{body}.",
+        "token_unknown_key": signed(key=unknown, kid="not-at-the-idp"),
+        "token_azp": signed(aud=["gateway", "other"]),
+        "token_not_yet_valid": signed(iat=now + 3600),
+        "user_unmapped": signed(preferred_username="Alice Smith"),
+    }
+    # the sign-in that works, with the same key: the cases differ in one thing each
+    assert (
+        await half.client.post(
+            "/v1/sessions", json={"grant_type": "id_token", "id_token": signed()}
+        )
+    ).status_code == 200
+    sessions_before = len(await half.store.session_groups())
+    for reason, token in cases.items():
+        counted = _count(OIDC_SIGNINS, half.provider, reason)
+        answer = await half.client.post(
+            "/v1/sessions", json={"grant_type": "id_token", "id_token": token}
+        )
+        assert answer.status_code == 400, (reason, answer.text)
+        assert answer.json()["error"] == reason, (reason, answer.json())
+        assert token not in answer.text
+        assert _count(OIDC_SIGNINS, half.provider, reason) == counted + 1, reason
+    assert len(await half.store.session_groups()) == sessions_before
+    # made-up kids: the JWKS was fetched again once, then the refetches are throttled
+    forged = [signed(key=unknown, kid=f"made-up-{i}") for i in range(20)]
+    throttled = _count(OIDC_UNKNOWN_KID_REFRESHES, half.provider, "throttled")
+    for token in forged:
+        answer = await half.client.post(
+            "/v1/sessions", json={"grant_type": "id_token", "id_token": token}
+        )
+        assert answer.json()["error"] == "token_unknown_key"
+    assert _count(OIDC_UNKNOWN_KID_REFRESHES, half.provider, "throttled") == throttled + 20
