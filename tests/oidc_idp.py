@@ -101,6 +101,7 @@ def device_client(client_id: str = "gateway") -> dict[str, Any]:
     return {
         "client_id": client_id,
         "token_endpoint_auth_method": "none",
+        "application_type": "native",  # loopback redirects on any port (RFC 8252 7.3)
         "grant_types": [
             "urn:ietf:params:oauth:grant-type:device_code",
             "authorization_code",
@@ -231,6 +232,26 @@ class IdPServer:
             page.raise_for_status()
             if "success" not in page.text.lower():
                 raise RuntimeError(f"device sign-in did not succeed: {page.text[:500]}")
+
+    def browser_sign_in(self, url: str, login: str, *, otp: str | None = None) -> str:
+        """The browser of the code flow: open ``url``, sign in, follow the redirects home.
+
+        Returns the page the last redirect (the client's loopback listener) answered.
+        """
+        user = self.users[login]
+        with httpx.Client(verify=self.ssl_context(), timeout=10.0) as browser:
+            page = browser.get(url, follow_redirects=True)
+            page.raise_for_status()
+            action = _FORM_ACTION_RE.search(page.text)
+            if action is None:
+                raise RuntimeError(f"no sign-in form at the authorization URL: {page.text[:500]}")
+            page = browser.post(
+                f"{self.issuer}{action.group(1)}",
+                data={"login": login, "password": user.password, "otp": otp or ""},
+                follow_redirects=True,
+            )
+            page.raise_for_status()
+            return page.text
 
 
 def _xsrf(html: str) -> str:

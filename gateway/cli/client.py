@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import webbrowser
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -30,6 +31,7 @@ import trio
 
 from gateway.cli.common import Registrar, UsageError, set_handler
 from gateway.client.api import ClientSession
+from gateway.client.browser import browser_login
 from gateway.client.contacts import ContactBook, Trust, default_contacts_path
 from gateway.client.reference import Inbox, ReferenceClient, Sent
 from gateway.client.signin import (
@@ -76,6 +78,20 @@ def register(subparsers: Registrar) -> None:
     login.add_argument("--keys", metavar="FILE", help=f"our key file (default: ${ENV_KEYS})")
     login.add_argument(
         "--provider", metavar="NAME", help="the provider in gateway.yaml (needed with several)"
+    )
+    login.add_argument(
+        "--browser",
+        action="store_true",
+        help="sign in here with a browser (authorization code flow with PKCE and a loopback "
+        "redirect) instead of the device flow",
+    )
+    login.add_argument(
+        "--open", action="store_true", help="with --browser: open the URL in the default browser"
+    )
+    login.add_argument(
+        "--idp-ca",
+        metavar="FILE",
+        help="with --browser: CA of the IdP's certificate (default: the system's CAs)",
     )
     set_handler(login, run_login)
 
@@ -295,9 +311,27 @@ def run_login(args: argparse.Namespace) -> int:
         )
         print("waiting for the sign-in to finish ...", file=sys.stderr, flush=True)
 
-    saved = trio.run(
-        partial(device_login, server, ca_file=_ca(args), provider=args.provider, on_code=show)
-    )
+    def show_url(url: str) -> None:
+        print(f"To sign in, open in your browser:\n{url}", file=sys.stderr, flush=True)
+        if args.open:
+            webbrowser.open(url)
+        print("waiting for the sign-in to finish ...", file=sys.stderr, flush=True)
+
+    if args.browser:
+        saved = trio.run(
+            partial(
+                browser_login,
+                server,
+                ca_file=_ca(args),
+                idp_ca_file=Path(args.idp_ca) if args.idp_ca else None,
+                provider=args.provider,
+                on_url=show_url,
+            )
+        )
+    else:
+        saved = trio.run(
+            partial(device_login, server, ca_file=_ca(args), provider=args.provider, on_code=show)
+        )
     saved.save(path)
     print(
         f"signed in as {saved.address} (group {saved.group}); session saved to {path}",

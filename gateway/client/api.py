@@ -187,6 +187,10 @@ class ClientSession:
             raise ClientTransportError(f"{self.server}: answer is not JSON") from exc
 
     # -- sign-in (docs/client-api.md 1a) ----------------------------------------------------
+    async def sign_in_providers(self) -> dict[str, Any]:
+        answer: dict[str, Any] = await self._call("GET", "/v1/sessions/providers", ok=(200,))
+        return answer
+
     async def start_device_sign_in(self, provider: str | None = None) -> dict[str, Any]:
         body = {"provider": provider} if provider else {}
         answer: dict[str, Any] = await self._call("POST", "/v1/sessions/device", json=body)

@@ -1,6 +1,8 @@
 """The client API's sign-in endpoints (docs/client-api.md, "Sign-in"), over gateway.oidc.
 
-``POST /v1/sessions/device`` starts a device sign-in; ``POST /v1/sessions``
+``GET /v1/sessions/providers`` says which IdPs a client may sign in with (for
+a client that runs the code flow with PKCE itself); ``POST /v1/sessions/device``
+starts a device sign-in; ``POST /v1/sessions``
 exchanges a device code (once approved), an ID token from a client's own code
 flow with PKCE, or a refresh token for a session; ``DELETE /v1/sessions/current``
 signs out. None of them takes a bearer token: the grant in the body is the
@@ -69,9 +71,14 @@ class SignInAPI:
         self._sessions = sessions
 
     def add_routes(self, router: Router) -> None:
+        router.add("GET", "/v1/sessions/providers", self.get_providers)
         router.add("POST", "/v1/sessions/device", self.post_device)
         router.add("POST", "/v1/sessions", self.post_session)
         router.add("DELETE", "/v1/sessions/current", self.delete_current)
+
+    async def get_providers(self, request: Request, params: Mapping[str, str]) -> Response:
+        """What a client needs to run the code flow with PKCE itself (all public)."""
+        return json_response(200, {"providers": self._sessions.provider_info()})
 
     async def post_device(self, request: Request, params: Mapping[str, str]) -> Response:
         body = _body(request, {"provider"})

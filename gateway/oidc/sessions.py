@@ -182,6 +182,18 @@ class SessionService:
     def providers(self) -> tuple[str, ...]:
         return tuple(self._idps)
 
+    def provider_info(self) -> list[dict[str, Any]]:
+        """Name, issuer, client id and scopes of each provider: public facts."""
+        return [
+            {
+                "name": idp.provider.name,
+                "issuer": idp.provider.issuer,
+                "client_id": idp.provider.client_id,
+                "scopes": list(idp.provider.scopes),
+            }
+            for idp in self._idps.values()
+        ]
+
     async def load_memberships(self) -> int:
         """Fill the IdP memberships from the stored sessions (at start-up); how many users."""
         rows = await self._storage.session_groups()

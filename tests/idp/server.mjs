@@ -135,6 +135,20 @@ async function interaction(req, res, url) {
   const parts = url.pathname.split('/').filter(Boolean); // interaction, uid, [login]
   const details = await provider.interactionDetails(req, res);
   if (details.uid !== parts[1]) return send(res, 400, 'interaction mismatch');
+  if (req.method === 'GET' && details.prompt.name === 'consent') {
+    // The gateway is a first-party client: consent is implied, whatever is missing.
+    const grant = details.grantId
+      ? await provider.Grant.find(details.grantId)
+      : new provider.Grant({ accountId: details.session.accountId, clientId: details.params.client_id });
+    const missing = details.prompt.details;
+    if (missing.missingOIDCScope) grant.addOIDCScope(missing.missingOIDCScope.join(' '));
+    if (missing.missingOIDCClaims) grant.addOIDCClaims(missing.missingOIDCClaims);
+    for (const [indicator, scopes] of Object.entries(missing.missingResourceScopes ?? {})) {
+      grant.addResourceScope(indicator, scopes.join(' '));
+    }
+    const grantId = await grant.save();
+    return provider.interactionFinished(req, res, { consent: { grantId } }, { mergeWithLastSubmission: true });
+  }
   if (req.method === 'GET') {
     return send(
       res,

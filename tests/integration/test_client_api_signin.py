@@ -24,6 +24,7 @@ from joserfc import jwt
 from joserfc.jwk import RSAKey
 
 from gateway.client.api import ClientAPIError, ClientSession
+from gateway.client.browser import browser_login
 from gateway.client.signin import SavedSession, device_login, session_refresher
 from gateway.clientapi import ClientAPI, MailboxWaiters
 from gateway.clientapi.signin import SignInAPI
@@ -418,3 +419,55 @@ async def test_every_bad_id_token_is_refused_counted_and_changes_nothing(half: H
         )
         assert answer.json()["error"] == "token_unknown_key"
     assert _count(OIDC_UNKNOWN_KID_REFRESHES, half.provider, "throttled") == throttled + 20
+
+
+async def test_browser_login_with_pkce(half: Half) -> None:
+    """`gateway client login --browser`: the code flow with PKCE and a loopback redirect."""
+    server = str(half.client.base_url).rstrip("/")
+    answer = (await half.client.get("/v1/sessions/providers")).json()
+    conforms(yaml.safe_load(OPENAPI.read_text()), "/v1/sessions/providers", "get", 200, answer)
+    providers = answer["providers"]
+    assert providers == [
+        {
+            "name": half.provider,
+            "issuer": half.idp.issuer,
+            "client_id": "gateway",
+            "scopes": ["openid", "profile", "email", "groups", "offline_access"],
+        }
+    ]
+    urls: list[str] = []
+    pages: list[str] = []
+    got_url = trio.Event()
+
+    def on_url(url: str) -> None:
+        urls.append(url)
+        got_url.set()
+
+    result: list[SavedSession] = []
+
+    async def login() -> None:
+        result.append(
+            await browser_login(
+                server, ca_file=None, idp_ca_file=half.idp.ca_path, provider=None, on_url=on_url
+            )
+        )
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(login)
+            await got_url.wait()
+            assert "code_challenge_method=S256" in urls[0]
+            assert "nonce=" in urls[0]
+            pages.append(
+                await trio.to_thread.run_sync(lambda: half.idp.browser_sign_in(urls[0], "carol"))
+            )
+    assert "Signed in" in pages[0]
+    (saved,) = result
+    assert (saved.address, saved.group) == ("carol@acme.example", "legal")
+    me = await half.client.get("/v1/me", headers=bearer(saved.session_token))
+    assert me.json()["group"] == "legal"
+    # the IdP's refresh token came along: the session refreshes like a device-flow one
+    refreshed = await half.client.post(
+        "/v1/sessions", json={"grant_type": "refresh_token", "refresh_token": saved.refresh_token}
+    )
+    assert refreshed.status_code == 200, refreshed.text
