@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import re
 import shutil
 import ssl
@@ -44,6 +45,8 @@ def node_available() -> bool:
 def ensure_installed() -> None:
     """``npm ci`` in tests/idp unless node_modules matches package-lock.json already."""
     if not node_available():
+        if os.environ.get("CI") == "true":  # in CI a missing Node.js is a failure, not a skip
+            pytest.fail("the test IdP needs Node.js and npm (tests/idp)")
         pytest.skip("the test IdP needs Node.js and npm")
     lock = IDP_DIR / "package-lock.json"
     stamp = IDP_DIR / "node_modules" / ".gateway-installed"
