@@ -6,20 +6,31 @@ starts a device sign-in; ``POST /v1/sessions``
 exchanges a device code (once approved), an ID token from a client's own code
 flow with PKCE, or a refresh token for a session; ``DELETE /v1/sessions/current``
 signs out. None of them takes a bearer token: the grant in the body is the
-credential. Refusals are ``{"error": <reason code>, "message": <for the user>}``;
+credential, so they share one rate bound (:data:`SIGNIN_RATE` a second,
+:data:`SIGNIN_BURST` at once; past it ``429 rate_limited`` with Retry-After):
+each may make the gateway call the IdP, and a flood must not turn the gateway
+into an amplifier against it. Refusals are ``{"error": <reason code>, "message": <for the user>}``;
 the IdP's own error text is never passed on.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Final
 
+import trio
+
 from gateway.core.encoding import loads_strict
+from gateway.core.ratelimit import RateLimiter
 from gateway.errors import Reason, SignInError
 from gateway.http import Request, Response, Router, error_response, json_response
+from gateway.observability.metrics import OIDC_SIGNINS
 from gateway.oidc.sessions import SessionService
 
+SIGNIN_RATE: Final = 50.0  # sign-in calls a second, for the whole gateway
+SIGNIN_BURST: Final = 500.0
+_SIGNIN_KEY: Final = "signin"
 MAX_SIGNIN_BODY_BYTES: Final = 32 * 1024  # an ID token and a refresh token, with room
 GRANT_DEVICE_CODE: Final = "device_code"
 GRANT_ID_TOKEN: Final = "id_token"  # noqa: S105 -- a grant type's name
@@ -67,8 +78,20 @@ def _body(request: Request, fields: set[str]) -> dict[str, str] | Response:
 class SignInAPI:
     """Handlers of the sign-in endpoints; :meth:`add_routes` puts them on a router."""
 
-    def __init__(self, sessions: SessionService) -> None:
+    def __init__(self, sessions: SessionService, *, rate: RateLimiter | None = None) -> None:
         self._sessions = sessions
+        self._rate = rate if rate is not None else RateLimiter(rate=SIGNIN_RATE, burst=SIGNIN_BURST)
+
+    def _limited(self) -> Response | None:
+        wait = self._rate.take(_SIGNIN_KEY, trio.current_time())
+        if wait <= 0:
+            return None
+        OIDC_SIGNINS.labels("other", Reason.RATE_LIMITED.value).inc()
+        return json_response(
+            429,
+            {"error": Reason.RATE_LIMITED.value, "message": "too many sign-ins; try again later"},
+            headers=[("retry-after", str(max(1, math.ceil(wait))))],
+        )
 
     def add_routes(self, router: Router) -> None:
         router.add("GET", "/v1/sessions/providers", self.get_providers)
@@ -81,6 +104,9 @@ class SignInAPI:
         return json_response(200, {"providers": self._sessions.provider_info()})
 
     async def post_device(self, request: Request, params: Mapping[str, str]) -> Response:
+        limited = self._limited()
+        if limited is not None:
+            return limited
         body = _body(request, {"provider"})
         if isinstance(body, Response):
             return body
@@ -91,6 +117,9 @@ class SignInAPI:
         return json_response(200, started)
 
     async def post_session(self, request: Request, params: Mapping[str, str]) -> Response:
+        limited = self._limited()
+        if limited is not None:
+            return limited
         body = _body(
             request,
             {"grant_type", "provider", "device_code", "id_token", "refresh_token", "nonce"},

@@ -31,7 +31,8 @@ from gateway.clientapi.signin import SignInAPI
 from gateway.clientapi.tokens import issue_token
 from gateway.config import OIDCConfig, OIDCProvider
 from gateway.core.address import Address
-from gateway.http import HTTPServer, Router
+from gateway.core.ratelimit import RateLimiter
+from gateway.http import HTTPServer, Request, Router
 from gateway.observability.metrics import (
     OIDC_SESSION_REFRESHES,
     OIDC_SIGNINS,
@@ -84,6 +85,7 @@ class Half:
     clock: Clock
     provider: str
     rules: RulesHolder
+    sessions: SessionService
 
     async def rules_group(self, user: str) -> str | None:
         group = self.rules.current.group_of(user)
@@ -172,7 +174,7 @@ async def half(tmp_path: Path) -> AsyncIterator[Half]:
                 async with httpx.AsyncClient(
                     base_url=f"http://127.0.0.1:{port}", timeout=30
                 ) as client:
-                    yield Half(client, idp, store, clock, name, rules)
+                    yield Half(client, idp, store, clock, name, rules, sessions)
                 nursery.cancel_scope.cancel()
     finally:
         idp.stop()
@@ -471,3 +473,19 @@ async def test_browser_login_with_pkce(half: Half) -> None:
         "/v1/sessions", json={"grant_type": "refresh_token", "refresh_token": saved.refresh_token}
     )
     assert refreshed.status_code == 200, refreshed.text
+
+
+async def test_sign_in_calls_share_one_rate_bound(half: Half) -> None:
+    limited_api = SignInAPI(
+        half.sessions, rate=RateLimiter(rate=0.001, burst=2)
+    )  # two calls, then a very long wait
+    request = Request("POST", "/v1/sessions", body=b'{"grant_type": "id_token", "id_token": "x"}')
+    first = await limited_api.post_session(request, {})
+    second = await limited_api.post_session(request, {})
+    assert (first.status, second.status) == (400, 400)
+    before = _count(OIDC_SIGNINS, "other", "rate_limited")
+    third = await limited_api.post_session(request, {})
+    assert third.status == 429
+    assert json.loads(third.body)["error"] == "rate_limited"
+    assert dict(third.headers)["retry-after"] == "1000"
+    assert _count(OIDC_SIGNINS, "other", "rate_limited") == before + 1
