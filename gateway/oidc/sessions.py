@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import secrets
 import time
 from collections import OrderedDict
@@ -79,8 +80,12 @@ def _new_token(prefix: str) -> str:
     return prefix + b64url_encode(secrets.token_bytes(TOKEN_RANDOM_BYTES))
 
 
+_SESSION_TOKEN_RE: Final = re.compile(r"gws_[A-Za-z0-9_-]{43}")
+_REFRESH_TOKEN_RE: Final = re.compile(r"gwr_[A-Za-z0-9_-]{43}")
+
+
 def is_session_token(token: str) -> bool:
-    return token.startswith(SESSION_PREFIX) and len(token) == SESSION_TOKEN_LENGTH
+    return _SESSION_TOKEN_RE.fullmatch(token) is not None
 
 
 @dataclass(frozen=True)
@@ -332,7 +337,7 @@ class SessionService:
 
     # -- refresh -----------------------------------------------------------------
     async def refresh(self, refresh_token: str) -> SignedIn:
-        if not isinstance(refresh_token, str) or not refresh_token.startswith(REFRESH_PREFIX):
+        if not isinstance(refresh_token, str) or not _REFRESH_TOKEN_RE.fullmatch(refresh_token):
             raise SignInError("not a refresh token", reason=Reason.SESSION_EXPIRED)
         try:
             record = await self._storage.session_by_refresh(_hash(refresh_token))

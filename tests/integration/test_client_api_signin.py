@@ -489,3 +489,19 @@ async def test_sign_in_calls_share_one_rate_bound(half: Half) -> None:
     assert json.loads(third.body)["error"] == "rate_limited"
     assert dict(third.headers)["retry-after"] == "1000"
     assert _count(OIDC_SIGNINS, "other", "rate_limited") == before + 1
+
+
+@pytest.mark.parametrize(
+    "token", ["gws_" + "é" * 43, "gws_" + "a" * 42 + "!", "gws_", "gwt_" + "a" * 43, "gws"]
+)
+async def test_garbage_bearer_and_refresh_tokens_are_401(half: Half, token: str) -> None:
+    me = await half.client.get(
+        "/v1/me", headers={"authorization": f"Bearer {token}".encode("latin-1")}
+    )
+    assert me.status_code == 401
+    refresh = await half.client.post(
+        "/v1/sessions",
+        json={"grant_type": "refresh_token", "refresh_token": token.replace("gws_", "gwr_")},
+    )
+    assert refresh.status_code == 401
+    assert refresh.json()["error"] == "session_expired"
