@@ -7,6 +7,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The test IdP (tests/idp: npm oidc-provider, pinned by its package-lock.json);
+# the stamp holds a copy of the lock it was installed from (tests/oidc_idp.py).
+IDP_DIR   := tests/idp
+IDP_STAMP := $(IDP_DIR)/node_modules/.gateway-installed
 
 .PHONY: demo test docker-test lint typecheck clean
 
@@ -20,7 +24,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/gateway demo
 
-test: $(STAMP)
+$(IDP_STAMP): $(IDP_DIR)/package-lock.json
+	cd $(IDP_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	cp $(IDP_DIR)/package-lock.json $(IDP_STAMP)
+
+test: $(STAMP) $(IDP_STAMP)
 	$(BIN)/python -m pytest
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -30,4 +38,4 @@ docker-test: $(STAMP)
 	$(BIN)/python deploy/docker/test.py
 
 clean:
-	rm -rf wheels $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf wheels $(VENV) $(IDP_DIR)/node_modules .pytest_cache .mypy_cache .ruff_cache .hypothesis

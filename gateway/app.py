@@ -31,18 +31,21 @@ receiver.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
+import httpx
 import trio
 
 from gateway import __version__
 from gateway.archive_sweeper import run_archive_sweeper
 from gateway.clientapi.api import ClientAPI
 from gateway.clientapi.mailbox_wait import MailboxWaiters
+from gateway.clientapi.signin import SignInAPI
 from gateway.config import GatewayConfig
 from gateway.core.address import Address
 from gateway.core.ratelimit import RateLimiter
@@ -62,6 +65,9 @@ from gateway.observability.certs import CLIENT_API, FEDERATION, ORG_CA, Certific
 from gateway.observability.endpoints import MetricsEndpoints, NotReady
 from gateway.observability.gauges import run_gauge_refresher
 from gateway.observability.metrics import NodeInfo
+from gateway.oidc.idp import IdP, idp_ssl_context, read_client_secret
+from gateway.oidc.members import IdPMemberships
+from gateway.oidc.sessions import SessionService
 from gateway.pki import dev
 from gateway.pki.own import OwnCertificate
 from gateway.pki.tls import client_api_server_context
@@ -122,6 +128,8 @@ async def _mailbox_sweeper(
             if removed:
                 LOGGER.info("mailboxes: %d expired envelope(s) removed", removed)
                 await storage.scrub()
+            # sign-in sessions past their refresh lifetime are forgotten here too
+            await storage.session_delete_ended(before_ms=clock_ms())
         except StorageError as exc:  # one line, traceback at DEBUG: a disk or database fault
             LOGGER.error(  # noqa: TRY400
                 "mailbox sweep failed: %s; trying again in %ss",
@@ -161,7 +169,10 @@ async def run_gateway(
     task_status: trio.TaskStatus[BoundPorts] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run one gateway until SIGTERM/SIGINT (or until cancelled)."""
-    rules = RulesHolder.load(str(config.rules))
+    # Users whose group comes from an IdP claim (members_from): filled from the
+    # stored sessions once the storage is open, kept up to date by sign-ins.
+    memberships = IdPMemberships()
+    rules = RulesHolder.load(str(config.rules), idp_members=memberships)
     federation_certificate = CertificateHolder(
         FEDERATION, config.tls.cert, config.tls.key, org=config.org, ca_file=config.tls.ca
     )
@@ -180,7 +191,10 @@ async def run_gateway(
         )
     org_signing_seed = dev.load_signing_key(config.signing_key).private_bytes_raw()
     audit = AuditWriter(config.audit_path, max_bytes=config.audit_max_bytes, node=config.node)
-    async with open_configured_storage(config.storage) as storage:
+    async with (
+        open_configured_storage(config.storage) as storage,
+        contextlib.AsyncExitStack() as exits,
+    ):
         # The disk of an SQLite database keeps a reserve; new envelopes wait below it.
         # A PostgreSQL server's disk is its own (a full one answers StorageFullError).
         # The retention archive lives in the SQLite database; PostgreSQL has none
@@ -239,7 +253,36 @@ async def run_gateway(
             # Over the peer's persistent mTLS client; ClientAPI verifies the record.
             return await fetch_remote_keys(transport, address.org, address.user)
 
+        sessions: SessionService | None = None
+        if config.oidc.providers:
+            idps = {
+                provider.name: IdP(
+                    provider,
+                    config.oidc,
+                    http=await exits.enter_async_context(
+                        httpx.AsyncClient(
+                            verify=idp_ssl_context(provider), timeout=config.limits.request_timeout
+                        )
+                    ),
+                    client_secret=read_client_secret(provider),
+                )
+                for provider in config.oidc.providers
+            }
+            sessions = SessionService(
+                org=config.org,
+                config=config.oidc,
+                idps=idps,
+                storage=storage,
+                rules=rules,
+                clock_ms=clock_ms,
+                memberships=memberships,
+            )
+            known = await sessions.load_memberships()
+            LOGGER.info("sign-in: %d provider(s), %d signed-in user(s)", len(idps), known)
+
         client_api = ClientAPI(
+            sessions=sessions,
+            admin_tokens=config.oidc.admin_tokens,
             org=config.org,
             rules=rules,
             storage=storage,
@@ -265,6 +308,8 @@ async def run_gateway(
         receiver.add_routes(federation_router)
         KeyDirectory(org=config.org, rules=rules, storage=storage).add_routes(federation_router)
         client_api.add_routes(client_router)
+        if sessions is not None:
+            SignInAPI(sessions).add_routes(client_router)
 
         federation = HTTPServer(
             "federation",

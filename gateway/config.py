@@ -16,6 +16,20 @@
     log: {format: text, level: info}    # format: text (default) or json (JSON lines)
     audit_log: data/audit.log           # the hash-chained audit log (docs/audit.md)
     audit_max_bytes: 67108864           # rotate the audit log past this size
+    oidc:                               # sign-in through OpenID Connect (docs/sign-in.md)
+      providers:
+        corp:
+          issuer: https://idp.acme.example/realms/acme   # exactly the ID tokens' `iss`
+          client_id: gateway
+          client_secret_file: keys/oidc-client-secret    # only where the flow needs one
+          audiences: [gateway]                           # default: [client_id]
+          user_claim: preferred_username                 # which claim names the user
+          groups_claim: groups
+          clock_skew: 60s
+          ca: pki/idp-ca.pem                             # default: the system's CAs
+      session_ttl: 5m                   # gateway session tokens live this long
+      refresh_ttl: 12h                  # refreshes (each re-checks the IdP) for this long
+      admin_tokens: true                # false: `gateway token issue` tokens are refused
 
 Every key but ``org`` has a default, which is the layout `gateway init` writes.
 Relative paths are relative to the directory of the file, and come out
@@ -252,6 +266,52 @@ class LogConfig:
     level: str = "info"  # one of LOG_LEVELS
 
 
+#: ID-token signature algorithms a provider may allow: asymmetric only, so
+#: ``none`` and HMAC with a public key as the secret can never verify.
+OIDC_ALGORITHMS: Final = (
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
+)  # fmt: skip
+DEFAULT_OIDC_ALGORITHMS: Final = ("RS256", "ES256")
+DEFAULT_OIDC_SCOPES: Final = ("openid", "profile", "email", "groups", "offline_access")
+MAX_OIDC_PROVIDERS: Final = 16
+MAX_SESSION_TTL: Final = 3600.0  # sessions are short: the refresh is what re-checks the IdP
+MAX_CLOCK_SKEW: Final = 600.0
+
+
+@dataclass(frozen=True)
+class OIDCProvider:
+    """One OpenID Provider the org's users sign in with (``oidc.providers.NAME``)."""
+
+    name: str
+    issuer: str  # exactly the `iss` of its ID tokens; discovery is at issuer + /.well-known/...
+    client_id: str
+    audiences: tuple[str, ...]  # an ID token's aud must name one of these
+    client_secret_file: Path | None = None  # a confidential client's secret, in a file
+    user_claim: str = "preferred_username"
+    groups_claim: str = "groups"
+    scopes: tuple[str, ...] = DEFAULT_OIDC_SCOPES
+    clock_skew: float = 60.0
+    algorithms: tuple[str, ...] = DEFAULT_OIDC_ALGORITHMS
+    ca: Path | None = None  # CA bundle for the IdP's TLS; None: the system's
+
+
+@dataclass(frozen=True)
+class OIDCConfig:
+    providers: tuple[OIDCProvider, ...] = ()
+    session_ttl: float = 300.0
+    refresh_ttl: float = 12 * 3600.0
+    admin_tokens: bool = True
+    # Discovery and JWKS: refetched after metadata_max_age; on an unknown kid at
+    # most once per kid_refresh_interval; served stale up to stale_for while
+    # the IdP cannot be reached (then sign-in fails with idp_unavailable).
+    metadata_max_age: float = 3600.0
+    kid_refresh_interval: float = 60.0
+    stale_for: float = 24 * 3600.0
+
+    def provider(self, name: str) -> OIDCProvider | None:
+        return next((p for p in self.providers if p.name == name), None)
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     path: Path  # the file this came from, absolute
@@ -273,6 +333,7 @@ class GatewayConfig:
     # This process's name among the org's gateway nodes (audit records, metrics,
     # logs); the host's name unless gateway.yaml says `node:`.
     node: str = field(default_factory=lambda: default_node_name())
+    oidc: OIDCConfig = OIDCConfig()
 
     @property
     def audit_path(self) -> Path:
@@ -306,6 +367,28 @@ _TOP_KEYS = (
     "log",
     "audit_log",
     "audit_max_bytes",
+    "oidc",
+)
+_OIDC_KEYS = (
+    "providers",
+    "session_ttl",
+    "refresh_ttl",
+    "admin_tokens",
+    "metadata_max_age",
+    "kid_refresh_interval",
+    "stale_for",
+)
+_OIDC_PROVIDER_KEYS = (
+    "issuer",
+    "client_id",
+    "client_secret_file",
+    "audiences",
+    "user_claim",
+    "groups_claim",
+    "scopes",
+    "clock_skew",
+    "algorithms",
+    "ca",
 )
 _LOG_KEYS = ("format", "level")
 _TLS_KEYS = ("cert", "key", "ca")
@@ -430,6 +513,126 @@ def _storage(value: object, data_dir: Path) -> StorageConfig:
         return StorageConfig(engine="postgresql", url=validate_postgres_url(value))
     shown = "a URL" if isinstance(value, str) and "://" in value else repr(value)
     raise ValueError(f"expected sqlite or a postgresql:// URL, got {shown}")
+
+
+def validate_issuer(text: object) -> str:
+    """An ``https://`` issuer URL, kept exactly as written (it must equal ``iss``)."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected an https:// URL, got {text!r}")
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 -- raises on a bad port
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not a URL: {exc}") from None
+    if parts.scheme != "https" or not parts.hostname:
+        raise ValueError(f"{text!r} must be an https:// URL with a host (OpenID Connect 3.1.2.1)")
+    if parts.query or parts.fragment or parts.username is not None:
+        raise ValueError(f"{text!r} must have no query, fragment or user name")
+    return text
+
+
+def _string_list(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"expected a non-empty list of strings, got {value!r}")
+    if not all(isinstance(item, str) and item.strip() for item in value):
+        raise ValueError(f"expected a list of non-empty strings, got {value!r}")
+    return tuple(dict.fromkeys(value))
+
+
+def _algorithms(value: object) -> tuple[str, ...]:
+    names = _string_list(value)
+    for name in names:
+        if name not in OIDC_ALGORITHMS:
+            raise ValueError(
+                f"{name!r} is not allowed: ID tokens must be signed with an asymmetric "
+                f"algorithm, one of {', '.join(OIDC_ALGORITHMS)}"
+            )
+    return names
+
+
+def _oidc(reader: _Reader, value: object) -> OIDCConfig:
+    section = reader.mapping(value, "oidc", _OIDC_KEYS)
+    raw_providers = section.get("providers", {})
+    if not isinstance(raw_providers, dict) or not raw_providers:
+        raise reader.error("oidc.providers", "expected a mapping of provider names to settings")
+    if len(raw_providers) > MAX_OIDC_PROVIDERS:
+        raise reader.error("oidc.providers", f"at most {MAX_OIDC_PROVIDERS} providers")
+    providers: list[OIDCProvider] = []
+    issuers: set[str] = set()
+    for name, raw in raw_providers.items():
+        key = f"oidc.providers.{name}"
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", name):
+            raise reader.error(key, "a provider name is 1-32 of a-z, 0-9, _ and -", at_key=True)
+        entry = reader.mapping(raw, key, _OIDC_PROVIDER_KEYS)
+        for required in ("issuer", "client_id"):
+            if required not in entry:
+                raise reader.error(f"{key}.{required}", "missing")
+        issuer = reader.converted(entry["issuer"], f"{key}.issuer", validate_issuer)
+        if issuer in issuers:
+            raise reader.error(f"{key}.issuer", "another provider has this issuer")
+        issuers.add(issuer)
+        client_id = reader.string(entry["client_id"], f"{key}.client_id")
+        optional: dict[str, Any] = {}
+        if "client_secret_file" in entry:
+            secret_text = reader.string(entry["client_secret_file"], f"{key}.client_secret_file")
+            optional["client_secret_file"] = Path(
+                os.path.normpath(reader.base / Path(secret_text).expanduser())
+            )
+        if "ca" in entry:
+            ca_text = reader.string(entry["ca"], f"{key}.ca")
+            optional["ca"] = Path(os.path.normpath(reader.base / Path(ca_text).expanduser()))
+        for claim in ("user_claim", "groups_claim"):
+            if claim in entry:
+                optional[claim] = reader.string(entry[claim], f"{key}.{claim}")
+        if "scopes" in entry:
+            scopes = reader.converted(entry["scopes"], f"{key}.scopes", _string_list)
+            if "openid" not in scopes:
+                raise reader.error(f"{key}.scopes", "must include openid")
+            optional["scopes"] = scopes
+        if "algorithms" in entry:
+            optional["algorithms"] = reader.converted(
+                entry["algorithms"], f"{key}.algorithms", _algorithms
+            )
+        if "clock_skew" in entry:
+            skew = reader.converted(entry["clock_skew"], f"{key}.clock_skew", _seconds)
+            if skew > MAX_CLOCK_SKEW:
+                raise reader.error(f"{key}.clock_skew", f"at most {MAX_CLOCK_SKEW:.0f}s")
+            optional["clock_skew"] = skew
+        audiences = (
+            reader.converted(entry["audiences"], f"{key}.audiences", _string_list)
+            if "audiences" in entry
+            else (client_id,)
+        )
+        providers.append(
+            OIDCProvider(
+                name=name, issuer=issuer, client_id=client_id, audiences=audiences, **optional
+            )
+        )
+    values: dict[str, Any] = {}
+    for name in (
+        "session_ttl",
+        "refresh_ttl",
+        "metadata_max_age",
+        "kid_refresh_interval",
+        "stale_for",
+    ):
+        if name in section:
+            values[name] = reader.converted(section[name], f"oidc.{name}", _seconds)
+    if "admin_tokens" in section:
+        if not isinstance(section["admin_tokens"], bool):
+            raise reader.error("oidc.admin_tokens", "expected true or false")
+        values["admin_tokens"] = section["admin_tokens"]
+    config = OIDCConfig(providers=tuple(providers), **values)
+    if config.session_ttl > MAX_SESSION_TTL:
+        raise reader.error(
+            "oidc.session_ttl",
+            f"at most {MAX_SESSION_TTL:.0f}s: a session is short, its refresh re-checks the IdP",
+        )
+    if config.refresh_ttl < config.session_ttl:
+        raise reader.error("oidc.refresh_ttl", "must be at least oidc.session_ttl")
+    return config
 
 
 def _read_yaml(path: Path) -> object:
@@ -571,6 +774,7 @@ def load_config(path: Path | str) -> GatewayConfig:
         if "node" in top
         else default_node_name()
     )
+    oidc = _oidc(reader, top["oidc"]) if "oidc" in top else OIDCConfig()
 
     return GatewayConfig(
         node=node,
@@ -588,4 +792,5 @@ def load_config(path: Path | str) -> GatewayConfig:
         log=log,
         audit_log=audit_log,
         audit_max_bytes=audit_max_bytes,
+        oidc=oidc,
     )

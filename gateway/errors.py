@@ -25,7 +25,8 @@ its reason code, counted, and changes nothing.
         │   └── RetentionWrapMismatch a signed, opened envelope with a dishonest retention copy
         ├── KeyRecordError            a signed key record failed verification; detail-free
         ├── PeerAuthError             a peer whose certificate or claims do not check out
-        └── ProtocolError             a request that breaks the wire protocol
+        ├── ProtocolError             a request that breaks the wire protocol
+        └── SignInError               an ID token, device code or session refused (gateway.oidc)
 
 The message of a ``RemoteError`` may be shown to the party that caused it, but is
 never forwarded to anyone else: a local client whose envelope a peer rejected
@@ -115,6 +116,30 @@ class Reason(enum.StrEnum):
     RATE_LIMITED = "rate_limited"  # the user's submission rate is spent (429, Retry-After)
     # The storage reserve is reached or the disk is full: client 507, peer 503 (Retry-After)
     INSUFFICIENT_STORAGE = "insufficient_storage"
+
+    # -- sign-in through OpenID Connect (docs/sign-in.md) ---------------------
+    # (reason codes, not secrets: ruff's S105 mistakes "token" names for passwords)
+    TOKEN_MALFORMED = "token_malformed"  # noqa: S105 -- not a compact JWS, or claims missing or mistyped
+    TOKEN_ALGORITHM = "token_algorithm"  # noqa: S105 -- alg not in the provider's allowlist (none, HS*)
+    TOKEN_UNKNOWN_KEY = "token_unknown_key"  # noqa: S105 -- kid in no key of the IdP's JWKS, even refreshed
+    TOKEN_SIGNATURE = "token_signature"  # noqa: S105 -- the signature does not verify
+    TOKEN_ISSUER = "token_issuer"  # noqa: S105 -- iss is not a configured provider
+    TOKEN_AUDIENCE = "token_audience"  # noqa: S105 -- aud names none of the provider's audiences
+    TOKEN_AZP = "token_azp"  # noqa: S105 -- several audiences and azp missing, or azp not our client
+    TOKEN_EXPIRED = "token_expired"  # noqa: S105 -- exp passed (beyond the clock skew)
+    TOKEN_NOT_YET_VALID = "token_not_yet_valid"  # noqa: S105 -- nbf or iat in the future (beyond the skew)
+    TOKEN_NONCE = "token_nonce"  # noqa: S105 -- nonce missing or not the one sent
+    USER_UNMAPPED = "user_unmapped"  # the user claim names no user of this org
+    IDP_UNAVAILABLE = "idp_unavailable"  # discovery, JWKS or token endpoint unreachable (503)
+    DEVICE_CODE_INVALID = "device_code_invalid"  # unknown, expired, used or replayed
+    AUTHORIZATION_PENDING = "authorization_pending"  # the user has not approved yet (RFC 8628)
+    SLOW_DOWN = "slow_down"  # polling too fast (RFC 8628)
+    ACCESS_DENIED = "access_denied"  # the user refused at the IdP
+    SESSION_EXPIRED = "session_expired"  # a session or refresh token past its lifetime
+    REFRESH_REFUSED = "refresh_refused"  # the IdP refused the refresh: user disabled, grant revoked
+    GROUP_CONFLICT = "group_conflict"  # the IdP's groups put the user in two groups of the rules
+    MFA_REQUIRED = "mfa_required"  # the user's group requires an acr/amr the session lacks
+    ADMIN_TOKENS_DISABLED = "admin_tokens_disabled"  # `oidc.admin_tokens: false`
 
     # -- ours ---------------------------------------------------------------
     CONFIG = "config_error"
@@ -254,3 +279,13 @@ class PeerAuthError(RemoteError):
 
 class ProtocolError(RemoteError):
     default_reason = Reason.PROTOCOL
+
+
+class SignInError(RemoteError):
+    """A sign-in refused: an ID token, a device code, a refresh or a session.
+
+    The message is for the local client that signed in (it says which check
+    failed, never a token); the IdP's own error text is never passed on.
+    """
+
+    default_reason = Reason.TOKEN_MALFORMED

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import trio
 
-from gateway.core.rules import CompiledRules, ReadFile, Rules, load_rules
+from gateway.core.rules import CompiledRules, IdPMembers, ReadFile, Rules, load_rules
 from gateway.errors import RulesError
 from gateway.observability.metrics import RULES_LOADED_TIMESTAMP, RULES_RELOADS
 
@@ -96,7 +96,7 @@ class _Attempt:
     issues: tuple[str, ...]
 
 
-def _attempt(path: str, read_file: ReadFile) -> _Attempt:
+def _attempt(path: str, read_file: ReadFile, idp_members: IdPMembers | None = None) -> _Attempt:
     """Read, validate and compile; never raises for a bad or unreadable file."""
     try:
         content = read_file(path)
@@ -112,7 +112,10 @@ def _attempt(path: str, read_file: ReadFile) -> _Attempt:
         return data
 
     try:
-        compiled = CompiledRules(load_rules(content, filename=path, read_file=read_and_remember))
+        compiled = CompiledRules(
+            load_rules(content, filename=path, read_file=read_and_remember),
+            idp_members=idp_members,
+        )
     except RulesError as exc:
         return _Attempt(None, sha256, fingerprint.hexdigest(), tuple(exc.issues))
     except Exception as exc:  # a bug must not take down the gateway nor swap in half-checked rules
@@ -142,10 +145,12 @@ class RulesHolder:
         read_file: ReadFile = read_bytes,
         wall_clock: Callable[[], float] = time.time,
         history_size: int = HISTORY_SIZE,
+        idp_members: IdPMembers | None = None,
     ) -> None:
         """Hold ``compiled`` (loaded from ``path``); :meth:`load` is the usual way in."""
         self._path = os.fspath(path)
         self._read_file = read_file
+        self._idp_members = idp_members
         self._wall_clock = wall_clock
         self._current = compiled
         self._sha256 = ""
@@ -163,13 +168,14 @@ class RulesHolder:
         read_file: ReadFile = read_bytes,
         wall_clock: Callable[[], float] = time.time,
         history_size: int = HISTORY_SIZE,
+        idp_members: IdPMembers | None = None,
     ) -> RulesHolder:
         """Load the rules at start-up; ``RulesError`` with every issue if they are bad.
 
         Synchronous: the gateway cannot serve before it has rules.
         """
         path = os.fspath(path)
-        attempt = _attempt(path, read_file)
+        attempt = _attempt(path, read_file, idp_members)
         if attempt.compiled is None:
             _RELOADS_FAILURE.inc()
             raise RulesError(list(attempt.issues))
@@ -179,6 +185,7 @@ class RulesHolder:
             read_file=read_file,
             wall_clock=wall_clock,
             history_size=history_size,
+            idp_members=idp_members,
         )
         holder._apply(attempt, "initial")
         return holder
@@ -246,7 +253,9 @@ class RulesHolder:
         file and CA files) is no reload and returns ``None``.
         """
         async with self._lock:
-            attempt = await trio.to_thread.run_sync(_attempt, self._path, self._read_file)
+            attempt = await trio.to_thread.run_sync(
+                _attempt, self._path, self._read_file, self._idp_members
+            )
             if only_if_changed and attempt.fingerprint == self._fingerprint:
                 return None
             return self._apply(attempt, trigger)

@@ -1,5 +1,9 @@
 """``gateway client``: the reference end-to-end encrypted client, on the command line.
 
+``login`` signs in through the org's IdP with the device flow (it prints a
+code and a URL, and waits) and saves the session beside the key file
+(``NAME.session.json``, mode 0600, or ``--session``); the other commands use
+that session when no token is given, and refresh it when it expires.
 ``keygen`` makes a user's key file (mode 0600); ``publish`` has the gateway
 sign and publish its public half; ``send`` looks up, checks and remembers the
 recipient's keys, seals and submits, and prints the envelope id; ``recv``
@@ -17,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import webbrowser
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -26,8 +31,15 @@ import trio
 
 from gateway.cli.common import Registrar, UsageError, set_handler
 from gateway.client.api import ClientSession
+from gateway.client.browser import browser_login
 from gateway.client.contacts import ContactBook, Trust, default_contacts_path
 from gateway.client.reference import Inbox, ReferenceClient, Sent
+from gateway.client.signin import (
+    SavedSession,
+    default_session_path,
+    device_login,
+    session_refresher,
+)
 from gateway.core.address import Address, normalize_domain
 from gateway.core.durations import parse_duration
 from gateway.core.keytext import parse_signing_key
@@ -38,6 +50,7 @@ ENV_URL: Final = "GATEWAY_URL"
 ENV_TOKEN: Final = "GATEWAY_TOKEN"  # noqa: S105 - a variable name, not a token
 ENV_KEYS: Final = "GATEWAY_KEYS"
 ENV_CA: Final = "GATEWAY_CA"
+ENV_SESSION: Final = "GATEWAY_SESSION"
 MAX_WAIT_SECONDS: Final = 60  # the client API's longest long-poll
 MAX_MESSAGE_BYTES: Final = 64 * 1024  # read from stdin with "-": a chat message, not a file
 EXIT_PROBLEMS: Final = 1
@@ -53,6 +66,43 @@ def register(subparsers: Registrar) -> None:
         "client API. The gateway never sees the text or the secret keys.",
     )
     commands = parser.add_subparsers(title="client commands", metavar="COMMAND")
+
+    login = commands.add_parser(
+        "login",
+        help="sign in through the org's identity provider (device flow)",
+        description="Ask the gateway for a device code, print the code and the URL where to "
+        "enter it (on any device with a browser), wait until the sign-in there is done, and "
+        "save the session (mode 0600). Other commands then use it, refreshing it as needed.",
+    )
+    _common(login, keys=False)
+    login.add_argument("--keys", metavar="FILE", help=f"our key file (default: ${ENV_KEYS})")
+    login.add_argument(
+        "--provider", metavar="NAME", help="the provider in gateway.yaml (needed with several)"
+    )
+    login.add_argument(
+        "--browser",
+        action="store_true",
+        help="sign in here with a browser (authorization code flow with PKCE and a loopback "
+        "redirect) instead of the device flow",
+    )
+    login.add_argument(
+        "--open", action="store_true", help="with --browser: open the URL in the default browser"
+    )
+    login.add_argument(
+        "--idp-ca",
+        metavar="FILE",
+        help="with --browser: CA of the IdP's certificate (default: the system's CAs)",
+    )
+    set_handler(login, run_login)
+
+    logout = commands.add_parser(
+        "logout",
+        help="end the saved session at the gateway and delete its file",
+        description="Sign out: the gateway forgets the session, and its file is removed.",
+    )
+    _common(logout, keys=False)
+    logout.add_argument("--keys", metavar="FILE", help=f"our key file (default: ${ENV_KEYS})")
+    set_handler(logout, run_logout)
 
     keygen = commands.add_parser(
         "keygen",
@@ -130,6 +180,12 @@ def _common(parser: argparse.ArgumentParser, *, keys: bool = True) -> None:
     parser.add_argument(
         "--ca", metavar="FILE", help=f"CA of the gateway's certificate (default: ${ENV_CA})"
     )
+    parser.add_argument(
+        "--session",
+        metavar="FILE",
+        help=f"the saved sign-in session (default: ${ENV_SESSION}, or NAME.session.json "
+        "beside the key file); used when no token is given",
+    )
     if not keys:
         return
     parser.add_argument("--keys", metavar="FILE", help=f"our key file (default: ${ENV_KEYS})")
@@ -155,7 +211,7 @@ def _common(parser: argparse.ArgumentParser, *, keys: bool = True) -> None:
 
 def _usage(_args: argparse.Namespace) -> int:
     raise UsageError(
-        "client: name a command: keygen, publish, send, recv or status "
+        "client: name a command: login, logout, keygen, publish, send, recv or status "
         "(see `gateway client --help`)"
     )
 
@@ -198,13 +254,108 @@ def _address(text: str, flag: str) -> Address:
         raise UsageError(f"client: {flag}: {exc}") from None
 
 
-def _session(args: argparse.Namespace) -> ClientSession:
+def _server(args: argparse.Namespace) -> str:
     server = _setting(args, "server", ENV_URL, flag="--server")
     if not server.startswith(("https://", "http://")):
         raise UsageError(f"client: --server {server!r}: expected https://HOST:PORT")
-    token = _setting(args, "token", ENV_TOKEN, flag="--token")
+    return server
+
+
+def _ca(args: argparse.Namespace) -> Path | None:
     ca = args.ca or os.environ.get(ENV_CA)
-    return ClientSession(server, token, ca_file=Path(ca) if ca else None)
+    return Path(ca) if ca else None
+
+
+def _session_path(args: argparse.Namespace) -> Path | None:
+    """The session file: --session, $GATEWAY_SESSION, or beside the key file."""
+    chosen = getattr(args, "session", None) or os.environ.get(ENV_SESSION)
+    if chosen:
+        return Path(chosen)
+    keys = getattr(args, "keys", None) or os.environ.get(ENV_KEYS)
+    return default_session_path(Path(keys)) if keys else None
+
+
+def _session(args: argparse.Namespace) -> ClientSession:
+    server = _server(args)
+    ca_file = _ca(args)
+    token = getattr(args, "token", None) or os.environ.get(ENV_TOKEN)
+    if token:
+        return ClientSession(server, token, ca_file=ca_file)
+    path = _session_path(args)
+    if path is None or not path.exists():
+        raise UsageError(
+            f"client: give --token or set {ENV_TOKEN}, or sign in with `gateway client login`"
+        )
+    saved = SavedSession.load(path)
+    return ClientSession(
+        server,
+        saved.session_token,
+        ca_file=ca_file,
+        refresh=session_refresher(path, saved, ca_file=ca_file),
+    )
+
+
+def run_login(args: argparse.Namespace) -> int:
+    server = _server(args)
+    path = _session_path(args)
+    if path is None:
+        raise UsageError(f"client: give --session or --keys (or set {ENV_SESSION} or {ENV_KEYS})")
+
+    def show(started: dict[str, object]) -> None:
+        complete = started.get("verification_uri_complete")
+        print(
+            f"To sign in, open {started.get('verification_uri')} and enter the code "
+            f"{started.get('user_code')}" + (f"\n(or open {complete})" if complete else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+        print("waiting for the sign-in to finish ...", file=sys.stderr, flush=True)
+
+    def show_url(url: str) -> None:
+        print(f"To sign in, open in your browser:\n{url}", file=sys.stderr, flush=True)
+        if args.open:
+            webbrowser.open(url)
+        print("waiting for the sign-in to finish ...", file=sys.stderr, flush=True)
+
+    if args.browser:
+        saved = trio.run(
+            partial(
+                browser_login,
+                server,
+                ca_file=_ca(args),
+                idp_ca_file=Path(args.idp_ca) if args.idp_ca else None,
+                provider=args.provider,
+                on_url=show_url,
+            )
+        )
+    else:
+        saved = trio.run(
+            partial(device_login, server, ca_file=_ca(args), provider=args.provider, on_code=show)
+        )
+    saved.save(path)
+    print(
+        f"signed in as {saved.address} (group {saved.group}); session saved to {path}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def run_logout(args: argparse.Namespace) -> int:
+    path = _session_path(args)
+    if path is None or not path.exists():
+        raise UsageError("client: no saved session to sign out of")
+    saved = SavedSession.load(path)
+
+    async def sign_out() -> None:
+        async with ClientSession(_server(args), saved.session_token, ca_file=_ca(args)) as api:
+            await api.sign_out()
+
+    try:
+        trio.run(sign_out)
+    finally:
+        path.unlink(missing_ok=True)
+    print(f"signed out; removed {path}", file=sys.stderr)
+    return 0
 
 
 def _with_client(

@@ -27,7 +27,7 @@ from gateway.core.rules import (
     load_rules,
     reason_for_peer,
 )
-from gateway.errors import AddressError, RulesError
+from gateway.errors import AddressError, Reason, RulesError
 
 
 def register(subparsers: Registrar) -> None:
@@ -89,6 +89,25 @@ def register(subparsers: Registrar) -> None:
         "--without-retention",
         action="store_true",
         help="outbound: the envelope has no retention copy (default: one for the current key)",
+    )
+    explain.add_argument(
+        "--claim",
+        action="append",
+        default=[],
+        type=_claim,
+        metavar="NAME=VALUE",
+        help="an IdP claim value of our user's sign-in (FROM if ours, else TO; repeatable), "
+        "for groups with members_from, e.g. --claim groups=legal",
+    )
+    explain.add_argument(
+        "--acr", metavar="VALUE", help="the acr of our sender's sign-in, for groups with requires"
+    )
+    explain.add_argument(
+        "--amr",
+        action="append",
+        default=[],
+        metavar="METHOD",
+        help="an amr method of our sender's sign-in (repeatable), for groups with requires",
     )
     explain.add_argument("--json", action="store_true", help="print the decision as JSON")
     set_handler(explain, run_explain)
@@ -178,24 +197,100 @@ def run_explain(args: argparse.Namespace) -> int:
     except RulesError as exc:
         _print_issues(exc)
         return EXIT_USAGE
-    compiled = CompiledRules(rules)
-    decision = explain(
-        compiled,
-        sender,
-        recipient,
-        asserted_group=args.group,
-        size=args.size,
-        ttl_seconds=args.ttl,
-        burn_on_read=args.burn_on_read,
-        with_retention=not args.without_retention,
-        envelope_version=args.envelope_version,
-    )
+    ours = sender if sender.org == rules.org else recipient
+    claims: dict[str, frozenset[str]] = {}
+    for name, value in args.claim:
+        claims[name] = claims.get(name, frozenset()) | {value}
+    compiled = CompiledRules(rules, idp_members=_OneUser(ours.user, claims))
+    decision = sign_in_decision(compiled, ours, claims, sender=sender, acr=args.acr, amr=args.amr)
+    if decision is None:
+        decision = explain(
+            compiled,
+            sender,
+            recipient,
+            asserted_group=args.group,
+            size=args.size,
+            ttl_seconds=args.ttl,
+            burn_on_read=args.burn_on_read,
+            with_retention=not args.without_retention,
+            envelope_version=args.envelope_version,
+        )
     note = compiled.retention_note(decision)
     if args.json:
         print(json.dumps(decision_json(decision, sender, recipient, note), sort_keys=True))
     else:
-        print("\n".join(render_decision(decision, sender, recipient, note)))
+        lines = render_decision(decision, sender, recipient, note)
+        lines.extend(_sign_in_notes(compiled, sender, args.acr, args.amr))
+        print("\n".join(lines))
     return EXIT_OK if decision.allowed else EXIT_FAILURE
+
+
+def _claim(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, like groups=legal, got {text!r}")
+    return name.strip(), value.strip()
+
+
+class _OneUser:
+    """The IdP claims of the one user a question is about (``--claim``)."""
+
+    def __init__(self, user: str, claims: dict[str, frozenset[str]]) -> None:
+        self._user, self._claims = user, claims
+
+    def claims_of(self, user: str) -> dict[str, frozenset[str]]:
+        return self._claims if user == self._user else {}
+
+
+def sign_in_decision(
+    compiled: CompiledRules,
+    ours: Address,
+    claims: dict[str, frozenset[str]],
+    *,
+    sender: Address,
+    acr: str | None,
+    amr: list[str],
+) -> Decision | None:
+    """A denial the sign-in itself would give (two groups, or a weak sign-in), or ``None``."""
+    groups = compiled.groups_for(ours.user, claims)
+    direction = Direction.OUTBOUND if ours == sender else Direction.INBOUND
+    if len(groups) > 1:
+        names = " and ".join(group.name for group in groups)
+        return Decision(
+            allowed=False,
+            reason=Reason.GROUP_CONFLICT,
+            direction=direction,
+            group=None,
+            peer=None,
+            rule=groups[1].mark,
+            detail=f"{ours.user} would be in {names}: sign-in is refused (group_conflict)",
+        )
+    if ours != sender or len(groups) != 1 or (acr is None and not amr):
+        return None
+    group = groups[0]
+    if group.requires is None or group.requires.met_by(acr, tuple(amr)):
+        return None
+    return Decision(
+        allowed=False,
+        reason=Reason.MFA_REQUIRED,
+        direction=direction,
+        group=group.name,
+        peer=None,
+        rule=group.mark,
+        detail=f"group {group.name} requires {group.requires}: the session is refused",
+    )
+
+
+def _sign_in_notes(
+    compiled: CompiledRules, sender: Address, acr: str | None, amr: list[str]
+) -> list[str]:
+    group = compiled.group_of(sender.user) if sender.org == compiled.org else None
+    if group is None or group.requires is None or acr is not None or amr:
+        return []
+    return [
+        f"sign-in: group {group.name} requires {group.requires}; a session without it is "
+        "refused (mfa_required): give --acr or --amr to check one"
+    ]
 
 
 def explain(

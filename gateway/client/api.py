@@ -13,7 +13,7 @@ Errors are translated at this edge: a transport failure is a
 from __future__ import annotations
 
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -78,15 +78,19 @@ class ClientSession:
         ca_file: Path | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         max_connections: int = 4,
+        refresh: Callable[[], Awaitable[str]] | None = None,
     ) -> None:
+        """``token`` may be empty for the sign-in endpoints. With ``refresh``, an answer
+        ``401 session_expired`` makes the session call it for a new token and try once more."""
         self.server = server.rstrip("/")
+        self._refresh = refresh
         verify: ssl.SSLContext | bool = (
             client_ssl_context(ca_file) if self.server.startswith("https://") else False
         )
         self._timeout = timeout
         self._http = httpx.AsyncClient(
             base_url=self.server,
-            headers={"authorization": f"Bearer {token}"},
+            headers={"authorization": f"Bearer {token}"} if token else None,
             verify=verify,
             timeout=timeout,
             limits=httpx.Limits(max_connections=max_connections),
@@ -118,6 +122,36 @@ class ClientSession:
         ok: Sequence[int] = (200, 202),
     ) -> Any:
         try:
+            return await self._call_once(
+                method,
+                path,
+                json=json,
+                content=content,
+                params=params,
+                extra_time=extra_time,
+                ok=ok,
+            )
+        except ClientAPIError as exc:
+            if self._refresh is None or exc.status != 401 or exc.code != "session_expired":
+                raise
+        # The session token expired: trade the refresh token for a new one, once.
+        self._http.headers["authorization"] = f"Bearer {await self._refresh()}"
+        return await self._call_once(
+            method, path, json=json, content=content, params=params, extra_time=extra_time, ok=ok
+        )
+
+    async def _call_once(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: object,
+        content: bytes | None,
+        params: dict[str, int] | None,
+        extra_time: float,
+        ok: Sequence[int],
+    ) -> Any:
+        try:
             answer = await self._http.request(
                 method,
                 path,
@@ -146,10 +180,46 @@ class ClientSession:
                 message,
                 rule=rule if isinstance(rule, str) else None,
             )
+        if answer.status_code == 204:
+            return None
         try:
             return answer.json()
         except ValueError as exc:
             raise ClientTransportError(f"{self.server}: answer is not JSON") from exc
+
+    # -- sign-in (docs/client-api.md 1a) ----------------------------------------------------
+    async def sign_in_providers(self) -> dict[str, Any]:
+        answer: dict[str, Any] = await self._call("GET", "/v1/sessions/providers", ok=(200,))
+        return answer
+
+    async def start_device_sign_in(self, provider: str | None = None) -> dict[str, Any]:
+        body = {"provider": provider} if provider else {}
+        answer: dict[str, Any] = await self._call("POST", "/v1/sessions/device", json=body)
+        return answer
+
+    async def open_session(self, grant: dict[str, str]) -> dict[str, Any]:
+        """``POST /v1/sessions``: a device code, an ID token or a refresh token for a session."""
+        answer: dict[str, Any] = await self._call_once(
+            "POST",
+            "/v1/sessions",
+            json=grant,
+            content=None,
+            params=None,
+            extra_time=0.0,
+            ok=(200,),
+        )
+        return answer
+
+    async def sign_out(self) -> None:
+        await self._call_once(
+            "DELETE",
+            "/v1/sessions/current",
+            json=None,
+            content=None,
+            params=None,
+            extra_time=0.0,
+            ok=(204,),
+        )
 
     async def me(self) -> dict[str, Any]:
         """``GET /v1/me``: the caller's address, group and the group's limits."""

@@ -3,8 +3,12 @@
 Theory of operation
 -------------------
 Every request first proves a user: ``Authorization: Bearer <token>`` is hashed
-and looked up (:mod:`gateway.clientapi.tokens`). No, unknown or revoked token:
-``401 unauthorized``. A token whose user the rules in force no longer name
+and looked up: a session token (``gws_``) of a sign-in through OpenID Connect
+(:mod:`gateway.oidc.sessions`: expired, ``401 session_expired``; a group that
+now requires a stronger sign-in, ``403 mfa_required``), or an admin-issued
+token (``gwt_``, :mod:`gateway.clientapi.tokens`; refused with
+``401 admin_tokens_disabled`` when ``oidc.admin_tokens`` is false). No,
+unknown or revoked token: ``401 unauthorized``. A token whose user the rules in force no longer name
 (removed from every group): ``403 no_group``, on every endpoint, so removing a
 user from the rules cuts them off without revoking anything. The rules are
 read once per request (``rules.current``), so one request sees one version.
@@ -71,7 +75,8 @@ from prometheus_client import Counter
 
 from gateway.clientapi.mailbox_wait import MailboxWaiters, TooManyWatches
 from gateway.clientapi.retention import ArchiveSink, RetentionDesk, parse_ack, parse_report
-from gateway.clientapi.tokens import authenticate
+from gateway.clientapi.signin import signin_error_response
+from gateway.clientapi.tokens import authenticate, is_well_formed
 from gateway.core.address import Address, normalize_domain
 from gateway.core.encoding import loads_strict
 from gateway.core.envelope import (
@@ -100,6 +105,7 @@ from gateway.errors import (
     KeyRecordError,
     ProtocolError,
     Reason,
+    SignInError,
     StorageFullError,
 )
 from gateway.http import Request, Response, Router, error_response, json_response
@@ -113,6 +119,7 @@ from gateway.observability.metrics import (
     SPOOL_FULL_REFUSALS,
     STORAGE_RESERVE_REFUSALS,
 )
+from gateway.oidc.sessions import SessionService, is_session_token
 from gateway.reserve import Reserve
 from gateway.storage.base import (
     STATUS_DELIVERED,
@@ -303,6 +310,8 @@ class ClientAPI:
         submit_rate: RateLimiter | None = None,
         reserve: Reserve | None = None,
         archive: ArchiveSink | None = None,
+        sessions: SessionService | None = None,
+        admin_tokens: bool = True,
     ) -> None:
         if not isinstance(org_signing_seed, bytes) or len(org_signing_seed) != KEY_BYTES:
             raise ValueError(f"org_signing_seed must be {KEY_BYTES} bytes")
@@ -327,6 +336,8 @@ class ClientAPI:
             org=org, mailboxes=storage, archive=archive, audit=self._audit, clock_ms=clock_ms
         )
         self._submit_rate = submit_rate  # per user, charged one token per envelope
+        self._sessions = sessions
+        self._admin_tokens = admin_tokens
         self._submissions: dict[str, Counter] = {}
         self._denials: dict[tuple[str, str], Counter] = {}
 
@@ -352,18 +363,44 @@ class ClientAPI:
         (after the token is checked): a misspelt ``limt=5`` is the client's
         bug to hear about, not to be silently ignored.
         """
-        address = await authenticate(self._storage, request.header("authorization"))
+        caller = await self._identify(request)
+        if isinstance(caller, Response):
+            return caller
+        unknown = request.query.keys() - query
+        if unknown:
+            names = ", ".join(repr(name[:40]) for name in sorted(unknown)[:5])
+            taken = ", ".join(sorted(query)) or "none"
+            raise ProtocolError(f"unknown query parameter(s) {names}; this endpoint takes {taken}")
+        return caller
+
+    async def _identify(self, request: Request) -> _Caller | Response:
+        """Who the bearer token names: a sign-in session, or an admin-issued token."""
+        authorization = request.header("authorization")
+        scheme, _, credentials = (authorization or "").strip().partition(" ")
+        credentials = credentials.strip()
+        if scheme.lower() == "bearer" and is_session_token(credentials):
+            if self._sessions is None:
+                return error_response(401, Reason.UNAUTHORIZED, headers=[WWW_AUTHENTICATE])
+            session_rules = self._rules.current
+            try:
+                user, session_group = await self._sessions.authenticate(credentials, session_rules)
+            except SignInError as exc:
+                return signin_error_response(exc)
+            return _Caller(user, session_group, session_rules)
+        if not self._admin_tokens and is_well_formed(credentials):
+            return signin_error_response(
+                SignInError(
+                    "admin-issued tokens are turned off here: sign in with `gateway client login`",
+                    reason=Reason.ADMIN_TOKENS_DISABLED,
+                )
+            )
+        address = await authenticate(self._storage, authorization)
         if address is None or address.org != self._org:
             return error_response(401, Reason.UNAUTHORIZED, headers=[WWW_AUTHENTICATE])
         rules = self._rules.current
         group = rules.group_of(address.user)
         if group is None:
             return error_response(403, Reason.NO_GROUP)
-        unknown = request.query.keys() - query
-        if unknown:
-            names = ", ".join(repr(name[:40]) for name in sorted(unknown)[:5])
-            taken = ", ".join(sorted(query)) or "none"
-            raise ProtocolError(f"unknown query parameter(s) {names}; this endpoint takes {taken}")
         return _Caller(address, group, rules)
 
     # -- GET /v1/me ------------------------------------------------------------------

@@ -276,6 +276,41 @@ AUDIT_WRITE_FAILURES = Counter(
 )
 
 
+# -- sign-in through OpenID Connect (gateway.oidc) -----------------------------------
+# `provider` is a provider's name from gateway.yaml; `document` is discovery or jwks.
+OIDC_FETCHES = Counter(
+    "gateway_oidc_fetches_total",
+    "Fetches of an IdP's discovery document or JWKS, by provider, document and result (ok, error).",
+    ["provider", "document", "result"],
+)
+OIDC_METADATA_FETCHED = Gauge(
+    "gateway_oidc_metadata_fetched_timestamp_seconds",
+    "Unix time of the last successful fetch of an IdP's discovery document or JWKS.",
+    ["provider", "document"],
+)
+OIDC_STALE_SERVES = Counter(
+    "gateway_oidc_stale_serves_total",
+    "Times a cached discovery document or JWKS was used because the IdP could not be reached.",
+    ["provider", "document"],
+)
+OIDC_UNKNOWN_KID_REFRESHES = Counter(
+    "gateway_oidc_unknown_kid_refreshes_total",
+    "ID tokens whose kid was in no cached key: JWKS refetched, or throttled (bounded refresh).",
+    ["provider", "result"],
+)
+OIDC_SIGNINS = Counter(
+    "gateway_oidc_signins_total",
+    "Sign-ins (ID token or device code exchanged for a session), by provider and result "
+    "(ok, or the reason code).",
+    ["provider", "result"],
+)
+OIDC_SESSION_REFRESHES = Counter(
+    "gateway_oidc_session_refreshes_total",
+    "Session refreshes (each re-checks the IdP), by provider and result (ok, or the reason code).",
+    ["provider", "result"],
+)
+
+
 class NodeInfo:
     """``gateway_node_info`` of this process: one series, moved to each rules load."""
 

@@ -32,6 +32,14 @@ Delivery statuses
     than keep a status row for it: what :meth:`Storage.status_get` answers is
     the same.
 
+Sign-in sessions (gateway.oidc)
+    A session is one row keyed by its id, found by the hash of the session
+    token in force or of the refresh token in force (never the tokens
+    themselves). A refresh replaces both hashes in one write, so the old pair
+    stops working when the new one is returned. The row keeps the IdP's refresh
+    token, which the gateway needs to re-check the user at the IdP: the store
+    is a credential store, kept mode 0600 like the token hashes.
+
 Time
     Nothing here reads a clock: every time is passed in as Unix milliseconds
     (``*_ms``), so expiry and retention are testable without waiting.
@@ -422,6 +430,50 @@ class Bound:
         return depth + more <= self.max_envelopes and size + more_bytes <= self.max_bytes
 
 
+MAX_SESSION_ID_LENGTH = 64
+MAX_PROVIDER_LENGTH = 32
+MAX_IDP_REFRESH_TOKEN_LENGTH = 8192
+MAX_SESSION_CLAIM_VALUES = 256  # groups or amr values kept from an ID token
+MAX_CLAIM_VALUE_LENGTH = 256
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """A signed-in session (gateway.oidc.sessions): what the gateway knows of it."""
+
+    session_id: str
+    user: str  # the full address
+    provider: str  # the provider's name in gateway.yaml
+    access_hash: bytes  # SHA-256 of the session token in force
+    access_expires_ms: int
+    refresh_hash: bytes  # SHA-256 of the refresh token in force
+    refresh_expires_ms: int  # the session's end: no refresh after it
+    created_ms: int
+    idp_refresh_token: str | None = field(default=None, repr=False)  # a credential
+    idp_groups: tuple[str, ...] = ()  # the groups claim at the last check at the IdP
+    acr: str | None = None
+    amr: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_text("session_id", self.session_id, MAX_SESSION_ID_LENGTH)
+        check_text("user", self.user, MAX_USER_LENGTH)
+        check_text("provider", self.provider, MAX_PROVIDER_LENGTH)
+        check_bytes("access_hash", self.access_hash, MAX_TOKEN_HASH_BYTES)
+        check_bytes("refresh_hash", self.refresh_hash, MAX_TOKEN_HASH_BYTES)
+        for name in ("access_expires_ms", "refresh_expires_ms", "created_ms"):
+            check_ms(name, getattr(self, name))
+        if self.idp_refresh_token is not None:
+            check_text("idp_refresh_token", self.idp_refresh_token, MAX_IDP_REFRESH_TOKEN_LENGTH)
+        if self.acr is not None:
+            check_text("acr", self.acr, MAX_CLAIM_VALUE_LENGTH)
+        for name in ("idp_groups", "amr"):
+            values = getattr(self, name)
+            if len(values) > MAX_SESSION_CLAIM_VALUES:
+                raise ValueError(f"{name}: more than {MAX_SESSION_CLAIM_VALUES} values")
+            for value in values:
+                check_text(name, value, MAX_CLAIM_VALUE_LENGTH)
+
+
 # -- the interface ---------------------------------------------------------------
 class Storage(Protocol):
     """The gateway's durable state. See the module docstring for the promises."""
@@ -619,6 +671,35 @@ class Storage(Protocol):
 
     async def user_keys_put(self, user: str, record: bytes, *, at_ms: int) -> None:
         """Publish (replace) ``user``'s key record, stored as given."""
+        ...
+
+    # -- sign-in sessions (six methods; see "Sign-in sessions" above) --------------
+    async def session_put(self, record: SessionRecord) -> None:
+        """Store ``record``, replacing the row with its ``session_id`` (a refresh)."""
+        ...
+
+    async def session_by_access(self, access_hash: bytes) -> SessionRecord | None:
+        """The session whose session token in force hashes to ``access_hash``."""
+        ...
+
+    async def session_by_refresh(self, refresh_hash: bytes) -> SessionRecord | None:
+        """The session whose refresh token in force hashes to ``refresh_hash``."""
+        ...
+
+    async def session_delete(self, session_id: str) -> bool:
+        """End one session (sign-out, or refused at a refresh); whether it existed."""
+        ...
+
+    async def session_delete_ended(self, *, before_ms: int) -> int:
+        """Forget sessions whose refresh lifetime ended before ``before_ms``; how many."""
+        ...
+
+    async def session_groups(self) -> list[tuple[str, str, tuple[str, ...]]]:
+        """``(user, provider, idp_groups)`` of every session, least recently refreshed first.
+
+        Read once at start-up, to know again which group the IdP puts each
+        signed-in user in (gateway.oidc.members).
+        """
         ...
 
     async def user_keys_get(self, user: str) -> bytes | None: ...

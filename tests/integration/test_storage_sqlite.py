@@ -29,7 +29,7 @@ from gateway.storage import (
     SpoolItem,
     rejected_status,
 )
-from gateway.storage.base import MAX_LAST_ERROR_LENGTH
+from gateway.storage.base import MAX_LAST_ERROR_LENGTH, SessionRecord
 from gateway.storage.sqlite import (
     LATEST_VERSION,
     MIGRATIONS,
@@ -963,3 +963,59 @@ def test_a_full_disk_is_a_storage_full_error_and_other_errors_are_not() -> None:
     error = _storage_error("gw.db", other)
     assert type(error) is StorageError
     assert error.message == "storage gw.db: OperationalError: disk I/O error"
+
+
+# -- sign-in sessions ---------------------------------------------------------------
+def _session(session_id: str = "s1", **changes: object) -> SessionRecord:
+    values: dict[str, object] = {
+        "session_id": session_id,
+        "user": ALICE,
+        "provider": "corp",
+        "access_hash": b"a" * 32,
+        "access_expires_ms": 1_000,
+        "refresh_hash": b"r" * 32,
+        "refresh_expires_ms": 5_000,
+        "created_ms": 1,
+        "idp_refresh_token": "idp-rt",
+        "idp_groups": ("legal", "staff"),
+        "acr": "mfa",
+        "amr": ("pwd", "otp"),
+    }
+    values.update(changes)
+    return SessionRecord(**values)  # type: ignore[arg-type]
+
+
+async def test_sessions_put_find_refresh_delete(store: SqliteStorage) -> None:
+    record = _session()
+    await store.session_put(record)
+    assert await store.session_by_access(b"a" * 32) == record
+    assert await store.session_by_refresh(b"r" * 32) == record
+    # a refresh replaces both hashes in one write: the old ones find nothing
+    renewed = _session(access_hash=b"b" * 32, refresh_hash=b"s" * 32, access_expires_ms=2_000)
+    await store.session_put(renewed)
+    assert await store.session_by_access(b"a" * 32) is None
+    assert await store.session_by_refresh(b"r" * 32) is None
+    assert await store.session_by_access(b"b" * 32) == renewed
+    await store.session_put(
+        _session(
+            "s2",
+            access_hash=b"c" * 32,
+            refresh_hash=b"t" * 32,
+            refresh_expires_ms=9_000,
+            idp_refresh_token=None,
+        )
+    )
+    assert await store.session_delete_ended(before_ms=6_000) == 1
+    assert await store.session_by_access(b"b" * 32) is None
+    found = await store.session_by_access(b"c" * 32)
+    assert found is not None
+    assert found.idp_refresh_token is None
+    assert await store.session_delete("s2") is True
+    assert await store.session_delete("s2") is False
+
+
+def test_session_records_are_bounded() -> None:
+    with pytest.raises(ValueError, match="idp_groups"):
+        _session(idp_groups=tuple(f"g{i}" for i in range(300)))
+    with pytest.raises(ValueError, match="access_hash"):
+        _session(access_hash=b"x" * 65)

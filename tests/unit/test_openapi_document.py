@@ -28,6 +28,7 @@ from jsonschema import Draft202012Validator
 
 from gateway.clientapi import api as clientapi
 from gateway.clientapi.mailbox_wait import MailboxWaiters
+from gateway.clientapi.signin import SignInAPI
 from gateway.core.address import MAX_ADDRESS_LENGTH, MAX_DOMAIN_LENGTH, Address
 from gateway.core.address import normalize_domain as _normalize_domain
 from gateway.core.encoding import b64url_decode_canonical, is_canonical_b64url
@@ -101,6 +102,8 @@ def test_the_file_names_exactly_the_routes_the_client_api_serves() -> None:
         waiters=MailboxWaiters(),
     )
     api.add_routes(cast(Any, Recorder()))
+    # Sign-in (OpenID Connect) has its own handlers, on the same listener when configured.
+    SignInAPI(cast(Any, None)).add_routes(cast(Any, Recorder()))
     documented = {
         (method, re.sub(r"\{[^}]*\}", "{}", path))
         for path, item in DOCUMENT["paths"].items()
@@ -110,13 +113,25 @@ def test_the_file_names_exactly_the_routes_the_client_api_serves() -> None:
     assert documented == served
 
 
-def test_every_operation_is_authenticated_and_documents_401() -> None:
+# Signing in is how a client gets a token: those operations take none.
+PUBLIC_OPERATIONS = {
+    ("get", "/v1/sessions/providers"),
+    ("post", "/v1/sessions/device"),
+    ("post", "/v1/sessions"),
+}
+
+
+def test_every_operation_but_sign_in_is_authenticated_and_documents_401() -> None:
     assert DOCUMENT["security"] == [{"bearer": []}]
     for path, item in DOCUMENT["paths"].items():
         for method, op in item.items():
+            if (method, path) in PUBLIC_OPERATIONS:
+                assert op["security"] == [], f"{method} {path} is sign-in: no token"
+                continue
             assert "security" not in op, f"{method} {path} overrides the bearer token"
             assert "401" in op["responses"], f"{method} {path}"
-            assert "403" in op["responses"], f"{method} {path} (no_group)"
+            if not path.startswith("/v1/sessions"):  # a session's own end: no group needed
+                assert "403" in op["responses"], f"{method} {path} (no_group)"
 
 
 def test_envelope_writes_document_every_refusal_the_server_can_send() -> None:

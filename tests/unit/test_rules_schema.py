@@ -124,6 +124,11 @@ INVALID = {
     "groups-not-mapping": MINIMAL + "groups: []\n",
     "peers-null": MINIMAL + "peers:\ngroups: {}\n",
     "group-null": MINIMAL + "groups:\n  staff:\n",
+    "members-from-no-value": edit("members: [dave]", "members_from: {claim: groups}"),
+    "members-from-unknown-key": edit("members: [dave]", "members_from: {value: a, colour: b}"),
+    "members-from-empty-list": edit("members: [dave]", "members_from: []"),
+    "requires-empty": edit("members: [dave]", "members: [dave]\n    requires: {}"),
+    "requires-unknown-key": edit("members: [dave]", "members: [dave]\n    requires: {mfa: yes}"),
 }
 
 
@@ -134,6 +139,18 @@ def test_both_accept_several_endpoints_for_a_peer() -> None:
     )
     assert schema_accepts(text)
     assert loader_accepts(text)
+
+
+def test_both_accept_members_from_and_requires() -> None:
+    for change in (
+        "members_from: {claim: groups, value: sales}",
+        "members: [dave]\n    members_from: [{value: sales}, {claim: roles, value: Sales Team}]",
+        "members: [dave]\n    requires: {acr: urn:example:mfa}",
+        "members_from: {value: sales}\n    requires: {amr: [otp, hwk], acr: [mfa]}",
+    ):
+        text = edit("members: [dave]", change)
+        assert schema_accepts(text), change
+        assert loader_accepts(text), change
 
 
 def test_both_accept_the_smallest_file() -> None:
@@ -163,6 +180,9 @@ LOADER_ONLY = {
     "ca-not-parsable": edit("      MIIB", "      XXXX"),
     "members-differ-only-in-case": edit("members: [dave]", "members: [dave, Dave]"),
     "duplicate-yaml-key": edit("  sales:\n", "  engineering:\n"),
+    "claim-value-in-two-groups": edit("members: [dave]", "members_from: {value: eng}").replace(
+        "members: [alice", "members_from: {value: eng}\n    members: [alice", 1
+    ),
 }
 
 

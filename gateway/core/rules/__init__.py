@@ -7,10 +7,11 @@ says what changes in effect. docs/rules.md is the admin's guide.
 """
 
 from gateway.core.rules.diff import RulesDiff, diff_rules, format_diff
-from gateway.core.rules.evaluator import CompiledRules, Decision, reason_for_peer
+from gateway.core.rules.evaluator import CompiledRules, Decision, IdPMembers, reason_for_peer
 from gateway.core.rules.loader import ReadFile, load_rules
 from gateway.core.rules.model import (
     BurnOnRead,
+    ClaimMatch,
     Direction,
     Group,
     Limits,
@@ -18,15 +19,18 @@ from gateway.core.rules.model import (
     Peer,
     PeerRef,
     Rules,
+    SignInRequirement,
     TtlBounds,
 )
 
 __all__ = [
     "BurnOnRead",
+    "ClaimMatch",
     "CompiledRules",
     "Decision",
     "Direction",
     "Group",
+    "IdPMembers",
     "Limits",
     "Mark",
     "Peer",
@@ -34,6 +38,7 @@ __all__ = [
     "ReadFile",
     "Rules",
     "RulesDiff",
+    "SignInRequirement",
     "TtlBounds",
     "diff_rules",
     "format_diff",

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from gateway.core.address import Address
 from gateway.core.durations import format_duration, format_period
@@ -55,6 +56,16 @@ from gateway.core.rules.model import (
 )
 from gateway.core.yamlmarks import paused_gc
 from gateway.errors import Reason
+
+
+class IdPMembers(Protocol):
+    """Who the IdP says a user is: the claim values of their last sign-in (gateway.oidc).
+
+    A plain lookup (no I/O): the sign-in service keeps it up to date. Users
+    named in ``members`` never reach it.
+    """
+
+    def claims_of(self, user: str) -> Mapping[str, frozenset[str]]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,10 +198,22 @@ class _GroupIndex:
 class CompiledRules:
     """Validated rules turned into indexes; answers policy questions in O(1)."""
 
-    __slots__ = ("_by_user", "_default_mark", "_groups", "org", "rules")
+    __slots__ = (
+        "_by_user",
+        "_claim_groups",
+        "_default_mark",
+        "_groups",
+        "_idp_members",
+        "org",
+        "rules",
+    )
 
-    def __init__(self, rules: Rules) -> None:
+    def __init__(self, rules: Rules, *, idp_members: IdPMembers | None = None) -> None:
+        """``idp_members`` answers for users not named in ``members``: their group is
+        the one whose ``members_from`` their claims match (exactly one; two is
+        no group, a conflict the sign-in already refused)."""
         self.rules = rules
+        self._idp_members = idp_members
         self.org = rules.org
         self._default_mark = rules.default_mark
         self._by_user: dict[str, _GroupIndex] = {}
@@ -199,6 +222,7 @@ class CompiledRules:
             for index in self._groups.values():
                 for user in index.group.members:
                     self._by_user[user] = index
+        self._claim_groups = tuple(g for g in rules.groups.values() if g.members_from)
 
     # -- lookups ---------------------------------------------------------------------
     @property
@@ -208,12 +232,36 @@ class CompiledRules:
     def peer(self, org: str) -> Peer | None:
         return self.rules.peers.get(org)
 
-    def group_of(self, user: str) -> Group | None:
+    def _index(self, user: str) -> _GroupIndex | None:
         index = self._by_user.get(user)
+        if index is not None or self._idp_members is None or not self._claim_groups:
+            return index
+        claims = self._idp_members.claims_of(user)
+        if not claims:
+            return None
+        found = [group for group in self._claim_groups if group.has_claim_member(claims)]
+        return self._groups[found[0].name] if len(found) == 1 else None
+
+    def group_of(self, user: str) -> Group | None:
+        index = self._index(user)
         return None if index is None else index.group
 
     def group(self, name: str) -> Group | None:
         return self.rules.groups.get(name)
+
+    def groups_for(self, user: str, claims: Mapping[str, frozenset[str]]) -> tuple[Group, ...]:
+        """Every group ``user`` is in: named in ``members``, or by an IdP claim (``members_from``).
+
+        ``claims`` maps a claim name to the values the user's sign-in showed.
+        More than one group is a conflict, which the caller reports (a user is
+        in one group at most); the static group, if any, comes first.
+        """
+        static = self.group_of(user)
+        found = [static] if static is not None else []
+        for group in self._claim_groups:
+            if group is not static and group.has_claim_member(claims):
+                found.append(group)
+        return tuple(found)
 
     def visible_to(self, user: str, peer: str) -> bool:
         """May ``peer`` learn that local ``user`` exists (see the module docstring)?
@@ -223,7 +271,7 @@ class CompiledRules:
         of the peer's, so a ``receive_from`` entry for any of its groups shows
         the user to the whole peer gateway (which asks for all its users).
         """
-        index = self._by_user.get(user)
+        index = self._index(user)
         if index is None or peer not in self.rules.peers:
             return False
         return index.receive_all or peer in index.peers_heard
@@ -337,7 +385,7 @@ class CompiledRules:
                 None,
                 f"{sender} is not a user of {self.org}",
             )
-        index = self._by_user.get(sender.user)
+        index = self._index(sender.user)
         if index is None:
             return _deny(
                 Reason.NO_GROUP,
@@ -348,7 +396,7 @@ class CompiledRules:
                 f"{sender.user} is in no group: nothing is allowed for them (default: deny)",
             )
         if recipient.org == self.org:
-            if recipient.user not in self._by_user:
+            if self._index(recipient.user) is None:
                 return _deny(
                     Reason.RECIPIENT_UNKNOWN,
                     Direction.LOCAL,
@@ -431,7 +479,7 @@ class CompiledRules:
                 None,
                 f"{recipient} is not a user of {self.org}",
             )
-        index = self._by_user.get(recipient.user)
+        index = self._index(recipient.user)
         if index is None:
             return _deny(
                 Reason.RECIPIENT_UNKNOWN,

@@ -29,8 +29,10 @@ from gateway.core.envelope import RETENTION_KEY_ID_RE
 from gateway.core.keytext import parse_retention_key, parse_signing_key
 from gateway.core.rules.model import (
     DEFAULT_MAX_ENVELOPE_BYTES,
+    DEFAULT_MEMBER_CLAIM,
     DEFAULT_TTL,
     GROUP_NAME_RE,
+    MAX_CLAIM_VALUE_LENGTH,
     MAX_KEEP_SECONDS,
     MAX_PEER_ENDPOINTS,
     MAX_PREVIOUS_RETENTION_KEYS,
@@ -42,6 +44,7 @@ from gateway.core.rules.model import (
     RULES_VERSION,
     WILDCARD,
     BurnOnRead,
+    ClaimMatch,
     Group,
     GroupRetention,
     Limits,
@@ -51,6 +54,7 @@ from gateway.core.rules.model import (
     PeerRef,
     RetentionKey,
     Rules,
+    SignInRequirement,
     TtlBounds,
 )
 from gateway.core.yamlmarks import (
@@ -75,8 +79,18 @@ _ROOT_KEYS = ("version", "org", "default", "retention", "peers", "groups")
 _ROOT_REQUIRED = ("version", "org", "default", "groups")
 _PEER_KEYS = ("endpoint", "ca", "ca_pem", "pins", "signing_key")
 _PEER_REQUIRED = ("endpoint", "signing_key")
-_GROUP_KEYS = ("members", "send_to", "receive_from", "limits", "retention")
-_GROUP_REQUIRED = ("members",)
+_GROUP_KEYS = (
+    "members",
+    "members_from",
+    "send_to",
+    "receive_from",
+    "limits",
+    "retention",
+    "requires",
+)
+_GROUP_REQUIRED = ()  # members, members_from or both: checked in Reader.group
+_CLAIM_MATCH_KEYS = ("claim", "value")
+_REQUIRES_KEYS = ("acr", "amr")
 _LIMIT_KEYS = ("max_envelope_bytes", "ttl", "burn_on_read")
 _TTL_KEYS = ("min", "default", "max")
 _ORG_RETENTION_KEYS = ("key", "previous")
@@ -153,6 +167,7 @@ class _Checker:
             set()
         )  # invalid peer keys: references to them are not re-reported
         self.user_group: dict[str, tuple[str, MarkedList, int]] = {}
+        self.claim_group: dict[ClaimMatch, tuple[str, Position]] = {}
         self.ca_cache: dict[str, bytes | OSError] = {}
         self.ca_files: list[str] = []
         self.org_retention: OrgRetention | None = None
@@ -570,7 +585,16 @@ class _Checker:
         if spec is None:
             return None
         self.check_keys(spec, path, _GROUP_KEYS, _GROUP_REQUIRED, key_position)
-        members = self.members(name, spec, path)
+        if "members" not in spec and "members_from" not in spec:
+            self.error(
+                key_position,
+                path,
+                "a group needs members (a list of users), members_from (an IdP claim), or both",
+            )
+            return None
+        members = self.members(name, spec, path) if "members" in spec else ()
+        members_from = self.members_from(name, spec, path)
+        requires = self.requires(spec, path)
         send_to = self.refs(spec, "send_to", path, with_groups=False)
         receive_from = self.refs(spec, "receive_from", path, with_groups=True)
         limits = self.limits(spec, path)
@@ -583,9 +607,13 @@ class _Checker:
             or retention is None
         ):
             return None
+        if members_from is None or isinstance(requires, bool):
+            return None
         return Group(
             name=name,
             members=members,
+            members_from=members_from,
+            requires=requires,
             send_to=send_to,
             receive_from=receive_from,
             limits=limits,
@@ -594,6 +622,104 @@ class _Checker:
             send_to_mark=self.key_mark(spec, "send_to", path),
             receive_from_mark=self.key_mark(spec, "receive_from", path),
         )
+
+    def claim_text(self, value: Any, position: Position, path: str, what: str) -> str | None:
+        if (
+            not isinstance(value, str)
+            or not value.strip()
+            or len(value) > MAX_CLAIM_VALUE_LENGTH
+            or not value.isprintable()
+        ):
+            self.error(
+                position,
+                path,
+                f"expected {what} (a string of 1-{MAX_CLAIM_VALUE_LENGTH} printable "
+                f"characters), got {_describe(value)}",
+            )
+            return None
+        return value
+
+    def members_from(self, group: str, spec: MarkedMap, path: str) -> tuple[ClaimMatch, ...] | None:
+        """``members_from: {claim: groups, value: legal}``, or a list of such."""
+        if "members_from" not in spec:
+            return ()
+        path = _join(path, "members_from")
+        raw = spec["members_from"]
+        entries: list[tuple[Any, Position, str]]
+        if isinstance(raw, MarkedList):
+            entries = [(item, raw.item_position(i), f"{path}[{i}]") for i, item in enumerate(raw)]
+            if not entries:
+                self.error(
+                    spec.value_position("members_from"), path, "an empty list matches no one"
+                )
+                return None
+        else:
+            entries = [(raw, spec.value_position("members_from"), path)]
+        matches: list[ClaimMatch] = []
+        for item, position, item_path in entries:
+            entry = self.expect_map(item, position, item_path, "{claim: ..., value: ...}")
+            if entry is None:
+                return None
+            self.check_keys(entry, item_path, _CLAIM_MATCH_KEYS, ("value",), position)
+            claim = self.claim_text(
+                entry.get("claim", DEFAULT_MEMBER_CLAIM),
+                entry.value_position("claim") if "claim" in entry else position,
+                _join(item_path, "claim"),
+                "a claim name",
+            )
+            value = self.claim_text(
+                entry.get("value"),
+                entry.value_position("value") if "value" in entry else position,
+                _join(item_path, "value"),
+                "the claim's value",
+            )
+            if claim is None or value is None:
+                return None
+            match = ClaimMatch(claim, value)
+            other = self.claim_group.get(match)
+            if other is not None:
+                self.error(
+                    position,
+                    item_path,
+                    f"{match} already gives members to group {other[0]} (line {other[1].line}); "
+                    "a user with that claim would be in two groups",
+                )
+                return None
+            self.claim_group[match] = (group, position)
+            matches.append(match)
+        return tuple(matches)
+
+    def requires(self, spec: MarkedMap, path: str) -> SignInRequirement | bool | None:
+        """``requires: {acr: [...], amr: [...]}``; ``False`` when it is wrong (reported)."""
+        if "requires" not in spec:
+            return None
+        path = _join(path, "requires")
+        entry = self.expect_map(spec["requires"], spec.value_position("requires"), path, "requires")
+        if entry is None:
+            return False
+        self.check_keys(entry, path, _REQUIRES_KEYS, (), spec.key_position("requires"))
+        values: dict[str, tuple[str, ...]] = {}
+        for key in _REQUIRES_KEYS:
+            if key not in entry:
+                continue
+            raw = entry[key]
+            items = [raw] if isinstance(raw, str) else raw
+            where = entry.value_position(key)
+            if not isinstance(items, list) or not items:
+                self.error(where, _join(path, key), f"expected a value or a list of {key} values")
+                return False
+            texts = [
+                self.claim_text(item, where, _join(path, key), f"an {key} value") for item in items
+            ]
+            if any(text is None for text in texts):
+                return False
+            values[key] = tuple(dict.fromkeys(t for t in texts if t is not None))
+        if not values:
+            self.error(
+                spec.value_position("requires"), path, "name the acr values or amr methods required"
+            )
+            return False
+        return SignInRequirement(acr=values.get("acr", ()), amr=values.get("amr", ()))
 
     def key_mark(self, spec: MarkedMap, key: str, path: str) -> Mark | None:
         return self.mark(spec.key_position(key), _join(path, key)) if key in spec else None

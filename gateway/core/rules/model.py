@@ -171,6 +171,44 @@ class PeerRef:
         return self.peer if self.group is None else f"{self.peer}/{self.group}"
 
 
+DEFAULT_MEMBER_CLAIM = "groups"
+MAX_CLAIM_VALUE_LENGTH = 256
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimMatch:
+    """``members_from: {claim: groups, value: legal}``: users whose IdP claim holds ``value``."""
+
+    claim: str
+    value: str
+
+    def __str__(self) -> str:
+        return f"{self.claim}={self.value}"
+
+
+@dataclass(frozen=True, slots=True)
+class SignInRequirement:
+    """``requires: {acr: [...], amr: [...]}``: a session must show one of these.
+
+    Met by a sign-in whose ``acr`` is one of ``acr``, or whose ``amr`` holds one
+    of ``amr`` (OpenID Connect Core 2; RFC 8176 names the ``amr`` values).
+    """
+
+    acr: tuple[str, ...] = ()
+    amr: tuple[str, ...] = ()
+
+    def met_by(self, acr: str | None, amr: tuple[str, ...]) -> bool:
+        return (acr is not None and acr in self.acr) or bool(set(amr) & set(self.amr))
+
+    def __str__(self) -> str:
+        parts = []
+        if self.acr:
+            parts.append("acr " + " or ".join(self.acr))
+        if self.amr:
+            parts.append("amr containing " + " or ".join(self.amr))
+        return ", or ".join(parts)
+
+
 @dataclass(frozen=True, slots=True)
 class Group:
     name: str
@@ -182,6 +220,13 @@ class Group:
     mark: Mark | None = field(default=None, compare=False)
     send_to_mark: Mark | None = field(default=None, compare=False)
     receive_from_mark: Mark | None = field(default=None, compare=False)
+    # Members from the IdP (gateway.oidc): users signed in with one of these claims.
+    members_from: tuple[ClaimMatch, ...] = ()
+    # A sign-in strength the group's sessions must show (admin tokens are not sessions).
+    requires: SignInRequirement | None = None
+
+    def has_claim_member(self, claims: Mapping[str, frozenset[str]]) -> bool:
+        return any(match.value in claims.get(match.claim, ()) for match in self.members_from)
 
     @property
     def sends_to_every_peer(self) -> bool:
@@ -210,8 +255,10 @@ class Rules:
         return sum(len(group.members) for group in self.groups.values())
 
     def summary(self) -> str:
+        from_idp = sum(1 for group in self.groups.values() if group.members_from)
+        idp = f" ({from_idp} with members from IdP claims)" if from_idp else ""
         return (
-            f"{_plural(len(self.groups), 'group')}, {_plural(self.member_count, 'member')}, "
+            f"{_plural(len(self.groups), 'group')}{idp}, {_plural(self.member_count, 'member')}, "
             f"{_plural(len(self.peers), 'peer')}"
         )
 

@@ -179,12 +179,32 @@ CREATE TABLE user_keys (
 );
 """
 
+# Sign-in sessions (gateway.oidc.sessions), as in SQLite's migration 4.
+_V2 = """
+CREATE TABLE sessions (
+    session_id         TEXT    PRIMARY KEY,
+    user_address       TEXT    NOT NULL,
+    provider           TEXT    NOT NULL,
+    access_hash        BYTEA   NOT NULL UNIQUE,
+    access_expires_ms  BIGINT  NOT NULL,
+    refresh_hash       BYTEA   NOT NULL UNIQUE,
+    refresh_expires_ms BIGINT  NOT NULL,
+    created_ms         BIGINT  NOT NULL,
+    idp_refresh_token  TEXT,
+    idp_groups         TEXT    NOT NULL,
+    acr                TEXT,
+    amr                TEXT    NOT NULL
+);
+CREATE INDEX sessions_ended ON sessions (refresh_expires_ms);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
         "spool (with deferrals), mailboxes, dedup, transactions, statuses, peers, tokens, keys",
         _V1,
     ),
+    Migration(2, "sessions: sign-in sessions through OpenID Connect", _V2),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -71,6 +71,7 @@ from gateway.storage.base import (
 from gateway.storage.postgres.engine import POOL_SIZE, Connection, PostgresEngine, describe
 from gateway.storage.postgres.engine import open_postgres_engine as _open_engine
 from gateway.storage.postgres.schema import migrate
+from gateway.storage.postgres.sessions import PostgresSessions
 from gateway.storage.postgres.writes import (
     check_bound,
     present,
@@ -99,7 +100,7 @@ class _Replayed(Exception):
     """Another writer recorded the same transaction first: roll back, answer from it."""
 
 
-class PostgresStorage:
+class PostgresStorage(PostgresSessions):
     """:class:`~gateway.storage.base.Storage` on one PostgreSQL database.
 
     Build it with :func:`open_postgres_storage`.

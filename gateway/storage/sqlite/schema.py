@@ -206,10 +206,31 @@ CREATE TABLE retention_holds (
 ) WITHOUT ROWID;
 """
 
+# Sign-in sessions (gateway.oidc.sessions): one row per session, found by the
+# hash of its session token or of its refresh token; lists are JSON arrays.
+_V4 = """
+CREATE TABLE sessions (
+    session_id         TEXT    PRIMARY KEY,
+    user               TEXT    NOT NULL,
+    provider           TEXT    NOT NULL,
+    access_hash        BLOB    NOT NULL UNIQUE,
+    access_expires_ms  INTEGER NOT NULL,
+    refresh_hash       BLOB    NOT NULL UNIQUE,
+    refresh_expires_ms INTEGER NOT NULL,
+    created_ms         INTEGER NOT NULL,
+    idp_refresh_token  TEXT,
+    idp_groups         TEXT    NOT NULL,
+    acr                TEXT,
+    amr                TEXT    NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX sessions_ended ON sessions (refresh_expires_ms);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "spool, mailboxes, dedup, transactions, statuses, peers, tokens, keys", _V1),
     Migration(2, "spool_deferred: envelopes a peer answered with a temporary result", _V2),
     Migration(3, "retention_archive and retention_holds", _V3),
+    Migration(4, "sessions: sign-in sessions through OpenID Connect", _V4),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

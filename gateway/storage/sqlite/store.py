@@ -75,6 +75,7 @@ from gateway.storage.sqlite.archive import SqliteArchive
 from gateway.storage.sqlite.bounds import check_bound, fit_bound
 from gateway.storage.sqlite.engine import READER_THREADS, SqliteEngine, open_sqlite_engine
 from gateway.storage.sqlite.schema import migrate
+from gateway.storage.sqlite.sessions import SqliteSessions
 
 DELETE_CHUNK: Final = 1_000  # rows per commit for purges and prunes
 _TRUNCATED: Final = " [truncated]"
@@ -242,7 +243,7 @@ def _delete_chunked_sql(table: str, key: str, where: str) -> str:
     )
 
 
-class SqliteStorage:
+class SqliteStorage(SqliteSessions):
     """:class:`~gateway.storage.base.Storage` on one SQLite file.
 
     Build it with :func:`open_sqlite_storage`.
