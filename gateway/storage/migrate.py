@@ -45,119 +45,64 @@ from gateway.storage.sqlite.schema import LATEST_VERSION as SQLITE_LATEST_VERSIO
 CHUNK_ROWS: Final = 1_000  # rows read from SQLite at a time
 
 
+#: Columns named differently in PostgreSQL (``user`` is a reserved word there).
+_RENAMED: Final = {"user": "user_address"}
+
+
 @dataclass(frozen=True, slots=True)
 class Table:
-    """One table: its columns in SQLite and in PostgreSQL (same order), and what to convert."""
+    """One table: its columns in SQLite (same order in PostgreSQL), and what to convert."""
 
     name: str
-    sqlite_columns: tuple[str, ...]
-    postgres_columns: tuple[str, ...]
+    columns: tuple[str, ...]
     order_by: str
     booleans: tuple[int, ...] = ()  # positions of 0/1 columns (PostgreSQL BOOLEAN)
     identity: str | None = None  # the identity column whose sequence restarts after the copy
 
+    @property
+    def postgres_columns(self) -> tuple[str, ...]:
+        return tuple(_RENAMED.get(column, column) for column in self.columns)
 
-_ENVELOPE = ("envelope_id",)
+
+_SPOOL_COLUMNS = (
+    "seq",
+    "envelope_id",
+    "peer",
+    "sender",
+    "recipient",
+    "created_ms",
+    "expires_ms",
+    "spooled_ms",
+    "size",
+    "burn_on_read",
+    "data",
+)
+_MAILBOX_COLUMNS = (
+    "seq",
+    "envelope_id",
+    "recipient",
+    "sender",
+    "created_ms",
+    "expires_ms",
+    "stored_ms",
+    "size",
+    "burn_on_read",
+    "data",
+)
 TABLES: Final = (
-    Table(
-        "spool",
-        (
-            "seq",
-            "envelope_id",
-            "peer",
-            "sender",
-            "recipient",
-            "created_ms",
-            "expires_ms",
-            "spooled_ms",
-            "size",
-            "burn_on_read",
-            "data",
-        ),
-        (
-            "seq",
-            "envelope_id",
-            "peer",
-            "sender",
-            "recipient",
-            "created_ms",
-            "expires_ms",
-            "spooled_ms",
-            "size",
-            "burn_on_read",
-            "data",
-        ),
-        "seq",
-        booleans=(9,),
-        identity="seq",
-    ),
-    Table(
-        "spool_deferred",
-        ("envelope_id", "not_before_ms", "deferrals"),
-        ("envelope_id", "not_before_ms", "deferrals"),
-        "envelope_id",
-    ),
-    Table(
-        "mailbox",
-        (
-            "seq",
-            "envelope_id",
-            "recipient",
-            "sender",
-            "created_ms",
-            "expires_ms",
-            "stored_ms",
-            "size",
-            "burn_on_read",
-            "data",
-        ),
-        (
-            "seq",
-            "envelope_id",
-            "recipient",
-            "sender",
-            "created_ms",
-            "expires_ms",
-            "stored_ms",
-            "size",
-            "burn_on_read",
-            "data",
-        ),
-        "seq",
-        booleans=(8,),
-        identity="seq",
-    ),
-    Table("seen_envelopes", ("envelope_id", "expires_ms"), ("envelope_id", "expires_ms"), "1"),
-    Table(
-        "transactions",
-        ("origin", "txn_id", "body_hash", "results", "at_ms"),
-        ("origin", "txn_id", "body_hash", "results", "at_ms"),
-        "origin, txn_id",
-    ),
-    Table(
-        "statuses",
-        ("envelope_id", "sender", "status", "at_ms"),
-        ("envelope_id", "sender", "status", "at_ms"),
-        "envelope_id",
-    ),
+    Table("spool", _SPOOL_COLUMNS, "seq", booleans=(9,), identity="seq"),
+    Table("spool_deferred", ("envelope_id", "not_before_ms", "deferrals"), "envelope_id"),
+    Table("mailbox", _MAILBOX_COLUMNS, "seq", booleans=(8,), identity="seq"),
+    Table("seen_envelopes", ("envelope_id", "expires_ms"), "1"),
+    Table("transactions", ("origin", "txn_id", "body_hash", "results", "at_ms"), "origin, txn_id"),
+    Table("statuses", ("envelope_id", "sender", "status", "at_ms"), "envelope_id"),
     Table(
         "peer_states",
         ("peer", "failures", "backoff_until_ms", "last_success_ms", "last_error"),
-        ("peer", "failures", "backoff_until_ms", "last_success_ms", "last_error"),
         "peer",
     ),
-    Table(
-        "tokens",
-        ("token_hash", "user", "created_ms"),
-        ("token_hash", "user_address", "created_ms"),
-        "token_hash",
-    ),
-    Table(
-        "user_keys",
-        ("user", "record", "updated_ms"),
-        ("user_address", "record", "updated_ms"),
-        "user",
-    ),
+    Table("tokens", ("token_hash", "user", "created_ms"), "token_hash"),
+    Table("user_keys", ("user", "record", "updated_ms"), "user"),
 )
 #: Tables of the SQLite schema that PostgreSQL has no place for yet: a source
 #: holding rows in them is refused, never copied in part.
@@ -218,7 +163,7 @@ def _open_source(path: Path) -> sqlite3.Connection:
 
 def _rows(conn: sqlite3.Connection, table: Table) -> Iterator[tuple[object, ...]]:
     cursor = conn.execute(
-        f"SELECT {', '.join(table.sqlite_columns)} FROM {table.name} "  # noqa: S608 -- ours
+        f"SELECT {', '.join(table.columns)} FROM {table.name} "  # noqa: S608 -- ours
         f"ORDER BY {table.order_by}"
     )
     try:
