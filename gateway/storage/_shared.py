@@ -22,6 +22,7 @@ from gateway.storage.base import (
     EnvelopeRecord,
     MailboxEntry,
     PeerState,
+    SessionRecord,
     SpoolEntry,
     SpoolSummary,
     TxnRecord,
@@ -167,3 +168,43 @@ def _first_unseen(entries: Sequence[_R], skip: set[str]) -> list[_R]:
             skip.add(entry.envelope_id)
             fresh.append(entry)
     return fresh
+
+
+# -- sign-in sessions: one row shape for both engines -------------------------------
+# Columns, in order: session_id, user, provider, access_hash, access_expires_ms,
+# refresh_hash, refresh_expires_ms, created_ms, idp_refresh_token, idp_groups,
+# acr, amr (the lists as JSON arrays).
+def _session_values(record: SessionRecord) -> tuple[object, ...]:
+    if not isinstance(record, SessionRecord):
+        raise TypeError("session_put takes a SessionRecord")
+    return (
+        record.session_id,
+        record.user,
+        record.provider,
+        record.access_hash,
+        record.access_expires_ms,
+        record.refresh_hash,
+        record.refresh_expires_ms,
+        record.created_ms,
+        record.idp_refresh_token,
+        json.dumps(list(record.idp_groups)),
+        record.acr,
+        json.dumps(list(record.amr)),
+    )
+
+
+def _session_record(row: Row) -> SessionRecord:
+    return SessionRecord(
+        session_id=row[0],
+        user=row[1],
+        provider=row[2],
+        access_hash=bytes(row[3]),
+        access_expires_ms=int(row[4]),
+        refresh_hash=bytes(row[5]),
+        refresh_expires_ms=int(row[6]),
+        created_ms=int(row[7]),
+        idp_refresh_token=row[8],
+        idp_groups=tuple(json.loads(row[9])),
+        acr=row[10],
+        amr=tuple(json.loads(row[11])),
+    )

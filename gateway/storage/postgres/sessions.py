@@ -11,8 +11,8 @@ lists are JSON arrays. A mixin of
 from __future__ import annotations
 
 import json
-from typing import Any
 
+from gateway.storage._shared import _session_record, _session_values
 from gateway.storage.base import (
     MAX_SESSION_ID_LENGTH,
     MAX_TOKEN_HASH_BYTES,
@@ -39,43 +39,11 @@ _UPSERT = (
 )
 
 
-def _record(row: Any) -> SessionRecord:
-    return SessionRecord(
-        session_id=row[0],
-        user=row[1],
-        provider=row[2],
-        access_hash=bytes(row[3]),
-        access_expires_ms=int(row[4]),
-        refresh_hash=bytes(row[5]),
-        refresh_expires_ms=int(row[6]),
-        created_ms=int(row[7]),
-        idp_refresh_token=row[8],
-        idp_groups=tuple(json.loads(row[9])),
-        acr=row[10],
-        amr=tuple(json.loads(row[11])),
-    )
-
-
 class PostgresSessions:
     engine: PostgresEngine
 
     async def session_put(self, record: SessionRecord) -> None:
-        if not isinstance(record, SessionRecord):
-            raise TypeError("session_put takes a SessionRecord")
-        values = (
-            record.session_id,
-            record.user,
-            record.provider,
-            record.access_hash,
-            record.access_expires_ms,
-            record.refresh_hash,
-            record.refresh_expires_ms,
-            record.created_ms,
-            record.idp_refresh_token,
-            json.dumps(list(record.idp_groups)),
-            record.acr,
-            json.dumps(list(record.amr)),
-        )
+        values = _session_values(record)
 
         def op(conn: Connection) -> None:
             conn.execute(_UPSERT, values)
@@ -88,7 +56,7 @@ class PostgresSessions:
 
         def op(conn: Connection) -> SessionRecord | None:
             row = conn.execute(sql, (value,)).fetchone()
-            return None if row is None else _record(row)
+            return None if row is None else _session_record(row)
 
         return await self.engine.read(op)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from typing import Any
 
+from gateway.storage._shared import _session_record, _session_values
 from gateway.storage.base import (
     MAX_SESSION_ID_LENGTH,
     MAX_TOKEN_HASH_BYTES,
@@ -28,43 +28,11 @@ _COLUMNS = (
 )
 
 
-def _record(row: Any) -> SessionRecord:
-    return SessionRecord(
-        session_id=row[0],
-        user=row[1],
-        provider=row[2],
-        access_hash=bytes(row[3]),
-        access_expires_ms=row[4],
-        refresh_hash=bytes(row[5]),
-        refresh_expires_ms=row[6],
-        created_ms=row[7],
-        idp_refresh_token=row[8],
-        idp_groups=tuple(json.loads(row[9])),
-        acr=row[10],
-        amr=tuple(json.loads(row[11])),
-    )
-
-
 class SqliteSessions:
     engine: SqliteEngine
 
     async def session_put(self, record: SessionRecord) -> None:
-        if not isinstance(record, SessionRecord):
-            raise TypeError("session_put takes a SessionRecord")
-        values = (
-            record.session_id,
-            record.user,
-            record.provider,
-            record.access_hash,
-            record.access_expires_ms,
-            record.refresh_hash,
-            record.refresh_expires_ms,
-            record.created_ms,
-            record.idp_refresh_token,
-            json.dumps(list(record.idp_groups)),
-            record.acr,
-            json.dumps(list(record.amr)),
-        )
+        values = _session_values(record)
 
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
@@ -83,7 +51,7 @@ class SqliteSessions:
                 f"SELECT {_COLUMNS} FROM sessions WHERE {column} = ?",  # noqa: S608 -- our names
                 (value,),
             ).fetchone()
-            return None if row is None else _record(row)
+            return None if row is None else _session_record(row)
 
         return await self.engine.read_small(op)
 
