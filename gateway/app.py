@@ -46,6 +46,7 @@ from gateway.archive_sweeper import run_archive_sweeper
 from gateway.clientapi.api import ClientAPI
 from gateway.clientapi.mailbox_wait import MailboxWaiters
 from gateway.clientapi.signin import SignInAPI
+from gateway.cluster import LeaseKeeper
 from gateway.config import GatewayConfig
 from gateway.core.address import Address
 from gateway.core.ratelimit import RateLimiter
@@ -82,6 +83,13 @@ LOGGER = logging.getLogger("gateway.app")
 
 #: How often expired envelopes leave the mailboxes (the spool sweeper has its own).
 MAILBOX_SWEEP_INTERVAL = 60.0
+#: What the org's sweeper forgets, and when (docs/storage.md, "What is stored"):
+#: an envelope id an hour after its envelope expired (a receiver refuses expired
+#: envelopes, so the id guards nothing after that; the hour absorbs clock skew),
+#: a delivery status after 30 days, a received transaction's record after 7.
+SEEN_GRACE_MS = 3_600_000
+STATUS_KEEP_MS = 30 * 86_400_000
+TXN_KEEP_MS = 7 * 86_400_000
 #: How often the rules file is checked for changes.
 RULES_POLL_INTERVAL = 2.0
 
@@ -114,10 +122,21 @@ def _server_limits(config: GatewayConfig, *, long_poll: bool = False) -> ServerL
 
 
 async def _mailbox_sweeper(
-    storage: Storage, *, clock_ms: Callable[[], int], interval: float
+    storage: Storage,
+    *,
+    clock_ms: Callable[[], int],
+    interval: float,
+    sweeps: Callable[[], bool] = lambda: True,
 ) -> None:
-    """Expired envelopes leave the mailboxes (and the file's bytes: secure_delete + scrub)."""
+    """Expired envelopes leave the mailboxes (and the file's bytes: secure_delete + scrub);
+    ended sessions, old dedup ids, statuses and transaction records are forgotten.
+
+    Only on the node that runs the org's sweepers (``sweeps()``, its lease).
+    """
     while True:
+        if not sweeps():
+            await trio.sleep(interval)
+            continue
         try:
             removed = 0
             while True:
@@ -129,7 +148,20 @@ async def _mailbox_sweeper(
                 LOGGER.info("mailboxes: %d expired envelope(s) removed", removed)
                 await storage.scrub()
             # sign-in sessions past their refresh lifetime are forgotten here too
-            await storage.session_delete_ended(before_ms=clock_ms())
+            now = clock_ms()
+            await storage.session_delete_ended(before_ms=now)
+            pruned = await storage.prune(
+                seen_before_ms=max(0, now - SEEN_GRACE_MS),
+                statuses_before_ms=max(0, now - STATUS_KEEP_MS),
+                txns_before_ms=max(0, now - TXN_KEEP_MS),
+            )
+            if pruned.seen or pruned.statuses or pruned.txns:
+                LOGGER.info(
+                    "pruned %d dedup id(s), %d status(es), %d transaction record(s)",
+                    pruned.seen,
+                    pruned.statuses,
+                    pruned.txns,
+                )
         except StorageError as exc:  # one line, traceback at DEBUG: a disk or database fault
             LOGGER.error(  # noqa: TRY400
                 "mailbox sweep failed: %s; trying again in %ss",
@@ -222,7 +254,19 @@ async def run_gateway(
             timeout=config.limits.request_timeout,
             connections_per_peer=config.limits.max_inflight_transactions,
         )
+        # This node's beat and leases: which peers' lanes it drives, and whether it
+        # runs the org's sweepers (one SQLite node holds them all).
+        keeper = LeaseKeeper(
+            storage,
+            node=config.node,
+            version=__version__,
+            rules_sha256=lambda: rules.sha256,
+            peers=lambda: rules.current.peers.keys(),
+            clock_ms=clock_ms,
+            lease_time=config.limits.lease_time,
+        )
         sender = Sender(
+            leases=keeper,
             org=config.org,
             storage=storage,
             transport=transport,
@@ -394,11 +438,13 @@ async def run_gateway(
             async with trio.open_nursery() as root:
                 await root.start(audit.run)
                 audit.record_reload(rules.history[-1], rules.current.peers)  # the initial load
+                await root.start(keeper.run)
                 await root.start(sender.run)
                 await root.start(
                     lambda *, task_status: run_spool_sweeper(
                         storage,
                         clock_ms=clock_ms,
+                        sweeps=keeper.runs_sweepers,
                         peers=lambda: rules.current.peers.keys(),
                         task_status=task_status,
                     )
@@ -426,7 +472,10 @@ async def run_gateway(
                     )
                 root.start_soon(
                     lambda: _mailbox_sweeper(
-                        storage, clock_ms=clock_ms, interval=MAILBOX_SWEEP_INTERVAL
+                        storage,
+                        clock_ms=clock_ms,
+                        interval=MAILBOX_SWEEP_INTERVAL,
+                        sweeps=keeper.runs_sweepers,
                     )
                 )
                 await root.start(

@@ -67,13 +67,20 @@ async def run_archive_sweeper(
     clock_ms: Callable[[], int],
     interval: float = ARCHIVE_SWEEP_INTERVAL,
     scrub: Callable[[], Awaitable[bool]] = _no_scrub,
+    sweeps: Callable[[], bool] = lambda: True,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Sweep now and every ``interval`` seconds until cancelled."""
+    """Sweep now and every ``interval`` seconds until cancelled.
+
+    Only while ``sweeps()`` (this node holds the org's sweeper lease, gateway.cluster).
+    """
     if not interval > 0:
         raise ValueError(f"interval must be positive, got {interval!r}")
     task_status.started()
     while True:
+        if not sweeps():
+            await trio.sleep(interval)
+            continue
         try:
             await sweep_archive(archive, now_ms=clock_ms(), scrub=scrub)
         except StorageFullError as exc:  # no traceback: not a bug (gateway.reserve)

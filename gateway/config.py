@@ -244,9 +244,14 @@ class Limits:
     long_poll_max: float = 60.0
     backoff_initial: float = 1.0
     backoff_max: float = 300.0
+    # Nodes sharing one database (gateway.cluster): a dead node's sender lanes
+    # and sweepers are driven by another node within this time.
+    lease_time: float = 10.0
 
 
-MAX_INFLIGHT_TRANSACTIONS: Final = 8  # per peer; each holds a connection at the peer
+MAX_INFLIGHT_TRANSACTIONS: Final = 8
+MIN_LEASE_TIME: Final = 1.0  # gateway.cluster: a lease round is a fifth of it
+MAX_LEASE_TIME: Final = 600.0  # per peer; each holds a connection at the peer
 
 _SIZE_LIMITS = frozenset(
     f.name
@@ -738,6 +743,11 @@ def load_config(path: Path | str) -> GatewayConfig:
             "limits.max_inflight_transactions",
             f"must be within 1..{MAX_INFLIGHT_TRANSACTIONS}, "
             f"got {limits.max_inflight_transactions}",
+        )
+    if not MIN_LEASE_TIME <= limits.lease_time <= MAX_LEASE_TIME:
+        raise reader.error(
+            "limits.lease_time",
+            f"must be within {MIN_LEASE_TIME:g}s..{MAX_LEASE_TIME:g}s, got {limits.lease_time:g}s",
         )
     if limits.backoff_initial > limits.backoff_max:
         raise reader.error(

@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "peer",
     "rules",
     "peers",
+    "nodes",
     "spool",
     "storage",
     "token",

@@ -30,6 +30,7 @@ from gateway.cli._storage import (
 )
 from gateway.cli.common import Registrar, set_handler
 from gateway.storage.base import LaneStats, PeerState, Storage
+from gateway.storage.leases import Lease, lease_peer
 
 # The states, in the words the table and --json print.
 STATE_UP = "up"  # the last attempt succeeded
@@ -40,6 +41,7 @@ STATE_NOT_IN_RULES = "not-in-rules"  # storage knows it, the rules do not: nothi
 HEADERS = (
     "PEER",
     "STATE",
+    "DRIVEN BY",
     "LAST SUCCESS",
     "BACKOFF UNTIL",
     "FAILURES",
@@ -58,6 +60,12 @@ class PeerRow:
     in_rules: bool | None  # None: the rules could not be read
     state: PeerState | None
     lane: LaneStats | None
+    lease: Lease | None = None  # its lane lease: which node drives it, since when
+
+    def driver(self, now_ms: int) -> str | None:
+        """The node driving the lane now (its lease is in force), else None."""
+        lease = self.lease
+        return lease.node if lease is not None and lease.held_at(now_ms) else None
 
     def status(self, now_ms: int) -> str:
         if self.in_rules is False:
@@ -77,9 +85,11 @@ def peer_rows(
     rule_peers: RulePeers,
     states: Iterable[PeerState],
     lanes: Mapping[str, LaneStats],
+    leases: Iterable[Lease] = (),
 ) -> list[PeerRow]:
     """One row per peer of the rules, of a lane or of a state, sorted by name."""
     by_peer = {state.peer: state for state in states}
+    lane_leases = {peer: lease for lease in leases if (peer := lease_peer(lease.name)) is not None}
     names = set(rule_peers.peers or ()) | set(by_peer) | set(lanes)
     return [
         PeerRow(
@@ -87,6 +97,7 @@ def peer_rows(
             in_rules=rule_peers.contains(name),
             state=by_peer.get(name),
             lane=lanes.get(name),
+            lease=lane_leases.get(name),
         )
         for name in sorted(names)
     ]
@@ -111,6 +122,9 @@ def row_json(row: PeerRow, now_ms: int) -> dict[str, object]:
         "backoff_until_ms": backoff_until,
         "backoff_remaining_s": max(0.0, _seconds(backoff_until - now_ms)),
         "last_error": state.last_error if state else None,
+        "driven_by": row.driver(now_ms),
+        "driven_since_ms": row.lease.since_ms if row.driver(now_ms) and row.lease else None,
+        "lease_until_ms": row.lease.until_ms if row.lease else None,
         "spool_depth": lane.depth if lane else 0,
         "spool_bytes": lane.bytes if lane else 0,
         "oldest_spooled_ms": lane.oldest_spooled_ms if lane else None,
@@ -134,9 +148,15 @@ def row_cells(row: PeerRow, now_ms: int) -> list[str]:
         backoff = NONE_SHOWN
     # An error from before the last success would only mislead: shown while failing.
     error = state.last_error if state is not None and failures > 0 else None
+    driver = row.driver(now_ms)
+    if driver is not None and row.lease is not None:
+        driven = f"{cell(driver)} ({format_age(_seconds(now_ms - row.lease.since_ms))})"
+    else:
+        driven = "nobody" if row.in_rules else NONE_SHOWN
     return [
         cell(row.peer),
         row.status(now_ms),
+        driven,
         last_success,
         backoff,
         str(failures),
@@ -151,7 +171,8 @@ def register(subparsers: Registrar) -> None:
         "peers",
         help="each peer's state, backoff and spool lane",
         description="One row per peer of the rules, and per peer that only storage knows: "
-        "its state (up, backoff, never-tried, not-in-rules), last success, backoff, "
+        "its state (up, backoff, never-tried, not-in-rules), the gateway node driving its "
+        "lane and since when, last success, backoff, "
         "consecutive failures, spool depth, age of its oldest spooled envelope and last "
         "error. Reads the gateway's storage; safe while the gateway runs.",
     )
@@ -164,12 +185,14 @@ def run_peers(args: argparse.Namespace) -> int:
     rule_peers = load_rule_peers(config)
     warn_rules(rule_peers)
 
-    async def read(store: Storage) -> tuple[list[PeerState], dict[str, LaneStats]]:
-        return await store.peer_states(), await store.spool_stats()
+    async def read(
+        store: Storage,
+    ) -> tuple[list[PeerState], dict[str, LaneStats], list[Lease]]:
+        return await store.peer_states(), await store.spool_stats(), await store.leases_list()
 
-    states, lanes = run_on_storage(config, read)
+    states, lanes, leases = run_on_storage(config, read)
     at = now_ms()
-    rows = peer_rows(rule_peers=rule_peers, states=states, lanes=lanes)
+    rows = peer_rows(rule_peers=rule_peers, states=states, lanes=lanes, leases=leases)
     if args.json:
         print(json.dumps([row_json(row, at) for row in rows], indent=2))
         return 0

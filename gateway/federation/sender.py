@@ -121,8 +121,16 @@ both from one virtual clock.
 
 **Crashes.** Nothing is removed before its answer is durable: a crash between
 sending and ``spool_complete`` sends the batch again after the restart, and
-the receiver stores nothing twice. (Several gateway nodes sharing one storage
-would each run a lane per peer; that is not supported yet.)
+the receiver stores nothing twice.
+
+**Several nodes.** With ``leases`` (:class:`gateway.cluster.LeaseKeeper`),
+the sender runs a lane only for the peers whose lane lease this node holds,
+and reconciles as soon as that changes. Every write a lane makes (its
+answers, deferrals and peer state) carries the lease as a fencing token, so
+a lane whose lease was granted to another node records nothing:
+:class:`~gateway.storage.leases.LeaseLostError` stops it, and its envelopes
+are the new owner's to send. A lane also sends nothing while its lease is
+past its validity by this node's clock (a round that could not renew it).
 """
 
 from __future__ import annotations
@@ -191,6 +199,7 @@ from gateway.storage.base import (
     SpoolEntry,
     rejected_status,
 )
+from gateway.storage.leases import Lease, LeaseLostError, lane_lease
 
 LOGGER = logging.getLogger("gateway.federation.sender")
 
@@ -238,7 +247,9 @@ class SenderStorage(Protocol):
         now_ms: int | None = None,
     ) -> list[SpoolEntry]: ...
 
-    async def spool_complete(self, peer: str, results: Mapping[str, str], *, at_ms: int) -> int: ...
+    async def spool_complete(
+        self, peer: str, results: Mapping[str, str], *, at_ms: int, fence: Lease | None = None
+    ) -> int: ...
 
     async def spool_defer(
         self,
@@ -248,11 +259,29 @@ class SenderStorage(Protocol):
         at_ms: int,
         delay_ms: int,
         max_delay_ms: int,
+        fence: Lease | None = None,
     ) -> int: ...
 
     async def peer_state_get(self, peer: str) -> PeerState | None: ...
 
-    async def peer_state_put(self, state: PeerState) -> None: ...
+    async def peer_state_put(self, state: PeerState, *, fence: Lease | None = None) -> None: ...
+
+
+class LaneLeases(Protocol):
+    """Which lanes this node drives (``gateway.cluster.LeaseKeeper`` is one)."""
+
+    @property
+    def changed(self) -> trio.Event: ...
+
+    def lanes(self) -> frozenset[str]: ...
+
+    def holds(self, name: str) -> Lease | None: ...
+
+    def valid(self, name: str) -> bool: ...
+
+    def lost(self, lease: Lease) -> None: ...
+
+    def subscribe(self, callback: Callable[[], object]) -> Callable[[], None]: ...
 
 
 class RulesFeed(Protocol):
@@ -379,8 +408,11 @@ class Sender:
         settings: SenderSettings = SenderSettings(),
         random: RandomSource = random_module.random,
         envelope_versions: EnvelopeVersionSource | None = None,
+        leases: LaneLeases | None = None,
     ) -> None:
         self.org = org
+        # None: this process drives every peer's lane (one node, or a test).
+        self._leases = leases
         # None: send every envelope as it is, and let each peer answer for itself.
         self._envelope_versions = envelope_versions
         self.settings = settings
@@ -429,6 +461,7 @@ class Sender:
         if self._nursery is not None:
             raise RuntimeError("the sender is already running")
         unsubscribe = self._rules.subscribe(self._on_peers_dropped)
+        unfollow = self._leases.subscribe(self._reconcile_now.set) if self._leases else None
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -441,6 +474,8 @@ class Sender:
                     self._reconcile()
         finally:
             unsubscribe()
+            if unfollow is not None:
+                unfollow()
             self._nursery = None
             self._lanes.clear()
             self._stopping.clear()
@@ -448,10 +483,22 @@ class Sender:
     def _on_peers_dropped(self, peers: frozenset[str]) -> None:
         self._reconcile_now.set()
 
+    def fence(self, peer: str) -> Lease | None:
+        """The lease a lane's writes carry (None with no leases); LeaseLostError if not held."""
+        if self._leases is None:
+            return None
+        lease = self._leases.holds(lane_lease(peer))
+        if lease is None:
+            raise LeaseLostError(f"{peer}: this node no longer holds its lane's lease")
+        return lease
+
     def _reconcile(self) -> None:
         """Start, restart and stop lanes so there is one per peer of the rules in force."""
         assert self._nursery is not None
         peers = self._rules.current.peers
+        if self._leases is not None:
+            owned = self._leases.lanes()
+            peers = {org: entry for org, entry in peers.items() if org in owned}
         for org, lane in list(self._lanes.items()):
             entry = peers.get(org)
             if entry is not None and _link(entry) == lane.link:
@@ -459,7 +506,11 @@ class Sender:
             LOGGER.info(
                 "%s: %s; stopping its lane",
                 org,
-                "no longer a peer" if entry is None else "endpoint or trust changed",
+                "endpoint or trust changed"
+                if entry is not None
+                else "no longer a peer"
+                if self._rules.current.peer(org) is None
+                else "another node drives it now",
             )
             lane.scope.cancel()
             del self._lanes[org]
@@ -488,7 +539,8 @@ class Sender:
                 lane.done.set()
                 if self._stopping.get(lane.org) is lane:
                     del self._stopping[lane.org]
-                if self._rules.current.peer(lane.org) is None:
+                if self._rules.current.peer(lane.org) is None or lane.org not in self._lanes:
+                    # Gone from the rules, or driven by another node now: no stale series.
                     _forget_peer_gauges(lane.org)
 
 
@@ -577,10 +629,23 @@ class _LaneRunner:
             self.nursery = nursery
             await self.loop()
 
+    def fence(self) -> Lease | None:
+        return self.sender.fence(self.org)
+
     async def loop(self) -> None:
         while True:
             try:
                 await self.step()
+            except LeaseLostError as exc:
+                # Another node drives this lane now: record nothing more, and wait
+                # for the sender to stop this lane (it reconciles on the change).
+                LOGGER.warning("%s: %s; the lane stops", self.org, exc.message)
+                leases = self.sender._leases
+                lease = leases.holds(lane_lease(self.org)) if leases is not None else None
+                if leases is not None and lease is not None:
+                    leases.lost(lease)
+                self.sender._reconcile_now.set()
+                await trio.sleep_forever()
             except StorageError as exc:
                 # A full disk or a database that went away: not a bug, one line (the
                 # traceback at DEBUG); the lane tries again after a poll interval.
@@ -604,6 +669,13 @@ class _LaneRunner:
             self.persisted_success_ms = self.state.last_success_ms
             self.metrics.show(self.state, now_ms=self.clock_ms())
         lane = self.lane
+        leases = self.sender._leases
+        if leases is not None and not leases.valid(lane_lease(self.org)):
+            # Held, but not renewed in time (the database is slow or away): send
+            # nothing until the keeper renews it, or the lane is stopped.
+            with trio.move_on_after(self.settings.poll_interval):
+                await leases.changed.wait()
+            return
         if not lane.dirty:
             # Nothing new to take: wait for a notify(), a transaction ending (its
             # failure makes the lane dirty), or the poll (another process, a restart).
@@ -775,7 +847,10 @@ class _LaneRunner:
     async def expire(self, expired: Sequence[SpoolEntry], now: int) -> None:
         """Take envelopes that expired while spooled out of the lane, unsent."""
         removed = await self.storage.spool_complete(
-            self.org, {entry.envelope_id: STATUS_EXPIRED for entry in expired}, at_ms=now
+            self.org,
+            {entry.envelope_id: STATUS_EXPIRED for entry in expired},
+            at_ms=now,
+            fence=self.fence(),
         )
         self.metrics.expired.inc(removed)
         self.metrics.outcome(OUTCOME_EXPIRED).inc(removed)
@@ -800,7 +875,7 @@ class _LaneRunner:
             return False
         status = rejected_status(Reason.ENVELOPE_BAD_VERSION.value)
         removed = await self.storage.spool_complete(
-            self.org, dict.fromkeys(unspoken, status), at_ms=self.clock_ms()
+            self.org, dict.fromkeys(unspoken, status), at_ms=self.clock_ms(), fence=self.fence()
         )
         self.metrics.outcome(Reason.ENVELOPE_BAD_VERSION.value).inc(removed)
         LOGGER.warning(
@@ -853,7 +928,9 @@ class _LaneRunner:
                 continue
             envelopes.append(envelope)
         if unusable:
-            await self.storage.spool_complete(self.org, unusable, at_ms=self.clock_ms())
+            await self.storage.spool_complete(
+                self.org, unusable, at_ms=self.clock_ms(), fence=self.fence()
+            )
             for status in unusable.values():
                 self.metrics.outcome(status.removeprefix("rejected:")).inc()
             return None
@@ -988,7 +1065,7 @@ class _LaneRunner:
             or now - self.persisted_success_ms >= LAST_SUCCESS_WRITE_INTERVAL_MS
         )
         if state.failures or state.backoff_until_ms or state.last_error is not None or stale:
-            await self.storage.peer_state_put(self.state)
+            await self.storage.peer_state_put(self.state, fence=self.fence())
             self.persisted_success_ms = now
 
     async def complete(
@@ -1006,7 +1083,7 @@ class _LaneRunner:
         """
         try:
             if statuses:
-                await self.storage.spool_complete(self.org, statuses, at_ms=now)
+                await self.storage.spool_complete(self.org, statuses, at_ms=now, fence=self.fence())
             if deferred:
                 await self.storage.spool_defer(
                     self.org,
@@ -1014,6 +1091,7 @@ class _LaneRunner:
                     at_ms=now,
                     delay_ms=DEFER_INITIAL_MS,
                     max_delay_ms=DEFER_MAX_MS,
+                    fence=self.fence(),
                 )
         except StorageError as exc:
             completion.error = exc  # raised in the lane by settle()
@@ -1076,7 +1154,7 @@ class _LaneRunner:
             },
         )
         # Durable before the wait: a restart in the middle of it waits too.
-        await self.storage.peer_state_put(self.state)
+        await self.storage.peer_state_put(self.state, fence=self.fence())
 
 
 # Failures that news from the peer can end: it could not be reached (no connection,

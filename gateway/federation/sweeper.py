@@ -110,14 +110,18 @@ async def sweep_spool(
     batch: int = EXPIRE_BATCH,
     max_batches: int = MAX_BATCHES_PER_SWEEP,
     scrub: bool = False,
+    expire: bool = True,
 ) -> SweepResult:
-    """One sweep at ``now_ms``: expire, scrub if anything went (or ``scrub``), refresh gauges."""
+    """One sweep at ``now_ms``: expire, scrub if anything went (or ``scrub``), refresh gauges.
+
+    With ``expire`` False (another node runs the org's sweeps) only the gauges.
+    """
     if not 1 <= batch <= MAX_ITEMS_PER_CALL:
         raise ValueError(f"batch must be within 1..{MAX_ITEMS_PER_CALL}, got {batch}")
     if max_batches < 1:
         raise ValueError(f"max_batches must be at least 1, got {max_batches}")
     by_peer: collections.Counter[str] = collections.Counter()
-    for _ in range(max_batches):
+    for _ in range(max_batches if expire else 0):
         expired = await storage.spool_expire(now_ms, limit=batch)
         for envelope in expired:
             by_peer[bounded(envelope.peer or OTHER, peers)] += 1
@@ -134,7 +138,7 @@ async def sweep_spool(
             ", ".join(f"{peer}: {count}" for peer, count in sorted(by_peer.items())),
         )
     scrubbed: bool | None = None
-    if total or scrub:
+    if total or (scrub and expire):
         scrubbed = await storage.scrub()
         if not scrubbed:
             LOGGER.info("spool: scrub held back by readers; the next sweep tries again")
@@ -149,11 +153,14 @@ async def run_spool_sweeper(
     clock_ms: Callable[[], int],
     interval: float = DEFAULT_SWEEP_INTERVAL,
     peers: Callable[[], Collection[str]] = _no_peers,
+    sweeps: Callable[[], bool] = lambda: True,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Sweep now and then every ``interval`` seconds, until cancelled.
 
     ``peers()`` names the peers of the rules in force (the metric labels).
+    ``sweeps()`` says whether this node runs the org's expiry now (it holds the
+    sweeper lease, gateway.cluster); every node refreshes its gauges.
     """
     if not interval > 0:
         raise ValueError(f"interval must be positive, got {interval!r}")
@@ -163,7 +170,12 @@ async def run_spool_sweeper(
     while True:
         try:
             result = await sweep_spool(
-                storage, now_ms=clock_ms(), peers=peers(), gauges=gauges, scrub=scrub_pending
+                storage,
+                now_ms=clock_ms(),
+                peers=peers(),
+                gauges=gauges,
+                scrub=scrub_pending,
+                expire=sweeps(),
             )
             scrub_pending = result.scrubbed is False
         except StorageError as exc:  # one line, traceback at DEBUG: a disk or database fault

@@ -38,6 +38,33 @@ NODE_INFO = Gauge(
     "rules it has in force: nodes of one org whose rules_sha256 differ run different rules.",
     ["node", "version", "rules_sha256"],
 )
+# -- the nodes of one org (gateway.cluster) --------------------------------------
+CLUSTER_NODES_LIVE = Gauge(
+    "gateway_cluster_nodes_live",
+    "Gateway nodes of this org that this node saw beating at its last lease round "
+    "(itself included).",
+)
+CLUSTER_LEASES_HELD = Gauge(
+    "gateway_cluster_leases_held",
+    "Leases this node holds, by kind: lane (one per peer whose sender lane it drives) "
+    "or sweeper (1 on the node running the org's expiry and pruning).",
+    ["kind"],
+)
+CLUSTER_LEASE_CHANGES = Counter(
+    "gateway_cluster_lease_changes_total",
+    "Leases this node acquired, took over from another node, released, lost (granted to "
+    "another node while it could not renew) or let expire (the database did not answer).",
+    ["change"],
+)
+CLUSTER_ROUND_FAILURES = Counter(
+    "gateway_cluster_round_failures_total",
+    "Lease rounds (beat, renew, claim) that failed on a storage error.",
+)
+CLUSTER_DUPLICATE_NODE = Counter(
+    "gateway_cluster_duplicate_node_total",
+    "Beats that found this node's row written by another live process with the same "
+    "`node:` name (a configuration mistake).",
+)
 RULES_LOADED_TIMESTAMP = Gauge(
     "gateway_rules_loaded_timestamp_seconds",
     "Unix time at which the rules in force were loaded.",

@@ -60,6 +60,7 @@ from gateway.core.address import MAX_ADDRESS_LENGTH, MAX_DOMAIN_LENGTH
 
 if TYPE_CHECKING:  # only read: the store never parses an envelope
     from gateway.core.envelope import Envelope
+    from gateway.storage.leases import Lease, NodeRecord
 
 _T = TypeVar("_T")
 
@@ -519,6 +520,7 @@ class Storage(Protocol):
         at_ms: int,
         delay_ms: int,
         max_delay_ms: int,
+        fence: Lease | None = None,
     ) -> int:
         """Keep envelopes the peer answered with a temporary result, and send them later.
 
@@ -531,12 +533,19 @@ class Storage(Protocol):
         """
         ...
 
-    async def spool_complete(self, peer: str, results: Mapping[str, str], *, at_ms: int) -> int:
+    async def spool_complete(
+        self, peer: str, results: Mapping[str, str], *, at_ms: int, fence: Lease | None = None
+    ) -> int:
         """Remove answered envelopes and record their statuses, in one commit.
 
         ``results`` maps envelope id to its new status (``forwarded`` or
         ``rejected:<reason>``). Ids no longer in ``peer``'s lane (purged,
         expired meanwhile) are ignored. Returns how many were removed.
+
+        With ``fence`` (a lane's lease; also for :meth:`spool_defer` and
+        :meth:`peer_state_put`), the write happens only if that lease has not
+        been granted to anyone since, checked in the same transaction; else
+        :class:`~gateway.storage.leases.LeaseLostError` and nothing changes.
         """
         ...
 
@@ -652,7 +661,9 @@ class Storage(Protocol):
     # -- peers -------------------------------------------------------------------
     async def peer_state_get(self, peer: str) -> PeerState | None: ...
 
-    async def peer_state_put(self, state: PeerState) -> None: ...
+    async def peer_state_put(self, state: PeerState, *, fence: Lease | None = None) -> None:
+        """Write ``state``; with ``fence``, only while that lease is still the holder's."""
+        ...
 
     async def peer_states(self) -> list[PeerState]:
         """Every peer with recorded state, sorted by name."""
@@ -703,6 +714,39 @@ class Storage(Protocol):
         ...
 
     async def user_keys_get(self, user: str) -> bytes | None: ...
+
+    # -- nodes and leases (gateway.storage.leases, gateway.cluster) -------------
+    async def node_beat(self, record: NodeRecord) -> str | None:
+        """Write ``record`` as its node's row; return the incarnation it replaced (None: new)."""
+        ...
+
+    async def node_leave(self, node: str, incarnation: str, *, at_ms: int) -> None:
+        """Remove that incarnation's row and release every lease it holds (a clean stop)."""
+        ...
+
+    async def nodes_list(self) -> list[NodeRecord]:
+        """Every node row, by name."""
+        ...
+
+    async def lease_claim(
+        self, name: str, *, node: str, incarnation: str, at_ms: int, until_ms: int
+    ) -> Lease | None:
+        """Take or extend a lease (:func:`~gateway.storage.leases.decide_claim`), atomically."""
+        ...
+
+    async def leases_renew(
+        self, names: Collection[str], *, node: str, incarnation: str, at_ms: int, until_ms: int
+    ) -> list[Lease]:
+        """Extend those of ``names`` that ``incarnation`` still holds; return them, renewed."""
+        ...
+
+    async def lease_release(self, lease: Lease, *, at_ms: int) -> bool:
+        """Give ``lease`` up at ``at_ms`` (if still this grant); whether it was."""
+        ...
+
+    async def leases_list(self) -> list[Lease]:
+        """Every lease row, by name."""
+        ...
 
     # -- housekeeping ------------------------------------------------------------
     async def reusable_bytes(self) -> int:

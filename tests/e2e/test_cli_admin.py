@@ -34,6 +34,7 @@ from gateway.cli._storage import MAX_CELL_WIDTH, RulePeers, cell, format_age, re
 from gateway.cli.peers import peer_rows
 from gateway.config import load_config
 from gateway.storage import STATUS_PURGED, STATUS_QUEUED, PeerState, SpoolItem, Storage
+from gateway.storage.leases import NodeRecord, lane_lease
 from gateway.storage.sqlite import open_sqlite_storage
 
 pytestmark = pytest.mark.e2e
@@ -174,6 +175,28 @@ async def fill(store: Storage) -> None:
     await store.peer_state_put(
         PeerState(peer=GONE, failures=9, backoff_until_ms=now + 5 * MINUTE, last_error="refused")
     )
+    # Node gw2 has driven initech's lane for 10 minutes; globex's lease ran out.
+    await store.lease_claim(
+        lane_lease(INITECH),
+        node="gw2",
+        incarnation="gw2-1",
+        at_ms=now - 10 * MINUTE,
+        until_ms=now + HOUR,
+    )
+    await store.lease_claim(
+        lane_lease(GLOBEX), node="gw1", incarnation="gw1-1", at_ms=now - HOUR, until_ms=now - 1
+    )
+    for name, beat, rules in (("gw1", now - HOUR, "11" * 32), ("gw2", now - SECOND, "22" * 32)):
+        await store.node_beat(
+            NodeRecord(
+                node=name,
+                incarnation=f"{name}-1",
+                version="9.9",
+                rules_sha256=rules,
+                started_ms=now - 2 * HOUR,
+                beat_ms=beat,
+            )
+        )
 
 
 @pytest.fixture
@@ -207,6 +230,9 @@ def test_peers_json_shows_every_peer_with_its_state_and_lane(setup: Path) -> Non
 
     initech = by_peer[INITECH]
     assert initech["state"] == "up"
+    assert initech["driven_by"] == "gw2"
+    assert 9 * 60 < (time.time() * 1000 - initech["driven_since_ms"]) / 1000 < 11 * 60
+    assert by_peer[GLOBEX]["driven_by"] is None
     assert initech["spool_depth"] == 2
     assert initech["backoff_remaining_s"] == 0
     assert initech["last_error"] is None
@@ -229,6 +255,8 @@ def test_peers_table(setup: Path) -> None:
     assert lines[0].split() == [
         "PEER",
         "STATE",
+        "DRIVEN",
+        "BY",
         "LAST",
         "SUCCESS",
         "BACKOFF",
@@ -241,9 +269,10 @@ def test_peers_table(setup: Path) -> None:
     ]
     rows = {line.split()[0]: line for line in lines[1:]}
     assert set(rows) == {*RULE_PEERS, GONE}
-    # PEER STATE LAST-SUCCESS(2 words) BACKOFF(2 words) FAILURES SPOOL OLDEST ERROR...
+    # PEER STATE DRIVEN-BY LAST-SUCCESS(2 words) BACKOFF(2 words) FAILURES SPOOL OLDEST ERROR...
     globex = rows[GLOBEX].split()
     assert globex[1] == "backoff"
+    assert globex.pop(2) == "nobody"  # its lease ran out: no node drives it now
     assert globex[2].startswith("3h")
     assert globex[3] == "ago"
     assert globex[4] == "in"
@@ -253,12 +282,36 @@ def test_peers_table(setup: Path) -> None:
     assert rows[GLOBEX].endswith("connect: timed out")
     initech = rows[INITECH].split()
     assert initech[1] == "up"
+    assert initech.pop(2) == "gw2"
+    assert initech.pop(2).startswith(("(10m", "(9m5"))
     assert initech[4:7] == ["-", "0", "2"]
     assert initech[-1] == "-"  # no error shown for a peer that is up
     umbrella = rows[UMBRELLA].split()
+    assert umbrella.pop(2) == "nobody"
     assert umbrella[1:3] == ["never-tried", "never"]
     assert umbrella[3:] == ["-", "0", "0", "-", "-"]
-    assert rows[GONE].split()[1] == "not-in-rules"
+    assert rows[GONE].split()[1:3] == ["not-in-rules", "-"]
+
+
+def test_nodes_lists_each_node_live_or_gone_with_what_it_drives(setup: Path) -> None:
+    nodes = {row["node"]: row for row in json_of("nodes", *config_of(setup))}
+    assert set(nodes) == {"gw1", "gw2"}
+    gw1, gw2 = nodes["gw1"], nodes["gw2"]
+    assert (gw1["state"], gw2["state"]) == ("gone", "live")
+    assert gw2["lanes"] == [INITECH]
+    assert gw1["lanes"] == []  # its lease on globex ran out
+    assert gw2["version"] == "9.9"
+    assert gw2["rules_match_file"] is False
+    assert gw2["clock_offset_ms"] is None  # SQLite has no clock of its own
+    lines = ok("nodes", *config_of(setup)).splitlines()
+    assert lines[0].split() == [
+        "NODE", "STATE", "VERSION", "RULES", "LAST", "BEAT", "UP", "FOR", "LANES", "SWEEPER",
+        "CLOCK",
+    ]  # fmt: skip
+    row = lines[2].split()
+    assert row[:4] == ["gw2", "live", "9.9", "222222222222"]
+    assert "(not this file)" in lines[2]
+    assert row[-3:] == ["1", "-", "-"]
 
 
 def test_peers_with_unreadable_rules_still_shows_storage(setup: Path) -> None:

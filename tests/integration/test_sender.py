@@ -88,6 +88,7 @@ from gateway.storage.base import (
     SpoolEntry,
     SpoolItem,
 )
+from gateway.storage.leases import Lease
 
 ORG = "acme.example"
 A = "globex.example"
@@ -193,7 +194,10 @@ class MemoryStorage:
             total += entry.size
         return taken
 
-    async def spool_complete(self, peer: str, results: Mapping[str, str], *, at_ms: int) -> int:
+    async def spool_complete(
+        self, peer: str, results: Mapping[str, str], *, at_ms: int, fence: Lease | None = None
+    ) -> int:
+        assert fence is None  # no leases here: this process drives every lane
         await trio.lowlevel.checkpoint()
         gone = [e for e in self.spool if e.peer == peer and e.envelope_id in results]
         for entry in gone:
@@ -210,7 +214,9 @@ class MemoryStorage:
         at_ms: int,
         delay_ms: int,
         max_delay_ms: int,
+        fence: Lease | None = None,
     ) -> int:
+        assert fence is None
         await trio.lowlevel.checkpoint()
         held = {e.envelope_id for e in self.spool if e.peer == peer}
         count = 0
@@ -274,7 +280,8 @@ class MemoryStorage:
         await trio.lowlevel.checkpoint()
         return self.states.get(peer)
 
-    async def peer_state_put(self, state: PeerState) -> None:
+    async def peer_state_put(self, state: PeerState, *, fence: Lease | None = None) -> None:
+        assert fence is None
         await trio.lowlevel.checkpoint()
         self.states[state.peer] = state
 
@@ -638,7 +645,9 @@ class SlowCompletions(MemoryStorage):
         self.most_at_once = 0
         self.failures_left = 0
 
-    async def spool_complete(self, peer: str, results: Mapping[str, str], *, at_ms: int) -> int:
+    async def spool_complete(
+        self, peer: str, results: Mapping[str, str], *, at_ms: int, fence: Lease | None = None
+    ) -> int:
         self.running += 1
         self.most_at_once = max(self.most_at_once, self.running)
         try:

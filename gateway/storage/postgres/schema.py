@@ -198,6 +198,28 @@ CREATE TABLE sessions (
 CREATE INDEX sessions_ended ON sessions (refresh_expires_ms);
 """
 
+# Nodes and leases (gateway.storage.leases), as in SQLite's migration 5, plus
+# each node's clock offset from the server's at its last beat.
+_V3 = """
+CREATE TABLE nodes (
+    node         TEXT   PRIMARY KEY,
+    incarnation  TEXT   NOT NULL,
+    version      TEXT   NOT NULL,
+    rules_sha256 TEXT   NOT NULL,
+    started_ms   BIGINT NOT NULL,
+    beat_ms      BIGINT NOT NULL,
+    skew_ms      BIGINT
+);
+CREATE TABLE leases (
+    name         TEXT   PRIMARY KEY,
+    node         TEXT   NOT NULL,
+    incarnation  TEXT   NOT NULL,
+    epoch        BIGINT NOT NULL,
+    since_ms     BIGINT NOT NULL,
+    until_ms     BIGINT NOT NULL
+);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -205,6 +227,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         _V1,
     ),
     Migration(2, "sessions: sign-in sessions through OpenID Connect", _V2),
+    Migration(3, "nodes and leases: which node drives each lane and the sweepers", _V3),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -68,6 +68,8 @@ from gateway.storage.base import (
     check_status,
     check_text,
 )
+from gateway.storage.leases import Lease
+from gateway.storage.postgres.cluster import PostgresCluster, check_fence
 from gateway.storage.postgres.engine import POOL_SIZE, Connection, PostgresEngine, describe
 from gateway.storage.postgres.engine import open_postgres_engine as _open_engine
 from gateway.storage.postgres.schema import migrate
@@ -100,7 +102,7 @@ class _Replayed(Exception):
     """Another writer recorded the same transaction first: roll back, answer from it."""
 
 
-class PostgresStorage(PostgresSessions):
+class PostgresStorage(PostgresSessions, PostgresCluster):
     """:class:`~gateway.storage.base.Storage` on one PostgreSQL database.
 
     Build it with :func:`open_postgres_storage`.
@@ -192,7 +194,9 @@ class PostgresStorage(PostgresSessions):
 
         return await self.engine.read(op)
 
-    async def spool_complete(self, peer: str, results: Mapping[str, str], *, at_ms: int) -> int:
+    async def spool_complete(
+        self, peer: str, results: Mapping[str, str], *, at_ms: int, fence: Lease | None = None
+    ) -> int:
         _peer(peer)
         pairs = _statuses(results)
         check_ms("at_ms", at_ms)
@@ -200,6 +204,7 @@ class PostgresStorage(PostgresSessions):
             return 0
 
         def op(conn: Connection) -> int:
+            check_fence(conn, fence)
             # Removal and statuses in one statement: the sender comes from the row removed.
             cur = conn.execute(
                 "WITH r AS (SELECT * FROM unnest(%s::text[], %s::text[]) AS r(id, status)), "
@@ -223,6 +228,7 @@ class PostgresStorage(PostgresSessions):
         at_ms: int,
         delay_ms: int,
         max_delay_ms: int,
+        fence: Lease | None = None,
     ) -> int:
         _peer(peer)
         ids = _ids("spool_defer ids", envelope_ids)
@@ -234,6 +240,7 @@ class PostgresStorage(PostgresSessions):
             return 0
 
         def op(conn: Connection) -> int:
+            check_fence(conn, fence)
             return conn.execute(
                 "INSERT INTO spool_deferred (envelope_id, not_before_ms, deferrals) "
                 "SELECT DISTINCT envelope_id, %s::bigint, 1 FROM spool "
@@ -585,7 +592,7 @@ class PostgresStorage(PostgresSessions):
 
         return await self.engine.read(op)
 
-    async def peer_state_put(self, state: PeerState) -> None:
+    async def peer_state_put(self, state: PeerState, *, fence: Lease | None = None) -> None:
         if not isinstance(state, PeerState):
             raise ValueError(f"state must be a PeerState, got {type(state).__name__}")
         error = state.last_error
@@ -593,6 +600,7 @@ class PostgresStorage(PostgresSessions):
             error = error[: MAX_LAST_ERROR_LENGTH - len(_TRUNCATED)] + _TRUNCATED
 
         def op(conn: Connection) -> None:
+            check_fence(conn, fence)
             conn.execute(
                 "INSERT INTO peer_states (peer, failures, backoff_until_ms, last_success_ms, "
                 "last_error) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (peer) DO UPDATE SET "

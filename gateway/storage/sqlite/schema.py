@@ -226,11 +226,32 @@ CREATE TABLE sessions (
 CREATE INDEX sessions_ended ON sessions (refresh_expires_ms);
 """
 
+# Nodes and leases (gateway.storage.leases): one SQLite node keeps them too.
+_V5 = """
+CREATE TABLE nodes (
+    node         TEXT    PRIMARY KEY,
+    incarnation  TEXT    NOT NULL,
+    version      TEXT    NOT NULL,
+    rules_sha256 TEXT    NOT NULL,
+    started_ms   INTEGER NOT NULL,
+    beat_ms      INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE leases (
+    name         TEXT    PRIMARY KEY,
+    node         TEXT    NOT NULL,
+    incarnation  TEXT    NOT NULL,
+    epoch        INTEGER NOT NULL,
+    since_ms     INTEGER NOT NULL,
+    until_ms     INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "spool, mailboxes, dedup, transactions, statuses, peers, tokens, keys", _V1),
     Migration(2, "spool_deferred: envelopes a peer answered with a temporary result", _V2),
     Migration(3, "retention_archive and retention_holds", _V3),
     Migration(4, "sessions: sign-in sessions through OpenID Connect", _V4),
+    Migration(5, "nodes and leases: which node drives each lane and the sweepers", _V5),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

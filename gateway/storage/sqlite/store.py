@@ -71,8 +71,10 @@ from gateway.storage.base import (
     check_status,
     check_text,
 )
+from gateway.storage.leases import Lease
 from gateway.storage.sqlite.archive import SqliteArchive
 from gateway.storage.sqlite.bounds import check_bound, fit_bound
+from gateway.storage.sqlite.cluster import SqliteCluster, check_fence
 from gateway.storage.sqlite.engine import READER_THREADS, SqliteEngine, open_sqlite_engine
 from gateway.storage.sqlite.schema import migrate
 from gateway.storage.sqlite.sessions import SqliteSessions
@@ -243,7 +245,7 @@ def _delete_chunked_sql(table: str, key: str, where: str) -> str:
     )
 
 
-class SqliteStorage(SqliteSessions):
+class SqliteStorage(SqliteSessions, SqliteCluster):
     """:class:`~gateway.storage.base.Storage` on one SQLite file.
 
     Build it with :func:`open_sqlite_storage`.
@@ -337,12 +339,15 @@ class SqliteStorage(SqliteSessions):
         # A lane that is keeping up holds a few envelopes; a backlog, more.
         return await _small_first(self.engine, op, max_items)
 
-    async def spool_complete(self, peer: str, results: Mapping[str, str], *, at_ms: int) -> int:
+    async def spool_complete(
+        self, peer: str, results: Mapping[str, str], *, at_ms: int, fence: Lease | None = None
+    ) -> int:
         _peer(peer)
         pairs = _statuses(results)
         check_ms("at_ms", at_ms)
 
         def op(conn: sqlite3.Connection) -> int:
+            check_fence(conn, fence)
             # The status rows first (they read the sender from the spool row),
             # then the removal; only ids still in this peer's lane match either.
             rows = [(status, at_ms, envelope_id, peer) for envelope_id, status in pairs]
@@ -362,6 +367,7 @@ class SqliteStorage(SqliteSessions):
         at_ms: int,
         delay_ms: int,
         max_delay_ms: int,
+        fence: Lease | None = None,
     ) -> int:
         _peer(peer)
         ids = _ids("spool_defer ids", envelope_ids)
@@ -371,6 +377,7 @@ class SqliteStorage(SqliteSessions):
         first = min(delay_ms, max_delay_ms)
 
         def op(conn: sqlite3.Connection) -> int:
+            check_fence(conn, fence)
             return conn.executemany(
                 _DEFER,
                 [(at_ms + first, e, peer, at_ms, max_delay_ms, delay_ms) for e in ids],
@@ -708,7 +715,7 @@ class SqliteStorage(SqliteSessions):
 
         return await self.engine.read(op)
 
-    async def peer_state_put(self, state: PeerState) -> None:
+    async def peer_state_put(self, state: PeerState, *, fence: Lease | None = None) -> None:
         if not isinstance(state, PeerState):
             raise ValueError(f"state must be a PeerState, got {type(state).__name__}")
         error = state.last_error
@@ -716,6 +723,7 @@ class SqliteStorage(SqliteSessions):
             error = error[: MAX_LAST_ERROR_LENGTH - len(_TRUNCATED)] + _TRUNCATED
 
         def op(conn: sqlite3.Connection) -> None:
+            check_fence(conn, fence)
             conn.execute(
                 "INSERT INTO peer_states (peer, failures, backoff_until_ms, last_success_ms, "
                 "last_error) VALUES (?, ?, ?, ?, ?) ON CONFLICT (peer) DO UPDATE SET "
