@@ -65,7 +65,7 @@ from gateway.observability.audit import AuditWriter
 from gateway.observability.certs import CLIENT_API, FEDERATION, ORG_CA, CertificateGauges
 from gateway.observability.endpoints import MetricsEndpoints, NotReady
 from gateway.observability.gauges import run_gauge_refresher
-from gateway.observability.metrics import NodeInfo
+from gateway.observability.metrics import STORAGE_LISTEN_LOSSES, NodeInfo
 from gateway.oidc.idp import IdP, idp_ssl_context, read_client_secret
 from gateway.oidc.members import IdPMemberships
 from gateway.oidc.sessions import SessionService
@@ -74,6 +74,7 @@ from gateway.pki.own import OwnCertificate
 from gateway.pki.tls import client_api_server_context
 from gateway.reserve import SpaceReserve
 from gateway.rules_runtime import ReloadRecord, RulesHolder, watch_rules_file, watch_sighup
+from gateway.storage.arrivals import WatchesArrivals
 from gateway.storage.base import Bound, Storage
 from gateway.storage.opening import open_configured_storage
 from gateway.storage.sqlite import SqliteStorage
@@ -461,6 +462,13 @@ async def run_gateway(
                 )
                 if reserve is not None:
                     await root.start(reserve.watch)
+                if isinstance(storage, WatchesArrivals):
+                    # Long-polls here wake for envelopes other nodes store too.
+                    await root.start(
+                        lambda *, task_status: storage.watch_arrivals(
+                            waiters, on_lost=STORAGE_LISTEN_LOSSES.inc, task_status=task_status
+                        )
+                    )
                 if archive is not None:
                     await root.start(
                         lambda *, task_status: run_archive_sweeper(

@@ -9,7 +9,10 @@ mailbox, and only if that read was empty waits on the watch. Whoever stores
 envelopes for local users (local delivery in the client API, the federation
 receiver) calls :meth:`MailboxWaiters.notify` with those users *after* the
 durable write; every watch taken before that call is woken, and the read it
-does next sees the new envelopes.
+does next sees the new envelopes. Arrivals that other nodes of the org store
+in a shared database come through the storage engine
+(:mod:`gateway.storage.arrivals`), which calls :meth:`MailboxWaiters.notify`,
+or :meth:`MailboxWaiters.notify_all` when it cannot know who may have mail.
 
 Each user with at least one watcher has one slot: a ``trio.Event`` and a count
 of watchers. ``notify`` detaches the user's slot and sets its event, so the
@@ -117,10 +120,14 @@ class MailboxWaiters:
             if slot is not None:
                 slot.event.set()
 
-    def close(self) -> None:
-        """Wake every watch, now and from now on (shutdown: long-polls answer at once)."""
-        self._closed = True
+    def notify_all(self) -> None:
+        """Wake every watch taken so far (news of arrivals may have been lost)."""
         slots = list(self._slots.values())
         self._slots.clear()
         for slot in slots:
             slot.event.set()
+
+    def close(self) -> None:
+        """Wake every watch, now and from now on (shutdown: long-polls answer at once)."""
+        self._closed = True
+        self.notify_all()

@@ -210,6 +210,13 @@ STORAGE_RESERVE_REFUSALS = Counter(
     ["path"],
 )
 
+# -- other nodes' mailbox arrivals (gateway.storage.postgres.arrivals, wired in app) -----
+STORAGE_LISTEN_LOSSES = Counter(
+    "gateway_storage_listen_losses_total",
+    "Times this node stopped hearing other nodes' mailbox arrivals because its PostgreSQL "
+    "LISTEN connection was lost or could not be made (once per outage).",
+)
+
 # -- client api ----------------------------------------------------------------
 CLIENTAPI_SUBMISSIONS = Counter(
     "gateway_clientapi_submissions_total",

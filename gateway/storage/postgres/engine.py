@@ -35,6 +35,7 @@ ones, so the engine recovers by itself when the server comes back.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Final, TypeVar
@@ -114,6 +115,9 @@ class PostgresEngine:
         )
         self._closing = False
         self.commits = 0  # write transactions committed by this process
+        # Names this engine in the mailbox notifications it sends (.arrivals), so
+        # that its own listener can tell them from other nodes'.
+        self.instance_id = secrets.token_hex(8)
 
     # -- trio side -------------------------------------------------------------
     async def write(self, fn: Op[T], *, cancellable: bool = False) -> T:
@@ -156,6 +160,15 @@ class PostgresEngine:
     def _read_in_thread(self, fn: Op[T]) -> T:
         with self._pool.connection() as conn:
             return fn(conn)
+
+    def connect_direct(self, **options: Any) -> Connection:
+        """A connection of its own, outside the pool (autocommit); in a thread.
+
+        For a session that outlives ops, such as ``LISTEN`` (.arrivals).
+        """
+        return psycopg.connect(
+            self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S, **options
+        )
 
     # -- life --------------------------------------------------------------------
     async def _start(self, setup: Op[object]) -> None:

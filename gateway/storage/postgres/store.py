@@ -15,9 +15,11 @@ are in :mod:`gateway.storage.postgres.schema`.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Final
+
+import trio
 
 from gateway.core.address import MAX_DOMAIN_LENGTH
 from gateway.errors import Reason
@@ -35,6 +37,7 @@ from gateway.storage._shared import (
     _txn_results,
     _user,
 )
+from gateway.storage.arrivals import ArrivalSink
 from gateway.storage.base import (
     EXPIRE_BATCH,
     LIST_LIMIT,
@@ -69,6 +72,7 @@ from gateway.storage.base import (
     check_text,
 )
 from gateway.storage.leases import Lease
+from gateway.storage.postgres.arrivals import watch_arrivals
 from gateway.storage.postgres.cluster import PostgresCluster, check_fence
 from gateway.storage.postgres.engine import POOL_SIZE, Connection, PostgresEngine, describe
 from gateway.storage.postgres.engine import open_postgres_engine as _open_engine
@@ -408,7 +412,7 @@ class PostgresStorage(PostgresSessions, PostgresCluster):
                 replayed = _txn_record(origin, txn_id, row)
                 return DeliverOutcome(stored=(), recipients=frozenset(), replayed=replayed)
             stored, recipients, full = store_in_mailboxes(
-                conn, entries, at_ms, bound=bound, each=True
+                conn, entries, at_ms, bound=bound, each=True, notify_as=self.engine.instance_id
             )
             answer = results_json
             if full:
@@ -457,7 +461,9 @@ class PostgresStorage(PostgresSessions, PostgresCluster):
         entries = list(entries)
 
         def op(conn: Connection) -> DeliverOutcome:
-            stored, recipients, _ = store_in_mailboxes(conn, entries, at_ms, bound=bound)
+            stored, recipients, _ = store_in_mailboxes(
+                conn, entries, at_ms, bound=bound, notify_as=self.engine.instance_id
+            )
             set_statuses(conn, [(e.envelope_id, e.sender, STATUS_DELIVERED, at_ms) for e in stored])
             return DeliverOutcome(
                 stored=tuple(e.envelope_id for e in stored), recipients=frozenset(recipients)
@@ -539,6 +545,19 @@ class PostgresStorage(PostgresSessions, PostgresCluster):
             }
 
         return await self.engine.read(op)
+
+    async def watch_arrivals(
+        self,
+        sink: ArrivalSink,
+        *,
+        on_lost: Callable[[], None] | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Wake ``sink``'s waiters for arrivals other nodes commit, until cancelled.
+
+        See :mod:`gateway.storage.postgres.arrivals` (``LISTEN`` on a connection of its own).
+        """
+        await watch_arrivals(self.engine, sink, on_lost=on_lost, task_status=task_status)
 
     # -- delivery statuses ---------------------------------------------------------
     async def status_set(self, envelope_id: str, sender: str, status: str, *, at_ms: int) -> None:

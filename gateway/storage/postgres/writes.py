@@ -19,6 +19,7 @@ from typing import Final
 from gateway.errors import CapacityError, Reason
 from gateway.storage._shared import _first_unseen
 from gateway.storage.base import Bound, EnvelopeRecord
+from gateway.storage.postgres.arrivals import notify_arrivals
 from gateway.storage.postgres.engine import Connection
 
 SET_STATUSES = (
@@ -108,12 +109,14 @@ def store_in_mailboxes(
     *,
     bound: Bound | None = None,
     each: bool = False,
+    notify_as: str,
 ) -> tuple[list[EnvelopeRecord], set[str], list[str]]:
     """As the SQLite engine's: store entries never seen; return those stored, their
     recipients, and the ids left out because their mailbox was full.
 
     The seen ids are claimed with ``ON CONFLICT DO NOTHING``: an id another
-    node claimed meanwhile is skipped here, never stored twice.
+    node claimed meanwhile is skipped here, never stored twice. The recipients
+    are notified (:mod:`.arrivals`) as engine ``notify_as``, at the commit.
     """
     ids = [entry.envelope_id for entry in entries]
     fresh = _first_unseen(entries, present(conn, "seen_envelopes", ids))
@@ -160,7 +163,9 @@ def store_in_mailboxes(
                 [e.data for e in stored],
             ),
         )
-    return stored, {entry.recipient for entry in stored}, left_out
+    recipients = {entry.recipient for entry in stored}
+    notify_arrivals(conn, notify_as, recipients)
+    return stored, recipients, left_out
 
 
 def set_statuses(conn: Connection, rows: Sequence[tuple[str, str, str, int]]) -> None:
