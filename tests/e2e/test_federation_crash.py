@@ -5,11 +5,17 @@ globex's gateway is killed twice and acme's once, each restarted. Every
 envelope must end in bob's mailbox exactly once: none lost, none twice.
 Bob's client acknowledges as it reads, so an envelope delivered a second
 time after its first copy was read would show up again and be caught.
+
+The test runs once per storage engine: both orgs on their default SQLite
+files, then both on PostgreSQL, each org in a fresh database of its own on
+the machine's server (tests/postgres_for_tests.py).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -21,6 +27,7 @@ from gateway.core.envelope import Envelope
 from gateway.crypto.envelope_crypto import seal
 from gateway.crypto.keys import UserKeys
 from gateway.devnet import DevNet, DevOrg, GatewayProcess
+from tests.postgres_for_tests import fresh_database
 
 pytestmark = pytest.mark.e2e
 
@@ -28,6 +35,23 @@ ACME, GLOBEX = "acme.example", "globex.example"
 ENVELOPES = 10_000
 BATCH = 250
 DRAIN_TIMEOUT = 240.0  # generous: a slow CI machine, three restarts
+
+
+@pytest.fixture
+def databases(storage_engine: str) -> Iterator[dict[str, str]]:
+    """Each org's ``storage:`` value: ``sqlite`` (the default), or a fresh PostgreSQL
+    database of its own."""
+    if storage_engine == "sqlite":
+        yield {ACME: "sqlite", GLOBEX: "sqlite"}
+        return
+    with ExitStack() as stack:
+        yield {org: stack.enter_context(fresh_database()) for org in (ACME, GLOBEX)}
+
+
+def use_storage(org: DevOrg, storage: str) -> None:
+    text = org.config_path.read_text()
+    assert "\nstorage: sqlite" in text, "gateway init no longer writes `storage: sqlite`"
+    org.config_path.write_text(text.replace("\nstorage: sqlite", f"\nstorage: {storage}", 1))
 
 
 def session(org: DevOrg, token: str) -> ClientSession:
@@ -58,9 +82,13 @@ async def submit_until_accepted(
         return
 
 
-async def test_ten_thousand_envelopes_survive_sigkills_exactly_once(tmp_path: Path) -> None:
+async def test_ten_thousand_envelopes_survive_sigkills_exactly_once(
+    tmp_path: Path, databases: dict[str, str]
+) -> None:
     with DevNet(tmp_path) as net:
         acme, globex = net.add_org(ACME), net.add_org(GLOBEX)
+        use_storage(acme, databases[ACME])
+        use_storage(globex, databases[GLOBEX])
         acme.write_rules(
             peers=[globex], groups={"engineering": {"members": ["alice"], "send_to": [GLOBEX]}}
         )
