@@ -22,9 +22,8 @@ What must hold:
   balancer's health check marks it down and traffic both ways keeps flowing
   through the other; every envelope arrives exactly once.
 
-Both nodes may drive the lane to globex (lanes are not leased across nodes
-yet); globex's dedup makes that harmless, and nothing here depends on which
-node sends.
+One of the two nodes drives the lane to globex (its lease); nothing here
+depends on which (tests/e2e/test_cluster.py is about that).
 
 ``haproxy`` is a system tool (Debian's ``haproxy``): missing, the test fails
 and says how to install it; .ci/run installs it (in CI, or as root).
