@@ -46,7 +46,7 @@ from gateway.archive_sweeper import run_archive_sweeper
 from gateway.clientapi.api import ClientAPI
 from gateway.clientapi.mailbox_wait import MailboxWaiters
 from gateway.clientapi.signin import SignInAPI
-from gateway.cluster import LeaseKeeper
+from gateway.cluster import LeaseKeeper, SpoolAnnouncer
 from gateway.config import GatewayConfig
 from gateway.core.address import Address
 from gateway.core.ratelimit import RateLimiter
@@ -266,8 +266,11 @@ async def run_gateway(
             clock_ms=clock_ms,
             lease_time=config.limits.lease_time,
         )
+        # Submissions for a lane another node drives wake it there (PostgreSQL NOTIFY).
+        announcer = SpoolAnnouncer(storage) if isinstance(storage, WatchesArrivals) else None
         sender = Sender(
             leases=keeper,
+            remote_wake=announcer.wake if announcer is not None else None,
             org=config.org,
             storage=storage,
             transport=transport,
@@ -466,9 +469,14 @@ async def run_gateway(
                     # Long-polls here wake for envelopes other nodes store too.
                     await root.start(
                         lambda *, task_status: storage.watch_arrivals(
-                            waiters, on_lost=STORAGE_LISTEN_LOSSES.inc, task_status=task_status
+                            waiters,
+                            on_lost=STORAGE_LISTEN_LOSSES.inc,
+                            spooled=sender.wake_lanes,
+                            task_status=task_status,
                         )
                     )
+                if announcer is not None:
+                    await root.start(announcer.run)
                 if archive is not None:
                     await root.start(
                         lambda *, task_status: run_archive_sweeper(

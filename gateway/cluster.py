@@ -371,3 +371,36 @@ class LeaseKeeper:
                 callback()
             except Exception:
                 LOGGER.exception("cluster: a lease subscriber failed")
+
+
+class SpoolAnnouncing(Protocol):
+    async def announce_spooled(self, peers: Collection[str]) -> None: ...
+
+
+class SpoolAnnouncer:
+    """Tells the node driving a lane that this node spooled for it (PostgreSQL NOTIFY).
+
+    :meth:`wake` is called by the sender for a lane that does not run here;
+    :meth:`run` sends what gathered, one statement per burst. A failure costs
+    latency only: the lane's owner finds the envelopes at its next poll.
+    """
+
+    def __init__(self, storage: SpoolAnnouncing) -> None:
+        self._storage = storage
+        self._pending: set[str] = set()
+        self._ready = trio.Event()
+
+    def wake(self, peer: str) -> None:
+        self._pending.add(peer)
+        self._ready.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await self._ready.wait()
+            self._ready = trio.Event()
+            peers, self._pending = self._pending, set()
+            try:
+                await self._storage.announce_spooled(peers)
+            except StorageError as exc:
+                LOGGER.debug("cluster: could not announce spooled envelopes: %s", exc.message)

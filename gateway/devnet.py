@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -141,6 +142,66 @@ def create_org(base: Path, org: str) -> DevOrg:
     )
     init_setup(options, now=datetime.now(UTC))
     return DevOrg(org, options.directory, options.federation, options.client, options.metrics)
+
+
+def edit_config(org: DevOrg, **changes: Any) -> None:
+    """Set top-level keys of the org's gateway.yaml (its comments are lost, its values kept)."""
+    config = yaml.safe_load(org.config_path.read_text(encoding="utf-8"))
+    config.update(changes)
+    org.config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+
+
+def add_node(first: DevOrg, directory: Path) -> DevOrg:
+    """Another host of ``first``'s org: a copy of its directory (certificates, keys,
+    rules), without its data, with its own free loopback ports."""
+    shutil.copytree(first.directory, directory, ignore=shutil.ignore_patterns("data"))
+    node = DevOrg(
+        first.org,
+        directory,
+        HostPort(LOOPBACK, free_port()),
+        HostPort(LOOPBACK, free_port()),
+        HostPort(LOOPBACK, free_port()),
+    )
+    edit_config(
+        node,
+        listen={
+            "federation": str(node.federation),
+            "client": str(node.client),
+            "metrics": str(node.metrics),
+        },
+    )
+    return node
+
+
+def make_cluster(
+    first: DevOrg,
+    count: int,
+    *,
+    storage: str,
+    limits: Mapping[str, object] | None = None,
+) -> list[DevOrg]:
+    """``first`` and ``count - 1`` more nodes of its org, all on ``storage`` (a
+    postgresql:// URL), named ``<org's first label>-<n>``, whose ``endpoint:``
+    lists every node's federation URL (so the org's peer card carries them all).
+
+    Call it before writing rules; copy the rules file to every node after.
+    """
+    base = first.directory.parent
+    nodes = [first] + [add_node(first, base / f"{first.org}-{n}") for n in range(2, count + 1)]
+    endpoints = [f"https://{node.federation}" for node in nodes]
+    for n, node in enumerate(nodes, start=1):
+        extra: dict[str, Any] = {}
+        if limits:
+            config = yaml.safe_load(node.config_path.read_text(encoding="utf-8"))
+            extra["limits"] = {**(config.get("limits") or {}), **limits}
+        edit_config(
+            node,
+            node=f"{first.org.split('.')[0]}-{n}",
+            storage=storage,
+            endpoint=endpoints if count > 1 else endpoints[0],
+            **extra,
+        )
+    return nodes
 
 
 def gateway_command(*args: str) -> list[str]:

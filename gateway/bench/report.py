@@ -157,7 +157,8 @@ def render_table(report: Mapping[str, Any]) -> str:
         (
             "options",
             f"{options['envelopes']:,} envelopes, payload {options['size']:,} B, "
-            f"window {options['window']}",
+            f"window {options['window']}, {options.get('storage', 'sqlite')}"
+            + (f", {options['nodes']} nodes per org" if options.get("nodes", 1) > 1 else ""),
         ),
         (
             "envelope on the wire",

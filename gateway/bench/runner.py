@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -74,6 +75,7 @@ from typing import Any, Final
 
 import trio
 
+from gateway.bench.databases import default_admin_url, fresh_databases
 from gateway.bench.floor import FloorResult, run_floor
 from gateway.bench.profile import start_recording, summarize_file
 from gateway.client.api import ClientSession
@@ -81,11 +83,11 @@ from gateway.core.address import Address
 from gateway.core.envelope import Envelope, encode_envelope, new_envelope_id
 from gateway.crypto.envelope_crypto import max_payload_bytes, open_envelope, seal
 from gateway.crypto.keys import UserKeys
-from gateway.devnet import DevNet, DevOrg, GatewayProcess, gateway_command
+from gateway.devnet import DevNet, DevOrg, GatewayProcess, gateway_command, make_cluster
 from gateway.errors import GatewayError
 from gateway.federation.protocol import MAX_TRANSACTION_ENVELOPES
 from gateway.storage.base import MAX_ITEMS_PER_CALL, SpoolItem
-from gateway.storage.sqlite import open_sqlite_storage
+from gateway.storage.opening import open_configured_storage
 
 SENDER_ORG: Final = "acme.example"
 RECEIVER_ORG: Final = "globex.example"
@@ -102,6 +104,8 @@ MAX_ENVELOPES: Final = 10_000_000
 MAX_WINDOW: Final = 100_000
 MAX_DURATION: Final = 86_400.0
 MAX_OUTAGE: Final = 3_600.0
+STORAGES: Final = ("sqlite", "postgresql")
+MAX_NODES: Final = 8
 
 SUBMITTERS: Final = 4  # concurrent batch submissions (the client session's connections)
 MAX_CLIENT_BATCH: Final = 256  # the client API's MAX_BATCH_ENVELOPES
@@ -141,6 +145,9 @@ class BenchOptions:
     transaction_envelopes: int | None = None  # limits.max_transaction_envelopes; None: default
     keep: Path | None = None  # keep the orgs' directories here instead of a temp dir
     profile: Path | None = None  # py-spy each gateway during the run; stacks go here
+    storage: str = "sqlite"  # or "postgresql": a fresh database per org (bench.databases)
+    nodes: int = 1  # gateway nodes per org (PostgreSQL only beyond one)
+    postgres: str | None = None  # the admin URL that makes the databases; None: the default
 
     def __post_init__(self) -> None:
         if not 1 <= self.envelopes <= MAX_ENVELOPES:
@@ -164,6 +171,16 @@ class BenchOptions:
             raise ValueError("--profile samples a delivery or outage run, not --spool")
         if self.sample < 0:
             raise ValueError(f"--sample must be 0 or more, got {self.sample}")
+        if self.storage not in STORAGES:
+            raise ValueError(f"--storage must be one of {', '.join(STORAGES)}, got {self.storage}")
+        if not 1 <= self.nodes <= MAX_NODES:
+            raise ValueError(f"--nodes must be 1..{MAX_NODES}, got {self.nodes}")
+        if self.nodes > 1 and self.storage != "postgresql":
+            raise ValueError("--nodes above 1 needs --storage postgresql (nodes share a database)")
+        if self.nodes > 1 and (self.outage is not None or self.spool is not None or self.profile):
+            raise ValueError(
+                "--nodes above 1 measures delivery only (no --outage, --spool, --profile)"
+            )
         limit = max_payload_bytes(Address.of(SENDER_USER, SENDER_ORG))
         if not 8 <= self.size <= limit:
             raise ValueError(f"--size must be 8..{limit} bytes, got {self.size}")
@@ -292,6 +309,11 @@ class Bed:
     bob: UserKeys
     sender_token: str = ""
     receiver_token: str = ""
+    # Every node of each org, the first (sender, proc_sender...) included.
+    sender_nodes: list[DevOrg] = field(default_factory=list)
+    receiver_nodes: list[DevOrg] = field(default_factory=list)
+    sender_procs: list[GatewayProcess] = field(default_factory=list)
+    receiver_procs: list[GatewayProcess] = field(default_factory=list)
 
 
 def _limits() -> dict[str, object]:
@@ -316,9 +338,20 @@ def set_limits(org: DevOrg, values: Mapping[str, int]) -> None:
     org.config_path.write_text(text, encoding="utf-8")
 
 
-def build_bed(base: Path, *, transaction_envelopes: int | None = None) -> Bed:
+def build_bed(
+    base: Path,
+    *,
+    transaction_envelopes: int | None = None,
+    databases: Mapping[str, str] | None = None,
+    nodes: int = 1,
+) -> Bed:
+    """The two orgs; with ``databases`` (org to postgresql:// URL), ``nodes`` each on it."""
     net = DevNet(base)
     sender, receiver = net.add_org(SENDER_ORG), net.add_org(RECEIVER_ORG)
+    clusters = {SENDER_ORG: [sender], RECEIVER_ORG: [receiver]}
+    if databases is not None:
+        for org in (sender, receiver):
+            clusters[org.org] = make_cluster(org, nodes, storage=databases[org.org])
     limits = {
         "spool_max_envelopes_per_peer": BENCH_LANE_ENVELOPES,
         "spool_max_bytes_per_peer": BENCH_LANE_BYTES,
@@ -329,7 +362,7 @@ def build_bed(base: Path, *, transaction_envelopes: int | None = None) -> Bed:
     }
     if transaction_envelopes is not None:
         limits["max_transaction_envelopes"] = transaction_envelopes
-    for org in (sender, receiver):
+    for org in (*clusters[SENDER_ORG], *clusters[RECEIVER_ORG]):
         set_limits(org, limits)
     sender.write_rules(
         peers=[receiver],
@@ -341,14 +374,26 @@ def build_bed(base: Path, *, transaction_envelopes: int | None = None) -> Bed:
             GROUP: {"members": [RECEIVER_USER], "receive_from": [SENDER_ORG], "limits": _limits()}
         },
     )
+    procs: dict[str, list[GatewayProcess]] = {}
+    for name, members in clusters.items():
+        procs[name] = [net.process(name)]
+        for n, node in enumerate(members[1:], start=2):
+            shutil.copy(members[0].rules_path, node.rules_path)
+            proc = GatewayProcess(node, base / f"{name}-{n}.log")
+            net.processes[f"{name}-{n}"] = proc  # stopped with the others
+            procs[name].append(proc)
     return Bed(
         net=net,
         sender=sender,
         receiver=receiver,
-        proc_sender=net.process(SENDER_ORG),
-        proc_receiver=net.process(RECEIVER_ORG),
+        proc_sender=procs[SENDER_ORG][0],
+        proc_receiver=procs[RECEIVER_ORG][0],
         alice=UserKeys.generate(Address.of(SENDER_USER, SENDER_ORG)),
         bob=UserKeys.generate(Address.of(RECEIVER_USER, RECEIVER_ORG)),
+        sender_nodes=clusters[SENDER_ORG],
+        receiver_nodes=clusters[RECEIVER_ORG],
+        sender_procs=procs[SENDER_ORG],
+        receiver_procs=procs[RECEIVER_ORG],
     )
 
 
@@ -467,7 +512,7 @@ async def _submitter(
 
 
 async def _submit_all(
-    session: ClientSession,
+    sessions: Sequence[ClientSession],
     state: RunState,
     window: Window,
     *,
@@ -477,10 +522,11 @@ async def _submit_all(
 ) -> None:
     try:
         async with trio.open_nursery() as nursery:
-            for _ in range(SUBMITTERS):
+            for i in range(SUBMITTERS):
                 nursery.start_soon(
-                    lambda: _submitter(
-                        session,
+                    functools.partial(
+                        _submitter,
+                        sessions[i % len(sessions)],
                         state,
                         window,
                         cap=cap,
@@ -559,6 +605,17 @@ def _gateway_figures(proc: GatewayProcess, cpu_before: float) -> ProcessFigures:
     return ProcessFigures(cpu_seconds(pid) - cpu_before, memory_kib(pid, "VmHWM"))
 
 
+def _cpu_of(proc: GatewayProcess) -> float:
+    assert proc.process is not None
+    return cpu_seconds(proc.process.pid)
+
+
+def _org_figures(procs: Sequence[GatewayProcess], cpu_before: Sequence[float]) -> ProcessFigures:
+    """An org's figures: CPU summed over its nodes, the largest peak RSS of one node."""
+    each = [_gateway_figures(p, before) for p, before in zip(procs, cpu_before, strict=True)]
+    return ProcessFigures(sum(f.cpu_seconds for f in each), max(f.peak_rss_kib for f in each))
+
+
 def _percentile(sorted_values: Sequence[float], fraction: float) -> float:
     if not sorted_values:
         return math.nan
@@ -591,7 +648,12 @@ async def _timed_run(bed: Bed, state: RunState, options: BenchOptions) -> dict[s
     meter = WireMeter(bed.receiver.federation.port)
     await trio.to_thread.run_sync(meter.start)
     phase: dict[str, Any] = {}
-    async with _session(bed.sender, bed.sender_token) as alice:
+    async with contextlib.AsyncExitStack() as sessions:
+        # One client session per node of the sending org: the submitters take turns.
+        nodes = bed.sender_nodes or [bed.sender]
+        alice = [
+            await sessions.enter_async_context(_session(node, bed.sender_token)) for node in nodes
+        ]
         if not outage:
             async with _session(bed.receiver, bed.receiver_token) as bob, trio.open_nursery() as n:
                 n.start_soon(meter.run)
@@ -648,13 +710,15 @@ def _delivery(bed: Bed, options: BenchOptions) -> dict[str, Any]:
         bed.proc_receiver.stop()
     assert bed.proc_sender.process is not None
     pid_sender = bed.proc_sender.process.pid
-    cpu_sender = cpu_seconds(pid_sender)
-    cpu_receiver_before = 0.0
+    sender_procs = bed.sender_procs or [bed.proc_sender]
+    receiver_procs = bed.receiver_procs or [bed.proc_receiver]
+    cpu_senders = [_cpu_of(proc) for proc in sender_procs]
+    cpu_receivers = [0.0] * len(receiver_procs)
     receiver_pid = None
     if not outage:
         assert bed.proc_receiver.process is not None
         receiver_pid = bed.proc_receiver.process.pid
-        cpu_receiver_before = cpu_seconds(receiver_pid)
+        cpu_receivers = [_cpu_of(proc) for proc in receiver_procs]
     recordings = []
     if options.profile is not None:
         # The receiver restarts during an outage run: only the sender is sampled then.
@@ -666,8 +730,8 @@ def _delivery(bed: Bed, options: BenchOptions) -> dict[str, Any]:
     finally:
         written = [recording.stop() for recording in recordings]
     client_cpu = time.process_time() - client_cpu_before
-    sender = _gateway_figures(bed.proc_sender, cpu_sender)
-    receiver = _gateway_figures(bed.proc_receiver, cpu_receiver_before)  # restarted: from 0
+    sender = _org_figures(sender_procs, cpu_senders)
+    receiver = _org_figures(receiver_procs, cpu_receivers)  # restarted: from 0
 
     received = [i for i in range(count) if state.counts[i] > 0]
     latencies = sorted(state.receive_at[i] - state.submit_at[i] for i in received)
@@ -752,9 +816,8 @@ def _process_json(figures: ProcessFigures, delivered: int) -> dict[str, Any]:
 
 async def _fill_spool(bed: Bed, count: int, template: Envelope) -> float:
     config = bed.sender.config()
-    assert config.storage.sqlite_path is not None
     started = time.perf_counter()
-    async with open_sqlite_storage(config.storage.sqlite_path) as store:
+    async with open_configured_storage(config.storage) as store:
         at_ms = time.time_ns() // 1_000_000
         done = 0
         while done < count:
@@ -832,12 +895,26 @@ def run_bench(
             base = Path(tempfile.mkdtemp(prefix="bench-", dir=options.keep))
         else:
             base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gateway-bench-")))
-        progress(f"setting up two orgs in {base}")
-        bed = build_bed(base, transaction_envelopes=options.transaction_envelopes)
+        databases = None
+        if options.storage == "postgresql":
+            admin = options.postgres or default_admin_url()
+            progress("making a PostgreSQL database per org")
+            made = stack.enter_context(fresh_databases(admin, ["sender", "receiver"]))
+            databases = {SENDER_ORG: made["sender"], RECEIVER_ORG: made["receiver"]}
+        progress(
+            f"setting up two orgs in {base}"
+            + (f", {options.nodes} nodes each" if options.nodes > 1 else "")
+        )
+        bed = build_bed(
+            base,
+            transaction_envelopes=options.transaction_envelopes,
+            databases=databases,
+            nodes=options.nodes,
+        )
         stack.enter_context(bed.net)
         bed.sender_token = bed.sender.issue_token(SENDER_USER)
         bed.receiver_token = bed.receiver.issue_token(RECEIVER_USER)
-        bed.net.start(SENDER_ORG)
+        _start(bed.sender_procs)
         report: dict[str, Any] = {
             "scenario": options.scenario,
             "options": {
@@ -848,6 +925,8 @@ def run_bench(
                 "outage": options.outage,
                 "spool": options.spool,
                 "transaction_envelopes": options.transaction_envelopes,
+                "storage": options.storage,
+                "nodes": options.nodes,
             },
             "machine": {
                 "cores": os.cpu_count(),
@@ -860,13 +939,13 @@ def run_bench(
             report["spool"] = _spool(bed, options)
             report["ok"] = bool(report["spool"]["depth_matches"])
             return report
-        bed.net.start(RECEIVER_ORG)
+        _start(bed.receiver_procs)
         progress(f"sealing {options.envelopes} envelopes of {options.size} bytes")
         delivery = _delivery_with_progress(bed, options, progress)
         floor_items = delivery.pop("_floor_items")
         report.update(delivery)
         report["spool"] = None
-        for proc in (bed.proc_sender, bed.proc_receiver):
+        for proc in (*bed.sender_procs, *bed.receiver_procs):
             if proc.stop() != 0:
                 raise BenchError(f"{proc.org.org}: gateway did not stop cleanly")
         floor: FloorResult | None = None
@@ -881,6 +960,13 @@ def run_bench(
         )
         return report
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _start(procs: Sequence[GatewayProcess]) -> None:
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.wait_ready()
 
 
 def _delivery_with_progress(

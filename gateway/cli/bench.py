@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from gateway.bench.databases import ADMIN_URL_ENV, DEFAULT_ADMIN_URL
 from gateway.bench.report import missing_fields, render_table, to_json
 from gateway.bench.runner import (
     DEFAULT_DURATION,
@@ -13,6 +14,7 @@ from gateway.bench.runner import (
     DEFAULT_SAMPLE,
     DEFAULT_SIZE,
     DEFAULT_WINDOW,
+    STORAGES,
     BenchOptions,
     run_bench,
 )
@@ -80,6 +82,28 @@ def register(subparsers: Registrar) -> None:
         help="sample each gateway with py-spy during the run: collapsed stacks in DIR, "
         "and its busiest functions in the report",
     )
+    parser.add_argument(
+        "--storage",
+        choices=STORAGES,
+        default="sqlite",
+        help="each org's storage: its SQLite file (default), or a fresh PostgreSQL database "
+        "made (and dropped) through --postgres",
+    )
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="gateway nodes per org, sharing its database (needs --storage postgresql); "
+        "the sending client spreads its submissions over them",
+    )
+    parser.add_argument(
+        "--postgres",
+        default=None,
+        metavar="URL",
+        help="admin URL of the PostgreSQL server the databases are made on "
+        f"(default: ${ADMIN_URL_ENV}, else {DEFAULT_ADMIN_URL})",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     set_handler(parser, run)
 
@@ -98,6 +122,9 @@ def run(args: argparse.Namespace) -> int:
             transaction_envelopes=args.transaction_envelopes,
             keep=args.keep,
             profile=args.profile,
+            storage=args.storage,
+            nodes=args.nodes,
+            postgres=args.postgres,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc

@@ -143,7 +143,7 @@ import math
 import random as random_module
 import secrets
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -409,8 +409,11 @@ class Sender:
         random: RandomSource = random_module.random,
         envelope_versions: EnvelopeVersionSource | None = None,
         leases: LaneLeases | None = None,
+        remote_wake: Callable[[str], None] | None = None,
     ) -> None:
         self.org = org
+        # Tells the node driving a lane that runs elsewhere (cluster.SpoolAnnouncer).
+        self._remote_wake = remote_wake
         # None: this process drives every peer's lane (one node, or a test).
         self._leases = leases
         # None: send every envelope as it is, and let each peer answer for itself.
@@ -432,11 +435,26 @@ class Sender:
         return frozenset(self._lanes)
 
     def notify(self, peer: str) -> None:
-        """Wake ``peer``'s lane: something was just spooled for it. Safe to call any time."""
+        """Wake ``peer``'s lane: something was just spooled for it. Safe to call any time.
+
+        If another node drives that lane, ``remote_wake`` tells it (cluster).
+        """
+        if not self.wake_local(peer) and self._remote_wake is not None:
+            self._remote_wake(peer)
+
+    def wake_local(self, peer: str) -> bool:
+        """Wake ``peer``'s lane if it runs here; whether it does."""
         lane = self._lanes.get(peer)
-        if lane is not None:
-            lane.dirty = True
-            lane.wake.set()
+        if lane is None:
+            return False
+        lane.dirty = True
+        lane.wake.set()
+        return True
+
+    def wake_lanes(self, peers: Iterable[str] | None) -> None:
+        """Another node spooled for ``peers`` (None: any): wake those lanes that run here."""
+        for peer in list(self._lanes) if peers is None else peers:
+            self.wake_local(peer)
 
     def heard_from(self, peer: str) -> None:
         """``peer`` reached us (an authenticated request): if its lane is backing off, try now.

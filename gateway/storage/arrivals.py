@@ -12,7 +12,7 @@ The sink is a small protocol, so storage never imports the client API.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Protocol, runtime_checkable
 
 import trio
@@ -37,10 +37,16 @@ class WatchesArrivals(Protocol):
         sink: ArrivalSink,
         *,
         on_lost: Callable[[], None] | None = None,
+        spooled: Callable[[Iterable[str] | None], None] | None = None,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Tell ``sink`` of other processes' arrivals until cancelled; started once listening.
 
-        ``on_lost`` is called once each time the engine stops hearing them (a
-        metric); when it hears again it calls ``sink.notify_all()``.
+        ``spooled(peers)`` hears :meth:`announce_spooled` of other processes
+        (``None``: any lane). ``on_lost`` is called once each time the engine
+        stops hearing them (a metric); when it hears again it calls
+        ``sink.notify_all()`` and ``spooled(None)``.
         """
+
+    async def announce_spooled(self, peers: Collection[str]) -> None:
+        """Tell the other processes that envelopes for ``peers`` were spooled (committed)."""

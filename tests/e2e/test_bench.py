@@ -17,9 +17,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from gateway.bench.report import lookup, missing_fields, required_fields
+from tests.postgres_for_tests import admin_url
 
 pytestmark = pytest.mark.e2e
 
@@ -155,3 +157,37 @@ def test_bench_profile_is_refused_for_the_spool_scenario(tmp_path: Path) -> None
     )
     assert done.returncode == 2
     assert "--profile" in done.stderr
+
+
+def test_bench_on_postgresql_with_two_nodes_per_org_delivers_exactly_once(tmp_path: Path) -> None:
+    """--storage postgresql --nodes 2: databases made and dropped, submissions spread over
+    the sending org's nodes, every envelope once."""
+    report = run_bench(
+        tmp_path,
+        *("--envelopes", "400", "--storage", "postgresql", "--nodes", "2", "--no-floor"),
+        *("--postgres", admin_url()),
+    )
+    assert report["options"]["storage"] == "postgresql"
+    assert report["options"]["nodes"] == 2
+    assert report["envelopes"]["exactly_once"] is True
+    assert report["envelopes"]["delivered"] == 400
+    logs = sorted(p.name for p in tmp_path.rglob("*.log"))
+    assert "acme.example-2.log" in logs
+    assert "globex.example-2.log" in logs
+    with psycopg.connect(admin_url(), autocommit=True) as admin:
+        left = admin.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'gateway_bench_%'"
+        ).fetchall()
+    assert left == []  # dropped after the run
+
+
+def test_bench_refuses_nodes_without_a_shared_database(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [gateway_script(), "bench", "--nodes", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "--nodes above 1 needs --storage postgresql" in done.stderr

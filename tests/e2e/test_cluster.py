@@ -34,14 +34,12 @@ from typing import Any
 import psycopg
 import pytest
 import trio
-import yaml
 
 from gateway.client.api import ClientSession, ClientTransportError
-from gateway.config import HostPort
 from gateway.core.address import Address
 from gateway.core.envelope import Envelope
 from gateway.crypto.keys import UserKeys
-from gateway.devnet import LOOPBACK, DevNet, DevOrg, GatewayProcess, free_port
+from gateway.devnet import DevNet, DevOrg, GatewayProcess, make_cluster
 from tests.e2e.traffic import envelopes_to
 from tests.postgres_for_tests import fresh_database
 
@@ -57,43 +55,11 @@ POLL = 0.05
 WAKE_PROBES = 30
 
 
-def edit_config(org: DevOrg, **changes: Any) -> None:
-    config = yaml.safe_load(org.config_path.read_text(encoding="utf-8"))
-    config.update(changes)
-    org.config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-
-
-def another_node(first: DevOrg, directory: Path) -> DevOrg:
-    """Another host of the same org: copies of its files, its own ports and data."""
-    shutil.copytree(first.directory, directory, ignore=shutil.ignore_patterns("data"))
-    return DevOrg(
-        first.org,
-        directory,
-        HostPort(LOOPBACK, free_port()),
-        HostPort(LOOPBACK, free_port()),
-        HostPort(LOOPBACK, free_port()),
+def cluster(net: DevNet, org: str, count: int, database: str) -> list[DevOrg]:
+    """``count`` nodes of ``org`` on ``database`` (gateway.devnet.make_cluster)."""
+    return make_cluster(
+        net.add_org(org), count, storage=database, limits={"lease_time": f"{LEASE_TIME:g}s"}
     )
-
-
-def cluster(net: DevNet, base: Path, org: str, count: int, database: str) -> list[DevOrg]:
-    """``count`` nodes of ``org`` on ``database``, named ``<org's first label>-<n>``."""
-    first = net.add_org(org)
-    nodes = [first] + [another_node(first, base / f"{org}-{n}") for n in range(2, count + 1)]
-    endpoints = [f"https://{node.federation}" for node in nodes]
-    for n, node in enumerate(nodes, start=1):
-        edit_config(
-            node,
-            node=f"{org.split('.')[0]}-{n}",
-            storage=database,
-            endpoint=endpoints,
-            listen={
-                "federation": str(node.federation),
-                "client": str(node.client),
-                "metrics": str(node.metrics),
-            },
-            limits={"lease_time": f"{LEASE_TIME:g}s"},
-        )
-    return nodes
 
 
 def lane_holder(database: str, peer: str) -> tuple[str, int] | None:
@@ -208,8 +174,8 @@ async def test_three_and_two_nodes_exchange_exactly_once_through_kills_and_resta
 ) -> None:
     acme_db, globex_db = databases
     with DevNet(tmp_path) as net:
-        acme = cluster(net, tmp_path, ACME, 3, acme_db)
-        globex = cluster(net, tmp_path, GLOBEX, 2, globex_db)
+        acme = cluster(net, ACME, 3, acme_db)
+        globex = cluster(net, GLOBEX, 2, globex_db)
         acme[0].write_rules(
             peers=[globex[0]],
             groups={

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import statistics
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -26,7 +26,7 @@ from gateway.errors import CapacityError
 from gateway.storage.arrivals import WatchesArrivals
 from gateway.storage.base import Bound
 from gateway.storage.postgres import PostgresStorage, open_postgres_storage
-from gateway.storage.postgres.arrivals import CHANNEL
+from gateway.storage.postgres.arrivals import CHANNEL, SPOOL_CHANNEL
 from gateway.storage.sqlite import SqliteStorage
 from tests.integration.test_storage_sqlite import GLOBEX, HASH, accepted, mail
 from tests.postgres_for_tests import (
@@ -81,8 +81,8 @@ def listener_pids(url: str) -> list[int]:
     """The backends that listen on the database at ``url``."""
     with psycopg.connect(admin_url(), autocommit=True) as admin:
         rows = admin.execute(
-            "SELECT pid FROM pg_stat_activity WHERE datname = %s AND query = %s",
-            (database_name(url), f"LISTEN {CHANNEL}"),
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s AND query IN (%s, %s)",
+            (database_name(url), f"LISTEN {CHANNEL}", f"LISTEN {SPOOL_CHANNEL}"),
         ).fetchall()
     return [int(row[0]) for row in rows]
 
@@ -244,3 +244,35 @@ async def test_cancelling_the_watch_stops_the_listener_promptly() -> None:
             with trio.fail_after(5):
                 while await trio.to_thread.run_sync(listener_pids, url):
                     await trio.sleep(0.05)
+
+
+async def test_a_node_that_spooled_for_a_lane_driven_elsewhere_wakes_it_there() -> None:
+    """announce_spooled on A reaches B's ``spooled`` callback; A hears none of its own."""
+    heard: dict[str, list[object]] = {"a": [], "b": []}
+    got_it = trio.Event()
+    with fresh_database() as url:
+        async with (
+            open_postgres_storage(url, pool_size=2) as a,
+            open_postgres_storage(url, pool_size=2) as b,
+            trio.open_nursery() as nursery,
+        ):
+            for name, store in (("a", a), ("b", b)):
+
+                def spooled(peers: object, name: str = name) -> None:
+                    assert peers is None or isinstance(peers, Iterable)
+                    heard[name].append(None if peers is None else set(peers))
+                    if name == "b":
+                        got_it.set()
+
+                await nursery.start(
+                    lambda *, task_status, store=store, spooled=spooled: store.watch_arrivals(
+                        MailboxWaiters(), spooled=spooled, task_status=task_status
+                    )
+                )
+            await a.announce_spooled([GLOBEX, "initech.example"])
+            with trio.fail_after(WAKE_TIMEOUT_S):
+                await got_it.wait()
+            await a.announce_spooled([])  # nothing to say: no statement at all
+            nursery.cancel_scope.cancel()
+    assert heard["b"] == [{GLOBEX, "initech.example"}]
+    assert heard["a"] == []

@@ -26,6 +26,13 @@ within :data:`POLL_S`) and hands each batch of payloads to the trio side
 the :class:`~gateway.storage.arrivals.ArrivalSink`. Payloads this engine
 sent are skipped: the writer in this process already woke its waiters.
 
+**Spooled envelopes** travel the same way on :data:`SPOOL_CHANNEL`, with peer
+names for addresses: a node whose client API spooled for a lane that another
+node drives (its lease, gateway.cluster) tells it with
+:func:`announce_spooled`, after the commit, so that node's lane sends now
+rather than at its next poll. The listener hands those to the ``spooled``
+callback (the sender's :meth:`~gateway.federation.sender.Sender.wake_local`).
+
 Failure: if the connection drops (server restart, a terminated backend, a
 dead network found by TCP keepalives), the listener reports the outage once
 (one warning, ``on_lost``), reconnects with a backoff from
@@ -38,7 +45,7 @@ arrivals and answer at their deadline otherwise: late mail, never lost mail.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Final
 
 import psycopg
@@ -50,6 +57,7 @@ from gateway.storage.postgres.engine import Connection, PostgresEngine, _first_l
 LOGGER = logging.getLogger("gateway.storage")
 
 CHANNEL: Final = "gateway_mailbox"
+SPOOL_CHANNEL: Final = "gateway_spool"
 EVERYONE: Final = "*"  # as the only recipient line: wake every waiter (no address is "*")
 MAX_PAYLOAD_BYTES: Final = 7_999  # PostgreSQL refuses a payload of 8000 bytes or more
 MAX_NAMED_RECIPIENTS: Final = 1_000  # recipients of one commit; more send EVERYONE
@@ -109,12 +117,26 @@ def notify_arrivals(conn: Connection, instance_id: str, recipients: Collection[s
         conn.execute("SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p", (CHANNEL, texts))
 
 
+async def announce_spooled(engine: PostgresEngine, peers: Collection[str]) -> None:
+    """Tell the other nodes that envelopes for ``peers`` were spooled (already committed)."""
+    texts = payloads(engine.instance_id, peers)
+    if not texts:
+        return
+
+    def op(conn: Connection) -> None:
+        # Autocommit: the statement is its own transaction, so it is sent at once.
+        conn.execute("SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p", (SPOOL_CHANNEL, texts))
+
+    await engine.read(op)
+
+
 # -- the listener's side --------------------------------------------------------------
 def _open_listener(engine: PostgresEngine) -> Connection:
     """Connect and ``LISTEN`` (in a thread); closed again if the trio side gave up meanwhile."""
     conn = engine.connect_direct(**KEEPALIVES)
     try:
         conn.execute(f"LISTEN {CHANNEL}".encode())
+        conn.execute(f"LISTEN {SPOOL_CHANNEL}".encode())
         trio.from_thread.check_cancelled()
     except BaseException:
         conn.close()
@@ -122,15 +144,16 @@ def _open_listener(engine: PostgresEngine) -> Connection:
     return conn
 
 
-def _listen_in_thread(conn: Connection, hand_over: Callable[[list[str]], None]) -> None:
-    """Hand over each batch of payloads heard on ``conn`` until cancelled or the link fails."""
+def _listen_in_thread(conn: Connection, hand_over: Callable[[list[tuple[str, str]]], None]) -> None:
+    """Hand over each batch of (channel, payload) heard on ``conn`` until cancelled or the
+    link fails."""
     while True:
         trio.from_thread.check_cancelled()
-        batch = [n.payload for n in conn.notifies(timeout=POLL_S, stop_after=1)]
+        batch = [(n.channel, n.payload) for n in conn.notifies(timeout=POLL_S, stop_after=1)]
         if not batch:
             continue
         # Whatever came with it, in one hop to trio.
-        batch.extend(n.payload for n in conn.notifies(timeout=0, stop_after=MAX_BATCH))
+        batch.extend((n.channel, n.payload) for n in conn.notifies(timeout=0, stop_after=MAX_BATCH))
         trio.from_thread.run_sync(hand_over, batch)
 
 
@@ -139,27 +162,41 @@ async def watch_arrivals(
     sink: ArrivalSink,
     *,
     on_lost: Callable[[], None] | None = None,
+    spooled: Callable[[Iterable[str] | None], None] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Wake ``sink``'s waiters for arrivals other engines commit, until cancelled.
 
-    Started once the first ``LISTEN`` ran (or failed: the gateway does not
-    wait for it). ``on_lost`` is called once per outage (a metric).
+    ``spooled(peers)`` hears other nodes' :func:`announce_spooled` (``None``:
+    any lane may have news). Started once the first ``LISTEN`` ran (or failed:
+    the gateway does not wait for it). ``on_lost`` is called once per outage
+    (a metric).
     """
     own = engine.instance_id
 
-    def hand_over(batch: Sequence[str]) -> None:
+    def hand_over(batch: Sequence[tuple[str, str]]) -> None:
         users: set[str] = set()
-        for payload in batch:
+        peers: set[str] = set()
+        everyone = every_lane = False
+        for channel, payload in batch:
             sender, named = read_payload(payload)
             if sender == own:
                 continue
-            if named is None:
-                sink.notify_all()
-                return
-            users.update(named)
-        if users:
+            if channel == SPOOL_CHANNEL:
+                if named is None:
+                    every_lane = True
+                else:
+                    peers.update(named)
+            elif named is None:
+                everyone = True
+            else:
+                users.update(named)
+        if everyone:
+            sink.notify_all()
+        elif users:
             sink.notify(users)
+        if spooled is not None and (every_lane or peers):
+            spooled(None if every_lane else peers)
 
     started = False
     lost_since: float | None = None
@@ -176,6 +213,8 @@ async def watch_arrivals(
                 if lost_since is not None:
                     # Arrivals committed while no one listened were never heard.
                     sink.notify_all()
+                    if spooled is not None:
+                        spooled(None)
                     LOGGER.info(
                         "storage %s: listening for other nodes' arrivals again after %.1fs",
                         engine.name,

@@ -15,7 +15,7 @@ are in :mod:`gateway.storage.postgres.schema`.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Final
 
@@ -72,7 +72,7 @@ from gateway.storage.base import (
     check_text,
 )
 from gateway.storage.leases import Lease
-from gateway.storage.postgres.arrivals import watch_arrivals
+from gateway.storage.postgres.arrivals import announce_spooled, watch_arrivals
 from gateway.storage.postgres.cluster import PostgresCluster, check_fence
 from gateway.storage.postgres.engine import POOL_SIZE, Connection, PostgresEngine, describe
 from gateway.storage.postgres.engine import open_postgres_engine as _open_engine
@@ -551,13 +551,20 @@ class PostgresStorage(PostgresSessions, PostgresCluster):
         sink: ArrivalSink,
         *,
         on_lost: Callable[[], None] | None = None,
+        spooled: Callable[[Iterable[str] | None], None] | None = None,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Wake ``sink``'s waiters for arrivals other nodes commit, until cancelled.
 
         See :mod:`gateway.storage.postgres.arrivals` (``LISTEN`` on a connection of its own).
         """
-        await watch_arrivals(self.engine, sink, on_lost=on_lost, task_status=task_status)
+        await watch_arrivals(
+            self.engine, sink, on_lost=on_lost, spooled=spooled, task_status=task_status
+        )
+
+    async def announce_spooled(self, peers: Collection[str]) -> None:
+        """Tell other nodes' senders that envelopes for ``peers`` were spooled."""
+        await announce_spooled(self.engine, peers)
 
     # -- delivery statuses ---------------------------------------------------------
     async def status_set(self, envelope_id: str, sender: str, status: str, *, at_ms: int) -> None:
