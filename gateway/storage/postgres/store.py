@@ -68,6 +68,7 @@ from gateway.storage.base import (
     check_status,
     check_text,
 )
+from gateway.storage.postgres.archive import PostgresArchive
 from gateway.storage.postgres.engine import POOL_SIZE, Connection, PostgresEngine, describe
 from gateway.storage.postgres.engine import open_postgres_engine as _open_engine
 from gateway.storage.postgres.schema import migrate
@@ -108,6 +109,8 @@ class PostgresStorage(PostgresSessions):
 
     def __init__(self, engine: PostgresEngine) -> None:
         self.engine = engine
+        # The retention archive shares the pool (its own module).
+        self.archive = PostgresArchive(engine)
 
     @property
     def commits(self) -> int:
