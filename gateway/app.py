@@ -50,8 +50,7 @@ from gateway.cluster import LeaseKeeper, SpoolAnnouncer
 from gateway.config import GatewayConfig
 from gateway.core.address import Address
 from gateway.core.ratelimit import RateLimiter
-from gateway.core.rules import CompiledRules
-from gateway.errors import ConfigError, StorageError
+from gateway.errors import StorageError
 from gateway.federation.keys import KeyDirectory, fetch_remote_keys
 from gateway.federation.liveness import greet_peers, hearing
 from gateway.federation.receiver import Receiver
@@ -77,7 +76,6 @@ from gateway.rules_runtime import ReloadRecord, RulesHolder, watch_rules_file, w
 from gateway.storage.arrivals import WatchesArrivals
 from gateway.storage.base import Bound, Storage
 from gateway.storage.opening import open_configured_storage
-from gateway.storage.sqlite import SqliteStorage
 from gateway.tls_runtime import CertificateHolder, reload_all, watch_certificate_files
 
 LOGGER = logging.getLogger("gateway.app")
@@ -173,13 +171,6 @@ async def _mailbox_sweeper(
         await trio.sleep(interval)
 
 
-def _retains(rules: CompiledRules) -> bool:
-    """Whether any group of ``rules`` is under retention (either direction)."""
-    return any(
-        group.retention.outbound or group.retention.inbound for group in rules.rules.groups.values()
-    )
-
-
 async def _wait_for_stop_signal(servers: list[HTTPServer], waiters: MailboxWaiters) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
@@ -230,15 +221,7 @@ async def run_gateway(
     ):
         # The disk of an SQLite database keeps a reserve; new envelopes wait below it.
         # A PostgreSQL server's disk is its own (a full one answers StorageFullError).
-        # The retention archive lives in the SQLite database; PostgreSQL has none
-        # yet, and a group under retention must then not run (nothing would be kept).
-        archive = storage.archive if isinstance(storage, SqliteStorage) else None
-        if archive is None and _retains(rules.current):
-            raise ConfigError(
-                f"{config.rules}: groups under retention need the retention archive, which "
-                "this version keeps in SQLite storage only; use `storage: sqlite` or remove "
-                "`retention:` from the groups"
-            )
+        archive = storage.archive  # the retention archive: in either engine's database
         reserve = None
         if config.storage.sqlite_path is not None:
             reserve = SpaceReserve(
@@ -423,15 +406,6 @@ async def run_gateway(
             audit.record_reload(record, rules.current.peers)
             if record.ok:
                 node_info.show(rules.sha256)
-                if archive is None and _retains(rules.current):
-                    LOGGER.critical(
-                        "rules %s put groups under retention, but this storage has no "
-                        "retention archive (SQLite only in this version): their envelopes "
-                        "are checked for retention copies and NOT archived; restore the "
-                        "previous rules or move to SQLite storage",
-                        rules.sha256[:12],
-                        extra={"event": "retention_without_archive"},
-                    )
 
         unaudit = rules.subscribe_records(reloaded)
         certificates = CertificateGauges()
@@ -477,15 +451,16 @@ async def run_gateway(
                     )
                 if announcer is not None:
                     await root.start(announcer.run)
-                if archive is not None:
-                    await root.start(
-                        lambda *, task_status: run_archive_sweeper(
-                            archive,
-                            clock_ms=clock_ms,
-                            scrub=storage.scrub,
-                            task_status=task_status,
-                        )
+                # On the node holding the sweeper lease (its deletions are also safe at once).
+                await root.start(
+                    lambda *, task_status: run_archive_sweeper(
+                        archive,
+                        clock_ms=clock_ms,
+                        scrub=storage.scrub,
+                        sweeps=keeper.runs_sweepers,
+                        task_status=task_status,
                     )
+                )
                 root.start_soon(
                     lambda: _mailbox_sweeper(
                         storage,

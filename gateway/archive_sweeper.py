@@ -2,10 +2,17 @@
 
 Every ``interval`` seconds: delete the archive records whose ``delete_after``
 has passed and whose sender and recipient no legal hold names
-(:meth:`~gateway.storage.sqlite.archive.SqliteArchive.expire`; deleted rows
+(:meth:`~gateway.storage.archive.Archive.expire`; on SQLite, deleted rows
 leave the file's bytes through secure delete and the scrub, as the mailbox
 sweeper's do), then set the archive gauges. A failure is logged and tried
 again next time: the archive keeps growing meanwhile, never shrinks wrongly.
+
+In a cluster (PostgreSQL) every node runs this sweeper, without a lease: the
+deletions are idempotent and safe to run at once (each node deletes rows no
+other node is deleting, :mod:`gateway.storage.postgres.archive`), so two
+nodes sweeping together delete each record once, and
+``gateway_retention_archive_deleted_total`` summed over the nodes counts each
+once. The gauges are the shared archive's, the same on every node.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from gateway.observability.metrics import (
     RETENTION_ARCHIVE_RECORDS,
     RETENTION_HOLDS,
 )
-from gateway.storage.sqlite.archive import ArchiveStats
+from gateway.storage.archive import ArchiveStats
 
 LOGGER = logging.getLogger("gateway.retention")
 

@@ -9,8 +9,8 @@ org's signature and the archive's hash chain, opens each retained envelope
 with the retention secret keys given (one per key id: old archives need old
 keys) and writes JSON Lines with sender, recipient, times and text.
 
-``export`` and ``hold`` run beside the gateway (they open its storage, safely
-while it runs, and append to its audit log): ``export`` writes the archive
+``export`` and ``hold`` run beside the gateway (they open its storage, SQLite
+or PostgreSQL, safely while it runs, and append to its audit log): ``export`` writes the archive
 records of a time range (optionally of one user) as a self-verifying file
 signed with the org signing key; ``hold add|remove|ls`` manages legal holds,
 which keep a user's records past their group's ``keep``. The gateway holds no
@@ -22,52 +22,40 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TypeVar
 
-import trio
-
+from gateway.cli._storage import run_on_storage
 from gateway.cli.common import EXIT_FAILURE, EXIT_OK, Registrar, UsageError, set_handler
+from gateway.cli.retention_open import private_file, run_open
 from gateway.client.reference import format_time_ms
 from gateway.config import GatewayConfig, load_config
 from gateway.core.address import Address
 from gateway.core.archive import (
-    ArchiveRecord,
-    Export,
-    check_chain,
     header_line,
-    read_export,
     record_line,
     trailer_line,
 )
-from gateway.core.envelope import MAX_TIME_MS, RetentionWrap, decode_envelope
-from gateway.core.keytext import format_retention_key, format_signing_key, parse_signing_key
-from gateway.crypto.envelope_crypto import open_retained
+from gateway.core.envelope import MAX_TIME_MS
+from gateway.core.keytext import format_retention_key, format_signing_key
 from gateway.crypto.key_records import org_verify_key
 from gateway.crypto.retention_keys import (
     RetentionKeyPair,
     default_key_path,
-    export_signature_verifies,
     sign_export,
 )
-from gateway.errors import AddressError, ConfigError, EnvelopeError, EnvelopeOpenError
+from gateway.errors import AddressError
 from gateway.observability.audit import append_event
 from gateway.pki import dev
-from gateway.storage.sqlite import open_sqlite_storage
-from gateway.storage.sqlite.archive import MAX_RECORDS_PER_READ, SqliteArchive
+from gateway.storage.archive import MAX_RECORDS_PER_READ, Archive
 
 T = TypeVar("T")
 
 DEFAULT_CONFIG = "gateway.yaml"
-STORAGE_READERS = 1
-# What `open` reads at most (into memory): export a shorter --from/--to range beyond it.
-MAX_EXPORT_FILE_BYTES = 1024**3
-PRIVATE_FILE_MODE = 0o600  # exports and opened text: for the compliance officer only
 
 
 def register(subparsers: Registrar) -> None:
@@ -107,16 +95,25 @@ def register(subparsers: Registrar) -> None:
     opener = commands.add_parser(
         "open",
         help="check and open an export with the retention secret key(s) (offline)",
-        description="Check an export (SHA-256, the org's signature, the hash chain), open "
+        description="Check an export (SHA-256, the org's signature, the hash chain, each "
+        "envelope's sender signature against the sender key recorded with it), open "
         "each envelope with the retention key whose id it names, and print one JSON line "
-        "per message: id, from, to, sent, archived, group, direction, key_id, text. "
-        "Exit 1 if anything did not check out or open.",
+        "per message: id, from, to, sent, archived, group, direction, key_id, "
+        "sender_signature, text. Exit 1 if anything did not check out or open.",
     )
     opener.add_argument("file", type=Path, metavar="FILE")
     opener.add_argument(
         "--key", type=Path, action="append", required=True, help="a retention key file (repeat)"
     )
     opener.add_argument("--org-key", help="the org's signing key (ed25519:...) to require")
+    opener.add_argument(
+        "--sender-org-key",
+        action="append",
+        default=[],
+        metavar="ORG=KEY",
+        help="a partner org's signing key (ed25519:...) its senders' key records must carry "
+        "(repeat)",
+    )
     opener.add_argument("--out", type=Path, help="write the JSON Lines here (mode 0600)")
     set_handler(opener, run_open)
 
@@ -178,15 +175,6 @@ def _address(text: str) -> str:
         raise UsageError(f"{text!r}: {exc.message}") from None
 
 
-def _sqlite_path(config: GatewayConfig) -> Path:
-    if config.storage.engine != "sqlite" or config.storage.sqlite_path is None:
-        raise ConfigError(f"{config.path}: storage: retention commands support sqlite only")
-    path = config.storage.sqlite_path
-    if not path.exists():
-        raise ConfigError(f"{path}: no storage yet: the gateway has never run with this config")
-    return path
-
-
 # -- keygen -------------------------------------------------------------------------
 
 
@@ -207,7 +195,7 @@ def run_keygen(args: argparse.Namespace) -> int:
 
 
 async def _write_export(
-    archive: SqliteArchive,
+    archive: Archive,
     out: IO[bytes],
     header: dict[str, object],
     *,
@@ -251,7 +239,6 @@ def run_export(args: argparse.Namespace) -> int:
     start = parse_time(args.start)
     end = parse_time(args.end) if args.end is not None else _now_ms() + 1
     user = _address(args.user) if args.user is not None else None
-    path = _sqlite_path(config)
     seed = dev.load_signing_key(config.signing_key).private_bytes_raw()
     header: dict[str, object] = {
         "org": config.org,
@@ -261,14 +248,19 @@ def run_export(args: argparse.Namespace) -> int:
         "exported": _now_ms(),
     }
 
-    async def export(out: IO[bytes]) -> int:
-        async with open_sqlite_storage(path, readers=STORAGE_READERS) as storage:
-            return await _write_export(
-                storage.archive, out, header, start=start, end=end, user=user, seed=seed
+    with private_file(args.out) as out:
+        try:
+            count = run_on_storage(
+                config,
+                lambda storage: _write_export(
+                    storage.archive, out, header, start=start, end=end, user=user, seed=seed
+                ),
             )
-
-    with _private_file(args.out) as out:
-        count = trio.run(export, out)
+        except BaseException:
+            # A file cut short by a failure is not left behind to be taken for an export.
+            out.close()
+            args.out.unlink(missing_ok=True)
+            raise
     try:
         append_event(
             config.audit_path,
@@ -287,120 +279,11 @@ def run_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _private_file(path: Path) -> IO[bytes]:
-    """A new file only its owner may read (never an existing one: no overwrite)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot write: {exc.strerror or exc}") from None
-    return open(fd, "wb")
-
-
-# -- open ---------------------------------------------------------------------------------
-
-
-def run_open(args: argparse.Namespace) -> int:
-    keys: dict[str, RetentionKeyPair] = {}
-    for key_path in args.key:
-        pair = RetentionKeyPair.load(key_path)
-        keys[pair.id] = pair
-    try:
-        size = args.file.stat().st_size
-        if size > MAX_EXPORT_FILE_BYTES:
-            raise UsageError(
-                f"{args.file}: larger than {MAX_EXPORT_FILE_BYTES} bytes; "
-                "export shorter ranges (--from, --to)"
-            )
-        data = args.file.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"{args.file}: cannot read: {exc.strerror or exc}") from None
-    try:
-        export = read_export(data)
-    except ValueError as exc:
-        print(f"gateway: {args.file}: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    problems = _check_export(export.body_sha256, export, args.org_key)
-    lines = list(_open_records(export.records, keys, problems))
-    if args.out is not None:
-        with _private_file(args.out) as out:
-            for line in lines:
-                out.write(line.encode("utf-8"))
-    else:
-        for line in lines:
-            sys.stdout.write(line)
-    for problem in problems:
-        print(f"gateway: {args.file}: {problem}", file=sys.stderr)
-    print(
-        f"opened {len(lines)} of {len(export.records)} record(s) of {export.header.get('org')}",
-        file=sys.stderr,
-    )
-    return EXIT_FAILURE if problems else EXIT_OK
-
-
-def _check_export(body_sha256: bytes, export: Export, required_key: str | None) -> list[str]:
-    problems: list[str] = []
-    if body_sha256 != export.claimed_sha256:
-        problems.append("the SHA-256 in the trailer does not match the file: altered or cut")
-    try:
-        signer = parse_signing_key(export.org_key)
-    except ValueError:
-        problems.append("the trailer's org key is malformed")
-    else:
-        if required_key is not None and export.org_key != required_key:
-            problems.append(f"signed by {export.org_key}, not the org key required")
-        if not export_signature_verifies(signer, export.claimed_sha256, export.signature):
-            problems.append("the org's signature over the file does not verify")
-    problems.extend(check_chain(export.records))
-    return problems
-
-
-def _open_records(
-    records: tuple[ArchiveRecord, ...], keys: dict[str, RetentionKeyPair], problems: list[str]
-) -> Iterator[str]:
-    for record in records:
-        pair = keys.get(record.key_id)
-        if pair is None:
-            problems.append(f"record {record.seq}: no key file given for key id {record.key_id}")
-            continue
-        try:
-            env = decode_envelope(record.envelope)
-            # An inbound record's copy is the recipient's, beside the envelope.
-            wrap = (
-                RetentionWrap(record.key_id, pair.public_key, record.wrap) if record.wrap else None
-            )
-            payload = open_retained(env, retention_secret=pair.secret, wrap=wrap)
-        except (EnvelopeError, EnvelopeOpenError):
-            problems.append(f"record {record.seq}: envelope {record.envelope_id} does not open")
-            continue
-        if env.id != record.envelope_id:
-            problems.append(f"record {record.seq}: holds envelope {env.id}, not its own id")
-            continue
-        message = {
-            "id": env.id,
-            "from": str(env.sender),
-            "to": str(env.recipient),
-            "sent": format_time_ms(env.created),
-            "archived": format_time_ms(record.archived_ms),
-            "group": record.group,
-            "direction": record.direction,
-            "key_id": record.key_id,
-            "burn_on_read": env.burn_on_read,
-            "text": payload.decode("utf-8", errors="replace"),
-        }
-        yield json.dumps(message, ensure_ascii=False, sort_keys=True) + "\n"
-
-
 # -- holds -----------------------------------------------------------------------------
 
 
-def _run_on_archive(config: GatewayConfig, work: Callable[[SqliteArchive], Awaitable[T]]) -> T:
-    path = _sqlite_path(config)
-
-    async def run() -> T:
-        async with open_sqlite_storage(path, readers=STORAGE_READERS) as storage:
-            return await work(storage.archive)
-
-    return trio.run(run)
+def _run_on_archive(config: GatewayConfig, work: Callable[[Archive], Awaitable[T]]) -> T:
+    return run_on_storage(config, lambda storage: work(storage.archive))
 
 
 def run_hold_add(args: argparse.Namespace) -> int:

@@ -74,7 +74,13 @@ import trio
 from prometheus_client import Counter
 
 from gateway.clientapi.mailbox_wait import MailboxWaiters, TooManyWatches
-from gateway.clientapi.retention import ArchiveSink, RetentionDesk, parse_ack, parse_report
+from gateway.clientapi.retention import (
+    ArchiveSink,
+    RetentionDesk,
+    SenderKeyBook,
+    parse_ack,
+    parse_report,
+)
 from gateway.clientapi.signin import signin_error_response
 from gateway.clientapi.tokens import authenticate, is_well_formed
 from gateway.core.address import Address, normalize_domain
@@ -333,7 +339,17 @@ class ClientAPI:
         self._reserve = reserve
         # archive None: retention is enforced, nothing is archived here
         self._retention = RetentionDesk(
-            org=org, mailboxes=storage, archive=archive, audit=self._audit, clock_ms=clock_ms
+            org=org,
+            mailboxes=storage,
+            archive=archive,
+            audit=self._audit,
+            clock_ms=clock_ms,
+            sender_keys=SenderKeyBook(
+                org=org,
+                org_verify_key=self._org_verify_key,
+                directory=storage,
+                remote=remote_key_lookup,
+            ),
         )
         self._submit_rate = submit_rate  # per user, charged one token per envelope
         self._sessions = sessions
@@ -578,7 +594,7 @@ class ClientAPI:
         sent = [(v.env, v.data) for v in verdicts if isinstance(v, _Allowed)]
         try:
             await self._retention.archive_sent(
-                group=caller.group, groups=caller.rules.rules.groups, sent=sent, now_ms=now_ms
+                group=caller.group, rules=caller.rules, sent=sent, now_ms=now_ms
             )
         except StorageFullError as exc:
             self._disk_full(exc, [envelope_record(env, data) for env, data in sent], full)

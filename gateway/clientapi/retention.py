@@ -20,6 +20,16 @@ the caller is authenticated and its rules read:
 * **Reported** (:meth:`RetentionDesk.record_mismatches`): envelopes a client
   refused because their retention copy did not match are counted and audited.
 
+Each archived envelope carries its **sender's key** (:class:`SenderKeyBook`):
+the key record the sender's org signed (ours from the key directory; a
+partner's through the peer, checked against the key its rules pin) whose
+verify key the gateway checked the envelope's signature with, so that an
+export proves offline who signed each envelope, whatever keys rotated since.
+An envelope is archived all the same when no key verifies it (the archive
+must be complete; the recipient's client refuses it anyway): it is counted
+(``gateway_retention_sender_unverified_total``) and ``gateway retention
+open`` names it.
+
 Only envelopes among the first :data:`HEAD` of the caller's mailbox are looked
 at: a client acknowledges and reports what it just fetched, from the head; so
 a report cannot put words into the audit log about envelopes the caller never
@@ -28,12 +38,16 @@ received, and an acknowledgement cannot delete what it did not archive.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from gateway.core.archive import ArchiveItem
+import trio
+
+from gateway.core.address import Address
+from gateway.core.archive import ArchiveItem, sender_key_blob
 from gateway.core.encoding import b64url_decode_canonical, loads_strict
 from gateway.core.envelope import (
     ENVELOPE_ID_RE,
@@ -42,15 +56,23 @@ from gateway.core.envelope import (
     RETENTION_KEY_ID_RE,
     RETENTION_WRAP_BYTES,
     Envelope,
+    decode_envelope,
     envelope_version_of,
 )
+from gateway.core.keytext import format_signing_key
 from gateway.core.rules import CompiledRules, Group
-from gateway.errors import ProtocolError, Reason
+from gateway.crypto.key_records import (
+    KeyRecord,
+    envelope_signed_by,
+    parse_verified_key_record,
+)
+from gateway.errors import EnvelopeError, GatewayError, KeyRecordError, ProtocolError, Reason
 from gateway.observability.audit import AuditSink
 from gateway.observability.metrics import (
     RETENTION_ARCHIVED,
     RETENTION_ARCHIVED_BYTES,
     RETENTION_MISMATCH_REPORTS,
+    RETENTION_SENDER_UNVERIFIED,
     bounded,
 )
 from gateway.storage.base import MailboxEntry
@@ -61,12 +83,107 @@ HEAD: Final = 500  # envelopes at the head of a mailbox an ack or report may nam
 MAX_IDS: Final = 500  # ids in one acknowledgement or report
 MS_PER_SECOND: Final = 1000
 _ACK_FIELDS: Final = frozenset({"ids", "retention", "unread"})
+#: How long an acknowledgement waits for a peer's key record of a sender (then archives
+#: the envelope without one, counted as no_key_record).
+SENDER_KEY_LOOKUP_SECONDS: Final = 5.0
 
 
 class ArchiveSink(Protocol):
     """Where retained envelopes go (the storage's retention archive)."""
 
     async def append(self, items: Sequence[ArchiveItem], *, at_ms: int) -> list[str]: ...
+
+
+class KeyDirectory(Protocol):
+    """Where the org's users' signed key records are (the storage)."""
+
+    async def user_keys_get(self, user: str) -> bytes | None: ...
+
+
+RemoteKeys = Callable[[Address], Awaitable[bytes | None]]
+
+
+class SenderKeyBook:
+    """The sender's key an archive record carries (:func:`~gateway.core.archive.sender_key_blob`).
+
+    A sender of this org: its key record from the key directory, signed with
+    this org's key. A partner's user: the key record its gateway serves
+    (``remote``), checked against the signing key the rules pin for that
+    peer. Then the envelope's signature must verify with the record's verify
+    key; see the module docstring for what happens when it does not.
+    """
+
+    def __init__(
+        self, *, org: str, org_verify_key: bytes, directory: KeyDirectory, remote: RemoteKeys
+    ) -> None:
+        self._org = org
+        self._org_verify_key = org_verify_key
+        self._directory = directory
+        self._remote = remote
+
+    async def blobs(
+        self, envelopes: Sequence[Envelope], *, rules: CompiledRules, direction: str
+    ) -> dict[str, bytes]:
+        """Envelope id -> the sender key to archive with it (``b""``: none found)."""
+        records: dict[Address, tuple[KeyRecord, bytes] | None] = {}
+        found: dict[str, bytes] = {}
+        for env in envelopes:
+            if env.sender not in records:
+                records[env.sender] = await self._record(env.sender, rules, direction)
+            known = records[env.sender]
+            if known is None:
+                found[env.id] = b""
+                continue
+            record, org_key = known
+            if not envelope_signed_by(env, record.verify_key):
+                # Archived with this key all the same: `retention open` names it.
+                self._unverified(env, direction, "signature_invalid")
+            found[env.id] = sender_key_blob(
+                org_key=format_signing_key(org_key), record=record.encode()
+            )
+        return found
+
+    async def _record(
+        self, sender: Address, rules: CompiledRules, direction: str
+    ) -> tuple[KeyRecord, bytes] | None:
+        """The sender's key record, verified, and the org key that signed it; or None."""
+        data: bytes | None = None
+        if sender.org == self._org:
+            org_key = self._org_verify_key
+            data = await self._directory.user_keys_get(str(sender))
+        else:
+            peer = rules.peer(sender.org)
+            org_key = peer.signing_key if peer is not None else b""
+            if peer is not None:
+                with trio.move_on_after(SENDER_KEY_LOOKUP_SECONDS):
+                    try:
+                        data = await self._remote(sender)
+                    except GatewayError as exc:
+                        log.info("key lookup of sender %s failed: %s", sender, exc.reason)
+        if data is None:
+            RETENTION_SENDER_UNVERIFIED.labels(direction, "no_key_record").inc()
+            log.info("archiving envelopes of %s without a sender key: none found", sender)
+            return None
+        try:
+            record = parse_verified_key_record(
+                data, org_verify_key=org_key, expected_address=sender
+            )
+        except KeyRecordError:
+            RETENTION_SENDER_UNVERIFIED.labels(direction, "key_record_invalid").inc()
+            log.warning("the key record of %s does not verify: archived without it", sender)
+            return None
+        return record, org_key
+
+    @staticmethod
+    def _unverified(env: Envelope, direction: str, reason: str) -> None:
+        RETENTION_SENDER_UNVERIFIED.labels(direction, reason).inc()
+        log.warning(
+            "envelope %s from %s: its signature does not verify with the sender's key record; "
+            "archived with it, `gateway retention open` will name it",
+            env.id,
+            env.sender,
+            extra={"event": "retention_sender_unverified", "envelope_id": env.id},
+        )
 
 
 class MailboxReader(Protocol):
@@ -95,18 +212,20 @@ class RetentionDesk:
         archive: ArchiveSink | None,
         audit: AuditSink,
         clock_ms: Callable[[], int],
+        sender_keys: SenderKeyBook | None = None,
     ) -> None:
         self._org = org
         self._mailboxes = mailboxes
         self._archive = archive  # None: enforced, nothing archived (tests, tools)
         self._audit = audit
         self._clock_ms = clock_ms
+        self._sender_keys = sender_keys  # None: records carry no sender key (tests)
 
     async def archive_sent(
         self,
         *,
         group: Group,
-        groups: Collection[str],
+        rules: CompiledRules,
         sent: Sequence[tuple[Envelope, bytes]],
         now_ms: int,
     ) -> None:
@@ -115,6 +234,8 @@ class RetentionDesk:
         if self._archive is None or not retention.outbound:
             return
         keep_until = min(now_ms + retention.keep * MS_PER_SECOND, MAX_TIME_MS)
+        retained = [env for env, _ in sent if env.retention is not None]
+        keys = await self._blobs(retained, rules, "outbound")
         items = [
             ArchiveItem(
                 envelope_id=env.id,
@@ -125,13 +246,21 @@ class RetentionDesk:
                 key_id=env.retention.key_id,
                 delete_after_ms=keep_until,
                 envelope=data,
+                sender_key=keys.get(env.id, b""),
             )
             for env, data in sent
             if env.retention is not None
         ]
         if items:
             archived = set(await self._archive.append(items, at_ms=now_ms))
-            _count(group.name, groups, "outbound", items, archived)
+            _count(group.name, rules.rules.groups, "outbound", items, archived)
+
+    async def _blobs(
+        self, envelopes: Sequence[Envelope], rules: CompiledRules, direction: str
+    ) -> dict[str, bytes]:
+        if self._sender_keys is None or not envelopes:
+            return {}
+        return await self._sender_keys.blobs(envelopes, rules=rules, direction=direction)
 
     async def retain_acknowledged(
         self, *, user: str, group: Group, rules: CompiledRules, ack: Ack, ids: list[str]
@@ -180,6 +309,7 @@ class RetentionDesk:
                 "deleted"
             )
         if items and self._archive is not None:
+            items = await self._with_sender_keys(items, rules)
             archived = set(await self._archive.append(items, at_ms=now_ms))
             _count(group.name, rules.rules.groups, "inbound", items, archived)
         for entry, why in unarchived:
@@ -192,6 +322,20 @@ class RetentionDesk:
                 reason=why,
             )
         return [entry.envelope_id for entry in entries]
+
+    async def _with_sender_keys(
+        self, items: list[ArchiveItem], rules: CompiledRules
+    ) -> list[ArchiveItem]:
+        envelopes = []
+        for item in items:
+            try:
+                envelopes.append(decode_envelope(item.envelope))
+            except EnvelopeError:  # stored bytes the gateway validated: not expected
+                log.warning("envelope %s: stored bytes do not decode", item.envelope_id)
+        keys = await self._blobs(envelopes, rules, "inbound")
+        return [
+            dataclasses.replace(item, sender_key=keys.get(item.envelope_id, b"")) for item in items
+        ]
 
     async def record_mismatches(
         self, *, user: str, group: str, peers: Collection[str], ids: Sequence[str]

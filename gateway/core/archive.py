@@ -16,7 +16,16 @@ with ``lv(x) = u32(len(x)) || x``, integers as decimal ASCII, ``prev`` the
 previous record's 32-byte hash (32 zero bytes for the first), and ``wrap``
 empty for an outbound record (its retention copy is in the envelope) and, for
 an inbound one, the retention copy the recipient's client made with the
-content key it opened (docs/retention.md, "Inbound"). Deleting
+content key it opened (docs/retention.md, "Inbound").
+
+A record that carries the **sender's key** (``sender_key``: the key record,
+signed by the sender's org, whose verify key the gateway checked the
+envelope's signature with when it archived it, and that org's verify key; see
+:func:`sender_key_blob`) is hashed under the domain
+``"gateway-retention-archive-v2" 0x00`` with ``lv(sender_key)`` after
+``lv(envelope)``; a record without one (archived by an older version, or
+whose sender had published no key) keeps the v1 hash, so older chains still
+verify. With it, an export proves offline who signed each envelope. Deleting
 expired records from the head leaves the rest verifiable: the oldest left
 names its predecessor's hash, and every later one links to it. (An archive
 that deletion emptied starts a new chain from the zero hash; the sequence
@@ -38,11 +47,14 @@ from dataclasses import dataclass
 from typing import Final
 
 ARCHIVE_DOMAIN: Final = b"gateway-retention-archive-v1\x00"
+ARCHIVE_DOMAIN_V2: Final = b"gateway-retention-archive-v2\x00"  # records with a sender key
 EXPORT_KIND: Final = "gateway-retention-export"
-EXPORT_VERSION: Final = 1
+EXPORT_VERSION: Final = 2  # 2: records carry ``sender_key``
+READABLE_EXPORT_VERSIONS: Final = (1, 2)
 TRAILER_KIND: Final = "end"
 ZERO_HASH: Final = bytes(32)
 DIRECTIONS: Final = ("outbound", "inbound")
+MAX_SENDER_KEY_BYTES: Final = 8192  # a key record is ~400 bytes, its org key ~50
 MAX_EXPORT_LINE_BYTES: Final = 4 * 1024 * 1024  # an envelope of 1 MiB is ~1.4 MB of base64url
 _U32 = struct.Struct(">I")
 
@@ -60,6 +72,7 @@ class ArchiveItem:
     delete_after_ms: int
     envelope: bytes  # the canonical bytes as stored
     wrap: bytes = b""  # inbound: the recipient's retention copy of the content key
+    sender_key: bytes = b""  # sender_key_blob(): the key that verified the signature
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +92,7 @@ class ArchiveRecord:
     prev: bytes
     hash: bytes
     wrap: bytes = b""
+    sender_key: bytes = b""
 
     def expected_hash(self) -> bytes:
         return record_hash(
@@ -93,6 +107,7 @@ class ArchiveRecord:
                 self.delete_after_ms,
                 self.envelope,
                 self.wrap,
+                self.sender_key,
             ),
             archived_ms=self.archived_ms,
             prev=self.prev,
@@ -112,6 +127,8 @@ class ArchiveRecord:
             # The exact stored bytes (ASCII JSON), as a string: hashed as they are.
             "envelope": self.envelope.decode("ascii"),
             "wrap": self.wrap.hex(),
+            # Canonical ASCII JSON too (sender_key_blob), or "" when none was recorded.
+            "sender_key": self.sender_key.decode("ascii"),
             "prev": self.prev.hex(),
             "hash": self.hash.hex(),
         }
@@ -136,6 +153,8 @@ class ArchiveRecord:
                 prev=bytes.fromhex(_str(obj["prev"])),
                 hash=bytes.fromhex(_str(obj["hash"])),
                 wrap=bytes.fromhex(_str(obj["wrap"])),
+                # Absent from exports of version 1 (no sender keys then).
+                sender_key=_str(obj.get("sender_key", "")).encode("ascii"),
             )
         except (KeyError, UnicodeEncodeError) as exc:
             raise ValueError(f"a record is missing or has a bad field ({exc})") from None
@@ -146,7 +165,7 @@ class ArchiveRecord:
 
 def record_hash(seq: int, item: ArchiveItem, *, archived_ms: int, prev: bytes) -> bytes:
     """The chain hash of a record (see the module docstring)."""
-    fields = (
+    fields = [
         str(seq).encode(),
         item.envelope_id.encode(),
         item.group.encode(),
@@ -158,13 +177,47 @@ def record_hash(seq: int, item: ArchiveItem, *, archived_ms: int, prev: bytes) -
         str(item.delete_after_ms).encode(),
         item.wrap,
         item.envelope,
-    )
-    digest = hashlib.sha256(ARCHIVE_DOMAIN)
+    ]
+    if item.sender_key:
+        digest = hashlib.sha256(ARCHIVE_DOMAIN_V2)
+        fields.append(item.sender_key)
+    else:
+        digest = hashlib.sha256(ARCHIVE_DOMAIN)
     for field in fields:
         digest.update(_U32.pack(len(field)))
         digest.update(field)
     digest.update(prev)
     return digest.digest()
+
+
+# -- sender keys ---------------------------------------------------------------------
+
+
+def sender_key_blob(*, org_key: str, record: bytes) -> bytes:
+    """What an archive record keeps of its sender's key: canonical ASCII JSON.
+
+    ``record`` is the sender's key record as its org signed it (JSON bytes,
+    docs/client-api.md "Key records"); ``org_key`` the verify key the gateway
+    checked that signature with (``ed25519:...``: its own org's, or the key its
+    rules pin for the sender's org). ``ValueError`` if ``record`` is not JSON.
+    """
+    parsed = json.loads(record)
+    return json.dumps(
+        {"org_key": org_key, "record": parsed},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=True,
+    ).encode("ascii")
+
+
+def parse_sender_key(blob: bytes) -> tuple[str, object]:
+    """``(org_key, record object)`` of a :func:`sender_key_blob`; ``ValueError`` otherwise."""
+    if len(blob) > MAX_SENDER_KEY_BYTES:
+        raise ValueError("the recorded sender key is too long")
+    obj = json.loads(blob)
+    if not isinstance(obj, dict) or set(obj) != {"org_key", "record"}:
+        raise ValueError("the recorded sender key is not {org_key, record}")
+    return _str(obj["org_key"]), obj["record"]
 
 
 def check_chain(records: Sequence[ArchiveRecord]) -> list[str]:
@@ -252,7 +305,7 @@ def read_export(data: bytes) -> Export:
         raise ValueError("not an export: the header or trailer is not JSON") from None
     if not isinstance(header, dict) or header.get("kind") != EXPORT_KIND:
         raise ValueError("not an export: the first line is not its header")
-    if header.get("v") != EXPORT_VERSION:
+    if header.get("v") not in READABLE_EXPORT_VERSIONS:
         raise ValueError(f"export version {header.get('v')!r} is not supported")
     if not isinstance(trailer, dict) or trailer.get("kind") != TRAILER_KIND:
         raise ValueError("the export is cut short: no trailer line")

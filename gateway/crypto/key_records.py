@@ -22,7 +22,9 @@ signature. Every failure raises the same detail-free
 debug log only, so the answer is no oracle.
 
 Besides :mod:`gateway.crypto.envelope_crypto`, this is the one module that
-calls pynacl: the gateway signs here, clients verify here.
+calls pynacl: the gateway signs here, clients verify here, and the retention
+archive checks here which sender key verifies an envelope
+(:func:`envelope_signed_by`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from nacl.signing import SigningKey, VerifyKey
 
 from gateway.core.address import Address
 from gateway.core.encoding import b64url_decode_canonical, b64url_encode, loads_strict
-from gateway.core.envelope import MAX_TIME_MS
+from gateway.core.envelope import MAX_TIME_MS, Envelope, signing_bytes
 from gateway.crypto.keys import PublicKeys
 from gateway.errors import AddressError, KeyRecordError
 
@@ -179,6 +181,21 @@ def parse_verified_key_record(
     except (CryptoError, ValueError, TypeError):
         _fail("bad signature")
     return record
+
+
+def envelope_signed_by(env: Envelope, verify_key: bytes) -> bool:
+    """Whether ``env``'s signature verifies with ``verify_key`` (a key record's).
+
+    For the retention archive, which records the sender's key that verified an
+    envelope, and for ``gateway retention open``, which checks it again
+    offline; a client opening an envelope checks it in
+    :func:`gateway.crypto.envelope_crypto.open_envelope`.
+    """
+    try:
+        VerifyKey(verify_key).verify(signing_bytes(env), env.signature)
+    except (CryptoError, ValueError, TypeError, AttributeError):
+        return False
+    return True
 
 
 # -- parsing ---------------------------------------------------------------------

@@ -233,6 +233,13 @@ RETENTION_ARCHIVED_BYTES = Counter(
     "Bytes (stored envelope bytes) appended to the retention archive, by group and direction.",
     ["group", "direction"],
 )
+RETENTION_SENDER_UNVERIFIED = Counter(
+    "gateway_retention_sender_unverified_total",
+    "Envelopes archived without a sender key that verifies their signature, by direction and "
+    "reason: no_key_record (none found), key_record_invalid (not signed by the sender's org "
+    "key), signature_invalid (the key found does not verify the envelope).",
+    ["direction", "reason"],
+)
 RETENTION_ARCHIVE_RECORDS = Gauge(
     "gateway_retention_archive_records",
     "Records in the retention archive, as of the last archive sweep.",

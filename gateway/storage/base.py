@@ -60,6 +60,7 @@ from gateway.core.address import MAX_ADDRESS_LENGTH, MAX_DOMAIN_LENGTH
 
 if TYPE_CHECKING:  # only read: the store never parses an envelope
     from gateway.core.envelope import Envelope
+    from gateway.storage.archive import Archive
     from gateway.storage.leases import Lease, NodeRecord
 
 _T = TypeVar("_T")
@@ -478,6 +479,11 @@ class SessionRecord:
 # -- the interface ---------------------------------------------------------------
 class Storage(Protocol):
     """The gateway's durable state. See the module docstring for the promises."""
+
+    @property
+    def archive(self) -> Archive:
+        """The retention archive (:mod:`gateway.storage.archive`)."""
+        ...
 
     # -- spool ---------------------------------------------------------------
     async def spool_put(

@@ -2,8 +2,7 @@
 
 Theory of operation
 -------------------
-The source is the SQLite file of a gateway that has **stopped cleanly**, whose
-retention archive is empty (PostgreSQL has no archive yet): a
+The source is the SQLite file of a gateway that has **stopped cleanly**: a
 running gateway keeps writing, and one killed leaves committed pages in its
 ``-wal`` file. Both show as a ``-wal`` file beside the database, so one there
 refuses the copy (start the gateway and stop it once: it checkpoints and
@@ -23,6 +22,12 @@ counters are not copied: the target's triggers rebuild them from the rows.
 Before the commit, each table's count in the target must equal the source's,
 and the counters must equal what the rows add up to; otherwise nothing is
 committed. So the target holds either the whole state or nothing.
+
+The retention archive and its legal holds are copied like the rest, record by
+record as stored (the hash chain covers the bytes, so it verifies the same in
+PostgreSQL); the archive's head row then takes the last seq SQLite handed out,
+so a record archived after the move follows the newest one copied and never
+reuses a seq, and the newest record's hash must be the same on both sides.
 
 Nothing here reads an envelope: rows are copied as bytes.
 """
@@ -89,6 +94,23 @@ _MAILBOX_COLUMNS = (
     "burn_on_read",
     "data",
 )
+_ARCHIVE_COLUMNS = (
+    "seq",
+    "envelope_id",
+    "direction",
+    "grp",
+    "sender",
+    "recipient",
+    "key_id",
+    "archived_ms",
+    "delete_after_ms",
+    "size",
+    "prev",
+    "hash",
+    "wrap",
+    "sender_key",
+    "envelope",
+)
 TABLES: Final = (
     Table("spool", _SPOOL_COLUMNS, "seq", booleans=(9,), identity="seq"),
     Table("spool_deferred", ("envelope_id", "not_before_ms", "deferrals"), "envelope_id"),
@@ -103,10 +125,9 @@ TABLES: Final = (
     ),
     Table("tokens", ("token_hash", "user", "created_ms"), "token_hash"),
     Table("user_keys", ("user", "record", "updated_ms"), "user"),
+    Table("retention_archive", _ARCHIVE_COLUMNS, "seq"),
+    Table("retention_holds", ("user", "added_ms", "note"), "user"),
 )
-#: Tables of the SQLite schema that PostgreSQL has no place for yet: a source
-#: holding rows in them is refused, never copied in part.
-_NOT_MOVED: Final = ("retention_archive", "retention_holds")
 #: The counters the target's triggers keep: (table, counter table, key column).
 _COUNTERS: Final = (("spool", "spool_lanes", "peer"), ("mailbox", "mailbox_counts", "recipient"))
 
@@ -145,18 +166,6 @@ def _open_source(path: Path) -> sqlite3.Connection:
         raise StorageError(
             f"{path}: schema version {version}, this gateway's is {SQLITE_LATEST_VERSION}: "
             "start and stop this version's gateway on it once, then migrate"
-        )
-    held = [
-        table
-        for table in _NOT_MOVED
-        if conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # noqa: S608 -- ours
-    ]
-    if held:
-        conn.close()
-        raise StorageError(
-            f"{path}: its retention archive ({', '.join(held)}) has no place in PostgreSQL "
-            "in this version: export it (`gateway retention export`), keep the file, and "
-            "migrate a gateway whose groups are not under retention"
         )
     return conn
 
@@ -255,4 +264,33 @@ def _copy_all(
             ).fetchone()
             if mismatch is None or int(str(mismatch[0])) != 0:
                 raise StorageError(f"{counters}: the counters do not add up; nothing was kept")
+        _move_archive_head(source, pg)
     return rows
+
+
+def _move_archive_head(
+    source: sqlite3.Connection, pg: psycopg.Connection[tuple[object, ...]]
+) -> None:
+    """The archive's head takes SQLite's last seq; the newest record must match on both sides."""
+    (last_seq,) = source.execute(
+        "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'retention_archive'), 0)"
+    ).fetchone()
+    pg.execute(
+        "INSERT INTO retention_archive_head (one, seq) VALUES (true, %s) "
+        "ON CONFLICT (one) DO UPDATE SET seq = excluded.seq",
+        (int(last_seq),),
+    )
+    newest = "SELECT seq, hash FROM retention_archive ORDER BY seq DESC LIMIT 1"
+    mine = source.execute(newest).fetchone()
+    theirs = pg.execute(newest).fetchone()
+    if _seq_and_hash(mine) != _seq_and_hash(theirs):
+        raise StorageError(
+            "retention_archive: the newest record differs after the copy; nothing was kept"
+        )
+
+
+def _seq_and_hash(row: tuple[object, ...] | None) -> tuple[int, bytes] | None:
+    if row is None:
+        return None
+    seq, digest = row
+    return int(str(seq)), bytes(digest)  # type: ignore[call-overload]

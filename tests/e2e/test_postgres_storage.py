@@ -216,32 +216,3 @@ async def test_a_database_that_goes_away_is_503_not_ready_and_recovers(
         seen = await receive_all(acme, dave_token, {e.id for e in batch})
         assert all(seen[e.id] == 1 for e in batch)
         assert proc.stop() == 0
-
-
-def test_groups_under_retention_refuse_to_run_on_postgresql(
-    tmp_path: Path, acme_database: str
-) -> None:
-    """The retention archive is in SQLite only: on PostgreSQL nothing would be kept."""
-    with DevNet(tmp_path) as net:
-        acme = net.add_org(ACME)
-        acme.write_rules(groups={"finance": {"members": ["alice"]}})
-        key = "x25519:eaYx7t4b-cmPEgMs3q3Q56B5OY_HhriMyEbsia-FpRo"
-        text = acme.rules_path.read_text().replace(
-            "default: deny\n",
-            f"default: deny\nretention:\n  key: {{id: acme-2026, public_key: '{key}'}}\n",
-        )
-        text = text.replace(
-            "    members:\n    - alice\n",
-            "    members:\n    - alice\n    retention: {outbound: required, keep: 7y}\n",
-        )
-        acme.rules_path.write_text(text)
-        use_storage(acme, acme_database)
-        done = subprocess.run(
-            gateway_command("run", "-c", str(acme.config_path)),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-    assert done.returncode != 0
-    assert "groups under retention need the retention archive" in done.stderr, done.stderr

@@ -4,9 +4,13 @@ alice@acme.example is in a group under outbound retention; she writes to
 bob@globex.example with the reference client. The compliance officer made the
 retention key offline (``gateway retention keygen``); acme's admin exports the
 archive (``gateway retention export``) and the officer opens it offline
-(``gateway retention open``): the message is there. No file of either gateway,
-nor the export, holds the text. Then the key is rotated: new messages are
-wrapped for the new key, and the old archive still opens with the old key only.
+(``gateway retention open``): the message is there, its sender's signature
+verified against the key the gateway archived with it. No file of either
+gateway, nor the export, holds the text. Then the key is rotated: new messages
+are wrapped for the new key, and the old archive still opens with the old key
+only. Every test runs twice: with both gateways on SQLite, and with both on
+PostgreSQL (a database each), where the archive, its export and holds live in
+the database.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +42,7 @@ from gateway.crypto.keys import UserKeys
 from gateway.demo import find_plaintext
 from gateway.devnet import DevNet, DevOrg
 from tests.e2e.traffic import metric_value
+from tests.postgres_for_tests import fresh_database
 
 pytestmark = pytest.mark.e2e
 
@@ -109,15 +115,24 @@ def acme_rules(acme: DevOrg, globex: DevOrg, retention: dict[str, object]) -> No
     )
 
 
-@pytest.fixture(scope="module")
-def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
+def use_postgres(org: DevOrg, url: str) -> None:
+    text = org.config_path.read_text()
+    assert "\nstorage: sqlite" in text
+    org.config_path.write_text(text.replace("\nstorage: sqlite", f"\nstorage: {url}"))
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def net(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Net]:
     base = tmp_path_factory.mktemp("retention")
     officer = base / "officer"
     officer.mkdir(mode=0o700)
     key_2026 = keygen(officer, "acme-2026")
     globex_key = keygen(officer, "globex-2026")  # globex's own officer, in real life
-    with DevNet(base) as dev:
+    with ExitStack() as databases, DevNet(base) as dev:  # the databases go last
         acme, globex = dev.add_org(ACME), dev.add_org(GLOBEX)
+        if request.param == "postgresql":
+            for org in (acme, globex):
+                use_postgres(org, databases.enter_context(fresh_database()))
         acme_rules(acme, globex, {"key": key_2026})
         globex.write_rules(
             peers=[acme],
@@ -169,6 +184,8 @@ def test_the_archive_holds_what_alice_wrote_and_only_the_officer_reads_it(net: N
         "outbound",
         "acme-2026",
     )
+    # alice's signature, checked offline against the key record acme archived with it.
+    assert message["sender_signature"] == "verified"
 
     # globex archived what bob read: he acknowledged it with a copy for globex's key.
     at_globex = export_and_open(net, "globex-first", "globex-2026", org=net.globex)
@@ -180,6 +197,8 @@ def test_the_archive_holds_what_alice_wrote_and_only_the_officer_reads_it(net: N
         "inbound",
     )
     assert (received["group"], received["key_id"]) == ("partners", "globex-2026")
+    # globex archived alice's key record as acme served it, signed by acme's org key.
+    assert received["sender_signature"] == "verified"
 
     # Neither gateway's files (databases, WAL, logs, audit), nor the export, hold the text.
     report = find_plaintext(

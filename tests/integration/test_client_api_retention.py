@@ -16,9 +16,10 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from nacl.signing import SigningKey
 
 from gateway.core.address import Address
-from gateway.core.archive import check_chain
+from gateway.core.archive import check_chain, parse_sender_key
 from gateway.core.envelope import (
     RETENTION_WRAP_BYTES,
     WRAPPED_KEY_BYTES,
@@ -28,14 +29,23 @@ from gateway.core.envelope import (
     decode_envelope,
     encode_envelope,
     new_envelope_id,
+    signing_bytes,
 )
-from gateway.core.keytext import format_retention_key
+from gateway.core.keytext import format_retention_key, format_signing_key, parse_signing_key
+from gateway.crypto.key_records import (
+    envelope_signed_by,
+    parse_verified_key_record,
+    sign_key_record,
+)
+from gateway.crypto.keys import UserKeys
 from gateway.observability.audit import AuditEvent, AuditValue
 from gateway.storage.base import EnvelopeRecord
 from tests.integration.test_client_api import (
+    GLOBEX,
     HOUR_MS,
     NOW_MS,
     OPENAPI,
+    ORG,
     Gateway,
     _start,
     conforms,
@@ -430,3 +440,77 @@ async def test_unread_and_version_1_envelopes_go_unarchived_and_audited(
 )
 async def test_a_malformed_ack_is_400(gw: Gateway, body: dict[str, object]) -> None:
     assert (await ack(gw, "carol", body)).status_code == 400
+
+
+# -- the sender's key, archived with each envelope ---------------------------------------------
+
+
+def signed(env: Envelope, keys: UserKeys) -> Envelope:
+    signature = SigningKey(keys.signing_seed).sign(signing_bytes(env)).signature
+    return dataclasses.replace(env, signature=signature)
+
+
+async def publish(gw: Gateway, user: str) -> UserKeys:
+    keys = UserKeys.generate(Address.of(user, ORG))
+    answer = await gw.client.put("/v1/keys", json=keys.public().to_json(), headers=gw.auth(user))
+    assert answer.status_code == 200
+    return keys
+
+
+def recorded_key(sender_key: bytes, sender: str) -> tuple[str, bytes]:
+    """The org key named and the verify key of the key record an archive record carries."""
+    org_key, record = parse_sender_key(sender_key)
+    verified = parse_verified_key_record(
+        record, org_verify_key=parse_signing_key(org_key), expected_address=Address.parse(sender)
+    )
+    return org_key, verified.verify_key
+
+
+async def test_a_sent_envelope_is_archived_with_the_key_that_verifies_its_signature(
+    gw: Gateway,
+) -> None:
+    unverified = "gateway_retention_sender_unverified_total"
+    bad_before = sample(unverified, direction="outbound", reason="signature_invalid")
+    none_before = sample(unverified, direction="outbound", reason="no_key_record")
+    alice = await publish(gw, "alice")
+    good = signed(v2("alice@acme.example", "zed@globex.example"), alice)
+    forged = v2("alice@acme.example", "zed@globex.example")  # random signature bytes
+    for env in (good, forged):
+        assert (await gw.submit("alice", env)).status_code == 202
+    dave_env = v2("dave@acme.example", "zed@globex.example")  # dave published no keys
+    assert (await gw.submit("dave", dave_env)).status_code == 202
+
+    records = {
+        r.envelope_id: r for r in await gw.store.archive.records(from_ms=0, to_ms=NOW_MS + 1)
+    }
+    org_key, verify_key = recorded_key(records[good.id].sender_key, "alice@acme.example")
+    assert org_key == format_signing_key(bytes(SigningKey(gw.org_seed).verify_key))
+    assert verify_key == alice.public().verify_key
+    assert envelope_signed_by(decode_envelope(records[good.id].envelope), verify_key)
+    # A signature the sender's key does not verify: archived with that key, as evidence, counted.
+    assert recorded_key(records[forged.id].sender_key, "alice@acme.example")[1] == verify_key
+    assert not envelope_signed_by(decode_envelope(records[forged.id].envelope), verify_key)
+    assert sample(unverified, direction="outbound", reason="signature_invalid") == bad_before + 1
+    # No key record published: archived without one, counted.
+    assert records[dave_env.id].sender_key == b""
+    assert sample(unverified, direction="outbound", reason="no_key_record") == none_before + 1
+    assert check_chain(list(records.values())) == []
+
+
+async def test_a_partners_envelope_is_archived_with_its_key_record_from_the_peer(
+    gw: Gateway,
+) -> None:
+    zed = UserKeys.generate(Address.of("zed", GLOBEX))
+    gw.remote_records["zed@globex.example"] = sign_key_record(
+        zed.public(), org_signing_seed=gw.globex_seed, issued_ms=NOW_MS - 5
+    ).encode()
+    env = signed(v2("zed@globex.example", "carol@acme.example", key_id=None), zed)
+    await gw.store.mailbox_put_local([mailbox_record(env)], at_ms=NOW_MS)
+    answer = await ack(gw, "carol", {"ids": [env.id], "retention": copy_for(env)})
+    assert answer.json() == {"deleted": 1}
+    [record] = await gw.store.archive.records(from_ms=0, to_ms=NOW_MS + 1)
+    org_key, verify_key = recorded_key(record.sender_key, "zed@globex.example")
+    assert org_key == format_signing_key(bytes(SigningKey(gw.globex_seed).verify_key))
+    assert verify_key == zed.public().verify_key
+    assert envelope_signed_by(decode_envelope(record.envelope), verify_key)
+    assert check_chain([record]) == []

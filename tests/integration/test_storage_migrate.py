@@ -8,10 +8,14 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from gateway.core.archive import check_chain
 from gateway.errors import StorageError
 from gateway.storage import migrate as migrate_module
 from gateway.storage.migrate import TABLES, migrate_sqlite_to_postgres
+from gateway.storage.postgres import open_postgres_storage
 from gateway.storage.sqlite import open_sqlite_storage
+from tests.integration.test_retention_archive import DAY_MS, T0
+from tests.integration.test_retention_archive import item as archive_item
 from tests.integration.test_storage_sqlite import GLOBEX, mail, spool_item
 from tests.postgres_for_tests import fresh_database
 
@@ -93,17 +97,32 @@ def test_a_missing_source_is_refused(tmp_path: Path, target: str) -> None:
         migrate_sqlite_to_postgres(tmp_path / "nothing.sqlite3", target)
 
 
-async def test_a_database_with_a_retention_archive_is_refused(tmp_path: Path, target: str) -> None:
-    import contextlib
-    import sqlite3
-
+async def test_the_retention_archive_and_holds_are_copied_and_the_chain_goes_on(
+    tmp_path: Path, target: str
+) -> None:
     source = await filled(tmp_path / "gateway.sqlite3")
-    with contextlib.closing(sqlite3.connect(source)) as conn:
-        conn.execute(
-            "INSERT INTO retention_holds (user, added_ms, note) VALUES ('a@acme.example', 1, '')"
-        )
-        conn.commit()
-    with pytest.raises(
-        StorageError, match=r"its retention archive \(retention_holds\) has no place"
-    ):
-        migrate_sqlite_to_postgres(source, target)
+    async with open_sqlite_storage(source) as store:
+        await store.archive.append([archive_item(n, keep_days=1) for n in range(5)], at_ms=T0)
+        await store.archive.append([archive_item(5), archive_item(6)], at_ms=T0 + 1)
+        await store.archive.hold_add("carol@acme.example", at_ms=T0, note="case 42")
+        # Records past their keep are deleted: SQLite's seq goes on past the newest left.
+        await store.archive.append([archive_item(7, keep_days=1)], at_ms=T0 + 2)
+        assert await store.archive.expire(now_ms=T0 + DAY_MS + 10) == 6
+        before = await store.archive.records(from_ms=0, to_ms=T0 + 3)
+    assert [r.seq for r in before] == [6, 7]
+
+    report = migrate_sqlite_to_postgres(source, target)
+    assert report.rows["retention_archive"] == 2
+    assert report.rows["retention_holds"] == 1
+    assert counts(target) == report.rows
+    async with open_postgres_storage(target) as pg:
+        after = await pg.archive.records(from_ms=0, to_ms=T0 + 3)
+        assert after == before
+        [hold] = await pg.archive.holds()
+        assert (hold.user, hold.note) == ("carol@acme.example", "case 42")
+        # The next record follows the last seq SQLite handed out (8), chained to the newest.
+        await pg.archive.append([archive_item(9)], at_ms=T0 + 3)
+        records = await pg.archive.records(from_ms=0, to_ms=T0 + 4)
+    assert [r.seq for r in records] == [6, 7, 9]
+    assert records[-1].prev == before[-1].hash
+    assert check_chain(records) == []

@@ -18,8 +18,10 @@ from gateway.core.archive import (
     ArchiveRecord,
     check_chain,
     export_lines,
+    parse_sender_key,
     read_export,
     record_hash,
+    sender_key_blob,
     trailer_line,
 )
 from gateway.crypto.key_records import org_verify_key
@@ -162,3 +164,48 @@ def test_a_cut_or_flipped_export_is_refused_or_fails_a_check(data: st.DataObject
             assert export.header == original.header
             assert export.records == original.records
             assert export.claimed_sha256 == original.claimed_sha256
+
+
+def test_a_sender_key_is_hashed_and_records_without_one_keep_the_v1_hash() -> None:
+    records = chain(2)
+    # A record without a sender key hashes exactly as version 1 did: old chains verify.
+    record = records[0]
+    v1 = hashlib.sha256(b"gateway-retention-archive-v1\x00")
+    for field in (
+        b"1",
+        record.envelope_id.encode(),
+        b"finance",
+        b"outbound",
+        b"a@acme.example",
+        b"b@globex.example",
+        b"k1",
+        str(record.archived_ms).encode(),
+        b"10000",
+        b"",
+        record.envelope,
+    ):
+        v1.update(len(field).to_bytes(4, "big") + field)
+    v1.update(ZERO_HASH)
+    assert record.hash == v1.digest()
+    # A recorded sender key is covered: adding, changing or dropping one breaks the chain.
+    blob = sender_key_blob(org_key="ed25519:x", record=b'{"v":1}')
+    keyed = dataclasses.replace(record, sender_key=blob)
+    keyed = dataclasses.replace(keyed, hash=keyed.expected_hash())
+    assert keyed.hash != record.hash
+    assert check_chain([keyed]) == []
+    swapped = dataclasses.replace(keyed, sender_key=blob.replace(b"x", b"y"))
+    assert check_chain([swapped]) == ["record 1: its hash does not match its content"]
+    assert check_chain([dataclasses.replace(keyed, sender_key=b"")]) != []
+    assert parse_sender_key(blob) == ("ed25519:x", {"v": 1})
+    with pytest.raises(ValueError, match="not"):
+        parse_sender_key(b'{"record": {}}')
+
+
+def test_an_export_of_version_1_still_reads() -> None:
+    data = export_of(chain(2))
+    old = data.replace(b'"v":2', b'"v":1', 1).replace(b',"sender_key":""', b"")
+    assert b'"v":1' in old.split(b"\n")[0]
+    assert b"sender_key" not in old
+    export = read_export(old)  # the digest no longer matches: only the shape is read here
+    assert [r.sender_key for r in export.records] == [b"", b""]
+    assert check_chain(list(export.records)) == []

@@ -220,6 +220,47 @@ CREATE TABLE leases (
 );
 """
 
+# The retention archive (gateway.storage.postgres.archive), as SQLite's migrations
+# 3 and 6, plus one row that every append locks to its commit (an upsert that
+# returns it): appends from all nodes are serialised on it, so the hash chain stays
+# one chain. It holds the last seq handed out (never reused, even after deletion).
+_V4 = """
+CREATE TABLE retention_archive (
+    seq             BIGINT  PRIMARY KEY,
+    envelope_id     TEXT    NOT NULL,
+    direction       TEXT    NOT NULL CHECK (direction IN ('outbound', 'inbound')),
+    grp             TEXT    NOT NULL,
+    sender          TEXT    NOT NULL,
+    recipient       TEXT    NOT NULL,
+    key_id          TEXT    NOT NULL,
+    archived_ms     BIGINT  NOT NULL,
+    delete_after_ms BIGINT  NOT NULL,
+    size            INTEGER NOT NULL CHECK (size >= 0),
+    prev            BYTEA   NOT NULL,
+    hash            BYTEA   NOT NULL,
+    wrap            BYTEA   NOT NULL,
+    sender_key      BYTEA   NOT NULL,
+    envelope        BYTEA   NOT NULL,
+    UNIQUE (envelope_id, direction)
+);
+CREATE INDEX retention_archive_by_time ON retention_archive (archived_ms);
+CREATE INDEX retention_archive_by_deletion ON retention_archive (delete_after_ms);
+CREATE INDEX retention_archive_by_sender ON retention_archive (sender);
+CREATE INDEX retention_archive_by_recipient ON retention_archive (recipient);
+
+CREATE TABLE retention_archive_head (
+    one  BOOLEAN PRIMARY KEY DEFAULT true CHECK (one),
+    seq  BIGINT  NOT NULL CHECK (seq >= 0)
+);
+INSERT INTO retention_archive_head (one, seq) VALUES (true, 0);
+
+CREATE TABLE retention_holds (
+    user_address TEXT   PRIMARY KEY,
+    added_ms     BIGINT NOT NULL,
+    note         TEXT   NOT NULL
+);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -228,6 +269,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(2, "sessions: sign-in sessions through OpenID Connect", _V2),
     Migration(3, "nodes and leases: which node drives each lane and the sweepers", _V3),
+    Migration(4, "retention_archive (with its head row) and retention_holds", _V4),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

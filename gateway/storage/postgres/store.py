@@ -72,6 +72,7 @@ from gateway.storage.base import (
     check_text,
 )
 from gateway.storage.leases import Lease
+from gateway.storage.postgres.archive import PostgresArchive
 from gateway.storage.postgres.arrivals import announce_spooled, watch_arrivals
 from gateway.storage.postgres.cluster import PostgresCluster, check_fence
 from gateway.storage.postgres.engine import POOL_SIZE, Connection, PostgresEngine, describe
@@ -114,6 +115,8 @@ class PostgresStorage(PostgresSessions, PostgresCluster):
 
     def __init__(self, engine: PostgresEngine) -> None:
         self.engine = engine
+        # The retention archive shares the pool (its own module).
+        self.archive = PostgresArchive(engine)
 
     @property
     def commits(self) -> int:

@@ -15,48 +15,38 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Final
 
-from gateway.core.archive import DIRECTIONS, ZERO_HASH, ArchiveItem, ArchiveRecord, record_hash
-from gateway.core.envelope import RETENTION_WRAP_BYTES
-from gateway.storage.base import (
-    MAX_ENVELOPE_ID_LENGTH,
-    MAX_ITEMS_PER_CALL,
-    MAX_USER_LENGTH,
-    check_ms,
-    check_text,
+from gateway.core.archive import ZERO_HASH, ArchiveItem, ArchiveRecord, record_hash
+from gateway.storage.archive import (
+    DELETE_CHUNK,
+    MAX_NOTE_LENGTH,
+    MAX_RECORDS_PER_READ,
+    RECORD_COLUMNS,
+    ArchiveStats,
+    Hold,
+    archive_record,
+    check_append,
+    check_hold,
+    check_read,
 )
+from gateway.storage.base import MAX_USER_LENGTH, check_ms, check_text
 from gateway.storage.sqlite.engine import SqliteEngine
 
-DELETE_CHUNK: Final = 1_000
-MAX_NOTE_LENGTH: Final = 500
-MAX_RECORDS_PER_READ: Final = 1_000
+__all__ = [
+    "DELETE_CHUNK",
+    "MAX_NOTE_LENGTH",
+    "MAX_RECORDS_PER_READ",
+    "ArchiveStats",
+    "Hold",
+    "SqliteArchive",
+]
 
-_COLUMNS = (
-    "seq, envelope_id, grp, direction, sender, recipient, key_id, archived_ms, "
-    "delete_after_ms, envelope, prev, hash, wrap"
-)
-_DELETE_EXPIRED = (
+_DELETE_EXPIRED: Final = (
     "DELETE FROM retention_archive WHERE seq IN (SELECT seq FROM retention_archive "
     "WHERE delete_after_ms <= ? AND sender NOT IN (SELECT user FROM retention_holds) "
     "AND recipient NOT IN (SELECT user FROM retention_holds) ORDER BY seq LIMIT ?)"
 )
-
-
-@dataclass(frozen=True, slots=True)
-class ArchiveStats:
-    records: int
-    bytes: int
-    oldest_archived_ms: int | None
-    holds: int
-
-
-@dataclass(frozen=True, slots=True)
-class Hold:
-    user: str
-    added_ms: int
-    note: str
 
 
 class SqliteArchive:
@@ -67,12 +57,7 @@ class SqliteArchive:
 
     async def append(self, items: Sequence[ArchiveItem], *, at_ms: int) -> list[str]:
         """Archive ``items`` durably, chained; the ids newly archived."""
-        check_ms("at_ms", at_ms)
-        if len(items) > MAX_ITEMS_PER_CALL:
-            raise ValueError(f"at most {MAX_ITEMS_PER_CALL} items per call")
-        for item in items:
-            _check_item(item)
-        items = list(items)
+        items = check_append(items, at_ms)
 
         def op(conn: sqlite3.Connection) -> list[str]:
             row = conn.execute(
@@ -95,7 +80,7 @@ class SqliteArchive:
                 conn.execute(
                     "INSERT INTO retention_archive (seq, envelope_id, direction, grp, sender, "
                     "recipient, key_id, archived_ms, delete_after_ms, size, prev, hash, wrap, "
-                    "envelope) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "sender_key, envelope) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         seq,
                         item.envelope_id,
@@ -110,6 +95,7 @@ class SqliteArchive:
                         prev,
                         digest,
                         item.wrap,
+                        item.sender_key,
                         item.envelope,
                     ),
                 )
@@ -129,24 +115,21 @@ class SqliteArchive:
         limit: int = MAX_RECORDS_PER_READ,
     ) -> list[ArchiveRecord]:
         """Records archived in ``[from_ms, to_ms)``, by seq, after ``after_seq``; of ``user``."""
-        check_ms("from_ms", from_ms)
-        check_ms("to_ms", to_ms)
-        if not 0 < limit <= MAX_RECORDS_PER_READ:
-            raise ValueError(f"limit must be within 1-{MAX_RECORDS_PER_READ}")
-        if user is not None:
-            check_text("user", user, MAX_USER_LENGTH)
+        check_read(from_ms=from_ms, to_ms=to_ms, user=user, limit=limit)
         where = "archived_ms >= ? AND archived_ms < ? AND seq > ?"
         args: list[object] = [from_ms, to_ms, after_seq]
         if user is not None:
             where += " AND (sender = ? OR recipient = ?)"
             args += [user, user]
 
+        sql = (
+            f"SELECT {RECORD_COLUMNS} FROM retention_archive "  # noqa: S608 -- constants only
+            f"WHERE {where} ORDER BY seq LIMIT ?"
+        )
+
         def op(conn: sqlite3.Connection) -> list[ArchiveRecord]:
-            rows = conn.execute(
-                f"SELECT {_COLUMNS} FROM retention_archive WHERE {where} ORDER BY seq LIMIT ?",  # noqa: S608 -- constants only
-                (*args, limit),
-            ).fetchall()
-            return [_record(row) for row in rows]
+            rows = conn.execute(sql, (*args, limit)).fetchall()
+            return [archive_record(row) for row in rows]
 
         return await self.engine.read(op)
 
@@ -167,10 +150,7 @@ class SqliteArchive:
 
     async def hold_add(self, user: str, *, at_ms: int, note: str = "") -> bool:
         """Hold ``user``'s records past their deletion time; False if already held."""
-        check_text("user", user, MAX_USER_LENGTH)
-        check_ms("at_ms", at_ms)
-        if len(note) > MAX_NOTE_LENGTH:
-            raise ValueError(f"a note is at most {MAX_NOTE_LENGTH} characters")
+        check_hold(user, at_ms, note)
 
         def op(conn: sqlite3.Connection) -> bool:
             cursor = conn.execute(
@@ -207,40 +187,3 @@ class SqliteArchive:
             return ArchiveStats(records, size, oldest, holds)
 
         return await self.engine.read(op)
-
-
-def _check_item(item: ArchiveItem) -> None:
-    if not isinstance(item, ArchiveItem):
-        raise TypeError(f"expected an ArchiveItem, got {type(item).__name__}")
-    check_text("envelope_id", item.envelope_id, MAX_ENVELOPE_ID_LENGTH)
-    check_text("sender", item.sender, MAX_USER_LENGTH)
-    check_text("recipient", item.recipient, MAX_USER_LENGTH)
-    check_text("group", item.group, 64)
-    check_text("key_id", item.key_id, 64)
-    check_ms("delete_after_ms", item.delete_after_ms)
-    if item.direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}")
-    if not isinstance(item.envelope, bytes) or not item.envelope:
-        raise ValueError("envelope must be non-empty bytes")
-    if not isinstance(item.wrap, bytes) or len(item.wrap) not in (0, RETENTION_WRAP_BYTES):
-        raise ValueError(f"wrap must be empty or {RETENTION_WRAP_BYTES} bytes")
-
-
-def _record(row: tuple[object, ...]) -> ArchiveRecord:
-    seq, envelope_id, grp, direction, sender, recipient, key_id, archived, delete_after = row[:9]
-    envelope, prev, digest, wrap = row[9:]
-    return ArchiveRecord(
-        seq=int(seq),  # type: ignore[call-overload]
-        envelope_id=str(envelope_id),
-        group=str(grp),
-        direction=str(direction),
-        sender=str(sender),
-        recipient=str(recipient),
-        key_id=str(key_id),
-        archived_ms=int(archived),  # type: ignore[call-overload]
-        delete_after_ms=int(delete_after),  # type: ignore[call-overload]
-        envelope=bytes(envelope),  # type: ignore[call-overload]
-        prev=bytes(prev),  # type: ignore[call-overload]
-        hash=bytes(digest),  # type: ignore[call-overload]
-        wrap=bytes(wrap),  # type: ignore[call-overload]
-    )

@@ -246,12 +246,19 @@ CREATE TABLE leases (
 ) WITHOUT ROWID;
 """
 
+# The sender's key with each archive record (gateway.core.archive.sender_key_blob):
+# empty for records archived before, whose hash does not cover it.
+_V6 = """
+ALTER TABLE retention_archive ADD COLUMN sender_key BLOB NOT NULL DEFAULT x'';
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "spool, mailboxes, dedup, transactions, statuses, peers, tokens, keys", _V1),
     Migration(2, "spool_deferred: envelopes a peer answered with a temporary result", _V2),
     Migration(3, "retention_archive and retention_holds", _V3),
     Migration(4, "sessions: sign-in sessions through OpenID Connect", _V4),
     Migration(5, "nodes and leases: which node drives each lane and the sweepers", _V5),
+    Migration(6, "retention_archive.sender_key: the key that verified the sender", _V6),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 
