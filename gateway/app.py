@@ -408,6 +408,8 @@ async def run_gateway(
                 node_info.show(rules.sha256)
 
         unaudit = rules.subscribe_records(reloaded)
+        # A reload may add or drop peers: the keeper claims or gives back their lanes now.
+        unkeep = rules.subscribe_records(lambda record: keeper.round_soon())
         certificates = CertificateGauges()
         unfollow_certificates = certificates.follow(rules)
         # The federation and client API series follow the pairs in use (tls_runtime).
@@ -527,6 +529,7 @@ async def run_gateway(
             unfollow()
             unfollow_own()
             unaudit()
+            unkeep()
             unfollow_certificates()
             waiters.close()
             with trio.CancelScope(shield=True):

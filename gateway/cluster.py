@@ -83,6 +83,9 @@ LOGGER = logging.getLogger("gateway.cluster")
 
 DEFAULT_LEASE_TIME: Final = Limits().lease_time  # a dead node's lanes are driven again within it
 ROUNDS_PER_LEASE: Final = 5
+#: A node that has not beaten for this long is forgotten (by the sweeper's holder):
+#: `gateway nodes` lists it as gone until then.
+FORGET_NODE_AFTER_MS: Final = 24 * 3600 * 1000
 INCARNATION_BYTES: Final = 8
 
 
@@ -106,6 +109,8 @@ class ClusterStorage(Protocol):
     async def lease_release(self, lease: Lease, *, at_ms: int) -> bool: ...
 
     async def leases_list(self) -> list[Lease]: ...
+
+    async def nodes_forget(self, *, beat_before_ms: int) -> int: ...
 
 
 def preferred_owner(name: str, live_nodes: Iterable[str]) -> str | None:
@@ -198,9 +203,8 @@ class LeaseKeeper:
 
     def lost(self, lease: Lease) -> None:
         """A fenced write refused ``lease``: forget it now (the next round may claim again)."""
-        if self._held.get(lease.name) == lease or (
-            lease.name in self._held and self._held[lease.name].epoch == lease.epoch
-        ):
+        held = self._held.get(lease.name)
+        if held is not None and held.epoch == lease.epoch:
             del self._held[lease.name]
             CLUSTER_LEASE_CHANGES.labels("lost").inc()
             LOGGER.warning(
@@ -355,6 +359,11 @@ class LeaseKeeper:
                 f", taken over from {row.node}" if took_over and row is not None else "",
                 extra={"event": "lease_acquired", "lease": name, "epoch": granted.epoch},
             )
+        if SWEEPER_LEASE in self._held and any(
+            node.beat_ms < now - FORGET_NODE_AFTER_MS for node in nodes
+        ):
+            forgotten = await storage.nodes_forget(beat_before_ms=now - FORGET_NODE_AFTER_MS)
+            LOGGER.info("cluster: forgot %d node(s) silent for a day", forgotten)
         lanes = sum(1 for name in self._held if lease_peer(name) is not None)
         CLUSTER_LEASES_HELD.labels("lane").set(lanes)
         CLUSTER_LEASES_HELD.labels("sweeper").set(1 if SWEEPER_LEASE in self._held else 0)

@@ -734,6 +734,10 @@ class Storage(Protocol):
         """Every node row, by name."""
         ...
 
+    async def nodes_forget(self, *, beat_before_ms: int) -> int:
+        """Remove the rows of nodes whose last beat is older than ``beat_before_ms``."""
+        ...
+
     async def lease_claim(
         self, name: str, *, node: str, incarnation: str, at_ms: int, until_ms: int
     ) -> Lease | None:

@@ -401,3 +401,11 @@ async def test_a_lane_whose_lease_moved_while_its_transaction_flew_records_nothi
             assert status is not None
             assert status.status == STATUS_FORWARDED
         assert set(quick.delivered[A]) == ids  # the receiver's dedup saw each once from b
+
+
+async def test_nodes_silent_for_long_are_forgotten(engine_store: Any) -> None:
+    store = engine_store
+    await store.node_beat(node("old", "i-old", beat_ms=T0))
+    await store.node_beat(node("new", "i-new", beat_ms=T0 + 10_000))
+    assert await store.nodes_forget(beat_before_ms=T0 + 1) == 1
+    assert [n.node for n in await store.nodes_list()] == ["new"]

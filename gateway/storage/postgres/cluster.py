@@ -100,6 +100,14 @@ class PostgresCluster:
 
         await self.engine.write(op)
 
+    async def nodes_forget(self, *, beat_before_ms: int) -> int:
+        check_ms("beat_before_ms", beat_before_ms)
+
+        def op(conn: Connection) -> int:
+            return conn.execute("DELETE FROM nodes WHERE beat_ms < %s", (beat_before_ms,)).rowcount
+
+        return await self.engine.write(op)
+
     async def nodes_list(self) -> list[NodeRecord]:
         def op(conn: Connection) -> list[NodeRecord]:
             rows = conn.execute(
