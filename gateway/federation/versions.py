@@ -81,7 +81,7 @@ class TransactionTypeSource(Protocol):
 
 
 class PeerVersions:
-    """Peers' envelope versions, asked through ``transport`` and remembered a while."""
+    """Peers' version documents (envelope versions, transaction types), asked and remembered."""
 
     def __init__(
         self,
