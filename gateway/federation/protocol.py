@@ -10,7 +10,9 @@ and whose answer (200) is
     {"results": [{"id": "<envelope id or null>", "result": "accepted" | "<reason>"}, ...]}
 
 with exactly one result per envelope, in the order sent. docs/protocol.md is
-the normative text; this module is its executable form.
+the normative text; this module is its executable form. The binary framing of
+the same transaction (``application/vnd.gateway.txn.v2``, §3a) is in
+:mod:`gateway.federation.framing`; the answer is this JSON for both.
 
 Two levels of refusal:
 
@@ -66,6 +68,15 @@ TRANSACTION_ROUTE = TRANSACTIONS_PATH + "{txn_id}"
 KEYS_PATH = "/federation/v1/keys/"
 VERSION_PATH = "/federation/v1/version"
 
+#: The Content-Type of a transaction body: version 1 is JSON (§3); the binary
+#: framing (§3a, :mod:`gateway.federation.framing`) carries each envelope's
+#: encoded bytes as they are. The version document lists those a receiver takes.
+MEDIA_TYPE_JSON: Final = "application/json"
+MEDIA_TYPE_TXN_V2: Final = "application/vnd.gateway.txn.v2"
+TRANSACTION_TYPES: Final = (MEDIA_TYPE_JSON, MEDIA_TYPE_TXN_V2)
+MAX_TRANSACTION_TYPES: Final = 16  # listed in one version document, at most
+MAX_MEDIA_TYPE_LENGTH: Final = 127  # RFC 6838: type and subtype names are at most 127 each
+
 #: A transaction id: 1-64 characters of base64url's alphabet.
 TXN_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 #: Hard protocol bound on envelopes per transaction (a receiver may set it lower).
@@ -88,13 +99,16 @@ class EnvelopeSlot:
 
     ``raw`` is the JSON object the envelope was parsed from (set with
     ``envelope``): :func:`canonical_envelope_bytes` turns it into the bytes
-    to store without encoding the envelope again.
+    to store without encoding the envelope again. ``data``, set by the binary
+    framing only, is the envelope's encoded bytes exactly as they arrived: the
+    bytes to store.
     """
 
     envelope_id: str | None
     envelope: Envelope | None
     error: Reason | None
     raw: Mapping[str, object] | None = field(default=None, repr=False, compare=False)
+    data: bytes | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,16 +392,22 @@ def decode_results(
 # -- version -----------------------------------------------------------------------
 
 
-def version_document() -> dict[str, object]:
+def version_document(
+    transaction_types: Sequence[str] = TRANSACTION_TYPES,
+) -> dict[str, object]:
     """The body of ``GET /federation/v1/version``.
 
     ``envelope_versions`` lists the envelope versions (docs/envelope.md) this
     gateway accepts; a sender sends a peer only envelopes of a version it lists,
-    and reads a document without the field as ``[1]``.
+    and reads a document without the field as ``[1]``. ``transaction_types``
+    lists the Content-Types of transaction bodies it accepts (a receiver may
+    take fewer than this implementation speaks); a document without the field
+    means JSON only.
     """
     return {
         "versions": list(SUPPORTED_VERSIONS),
         "envelope_versions": list(SUPPORTED_ENVELOPE_VERSIONS),
+        "transaction_types": list(transaction_types),
         "server": SERVER_NAME,
     }
 
@@ -395,22 +415,51 @@ def version_document() -> dict[str, object]:
 MAX_ENVELOPE_VERSIONS: Final = 16  # listed in one version document, at most
 
 
-def parse_envelope_versions(body: bytes) -> frozenset[int]:
-    """The envelope versions a peer's version document lists; ``ProtocolError`` if malformed.
+@dataclass(frozen=True, slots=True)
+class PeerVersion:
+    """What a peer's version document says it accepts."""
+
+    envelope_versions: frozenset[int]
+    transaction_types: frozenset[str]
+
+
+def parse_version_document(body: bytes) -> PeerVersion:
+    """A peer's ``GET /federation/v1/version`` answer; ``ProtocolError`` if malformed.
 
     A document without ``envelope_versions`` is a gateway from before version
-    2 existed: it speaks version 1 only.
+    2 existed: it speaks version 1 only. One without ``transaction_types`` is a
+    gateway from before the binary framing: it takes JSON only. Media types
+    this gateway does not know are kept (and never used).
     """
     obj = _loads(body, "version document")
     if type(obj) is not dict:
         raise ProtocolError("version document must be an object")
-    if "envelope_versions" not in obj:
-        return frozenset({ENVELOPE_VERSION})
-    listed = obj["envelope_versions"]
-    if (
-        type(listed) is not list
-        or not 0 < len(listed) <= MAX_ENVELOPE_VERSIONS
-        or any(type(item) is not int or not 0 < item < 2**16 for item in listed)
-    ):
-        raise ProtocolError("version document: envelope_versions must list small integers")
-    return frozenset(listed)
+    envelope_versions: frozenset[int] = frozenset({ENVELOPE_VERSION})
+    if "envelope_versions" in obj:
+        listed = obj["envelope_versions"]
+        if (
+            type(listed) is not list
+            or not 0 < len(listed) <= MAX_ENVELOPE_VERSIONS
+            or any(type(item) is not int or not 0 < item < 2**16 for item in listed)
+        ):
+            raise ProtocolError("version document: envelope_versions must list small integers")
+        envelope_versions = frozenset(listed)
+    transaction_types: frozenset[str] = frozenset({MEDIA_TYPE_JSON})
+    if "transaction_types" in obj:
+        types = obj["transaction_types"]
+        if (
+            type(types) is not list
+            or not 0 < len(types) <= MAX_TRANSACTION_TYPES
+            or any(
+                type(item) is not str or not 0 < len(item) <= 2 * MAX_MEDIA_TYPE_LENGTH + 1
+                for item in types
+            )
+        ):
+            raise ProtocolError("version document: transaction_types must list media types")
+        transaction_types = frozenset(item.lower() for item in types)
+    return PeerVersion(envelope_versions, transaction_types)
+
+
+def parse_envelope_versions(body: bytes) -> frozenset[int]:
+    """The envelope versions a peer's version document lists; ``ProtocolError`` if malformed."""
+    return parse_version_document(body).envelope_versions

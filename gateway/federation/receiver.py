@@ -20,8 +20,12 @@ One ``PUT``, in this order; every refusal changes nothing:
    to the storage, not two. Each refusal of step 3 reads it first, so a
    recorded id still gets its recorded answer or ``409`` whatever the body
    holds (docs/protocol.md §5).
-3. **What.** The body must be a transaction (``400``), its ``origin`` the
-   peer (``403 origin_mismatch``), its ``destination`` us (``421``).
+3. **What.** The ``Content-Type`` says the framing: JSON (also when absent)
+   or the binary framing (:mod:`.framing`, docs/protocol.md §3a), when this
+   receiver takes it (``transaction_types``, listed in the version
+   document); anything else is ``415`` (a recorded id still decides first).
+   The body must be a transaction in that framing (``400``), its ``origin``
+   the peer (``403 origin_mismatch``), its ``destination`` us (``421``).
 4. **Each envelope** is judged by :func:`judge_transaction`, a pure function:
    parse error, then the clock (``expired``), then the rules
    (``CompiledRules.decide_inbound``: sender of the origin, recipient ours and
@@ -37,9 +41,12 @@ One ``PUT``, in this order; every refusal changes nothing:
    temporary result: the sender sends it again later. If ``(peer, txn_id)`` is recorded
    (a retry, or a concurrent request that committed first), ``deliver`` says
    so (``replayed``), stores nothing, and this request answers like step 2.
-   An accepted envelope is stored as the canonical bytes of the JSON object
-   it was parsed from (:func:`protocol.canonical_envelope_bytes`), which are
-   exactly what ``encode_envelope`` would give.
+   An accepted envelope of a binary transaction is stored as its record's
+   bytes, exactly as they arrived (the decoder checked them canonical); one
+   of a JSON transaction, whose bytes are not kept apart by the JSON parser,
+   as the canonical bytes of the object it was parsed from
+   (:func:`protocol.canonical_envelope_bytes`), which are exactly what
+   ``encode_envelope`` would give, and what this gateway's senders sent.
 6. **Only then** the ``200`` answer, one result per envelope, in body order;
    mailbox long-polls of the new envelopes' recipients are woken
    (``on_delivered``); outcomes are counted and decisions logged (ids, peer,
@@ -47,7 +54,7 @@ One ``PUT``, in this order; every refusal changes nothing:
 
 The recorded answer is ``{envelope id: result}`` (:func:`protocol.result_map`);
 :func:`protocol.replay_results` rebuilds the exact answer from it and the
-(identical) body.
+(identical) body, in whichever framing it came (told by its first bytes).
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ import logging
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 import trio
 from prometheus_client import Counter
@@ -67,10 +75,14 @@ from gateway.core.envelope import Envelope, check_envelope_clock, encode_envelop
 from gateway.core.ratelimit import RateLimiter
 from gateway.core.rules import CompiledRules, Decision, reason_for_peer
 from gateway.errors import AddressError, EnvelopeError, ProtocolError, Reason, StorageFullError
+from gateway.federation.framing import decode_any_transaction, decode_framed_transaction
 from gateway.federation.protocol import (
     ACCEPTED,
     MAX_TRANSACTION_ENVELOPES,
+    MEDIA_TYPE_JSON,
+    MEDIA_TYPE_TXN_V2,
     TRANSACTION_ROUTE,
+    TRANSACTION_TYPES,
     VERSION_PATH,
     EnvelopeResult,
     EnvelopeSlot,
@@ -91,6 +103,7 @@ from gateway.observability.audit import AuditSink, NoAudit
 from gateway.observability.metrics import (
     DELIVERY_LATENCY,
     FEDERATION_ENVELOPES,
+    FEDERATION_TRANSACTION_BODIES,
     FEDERATION_TRANSACTION_DURATION,
     FEDERATION_TRANSACTIONS,
     MAILBOX_FULL_REFUSALS,
@@ -115,7 +128,9 @@ MS_PER_SECOND = 1000
 # Result words of gateway_federation_transactions_total besides the refusal reasons.
 TXN_RESULT_OK = "ok"
 TXN_RESULT_REPLAYED = "replayed"
-JSON_CONTENT_TYPE = "application/json"
+JSON_CONTENT_TYPE = MEDIA_TYPE_JSON
+# gateway_federation_transaction_bodies_total{framing}: the body's Content-Type, short.
+FRAMING_LABELS: Final = {MEDIA_TYPE_JSON: "json", MEDIA_TYPE_TXN_V2: "binary_v2"}
 MAX_LOGGED_ID = 64  # ids come from the peer: a log shows at most this much of one
 
 OnDelivered = Callable[[Collection[str]], None]
@@ -125,6 +140,7 @@ _DURATION = FEDERATION_TRANSACTION_DURATION.labels(DIRECTION)
 _ENVELOPE_COUNTERS: dict[tuple[str, str], Counter] = {}
 _TXN_COUNTERS: dict[tuple[str, str], Counter] = {}
 _DENIAL_COUNTERS: dict[str, Counter] = {}
+_BODY_COUNTERS: dict[tuple[str, str], Counter] = {}
 
 
 def _ignore_delivered(users: Collection[str]) -> None:
@@ -145,6 +161,8 @@ class Verdict:
     repeat: bool = False  # the id appeared earlier in this transaction: never stored
     # The JSON object the envelope was parsed from: its canonical bytes are stored.
     raw: Mapping[str, object] | None = field(default=None, repr=False, compare=False)
+    # The binary framing's record: the envelope's bytes as received, stored as they are.
+    data: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
     def accepted(self) -> bool:
@@ -188,7 +206,7 @@ def _judge_slot(slot: EnvelopeSlot, origin: str, rules: CompiledRules, now_ms: i
     # A refusal is answered with reason_for_peer: a recipient the peer may not reach
     # reads as one who does not exist. Verdict.reason keeps the real one for us.
     result = ACCEPTED if decision.allowed else reason_for_peer(decision).value
-    return Verdict(envelope.id, result, envelope, decision, raw=slot.raw)
+    return Verdict(envelope.id, result, envelope, decision, raw=slot.raw, data=slot.data)
 
 
 def judge_transaction(txn: Transaction, rules: CompiledRules, *, now_ms: int) -> list[Verdict]:
@@ -223,15 +241,21 @@ def _mailbox_full(verdicts: Sequence[Verdict], full: Collection[str]) -> list[Ve
 
 
 def mailbox_record(
-    envelope: Envelope, *, raw: Mapping[str, object] | None = None
+    envelope: Envelope,
+    *,
+    raw: Mapping[str, object] | None = None,
+    data: bytes | None = None,
 ) -> EnvelopeRecord:
     """An accepted envelope as the store keeps it (canonical bytes, group included).
 
-    With ``raw``, the JSON object ``envelope`` was parsed from, the bytes are
-    dumped from it in C instead of encoding the envelope again: the same
-    bytes (:func:`protocol.canonical_envelope_bytes`).
+    With ``data`` (the binary framing's record, checked canonical when it was
+    decoded), those bytes exactly as they arrived. Else, with ``raw``, the
+    JSON object ``envelope`` was parsed from, the bytes are written from it
+    instead of encoding the envelope again: the same bytes
+    (:func:`protocol.canonical_envelope_bytes`).
     """
-    data = encode_envelope(envelope) if raw is None else canonical_envelope_bytes(raw)
+    if data is None:
+        data = encode_envelope(envelope) if raw is None else canonical_envelope_bytes(raw)
     return envelope_record(envelope, data)
 
 
@@ -251,6 +275,17 @@ def _count_transaction(peer: str, result: str) -> None:
     if child is None:
         child = FEDERATION_TRANSACTIONS.labels(DIRECTION, peer, result)
         _TXN_COUNTERS[(peer, result)] = child
+    child.inc()
+
+
+def _count_body(peer: str, rules: CompiledRules, media_type: str) -> None:
+    key = (peer, media_type)
+    child = _BODY_COUNTERS.get(key)
+    if child is None:
+        child = FEDERATION_TRANSACTION_BODIES.labels(
+            DIRECTION, bounded(peer, rules.peers), FRAMING_LABELS[media_type]
+        )
+        _BODY_COUNTERS[key] = child
     child.inc()
 
 
@@ -276,6 +311,7 @@ class Receiver:
         storage: Storage,
         clock_ms: Callable[[], int],
         max_envelopes: int = MAX_TRANSACTION_ENVELOPES,
+        transaction_types: Sequence[str] = TRANSACTION_TYPES,
         on_delivered: OnDelivered = _ignore_delivered,
         audit: AuditSink | None = None,
         inbound_rate: RateLimiter | None = None,
@@ -290,6 +326,14 @@ class Receiver:
             raise ValueError(
                 f"max_envelopes must be within 1..{MAX_TRANSACTION_ENVELOPES}, got {max_envelopes}"
             )
+        unknown = set(transaction_types) - set(TRANSACTION_TYPES)
+        if MEDIA_TYPE_JSON not in transaction_types or unknown:
+            raise ValueError(
+                f"transaction_types must include {MEDIA_TYPE_JSON} and be among "
+                f"{', '.join(TRANSACTION_TYPES)}"
+            )
+        # The bodies taken, by Content-Type; JSON always (docs/protocol.md §3a).
+        self._transaction_types = tuple(transaction_types)
         self._rules = rules
         self._storage = storage
         self._clock_ms = clock_ms
@@ -309,7 +353,7 @@ class Receiver:
     async def get_version(self, request: Request, params: Mapping[str, str]) -> Response:
         if request.peer is None or self._rules.current.peer(request.peer) is None:
             return error_response(403, Reason.UNKNOWN_PEER)
-        return json_response(200, version_document())
+        return json_response(200, version_document(self._transaction_types))
 
     # -- PUT /federation/v1/transactions/{txn_id} -------------------------------------
 
@@ -344,8 +388,18 @@ class Receiver:
         except ProtocolError as exc:
             return self._protocol_error(peer, txn_id, exc)
         digest = body_hash(request.body)
+        media_type = self._media_type(request.header("content-type"))
+        if media_type is None:
+            # Not a body we take. A recorded id still decides first (§5): the same
+            # bytes are the same transaction, whatever Content-Type came with them.
+            recorded = await self._recorded_if_any(request.body, digest, peer, txn_id)
+            return recorded or self._unsupported(peer, txn_id, request.header("content-type"))
+        _count_body(peer, rules, media_type)
         try:
-            txn = decode_transaction(request.body, max_envelopes=self._max_envelopes)
+            if media_type == MEDIA_TYPE_TXN_V2:
+                txn = decode_framed_transaction(request.body, max_envelopes=self._max_envelopes)
+            else:
+                txn = decode_transaction(request.body, max_envelopes=self._max_envelopes)
         except ProtocolError as exc:
             recorded = await self._recorded_if_any(request.body, digest, peer, txn_id)
             return recorded or self._protocol_error(peer, txn_id, exc)
@@ -386,7 +440,9 @@ class Receiver:
         verdicts = judge_transaction(txn, rules, now_ms=now_ms)
         results = [EnvelopeResult(v.envelope_id, v.result) for v in verdicts]
         entries = [
-            mailbox_record(v.envelope, raw=v.raw) for v in verdicts if v.to_store and v.envelope
+            mailbox_record(v.envelope, raw=v.raw, data=v.data)
+            for v in verdicts
+            if v.to_store and v.envelope
         ]
         try:
             outcome = await self._storage.deliver(
@@ -414,6 +470,31 @@ class Receiver:
         self._after_commit(peer, txn_id, verdicts, outcome, rules, now_ms)
         await self._audit_denials(peer, txn_id, verdicts)
         return _results_response(results), TXN_RESULT_OK
+
+    def _media_type(self, content_type: str | None) -> str | None:
+        """The transaction type of a body with this Content-Type, or None if not taken.
+
+        No Content-Type, or ``application/json`` with any parameters, is JSON
+        (as before the binary framing existed).
+        """
+        if content_type is None:
+            return MEDIA_TYPE_JSON
+        media_type = content_type.partition(";")[0].strip().lower()
+        return media_type if media_type in self._transaction_types else None
+
+    def _unsupported(
+        self, peer: str, txn_id: str, content_type: str | None
+    ) -> tuple[Response, str]:
+        reason = Reason.UNSUPPORTED_MEDIA_TYPE
+        LOGGER.info(
+            "refused transaction %.64r from %s: Content-Type %.80r is not one we take",
+            txn_id,
+            peer,
+            content_type,
+            extra=_refusal(peer, txn_id, reason.value),
+        )
+        body = {"error": reason.value, "accepted": list(self._transaction_types)}
+        return json_response(415, body), reason.value
 
     def _rate_limited(self, peer: str, txn_id: str, count: int, now_ms: int) -> Response | None:
         """``429`` with Retry-After if ``peer`` may not send ``count`` envelopes now.
@@ -518,7 +599,7 @@ class Receiver:
         try:
             if txn is None:
                 # The body was a transaction when first answered; bounds of today do not apply.
-                txn = decode_transaction(body, max_envelopes=MAX_TRANSACTION_ENVELOPES)
+                txn = decode_any_transaction(body, max_envelopes=MAX_TRANSACTION_ENVELOPES)
             results = replay_results(txn, record.results)
         except (ProtocolError, ValueError):
             LOGGER.exception(

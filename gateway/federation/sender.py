@@ -40,6 +40,12 @@ transaction id, and one parse in C checks that the body holds exactly these
 envelope ids in order. Only if it does not (a damaged or foreign spool entry)
 is each envelope decoded: one that no longer decodes, or holds another id,
 leaves with ``rejected:<its reason>`` and costs no other envelope anything.
+To a peer whose version document lists the binary framing
+(docs/protocol.md §3a; :meth:`_LaneRunner.media_type`) the spooled bytes go
+in length-delimited records instead, unparsed: a damaged one costs only its
+own slot, which the peer answers by position. A peer that refuses the frame
+(``415``/``400``) gets the same envelopes at once as JSON under a new id, and
+JSON for a while (:mod:`gateway.federation.versions`).
 A batch that fails (id, exact body bytes, envelope ids) is kept:
 while the lane's head still begins with the same envelopes, a retry resends
 the **same id and the same bytes**, which the receiver answers from its record
@@ -162,9 +168,12 @@ from gateway.federation.backoff import (
     after_success,
     remaining_seconds,
 )
+from gateway.federation.framing import encode_framed_transaction
 from gateway.federation.protocol import (
     ACCEPTED,
     MAX_TRANSACTION_ENVELOPES,
+    MEDIA_TYPE_JSON,
+    MEDIA_TYPE_TXN_V2,
     TEMPORARY_RESULTS,
     EnvelopeResult,
     encode_transaction,
@@ -178,9 +187,10 @@ from gateway.federation.transport import (
     PeerTransport,
     TransportError,
 )
-from gateway.federation.versions import EnvelopeVersionSource
+from gateway.federation.versions import EnvelopeVersionSource, TransactionTypeSource
 from gateway.observability.metrics import (
     FEDERATION_ENVELOPES,
+    FEDERATION_TRANSACTION_BODIES,
     FEDERATION_TRANSACTION_DURATION,
     FEDERATION_TRANSACTIONS,
     PEER_BACKOFF,
@@ -392,6 +402,27 @@ class _Batch:
     txn_id: str
     body: bytes = field(repr=False)
     ids: tuple[str, ...]
+    media_type: str = MEDIA_TYPE_JSON
+    # The binary framing's records (the spooled bytes), to fall back to JSON with.
+    records: tuple[bytes, ...] = field(default=(), repr=False)
+
+
+# A binary body answered so is sent again at once as JSON (a new id), and the peer
+# gets JSON for a while: 415 from a receiver that does not take the type, 400 from
+# one that predates Content-Types and read the frame as (broken) JSON.
+_FALLBACK_STATUSES: Final = frozenset({400, 415})
+_FRAMING_LABELS: Final = {MEDIA_TYPE_JSON: "json", MEDIA_TYPE_TXN_V2: "binary_v2"}
+_BODY_COUNTERS: dict[tuple[str, str], Counter] = {}
+
+
+def _count_body(peer_label: str, media_type: str) -> None:
+    child = _BODY_COUNTERS.get((peer_label, media_type))
+    if child is None:
+        child = FEDERATION_TRANSACTION_BODIES.labels(
+            DIRECTION, peer_label, _FRAMING_LABELS[media_type]
+        )
+        _BODY_COUNTERS[(peer_label, media_type)] = child
+    child.inc()
 
 
 class Sender:
@@ -908,16 +939,36 @@ class _LaneRunner:
 
     async def batch_for(self, entries: Sequence[SpoolEntry], *, from_head: bool) -> _Batch | None:
         """The batch to send for these entries: the kept one if it still heads the lane."""
+        media_type = await self.media_type()
         if self.batch is not None and from_head:
             kept = tuple(entry.envelope_id for entry in entries[: len(self.batch.ids)])
-            if kept == self.batch.ids:
+            if kept == self.batch.ids and self.batch.media_type in (media_type, MEDIA_TYPE_JSON):
                 return self.batch
             self.batch = None  # expired, purged or answered meanwhile: a new transaction
         ids = tuple(entry.envelope_id for entry in entries)
+        if media_type == MEDIA_TYPE_TXN_V2:
+            # The spooled bytes go as they are, each in its own length-delimited record:
+            # a damaged one costs only its own slot, so nothing is parsed here.
+            records = tuple(entry.data for entry in entries)
+            body = encode_framed_transaction(self.sender.org, self.org, records)
+            return _Batch(new_txn_id(), body, ids, MEDIA_TYPE_TXN_V2, records)
         body = splice_transaction(self.sender.org, self.org, [entry.data for entry in entries])
         if not spliced_body_holds(body, ids):
             return await self.batch_decoded(entries)
         return _Batch(txn_id=new_txn_id(), body=body, ids=ids)
+
+    def types_source(self) -> TransactionTypeSource | None:
+        """The version source, when it also knows transaction framings (PeerVersions does)."""
+        source = self.sender._envelope_versions
+        return source if isinstance(source, TransactionTypeSource) else None
+
+    async def media_type(self) -> str:
+        """The Content-Type of the next transaction: binary if the peer takes it, else JSON."""
+        source = self.types_source()
+        if source is None:
+            return MEDIA_TYPE_JSON
+        types = await source.transaction_types(self.org)
+        return MEDIA_TYPE_TXN_V2 if MEDIA_TYPE_TXN_V2 in types else MEDIA_TYPE_JSON
 
     async def batch_decoded(self, entries: Sequence[SpoolEntry]) -> _Batch | None:
         """The slow way, for a head whose spliced bytes are not a sound transaction.
@@ -962,11 +1013,22 @@ class _LaneRunner:
         started = trio.current_time()
         assert self.state is not None
         failures_before = self.state.failures
+        transport = self.sender._transport
+        _count_body(self.metrics.label, batch.media_type)
         try:
             with trio.fail_after(self.settings.transaction_timeout):
-                results = await self.sender._transport.send_transaction(
-                    self.org, batch.txn_id, batch.body, expected=len(batch.ids)
-                )
+                if batch.media_type == MEDIA_TYPE_JSON:
+                    results = await transport.send_transaction(
+                        self.org, batch.txn_id, batch.body, expected=len(batch.ids)
+                    )
+                else:
+                    results = await transport.send_transaction(
+                        self.org,
+                        batch.txn_id,
+                        batch.body,
+                        expected=len(batch.ids),
+                        content_type=batch.media_type,
+                    )
             _check_results(self.org, batch, results)
         except trio.TooSlowError:
             failure = TransportError(
@@ -976,6 +1038,13 @@ class _LaneRunner:
             )
             await self.failed(batch, failure, failures_before=failures_before)
         except TransportError as exc:
+            if batch.media_type != MEDIA_TYPE_JSON and exc.status in _FALLBACK_STATUSES:
+                fallback = self.fall_back(batch, exc)
+                if fallback is not None:
+                    await self.send(fallback)
+                else:  # spooled bytes that do not splice: the lane's next take sorts them out
+                    self.behind = self.lane.dirty = True
+                return
             await self.failed(batch, exc, failures_before=failures_before)
         except Exception as exc:
             # A bug in a transport must not take the gateway down: count it, back off.
@@ -989,6 +1058,29 @@ class _LaneRunner:
         else:
             self.metrics.duration.observe(trio.current_time() - started)
             await self.answered(batch, results)
+
+    def fall_back(self, batch: _Batch, error: TransportError) -> _Batch | None:
+        """The JSON batch for a binary one the peer refused; JSON to it from now on, a while.
+
+        ``None`` if the spooled bytes do not splice into a sound JSON body.
+        """
+        source = self.types_source()
+        if source is not None:
+            source.refused(self.org, batch.media_type)
+        LOGGER.warning(
+            "%s: refused a %s transaction (%s); sending it as JSON",
+            self.org,
+            batch.media_type,
+            error.message,
+            extra={"event": "transaction_framing_refused", "peer": self.org},
+        )
+        if self.batch is batch:
+            self.batch = None
+        body = splice_transaction(self.sender.org, self.org, batch.records)
+        if not spliced_body_holds(body, batch.ids):
+            return None
+        # A new id: the peer may hold the old one with the binary body (§5, "the same body").
+        return _Batch(new_txn_id(), body, batch.ids)
 
     async def answered(self, batch: _Batch, results: Sequence[EnvelopeResult]) -> None:
         statuses: dict[str, str] = {}
@@ -1195,9 +1287,16 @@ def news_ends(state: PeerState) -> bool:
 
 
 def _check_results(peer: str, batch: _Batch, results: Sequence[EnvelopeResult]) -> None:
-    """The answer must name our envelopes, in the order sent."""
+    """The answer must name our envelopes, in the order sent.
+
+    In the binary framing a slot's position names its envelope (records are
+    length-delimited), so a refusal there may say ``null`` for a record the
+    peer could not read (docs/protocol.md §4); never an acceptance.
+    """
+    framed = batch.media_type != MEDIA_TYPE_JSON
     if len(results) != len(batch.ids) or any(
         result.envelope_id != envelope_id
+        and not (framed and result.envelope_id is None and result.result != ACCEPTED)
         for result, envelope_id in zip(results, batch.ids, strict=False)
     ):
         raise TransportError(

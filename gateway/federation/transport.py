@@ -67,6 +67,7 @@ from gateway.config import MAX_INFLIGHT_TRANSACTIONS
 from gateway.core.rules import CompiledRules, Peer
 from gateway.errors import PKIError, ProtocolError, Reason, RemoteError
 from gateway.federation.protocol import (
+    MEDIA_TYPE_JSON,
     TRANSACTIONS_PATH,
     EnvelopeResult,
     check_txn_id,
@@ -109,7 +110,7 @@ class FailureKind(enum.StrEnum):
     HTTP_5XX = "http_5xx"  # any other 5xx
     TXN_CONFLICT = "txn_conflict"  # 409: the peer knows this txn id with another body
     TOO_LARGE = "too_large"  # 413: the batch is over the peer's body limit
-    HTTP_4XX = "http_4xx"  # any other 4xx: a bug on one side, or rules that disagree
+    HTTP_4XX = "http_4xx"  # any other 4xx (415 included): a bug on one side, or rules that disagree
     HTTP_OTHER = "http_other"  # a status the protocol never answers (1xx, 3xx, 2xx but 200)
     BAD_ANSWER = "bad_answer"  # 200, but not a valid answer to this transaction
     UNKNOWN_PEER = "unknown_peer"  # not a peer in the rules in force
@@ -145,9 +146,19 @@ class PeerTransport(Protocol):
     """How the sender reaches peers. A fake stands in for it in tests."""
 
     async def send_transaction(
-        self, peer: str, txn_id: str, body: bytes, *, expected: int
+        self,
+        peer: str,
+        txn_id: str,
+        body: bytes,
+        *,
+        expected: int,
+        content_type: str = MEDIA_TYPE_JSON,
     ) -> list[EnvelopeResult]:
-        """PUT one transaction; exactly ``expected`` results, in order, or ``TransportError``."""
+        """PUT one transaction; exactly ``expected`` results, in order, or ``TransportError``.
+
+        ``content_type`` is the body's framing (docs/protocol.md §3a); the
+        sender passes it only for a body that is not JSON.
+        """
         ...
 
     async def close_peer(self, peer: str) -> None:
@@ -314,18 +325,33 @@ class HttpxPeerTransport:
         return frozenset(self._clients)
 
     async def send_transaction(
-        self, peer: str, txn_id: str, body: bytes, *, expected: int
+        self,
+        peer: str,
+        txn_id: str,
+        body: bytes,
+        *,
+        expected: int,
+        content_type: str = MEDIA_TYPE_JSON,
     ) -> list[EnvelopeResult]:
         check_txn_id(txn_id)
         client = await self._client_for(peer)
         client.inflight += 1
         try:
-            return await self._put(client, peer, txn_id, body, expected=expected)
+            return await self._put(
+                client, peer, txn_id, body, expected=expected, content_type=content_type
+            )
         finally:
             await self._release(client)
 
     async def _put(
-        self, client: _PeerClient, peer: str, txn_id: str, body: bytes, *, expected: int
+        self,
+        client: _PeerClient,
+        peer: str,
+        txn_id: str,
+        body: bytes,
+        *,
+        expected: int,
+        content_type: str,
     ) -> list[EnvelopeResult]:
         status, headers, answer = await self._exchange(
             client,
@@ -334,8 +360,8 @@ class HttpxPeerTransport:
             f"{TRANSACTIONS_PATH}{txn_id}",
             content=body,
             headers={
-                "content-type": "application/json",
-                "accept": "application/json",
+                "content-type": content_type,
+                "accept": MEDIA_TYPE_JSON,
                 "user-agent": USER_AGENT,
             },
             limit=self._max_answer_bytes,

@@ -108,6 +108,12 @@ FEDERATION_TRANSACTIONS = Counter(
     "Federation transactions, by direction, peer and result (ok, replayed, or the reason code).",
     ["direction", "peer", "result"],
 )
+FEDERATION_TRANSACTION_BODIES = Counter(
+    "gateway_federation_transaction_bodies_total",
+    "Federation transaction bodies sent or received, by direction, peer and framing "
+    "(json, binary_v2).",
+    ["direction", "peer", "framing"],
+)
 FEDERATION_TRANSACTION_DURATION = Histogram(
     "gateway_federation_transaction_duration_seconds",
     "Time to handle one federation transaction, from its request to its answer, by direction.",

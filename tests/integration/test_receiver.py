@@ -483,7 +483,12 @@ async def test_version_endpoint(world: World, store: Storage) -> None:
                 extensions={"sni_hostname": ACME},
             )
     assert reply.status_code == 200
-    assert reply.json() == {"versions": ["v1"], "envelope_versions": [1, 2], "server": SERVER_NAME}
+    assert reply.json() == {
+        "versions": ["v1"],
+        "envelope_versions": [1, 2],
+        "transaction_types": ["application/json", "application/vnd.gateway.txn.v2"],
+        "server": SERVER_NAME,
+    }
 
 
 async def test_a_replayed_transaction_gets_the_same_answer_and_stores_nothing_twice(

@@ -18,8 +18,13 @@ import trio.testing
 
 from gateway.core.envelope import Envelope, decode_envelope, encode_envelope, envelope_version_of
 from gateway.errors import Reason
+from gateway.federation.framing import decode_any_transaction, is_framed
 from gateway.federation.protocol import (
+    ACCEPTED,
+    MEDIA_TYPE_JSON,
+    MEDIA_TYPE_TXN_V2,
     VERSION_PATH,
+    EnvelopeResult,
     parse_envelope_versions,
     version_document,
 )
@@ -31,6 +36,7 @@ from tests.integration.test_sender import (
     FAST,
     ORG,
     A,
+    Attempt,
     FakeTransport,
     MemoryStorage,
     clock_ms,
@@ -223,3 +229,116 @@ async def test_a_hanging_peer_is_unknown_after_the_timeout(
     started = trio.current_time()
     assert await versions.envelope_versions(A) is None
     assert trio.current_time() - started == 10.0
+
+
+# -- transaction framings ------------------------------------------------------------------
+
+
+async def test_transaction_types_come_from_the_same_document_and_a_refusal_is_remembered(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    old = json.dumps({"versions": ["v1"], "envelope_versions": [1, 2]}).encode()
+    getter = FakeGetter([(200, document()), (200, document()), (200, old)])
+    versions = PeerVersions(getter, ttl=3600.0)
+    both = frozenset({MEDIA_TYPE_JSON, MEDIA_TYPE_TXN_V2})
+    assert await versions.transaction_types(A) == both
+    assert await versions.envelope_versions(A) == frozenset({1, 2})  # one question for both
+    assert len(getter.asked) == 1
+    versions.refused(A, MEDIA_TYPE_TXN_V2)
+    versions.refused(A, MEDIA_TYPE_JSON)  # never: JSON is every peer's
+    assert await versions.transaction_types(A) == {MEDIA_TYPE_JSON}
+    await trio.sleep(3599)
+    assert await versions.transaction_types(A) == {MEDIA_TYPE_JSON}
+    await trio.sleep(2)  # the refusal and the document both stop standing: asked again
+    assert await versions.transaction_types(A) == both
+    assert len(getter.asked) == 2
+    await trio.sleep(3601)
+    assert await versions.transaction_types(A) == {MEDIA_TYPE_JSON}  # a peer without the list
+
+
+async def test_when_the_types_are_not_known_json_is_sent(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    refused = TransportError(f"{A}: connection refused", kind=FailureKind.CONNECT)
+    versions = PeerVersions(FakeGetter([refused]))
+    assert await versions.transaction_types(A) == {MEDIA_TYPE_JSON}
+
+
+@dataclass
+class FramingTransport(FakeTransport):
+    """A peer that reads both framings, answering a broken slot as a receiver does."""
+
+    content_types: list[str] = field(default_factory=list)
+
+    async def send_transaction(
+        self,
+        peer: str,
+        txn_id: str,
+        body: bytes,
+        *,
+        expected: int,
+        content_type: str = MEDIA_TYPE_JSON,
+    ) -> list[EnvelopeResult]:
+        await trio.lowlevel.checkpoint()
+        self.content_types.append(content_type)
+        assert is_framed(body) == (content_type == MEDIA_TYPE_TXN_V2)
+        txn = decode_any_transaction(body)
+        assert len(txn.slots) == expected
+        ids = tuple(slot.envelope_id or "" for slot in txn.slots)
+        self.attempts.append(Attempt(trio.current_time(), peer, txn_id, body, ids, True))
+        return [
+            EnvelopeResult(slot.envelope_id, ACCEPTED if slot.error is None else slot.error.value)
+            for slot in txn.slots
+        ]
+
+
+@dataclass
+class FramingVersions(FakeVersions):
+    types: frozenset[str] = frozenset({MEDIA_TYPE_JSON, MEDIA_TYPE_TXN_V2})
+    refusals: list[tuple[str, str]] = field(default_factory=list)
+
+    async def transaction_types(self, peer: str) -> frozenset[str]:
+        await trio.lowlevel.checkpoint()
+        return self.types
+
+    def refused(self, peer: str, media_type: str) -> None:
+        self.refusals.append((peer, media_type))
+
+
+async def test_a_damaged_spool_entry_in_a_frame_costs_only_its_own_envelope(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    storage, transport = MemoryStorage(), FramingTransport()
+    versions = FramingVersions({A: frozenset({1, 2})})
+    sender = make_sender(storage, transport, tmp_path, versions)
+    good, damaged, v2 = make_item(A), make_item(A), make_v2_item(A)
+    # Bytes that no longer parse: the receiver cannot read its id and answers null.
+    damaged = dataclasses.replace(damaged, data=damaged.data[:40])
+    async with running(sender):
+        await spool(storage, sender, [good, damaged, v2])
+        await wait_until(lambda: storage.depth(A) == 0)
+    assert transport.content_types == [MEDIA_TYPE_TXN_V2]  # one transaction, framed
+    assert storage.statuses[good.envelope_id] == "forwarded"
+    assert storage.statuses[v2.envelope_id] == "forwarded"
+    assert storage.statuses[damaged.envelope_id] == "rejected:envelope_malformed"
+
+
+async def test_an_answer_that_accepts_a_null_id_is_still_refused(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    storage, transport = MemoryStorage(), FramingTransport()
+    answers = [[EnvelopeResult(None, ACCEPTED)]]  # the first answer: accepted, id null
+
+    async def answer(*args: object, **kwargs: object) -> list[EnvelopeResult]:
+        results = await FramingTransport.send_transaction(transport, *args, **kwargs)  # type: ignore[arg-type]
+        return answers.pop() if answers else results
+
+    transport.send_transaction = answer  # type: ignore[method-assign]
+    sender = make_sender(storage, transport, tmp_path, FramingVersions({}))
+    item = make_item(A)
+    async with running(sender):
+        await spool(storage, sender, [item])
+        await wait_until(lambda: storage.statuses.get(item.envelope_id) == "forwarded")
+    # A position may name a refused envelope, never an accepted one: a bad answer, sent again.
+    assert transport.content_types == [MEDIA_TYPE_TXN_V2, MEDIA_TYPE_TXN_V2]
+    assert transport.attempts[0].body == transport.attempts[1].body  # the same bytes

@@ -211,3 +211,39 @@ async def test_a_peer_that_starts_again_greets_us_and_ends_our_backoff(
                 assert got.id == envelope.id
             await wait_for_status(alice, envelope.id, "forwarded")
     assert sample("gateway_peer_backoff_cut_total") == cuts + 1
+
+
+async def test_two_gateways_of_this_version_frame_their_transactions_both_ways(
+    orgs: tuple[DevOrg, DevOrg],
+) -> None:
+    acme_org, globex_org = orgs
+    keys = {
+        name: UserKeys.generate(Address.of(name, org))
+        for name, org in (("alice", ACME), ("bob", GLOBEX))
+    }
+
+    def framed(direction: str, peer: str, framing: str) -> float:
+        labels = {"direction": direction, "peer": peer, "framing": framing}
+        return REGISTRY.get_sample_value("gateway_federation_transaction_bodies_total", labels) or 0
+
+    keys_of = [(d, p) for d in ("inbound", "outbound") for p in (ACME, GLOBEX)]
+    before = {(d, p, f): framed(d, p, f) for d, p in keys_of for f in ("json", "binary_v2")}
+    with trio.fail_after(TEST_TIMEOUT):
+        async with (
+            running(acme_org, ["alice"]) as acme,
+            running(globex_org, ["bob"]) as globex,
+            acme.session("alice") as alice,
+            globex.session("bob") as bob,
+        ):
+            hello = sealed(keys["alice"], keys["bob"], b"framed hello")
+            await alice.submit(hello)
+            [got] = await wait_for_mail(bob, 1)
+            assert (got.id, got.group) == (hello.id, "engineering")
+            answer = sealed(keys["bob"], keys["alice"], b"framed answer")
+            await bob.submit(answer)
+            [back] = await wait_for_mail(alice, 1)
+            assert back.id == answer.id
+    after = {key: framed(*key) - value for key, value in before.items()}
+    for direction, peer in keys_of:
+        assert after[(direction, peer, "json")] == 0
+        assert after[(direction, peer, "binary_v2")] >= 1

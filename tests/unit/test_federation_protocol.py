@@ -316,6 +316,7 @@ def test_version_document() -> None:
     assert version_document() == {
         "versions": ["v1"],
         "envelope_versions": [1, 2],
+        "transaction_types": ["application/json", "application/vnd.gateway.txn.v2"],
         "server": SERVER_NAME,
     }
     assert SERVER_NAME.startswith("federation-gateway/")
