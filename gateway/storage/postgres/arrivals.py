@@ -114,7 +114,7 @@ def notify_arrivals(conn: Connection, instance_id: str, recipients: Collection[s
     """Queue the notifications for ``recipients``; sent when the transaction commits."""
     texts = payloads(instance_id, recipients)
     if texts:
-        conn.execute("SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p", (CHANNEL, texts))
+        conn.execute("SELECT pg_notify(%s, p) FROM unnest(%b::text[]) AS p", (CHANNEL, texts))
 
 
 async def announce_spooled(engine: PostgresEngine, peers: Collection[str]) -> None:
@@ -125,7 +125,7 @@ async def announce_spooled(engine: PostgresEngine, peers: Collection[str]) -> No
 
     def op(conn: Connection) -> None:
         # Autocommit: the statement is its own transaction, so it is sent at once.
-        conn.execute("SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p", (SPOOL_CHANNEL, texts))
+        conn.execute("SELECT pg_notify(%s, p) FROM unnest(%b::text[]) AS p", (SPOOL_CHANNEL, texts))
 
     await engine.read(op)
 

@@ -143,9 +143,9 @@ class PostgresStorage(PostgresSessions, PostgresCluster):
             rows = conn.execute(
                 "INSERT INTO spool (envelope_id, peer, sender, recipient, created_ms, "
                 "expires_ms, spooled_ms, size, burn_on_read, data) "
-                "SELECT e, p, s, r, c, x, %s, z, b, d FROM unnest(%s::text[], %s::text[], "
-                "%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::int[], "
-                "%s::boolean[], %s::bytea[]) WITH ORDINALITY AS t(e, p, s, r, c, x, z, b, d, n) "
+                "SELECT e, p, s, r, c, x, %s, z, b, d FROM unnest(%b::text[], %b::text[], "
+                "%b::text[], %b::text[], %b::bigint[], %b::bigint[], %b::int[], "
+                "%b::boolean[], %b::bytea[]) WITH ORDINALITY AS t(e, p, s, r, c, x, z, b, d, n) "
                 "ORDER BY n ON CONFLICT (envelope_id) DO NOTHING RETURNING envelope_id",
                 (
                     at_ms,
@@ -214,7 +214,7 @@ class PostgresStorage(PostgresSessions, PostgresCluster):
             check_fence(conn, fence)
             # Removal and statuses in one statement: the sender comes from the row removed.
             cur = conn.execute(
-                "WITH r AS (SELECT * FROM unnest(%s::text[], %s::text[]) AS r(id, status)), "
+                "WITH r AS (SELECT * FROM unnest(%b::text[], %b::text[]) AS r(id, status)), "
                 "gone AS (DELETE FROM spool s USING r WHERE s.envelope_id = r.id "
                 "AND s.peer = %s RETURNING s.envelope_id, s.sender, r.status) "
                 "INSERT INTO statuses (envelope_id, sender, status, at_ms) "

@@ -24,7 +24,7 @@ from gateway.storage.postgres.engine import Connection
 
 SET_STATUSES = (
     "INSERT INTO statuses (envelope_id, sender, status, at_ms) "
-    "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[]) "
+    "SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::bigint[]) "
     "ON CONFLICT (envelope_id) DO UPDATE SET status = excluded.status, "
     "at_ms = excluded.at_ms"
 )
@@ -34,13 +34,13 @@ SET_STATUSES = (
 LOCK_COUNTS: Final = {
     Reason.LANE_FULL: (
         "INSERT INTO spool_lanes (peer, depth, bytes) "
-        "SELECT k, 0, 0 FROM unnest(%s::text[]) AS k ORDER BY k "
+        "SELECT k, 0, 0 FROM unnest(%b::text[]) AS k ORDER BY k "
         "ON CONFLICT (peer) DO UPDATE SET depth = spool_lanes.depth "
         "RETURNING peer, depth, bytes"
     ),
     Reason.MAILBOX_FULL: (
         "INSERT INTO mailbox_counts (recipient, depth, bytes) "
-        "SELECT k, 0, 0 FROM unnest(%s::text[]) AS k ORDER BY k "
+        "SELECT k, 0, 0 FROM unnest(%b::text[]) AS k ORDER BY k "
         "ON CONFLICT (recipient) DO UPDATE SET depth = mailbox_counts.depth "
         "RETURNING recipient, depth, bytes"
     ),
@@ -138,7 +138,7 @@ def store_in_mailboxes(
             row[0]
             for row in conn.execute(
                 "INSERT INTO seen_envelopes (envelope_id, expires_ms) "
-                "SELECT * FROM unnest(%s::text[], %s::bigint[]) "
+                "SELECT * FROM unnest(%b::text[], %b::bigint[]) "
                 "ON CONFLICT (envelope_id) DO NOTHING RETURNING envelope_id",
                 ([e.envelope_id for e in fresh], [e.expires_ms for e in fresh]),
             )
@@ -148,8 +148,8 @@ def store_in_mailboxes(
         conn.execute(
             "INSERT INTO mailbox (envelope_id, recipient, sender, created_ms, expires_ms, "
             "stored_ms, size, burn_on_read, data) "
-            "SELECT e, r, s, c, x, %s, z, b, d FROM unnest(%s::text[], %s::text[], %s::text[], "
-            "%s::bigint[], %s::bigint[], %s::int[], %s::boolean[], %s::bytea[]) "
+            "SELECT e, r, s, c, x, %s, z, b, d FROM unnest(%b::text[], %b::text[], %b::text[], "
+            "%b::bigint[], %b::bigint[], %b::int[], %b::boolean[], %b::bytea[]) "
             "WITH ORDINALITY AS t(e, r, s, c, x, z, b, d, n) ORDER BY n",
             (
                 at_ms,
