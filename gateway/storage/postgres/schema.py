@@ -17,7 +17,8 @@ Why the tables look the way they do (what differs from SQLite):
   ``seen_envelopes`` and ``statuses``; a received transaction is the
   ``PRIMARY KEY (origin, txn_id)`` of ``transactions``. Writers use
   ``INSERT ... ON CONFLICT``, so a race between two nodes ends in one row.
-* ``spool_lanes`` and ``mailbox_counts`` are kept by triggers in the same
+* ``spool_lanes`` and ``mailbox_counts`` are kept by triggers (per statement, from
+  its transition table, since migration 5) in the same
   transaction as every insert and delete. A writer that adds envelopes locks
   the counter rows of the lanes or mailboxes it adds to (sorted, an upsert
   that returns the current counts) *before* it inserts, and holds them to
@@ -261,6 +262,65 @@ CREATE TABLE retention_holds (
 );
 """
 
+# The lane and mailbox counters kept per statement, not per row: one upsert per
+# lane or mailbox a statement touches, from its transition table, instead of
+# one trigger call and one upsert per envelope (a batch of 256 envelopes for one
+# lane was 256 updates of the same counter row). Counters are upserted in key
+# order, as writers lock them.
+_V5 = """
+DROP TRIGGER spool_lane_in ON spool;
+DROP TRIGGER spool_lane_out ON spool;
+DROP TRIGGER mailbox_count_in ON mailbox;
+DROP TRIGGER mailbox_count_out ON mailbox;
+DROP FUNCTION spool_lane_in();
+DROP FUNCTION spool_lane_out();
+DROP FUNCTION mailbox_count_in();
+DROP FUNCTION mailbox_count_out();
+
+CREATE FUNCTION spool_lanes_in() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO spool_lanes (peer, depth, bytes)
+    SELECT peer, count(*), sum(size) FROM new_rows GROUP BY peer ORDER BY peer
+    ON CONFLICT (peer) DO UPDATE
+    SET depth = spool_lanes.depth + excluded.depth, bytes = spool_lanes.bytes + excluded.bytes;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER spool_lanes_in AFTER INSERT ON spool
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION spool_lanes_in();
+
+CREATE FUNCTION spool_lanes_out() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE spool_lanes AS l SET depth = l.depth - d.n, bytes = l.bytes - d.b
+    FROM (SELECT peer, count(*) AS n, sum(size) AS b FROM old_rows GROUP BY peer) AS d
+    WHERE l.peer = d.peer;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER spool_lanes_out AFTER DELETE ON spool
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION spool_lanes_out();
+
+CREATE FUNCTION mailbox_counts_in() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO mailbox_counts (recipient, depth, bytes)
+    SELECT recipient, count(*), sum(size) FROM new_rows GROUP BY recipient ORDER BY recipient
+    ON CONFLICT (recipient) DO UPDATE
+    SET depth = mailbox_counts.depth + excluded.depth,
+        bytes = mailbox_counts.bytes + excluded.bytes;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER mailbox_counts_in AFTER INSERT ON mailbox
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION mailbox_counts_in();
+
+CREATE FUNCTION mailbox_counts_out() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE mailbox_counts AS m SET depth = m.depth - d.n, bytes = m.bytes - d.b
+    FROM (SELECT recipient, count(*) AS n, sum(size) AS b FROM old_rows GROUP BY recipient) AS d
+    WHERE m.recipient = d.recipient;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER mailbox_counts_out AFTER DELETE ON mailbox
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION mailbox_counts_out();
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -270,6 +330,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "sessions: sign-in sessions through OpenID Connect", _V2),
     Migration(3, "nodes and leases: which node drives each lane and the sweepers", _V3),
     Migration(4, "retention_archive (with its head row) and retention_holds", _V4),
+    Migration(5, "lane and mailbox counters kept per statement (transition tables)", _V5),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 
