@@ -35,7 +35,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import httpx
@@ -240,6 +240,9 @@ async def run_gateway(
         )
         # This node's beat and leases: which peers' lanes it drives, and whether it
         # runs the org's sweepers (one SQLite node holds them all).
+        # Submissions for a lane another node drives wake it there (PostgreSQL NOTIFY),
+        # and so does a lane given back to the node that should drive it.
+        announcer = SpoolAnnouncer(storage) if isinstance(storage, WatchesArrivals) else None
         keeper = LeaseKeeper(
             storage,
             node=config.node,
@@ -248,9 +251,8 @@ async def run_gateway(
             peers=lambda: rules.current.peers.keys(),
             clock_ms=clock_ms,
             lease_time=config.limits.lease_time,
+            on_released=announcer.wake if announcer is not None else None,
         )
-        # Submissions for a lane another node drives wake it there (PostgreSQL NOTIFY).
-        announcer = SpoolAnnouncer(storage) if isinstance(storage, WatchesArrivals) else None
         sender = Sender(
             leases=keeper,
             remote_wake=announcer.wake if announcer is not None else None,
@@ -441,13 +443,19 @@ async def run_gateway(
                 )
                 if reserve is not None:
                     await root.start(reserve.watch)
+
+                def heard_spooled(peers: Iterable[str] | None) -> None:
+                    # Lanes that run here send now; one handed to this node is claimed now.
+                    sender.wake_lanes(peers)
+                    keeper.news(peers)
+
                 if isinstance(storage, WatchesArrivals):
                     # Long-polls here wake for envelopes other nodes store too.
                     await root.start(
                         lambda *, task_status: storage.watch_arrivals(
                             waiters,
                             on_lost=STORAGE_LISTEN_LOSSES.inc,
-                            spooled=sender.wake_lanes,
+                            spooled=heard_spooled,
                             task_status=task_status,
                         )
                     )

@@ -162,8 +162,12 @@ class LeaseKeeper:
         clock_ms: Callable[[], int],
         lease_time: float = DEFAULT_LEASE_TIME,
         incarnation: str | None = None,
+        on_released: Callable[[str], None] | None = None,
     ) -> None:
         self.node = node
+        # Told the peer of each lane this node gives back, so that the node that
+        # should drive it hears at once (SpoolAnnouncer) rather than at its next round.
+        self._on_released = on_released
         self.incarnation = incarnation or secrets.token_hex(INCARNATION_BYTES)
         self.timing = Timing.of(lease_time)
         self._storage = storage
@@ -217,6 +221,22 @@ class LeaseKeeper:
 
     def round_soon(self) -> None:
         self._round_now.set()
+
+    def news(self, peers: Iterable[str] | None) -> None:
+        """Another node spooled for, or gave back, the lanes of ``peers`` (None: any).
+
+        If one of them is this node's to drive and it does not hold it, a round
+        now claims it (a lane handed over waits no round for its new driver).
+        """
+        live = self.live_nodes or (self.node,)
+        if peers is None:
+            self.round_soon()
+            return
+        for peer in peers:
+            name = lane_lease(peer)
+            if name not in self._held and preferred_owner(name, live) == self.node:
+                self.round_soon()
+                return
 
     # -- the loop ---------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -328,6 +348,9 @@ class LeaseKeeper:
             if await storage.lease_release(lease, at_ms=now):
                 CLUSTER_LEASE_CHANGES.labels("released").inc()
             del self._held[name]
+            peer = lease_peer(name)
+            if peer is not None and self._on_released is not None and name in wanted:
+                self._on_released(peer)
             LOGGER.info(
                 "lease %s given back (%s)",
                 name,

@@ -235,7 +235,11 @@ PEERS = [f"peer{i}.example" for i in range(12)]
 
 
 def keeper(
-    store: Any, name: str, clock: Clock, peers: Callable[[], Collection[str]] = lambda: PEERS
+    store: Any,
+    name: str,
+    clock: Clock,
+    peers: Callable[[], Collection[str]] = lambda: PEERS,
+    on_released: Callable[[str], None] | None = None,
 ) -> LeaseKeeper:
     return LeaseKeeper(
         store,
@@ -246,6 +250,7 @@ def keeper(
         clock_ms=clock,
         lease_time=10.0,
         incarnation=f"{name}-1",
+        on_released=on_released,
     )
 
 
@@ -409,3 +414,26 @@ async def test_nodes_silent_for_long_are_forgotten(engine_store: Any) -> None:
     await store.node_beat(node("new", "i-new", beat_ms=T0 + 10_000))
     assert await store.nodes_forget(beat_before_ms=T0 + 1) == 1
     assert [n.node for n in await store.nodes_list()] == ["new"]
+
+
+async def test_a_lane_given_back_is_announced_and_its_new_driver_claims_it_at_once(
+    engine_store: Any,
+) -> None:
+    """a held every lane alone; b joins: a gives back b's lanes and says so, and news of
+    them makes b claim them without waiting for its next round."""
+    clock = Clock()
+    given_back: list[str] = []
+    a = keeper(engine_store, "a", clock, on_released=given_back.append)
+    b = keeper(engine_store, "b", clock)
+    await a.round()
+    assert a.lanes() == set(PEERS)
+    await b.round()  # b beats: it is live now, and holds nothing yet (a holds all)
+    assert b.lanes() == frozenset()
+    await a.round()  # a sees b and gives back what hashes to b
+    for_b = {p for p in PEERS if preferred_owner(lane_lease(p), ["a", "b"]) == "b"}
+    assert set(given_back) == for_b
+    b.news(given_back)  # what b's listener does when it hears the announcement
+    assert b._round_now.is_set()
+    await b.round()
+    assert b.lanes() == for_b
+    assert a.lanes() == set(PEERS) - for_b
