@@ -325,6 +325,10 @@ def _limits() -> dict[str, object]:
 BENCH_LANE_ENVELOPES = 100_000_000
 BENCH_LANE_BYTES = 1 << 40
 BENCH_SUBMIT_RATE = 100_000_000  # envelopes a second: one bench user is the whole org's load
+# One bench user receives everything: an outage run leaves 40,000 and more for bob at
+# once, far past a person's mailbox bound (limits.mailbox_max_envelopes, 10,000).
+BENCH_MAILBOX_ENVELOPES = 100_000_000
+BENCH_MAILBOX_BYTES = 1 << 40
 
 
 def set_limits(org: DevOrg, values: Mapping[str, int]) -> None:
@@ -355,6 +359,8 @@ def build_bed(
     limits = {
         "spool_max_envelopes_per_peer": BENCH_LANE_ENVELOPES,
         "spool_max_bytes_per_peer": BENCH_LANE_BYTES,
+        "mailbox_max_envelopes": BENCH_MAILBOX_ENVELOPES,
+        "mailbox_max_bytes": BENCH_MAILBOX_BYTES,
         "submit_rate_per_user": BENCH_SUBMIT_RATE,
         "submit_burst_per_user": BENCH_SUBMIT_RATE,
         "inbound_rate_per_peer": BENCH_SUBMIT_RATE,
