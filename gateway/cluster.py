@@ -45,6 +45,12 @@ database says (:meth:`LeaseKeeper.valid`). Envelopes sent twice across a
 takeover (in flight when the lease moved) are harmless: the receiver's
 envelope-id dedup stores each once.
 
+**Restarts.** A node restarted under the same name (after a crash) finds
+its previous incarnation in its row at its first beat; that process is dead,
+so the node takes its leases at once instead of waiting for them to run out
+(two live processes with one name are a mistake the beat reports). A single
+SQLite node therefore resumes sending as soon as it is up again.
+
 **Faults.** A round that meets a storage error is logged (one line) and
 counted; the keeper keeps what it holds until its validity runs out by its
 own clock, then stops driving it (:meth:`valid`), and claims it back once the
@@ -99,7 +105,14 @@ class ClusterStorage(Protocol):
     async def nodes_list(self) -> list[NodeRecord]: ...
 
     async def lease_claim(
-        self, name: str, *, node: str, incarnation: str, at_ms: int, until_ms: int
+        self,
+        name: str,
+        *,
+        node: str,
+        incarnation: str,
+        at_ms: int,
+        until_ms: int,
+        take_from: str | None = None,
     ) -> Lease | None: ...
 
     async def leases_renew(
@@ -179,6 +192,9 @@ class LeaseKeeper:
         self._held: dict[str, Lease] = {}
         self._subscribers: list[Callable[[], object]] = []
         self._beats = 0
+        # The incarnation our first beat replaced: this node before its restart,
+        # dead, so its leases are taken at once rather than when they run out.
+        self._predecessor: str | None = None
         self._round_now = trio.Event()
         self.live_nodes: tuple[str, ...] = ()
         self.changed = trio.Event()  # set, and replaced, whenever what this node holds changes
@@ -302,7 +318,9 @@ class LeaseKeeper:
                 beat_ms=now,
             )
         )
-        if self._beats and replaced is not None and replaced != self.incarnation:
+        if not self._beats and replaced is not None and replaced != self.incarnation:
+            self._predecessor = replaced
+        elif self._beats and replaced is not None and replaced != self.incarnation:
             CLUSTER_DUPLICATE_NODE.inc()
             LOGGER.error(
                 "cluster: another live process uses this node's name %r; give every node "
@@ -361,14 +379,22 @@ class LeaseKeeper:
         # Claim what is ours to drive and free; or left expired for a whole round.
         for name in sorted(wanted - set(self._held)):
             row = leases.get(name)
-            if row is not None and row.held_at(now):
+            inherited = (
+                row is not None and row.held_at(now) and row.incarnation == self._predecessor
+            )
+            if row is not None and row.held_at(now) and not inherited:
                 continue
-            mine = preferred_owner(name, live) == self.node
+            mine = inherited or preferred_owner(name, live) == self.node
             abandoned = row is not None and bool(row.node) and now - row.until_ms >= timing.round_ms
             if not (mine or abandoned):
                 continue
             granted = await storage.lease_claim(
-                name, node=self.node, incarnation=self.incarnation, at_ms=now, until_ms=until
+                name,
+                node=self.node,
+                incarnation=self.incarnation,
+                at_ms=now,
+                until_ms=until,
+                take_from=self._predecessor,
             )
             if granted is None:
                 continue

@@ -739,7 +739,14 @@ class Storage(Protocol):
         ...
 
     async def lease_claim(
-        self, name: str, *, node: str, incarnation: str, at_ms: int, until_ms: int
+        self,
+        name: str,
+        *,
+        node: str,
+        incarnation: str,
+        at_ms: int,
+        until_ms: int,
+        take_from: str | None = None,
     ) -> Lease | None:
         """Take or extend a lease (:func:`~gateway.storage.leases.decide_claim`), atomically."""
         ...

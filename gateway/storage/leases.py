@@ -118,12 +118,15 @@ def decide_claim(
     incarnation: str,
     at_ms: int,
     until_ms: int,
+    take_from: str | None = None,
 ) -> Lease | None:
     """The lease after ``incarnation`` claims ``name`` at ``at_ms``; None if another holds it.
 
     Ours already: extended, same epoch (a renewal). Free, released or expired:
     granted to us with the next epoch. Held by another owner until after
-    ``at_ms``: not ours (None). Engines run this on the row they locked.
+    ``at_ms``: not ours (None), unless that owner is ``take_from``, the
+    incarnation this node's own restart replaced (it is dead: its leases
+    need not run out first). Engines run this on the row they locked.
     """
     if row is not None and row.owned_by(incarnation):
         return Lease(
@@ -134,7 +137,7 @@ def decide_claim(
             since_ms=row.since_ms,
             until_ms=max(until_ms, row.until_ms),
         )
-    if row is not None and row.held_at(at_ms):
+    if row is not None and row.held_at(at_ms) and row.incarnation != take_from:
         return None
     return Lease(
         name=name,

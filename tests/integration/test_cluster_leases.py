@@ -437,3 +437,33 @@ async def test_a_lane_given_back_is_announced_and_its_new_driver_claims_it_at_on
     await b.round()
     assert b.lanes() == for_b
     assert a.lanes() == set(PEERS) - for_b
+
+
+async def test_a_node_restarted_after_a_crash_takes_its_own_leases_at_once(
+    engine_store: Any,
+) -> None:
+    """SIGKILL leaves a's leases held for a while; a's next process (same name) takes them
+    at its first round, without waiting for them to run out. Another node still waits."""
+    clock = Clock()
+    first = keeper(engine_store, "a", clock)
+    await first.round()
+    assert first.lanes() == set(PEERS)
+    clock.ms += 100  # killed: no leave, the leases stay held for most of a lease
+    other = keeper(engine_store, "b", clock)
+    await other.round()
+    assert other.lanes() == frozenset()  # held by a's dead process: b waits
+    again = LeaseKeeper(
+        engine_store,
+        node="a",
+        version="1.0",
+        rules_sha256=lambda: "cd" * 32,
+        peers=lambda: PEERS,
+        clock_ms=clock,
+        lease_time=10.0,
+        incarnation="a-2",
+    )
+    await again.round()
+    held = {lease.name: lease for lease in await engine_store.leases_list()}
+    mine = {p for p in PEERS if preferred_owner(lane_lease(p), ["a", "b"]) == "a"}
+    assert mine <= again.lanes()  # at once, not after the lease time
+    assert all(held[lane_lease(p)].epoch == 2 for p in again.lanes())

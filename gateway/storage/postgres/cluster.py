@@ -118,7 +118,14 @@ class PostgresCluster:
         return await self.engine.read(op)
 
     async def lease_claim(
-        self, name: str, *, node: str, incarnation: str, at_ms: int, until_ms: int
+        self,
+        name: str,
+        *,
+        node: str,
+        incarnation: str,
+        at_ms: int,
+        until_ms: int,
+        take_from: str | None = None,
     ) -> Lease | None:
         check_claim(name, node, incarnation, at_ms, until_ms)
 
@@ -140,6 +147,7 @@ class PostgresCluster:
                 incarnation=incarnation,
                 at_ms=at_ms,
                 until_ms=until_ms,
+                take_from=take_from,
             )
             if lease is not None:
                 conn.execute(

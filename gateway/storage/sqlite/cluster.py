@@ -101,7 +101,14 @@ class SqliteCluster:
         return await self.engine.read(op)
 
     async def lease_claim(
-        self, name: str, *, node: str, incarnation: str, at_ms: int, until_ms: int
+        self,
+        name: str,
+        *,
+        node: str,
+        incarnation: str,
+        at_ms: int,
+        until_ms: int,
+        take_from: str | None = None,
     ) -> Lease | None:
         check_claim(name, node, incarnation, at_ms, until_ms)
 
@@ -117,6 +124,7 @@ class SqliteCluster:
                 incarnation=incarnation,
                 at_ms=at_ms,
                 until_ms=until_ms,
+                take_from=take_from,
             )
             if lease is not None:
                 conn.execute(
