@@ -47,12 +47,12 @@ pytestmark = pytest.mark.e2e
 
 ACME, GLOBEX = "acme.example", "globex.example"
 LEASE_TIME = 4.0  # seconds (limits.lease_time): kept short so the test is quick
-PER_NODE = 40  # envelopes submitted through each live node, each way, per phase
+PER_NODE = 25  # envelopes submitted through each live node, each way, per phase
 BATCH = 20
 ARRIVAL_TIMEOUT = 120.0
 SUBMIT_TIMEOUT = 30.0
 POLL = 0.05
-WAKE_PROBES = 30
+WAKE_PROBES = 20
 
 
 def cluster(net: DevNet, org: str, count: int, database: str) -> list[DevOrg]:
