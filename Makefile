@@ -29,7 +29,7 @@ $(IDP_STAMP): $(IDP_DIR)/package-lock.json
 	cp $(IDP_DIR)/package-lock.json $(IDP_STAMP)
 
 test: $(STAMP) $(IDP_STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --numprocesses auto --maxprocesses 4 --dist loadfile
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

@@ -41,7 +41,7 @@ from gateway.clientapi import (
     MailboxWaiters,
     TooManyWatches,
 )
-from gateway.clientapi.tokens import issue_token, new_token, revoke_tokens
+from gateway.clientapi.tokens import issue_token, revoke_tokens
 from gateway.core.address import Address
 from gateway.core.envelope import (
     Envelope,
@@ -328,7 +328,9 @@ async def test_me_tells_the_group_and_its_limits(gw: Gateway) -> None:
         "Bearer",
         "Bearer not-a-token",
         "Basic dXNlcjpwYXNz",
-        f"Bearer {new_token()}",  # well-formed, never issued
+        # Well-formed, never issued (a constant: test ids must be the same in every
+        # process that collects them, pytest-xdist's workers).
+        "Bearer gwt_DyVtKb7rOT9ZW4fEJc2m8ydDWq4H1SCIrTrL4koLg3M",
     ],
 )
 async def test_a_missing_or_unknown_token_is_401_and_stores_nothing(
@@ -702,7 +704,7 @@ async def test_mailbox_query_out_of_bounds_is_400(gw: Gateway, query: str) -> No
         ("POST", "/v1/envelopes"),
         ("POST", "/v1/envelopes/batch"),
         ("POST", "/v1/mailbox/ack"),
-        ("GET", f"/v1/status/{new_envelope_id()}"),
+        ("GET", "/v1/status/Y0VQNSb3qOmpkGlnGVxvfg"),
         ("PUT", "/v1/keys"),
         ("GET", "/v1/keys/bob@acme.example"),
         ("GET", "/v1/orgs/acme.example"),
