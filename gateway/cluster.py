@@ -71,6 +71,7 @@ import trio
 from gateway.config import MAX_LEASE_TIME, MIN_LEASE_TIME, Limits
 from gateway.errors import StorageError
 from gateway.observability.metrics import (
+    CLUSTER_CLOCK_OFFSET,
     CLUSTER_DUPLICATE_NODE,
     CLUSTER_LEASE_CHANGES,
     CLUSTER_LEASES_HELD,
@@ -330,6 +331,9 @@ class LeaseKeeper:
             )
         self._beats += 1
         nodes = await storage.nodes_list()
+        own = next((n for n in nodes if n.incarnation == self.incarnation), None)
+        if own is not None and own.skew_ms is not None:
+            CLUSTER_CLOCK_OFFSET.set(own.skew_ms / 1000)
         leases = {lease.name: lease for lease in await storage.leases_list()}
         live = sorted(
             n.node for n in nodes if n.live_at(now, timing.valid_ms) or n.node == self.node

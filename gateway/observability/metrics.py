@@ -56,6 +56,11 @@ CLUSTER_LEASE_CHANGES = Counter(
     "another node while it could not renew) or let expire (the database did not answer).",
     ["change"],
 )
+CLUSTER_CLOCK_OFFSET = Gauge(
+    "gateway_cluster_clock_offset_seconds",
+    "This node's clock minus the database server's, at its last beat (PostgreSQL; 0 on "
+    "SQLite, which has no clock of its own). Leases are timed by the nodes' clocks.",
+)
 CLUSTER_ROUND_FAILURES = Counter(
     "gateway_cluster_round_failures_total",
     "Lease rounds (beat, renew, claim) that failed on a storage error.",
