@@ -369,7 +369,7 @@ class LeaseKeeper:
                 continue
             if await storage.lease_release(lease, at_ms=now):
                 CLUSTER_LEASE_CHANGES.labels("released").inc()
-            del self._held[name]
+            self._held.pop(name, None)  # lost() may have dropped it meanwhile
             peer = lease_peer(name)
             if peer is not None and self._on_released is not None and name in wanted:
                 self._on_released(peer)
