@@ -690,9 +690,8 @@ class _LaneRunner:
                 # for the sender to stop this lane (it reconciles on the change).
                 LOGGER.warning("%s: %s; the lane stops", self.org, exc.message)
                 leases = self.sender._leases
-                lease = leases.holds(lane_lease(self.org)) if leases is not None else None
-                if leases is not None and lease is not None:
-                    leases.lost(lease)
+                if leases is not None and exc.lease is not None:
+                    leases.lost(exc.lease)  # the keeper forgets that grant, if still its own
                 self.sender._reconcile_now.set()
                 await trio.sleep_forever()
             except StorageError as exc:

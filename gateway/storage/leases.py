@@ -44,6 +44,8 @@ MAX_LEASES_PER_CALL: Final = 10_000
 class LeaseLostError(StorageError):
     """A write under a lease that has been granted to another owner since: nothing written."""
 
+    lease: Lease | None = None  # the grant the write carried, when one did
+
 
 def lane_lease(peer: str) -> str:
     """The name of ``peer``'s sender lane lease."""
@@ -191,7 +193,9 @@ def node_from_row(row: Sequence[Any]) -> NodeRecord:
 
 
 def fence_refused(fence: Lease) -> LeaseLostError:
-    return LeaseLostError(
+    error = LeaseLostError(
         f"lease {fence.name} (epoch {fence.epoch}) is no longer this node's: "
         "another node has been granted it; nothing was written"
     )
+    error.lease = fence
+    return error
