@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -42,12 +43,49 @@ READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 
 
+#: Where :func:`free_port` looks, unless ``GATEWAY_DEVNET_PORTS=LOW-HIGH`` says
+#: otherwise: below Linux's ephemeral range (32768-60999), so that no outgoing
+#: connection or ``bind(0)`` takes a port between its choice and its use.
+DEFAULT_PORT_RANGE = (20000, 32767)
+PORT_RANGE_ENV = "GATEWAY_DEVNET_PORTS"
+_handed_out: set[int] = set()
+
+
+def port_range() -> tuple[int, int]:
+    """The range :func:`free_port` picks from (``GATEWAY_DEVNET_PORTS``, or the default)."""
+    text = os.environ.get(PORT_RANGE_ENV)
+    if not text:
+        return DEFAULT_PORT_RANGE
+    low, _, high = text.partition("-")
+    try:
+        first, last = int(low), int(high)
+    except ValueError:
+        raise ValueError(f"{PORT_RANGE_ENV} must be LOW-HIGH, got {text!r}") from None
+    if not 1024 <= first <= last <= 65535:
+        raise ValueError(f"{PORT_RANGE_ENV} must be within 1024-65535, got {text!r}")
+    return first, last
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that was free a moment ago, never one this process
+    handed out before (two orgs set up at once must not share one).
+
+    Chosen at random in :func:`port_range`, which parallel runs (test workers)
+    give each a part of, so that they do not choose the same port either.
+    """
+    low, high = port_range()
+    for _ in range(10_000):
+        port = random.randint(low, high)  # noqa: S311 -- a port, not a secret
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((LOOPBACK, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
         return port
+    raise RuntimeError(f"no free TCP port on {LOOPBACK} in {low}-{high}")
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -9,9 +10,28 @@ from typing import Any
 
 import pytest
 
+from gateway.devnet import DEFAULT_PORT_RANGE, PORT_RANGE_ENV
 from gateway.storage.postgres import open_postgres_storage
 from gateway.storage.sqlite import open_sqlite_storage
 from tests.postgres_for_tests import empty_tables, fresh_database
+
+MAX_WORKERS = 4  # the Makefile's --maxprocesses
+
+
+def _worker_port_range() -> None:
+    """Each pytest-xdist worker picks the ports of its gateways in its own part of
+    gateway.devnet's range (the processes and commands it starts inherit it), so two
+    workers never choose the same port for two gateways."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw") or not worker[2:].isdigit():
+        return
+    index = int(worker[2:]) % MAX_WORKERS
+    low, high = DEFAULT_PORT_RANGE
+    size = (high - low + 1) // MAX_WORKERS
+    os.environ[PORT_RANGE_ENV] = f"{low + index * size}-{low + (index + 1) * size - 1}"
+
+
+_worker_port_range()
 
 
 @pytest.fixture(scope="session")
