@@ -14,9 +14,10 @@ import secrets
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-import psycopg
+if TYPE_CHECKING:
+    import psycopg
 
 from gateway.errors import GatewayError
 
@@ -38,6 +39,8 @@ def _with_database(url: str, name: str) -> str:
 
 
 def _connect(url: str) -> psycopg.Connection[tuple[object, ...]]:
+    import psycopg  # here: only a PostgreSQL bench needs it
+
     try:
         return psycopg.connect(url, autocommit=True, connect_timeout=5)
     except psycopg.Error as exc:

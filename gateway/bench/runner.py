@@ -77,6 +77,14 @@ from typing import Any, Final
 import trio
 
 from gateway.bench.databases import default_admin_url, fresh_databases
+from gateway.bench.defaults import (
+    DEFAULT_DURATION,
+    DEFAULT_ENVELOPES,
+    DEFAULT_SAMPLE,
+    DEFAULT_SIZE,
+    DEFAULT_WINDOW,
+    STORAGES,
+)
 from gateway.bench.floor import FloorResult, run_floor
 from gateway.bench.profile import start_recording, summarize_file
 from gateway.client.api import ClientSession
@@ -96,16 +104,10 @@ SENDER_USER: Final = "alice"
 RECEIVER_USER: Final = "bob"
 GROUP: Final = "bench"
 
-DEFAULT_ENVELOPES: Final = 20_000
-DEFAULT_SIZE: Final = 1024
-DEFAULT_WINDOW: Final = 256
-DEFAULT_DURATION: Final = 300.0
-DEFAULT_SAMPLE: Final = 100
 MAX_ENVELOPES: Final = 10_000_000
 MAX_WINDOW: Final = 100_000
 MAX_DURATION: Final = 86_400.0
 MAX_OUTAGE: Final = 3_600.0
-STORAGES: Final = ("sqlite", "postgresql")
 MAX_NODES: Final = 8
 
 SUBMITTERS: Final = 4  # concurrent batch submissions (the client session's connections)

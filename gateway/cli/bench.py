@@ -7,16 +7,13 @@ import sys
 from pathlib import Path
 
 from gateway.bench.databases import ADMIN_URL_ENV, DEFAULT_ADMIN_URL
-from gateway.bench.report import missing_fields, render_table, to_json
-from gateway.bench.runner import (
+from gateway.bench.defaults import (
     DEFAULT_DURATION,
     DEFAULT_ENVELOPES,
     DEFAULT_SAMPLE,
     DEFAULT_SIZE,
     DEFAULT_WINDOW,
     STORAGES,
-    BenchOptions,
-    run_bench,
 )
 from gateway.cli.common import EXIT_FAILURE, EXIT_OK, Registrar, UsageError, set_handler
 
@@ -109,6 +106,10 @@ def register(subparsers: Registrar) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: the bench's machinery (clients, httpx, psycopg) is for this command.
+    from gateway.bench.report import missing_fields, render_table, to_json
+    from gateway.bench.runner import BenchOptions, run_bench
+
     try:
         options = BenchOptions(
             envelopes=args.envelopes,

@@ -32,7 +32,6 @@ from typing import IO, TypeVar
 from gateway.cli._storage import run_on_storage
 from gateway.cli.common import EXIT_FAILURE, EXIT_OK, Registrar, UsageError, set_handler
 from gateway.cli.retention_open import private_file, run_open
-from gateway.client.reference import format_time_ms
 from gateway.config import GatewayConfig, load_config
 from gateway.core.address import Address
 from gateway.core.archive import (
@@ -40,6 +39,7 @@ from gateway.core.archive import (
     record_line,
     trailer_line,
 )
+from gateway.core.durations import format_time_ms
 from gateway.core.envelope import MAX_TIME_MS
 from gateway.core.keytext import format_retention_key, format_signing_key
 from gateway.crypto.key_records import org_verify_key

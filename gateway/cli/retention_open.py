@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import IO, Final
 
 from gateway.cli.common import EXIT_FAILURE, EXIT_OK, UsageError
-from gateway.client.reference import format_time_ms
 from gateway.core.archive import ArchiveRecord, Export, check_chain, parse_sender_key, read_export
+from gateway.core.durations import format_time_ms
 from gateway.core.envelope import Envelope, RetentionWrap, decode_envelope
 from gateway.core.keytext import parse_signing_key
 from gateway.crypto.envelope_crypto import open_retained

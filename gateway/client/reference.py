@@ -42,12 +42,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
 from gateway.client.api import ClientAPIError, Submitted
 from gateway.client.contacts import ContactBook, KeyChangedError, Trust
 from gateway.core.address import Address
+from gateway.core.durations import format_time_ms
 from gateway.core.envelope import ENVELOPE_VERSION_V2, Envelope
 from gateway.core.keytext import format_signing_key, parse_retention_key, parse_signing_key
 from gateway.crypto.envelope_crypto import (
@@ -76,12 +76,6 @@ ClockMs = Callable[[], int]
 
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def format_time_ms(ms: int) -> str:
-    """Unix milliseconds as ISO 8601 UTC with milliseconds: ``2024-05-01T12:00:00.000Z``."""
-    seconds, millis = divmod(ms, MS_PER_SECOND)
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{millis:03d}Z"
 
 
 class Session(Protocol):

@@ -16,16 +16,45 @@ Wiring, in the app::
     # the federation receiver calls waiters.notify(outcome.recipients) after deliver()
 """
 
-from gateway.clientapi.api import (
-    MAX_BATCH_ENVELOPES,
-    MAX_FETCH_LIMIT,
-    MAX_WAIT_SECONDS,
-    ClientAPI,
-    RemoteKeyLookup,
-    RulesSource,
-    no_remote_key_lookup,
-)
-from gateway.clientapi.mailbox_wait import MailboxWaiters, MailboxWatch, TooManyWatches
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gateway.clientapi.api import (
+        MAX_BATCH_ENVELOPES,
+        MAX_FETCH_LIMIT,
+        MAX_WAIT_SECONDS,
+        ClientAPI,
+        RemoteKeyLookup,
+        RulesSource,
+        no_remote_key_lookup,
+    )
+    from gateway.clientapi.mailbox_wait import MailboxWaiters, MailboxWatch, TooManyWatches
+
+# Loaded on first use (PEP 562): a command that needs only `gateway.clientapi.tokens`
+# (gateway token) then does not import the whole API, sign-in and OIDC included.
+_WHERE = {
+    "MAX_BATCH_ENVELOPES": "api",
+    "MAX_FETCH_LIMIT": "api",
+    "MAX_WAIT_SECONDS": "api",
+    "ClientAPI": "api",
+    "RemoteKeyLookup": "api",
+    "RulesSource": "api",
+    "no_remote_key_lookup": "api",
+    "MailboxWaiters": "mailbox_wait",
+    "MailboxWatch": "mailbox_wait",
+    "TooManyWatches": "mailbox_wait",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
 
 __all__ = [
     "MAX_BATCH_ENVELOPES",

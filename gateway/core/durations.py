@@ -7,6 +7,7 @@ value is returned in whole seconds.
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION_RE = re.compile(r"([0-9]{1,9})([smhdw])")
@@ -57,3 +58,9 @@ def format_duration(seconds: int) -> str:
         if seconds and seconds % size == 0:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
+
+
+def format_time_ms(ms: int) -> str:
+    """Unix milliseconds as ISO 8601 UTC with milliseconds: ``2024-05-01T12:00:00.000Z``."""
+    seconds, millis = divmod(ms, 1000)
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{millis:03d}Z"

@@ -13,8 +13,6 @@ from contextlib import asynccontextmanager
 from gateway.config import StorageConfig
 from gateway.errors import StorageError
 from gateway.storage.base import Storage
-from gateway.storage.postgres import open_postgres_storage
-from gateway.storage.postgres.engine import POOL_SIZE
 from gateway.storage.sqlite import open_sqlite_storage
 from gateway.storage.sqlite.engine import READER_THREADS
 
@@ -32,6 +30,10 @@ async def open_configured_storage(
     Raises :class:`StorageError` in one line when the storage cannot be opened.
     """
     if storage.engine == "postgresql" and storage.url is not None:
+        # Imported here: psycopg is most of an SQLite admin command's start-up otherwise.
+        from gateway.storage.postgres import open_postgres_storage
+        from gateway.storage.postgres.engine import POOL_SIZE
+
         async with open_postgres_storage(storage.url, pool_size=2 if admin else POOL_SIZE) as store:
             yield store
     elif storage.engine == "sqlite" and storage.sqlite_path is not None:
