@@ -23,13 +23,13 @@ server's clock at every beat, and ``gateway nodes`` shows it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 from gateway.core.address import MAX_DOMAIN_LENGTH
 from gateway.errors import StorageError
-from gateway.storage.base import check_count, check_ms, check_text
+from gateway.storage.base import check_batch, check_count, check_ms, check_text
 
 MAX_NODE_LENGTH: Final = 63  # gateway.config.validate_node_name
 MAX_INCARNATION_LENGTH: Final = 64
@@ -190,6 +190,24 @@ def node_from_row(row: Sequence[Any]) -> NodeRecord:
         beat_ms=int(row[5]),
         skew_ms=None if len(row) < 7 or row[6] is None else int(row[6]),
     )
+
+
+def check_renewal(
+    names: Collection[str], node: str, incarnation: str, at_ms: int, until_ms: int
+) -> list[str]:
+    """The sorted, distinct names of a renewal, its arguments checked (both engines)."""
+    wanted = sorted(set(names))
+    check_batch("leases_renew names", wanted)
+    for name in wanted:
+        check_claim(name, node, incarnation, at_ms, until_ms)
+    return wanted
+
+
+def check_leave(node: str, incarnation: str, at_ms: int) -> None:
+    """Argument checks of ``node_leave`` (both engines)."""
+    check_text("node", node, MAX_NODE_LENGTH)
+    check_text("incarnation", incarnation, MAX_INCARNATION_LENGTH)
+    check_ms("at_ms", at_ms)
 
 
 def fence_refused(fence: Lease) -> LeaseLostError:

@@ -21,15 +21,15 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from gateway.storage.base import check_batch, check_ms, check_text
+from gateway.storage.base import check_ms
 from gateway.storage.leases import (
     LEASE_COLUMNS,
-    MAX_INCARNATION_LENGTH,
-    MAX_NODE_LENGTH,
     NODE_COLUMNS,
     Lease,
     NodeRecord,
     check_claim,
+    check_leave,
+    check_renewal,
     decide_claim,
     fence_refused,
     lease_from_row,
@@ -85,9 +85,7 @@ class PostgresCluster:
         return await self.engine.write(op)
 
     async def node_leave(self, node: str, incarnation: str, *, at_ms: int) -> None:
-        check_text("node", node, MAX_NODE_LENGTH)
-        check_text("incarnation", incarnation, MAX_INCARNATION_LENGTH)
-        check_ms("at_ms", at_ms)
+        check_leave(node, incarnation, at_ms)
 
         def op(conn: Connection) -> None:
             conn.execute(
@@ -162,10 +160,7 @@ class PostgresCluster:
     async def leases_renew(
         self, names: Collection[str], *, node: str, incarnation: str, at_ms: int, until_ms: int
     ) -> list[Lease]:
-        wanted = sorted(set(names))
-        check_batch("leases_renew names", wanted)
-        for name in wanted:
-            check_claim(name, node, incarnation, at_ms, until_ms)
+        wanted = check_renewal(names, node, incarnation, at_ms, until_ms)
         if not wanted:
             return []
 
