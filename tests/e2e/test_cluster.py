@@ -35,12 +35,12 @@ import psycopg
 import pytest
 import trio
 
-from gateway.client.api import ClientSession, ClientTransportError
+from gateway.client.api import ClientTransportError
 from gateway.core.address import Address
 from gateway.core.envelope import Envelope
 from gateway.crypto.keys import UserKeys
 from gateway.devnet import DevNet, DevOrg, GatewayProcess, make_cluster
-from tests.e2e.traffic import envelopes_to
+from tests.e2e.traffic import envelopes_to, session, submit_retrying
 from tests.postgres_for_tests import fresh_database
 
 pytestmark = pytest.mark.e2e
@@ -73,25 +73,16 @@ def lane_holder(database: str, peer: str) -> tuple[str, int] | None:
     return None if row is None else (str(row[0]), int(row[1]))
 
 
-def session(node: DevOrg, token: str) -> ClientSession:
-    return ClientSession(node.client_url, token, ca_file=node.ca_file, timeout=10.0)
-
-
 async def submit(node: DevOrg, token: str, envelopes: Sequence[Envelope]) -> None:
-    for start in range(0, len(envelopes), BATCH):
-        batch = envelopes[start : start + BATCH]
-        deadline = trio.current_time() + SUBMIT_TIMEOUT
-        while True:
-            try:
-                async with session(node, token) as client:
-                    answers = await client.submit_batch(batch)
-            except ClientTransportError:
-                if trio.current_time() > deadline:
-                    raise
-                await trio.sleep(POLL)
-                continue
-            assert all(a.ok for a in answers), [a.error for a in answers if not a.ok][:3]
-            break
+    await submit_retrying(
+        node.client_url,
+        node.ca_file,
+        token,
+        envelopes,
+        batch=BATCH,
+        poll=POLL,
+        timeout=SUBMIT_TIMEOUT,
+    )
 
 
 class Reader:

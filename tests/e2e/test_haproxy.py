@@ -43,11 +43,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import pytest
 import trio
-import yaml
 from cryptography import x509
 
 from gateway.client.api import ClientSession, ClientTransportError
@@ -55,8 +54,16 @@ from gateway.config import HostPort
 from gateway.core.address import Address
 from gateway.core.envelope import Envelope
 from gateway.crypto.keys import UserKeys
-from gateway.devnet import LOOPBACK, DevNet, DevOrg, GatewayProcess, free_port
-from tests.e2e.traffic import envelopes_to, metric_value
+from gateway.devnet import (
+    LOOPBACK,
+    DevNet,
+    DevOrg,
+    GatewayProcess,
+    add_node,
+    edit_config,
+    free_port,
+)
+from tests.e2e.traffic import envelopes_to, metric_value, submit_retrying
 from tests.postgres_for_tests import fresh_database
 
 pytestmark = pytest.mark.e2e
@@ -253,55 +260,14 @@ def running_balancer(
 # -- the orgs ------------------------------------------------------------------------------
 
 
-def edit_config(org: DevOrg, **changes: Any) -> None:
-    """Set top-level keys of the org's gateway.yaml (comments are lost; the values kept)."""
-    config = yaml.safe_load(org.config_path.read_text(encoding="utf-8"))
-    config.update(changes)
-    org.config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-
-
-def second_node(first: DevOrg, directory: Path) -> DevOrg:
-    """Another host of the same org: copies of its files, its own ports and data."""
-    shutil.copytree(first.directory, directory, ignore=shutil.ignore_patterns("data"))
-    node = DevOrg(
-        first.org,
-        directory,
-        HostPort(LOOPBACK, free_port()),
-        HostPort(LOOPBACK, free_port()),
-        HostPort(LOOPBACK, free_port()),
-    )
-    edit_config(
-        node,
-        node="acme-2",
-        listen={
-            "federation": str(node.federation),
-            "client": str(node.client),
-            "metrics": str(node.metrics),
-        },
-    )
-    return node
-
-
 def session(url: str, org: DevOrg, token: str) -> ClientSession:
     return ClientSession(url, token, ca_file=org.ca_file, timeout=10.0)
 
 
 async def submit(url: str, org: DevOrg, token: str, envelopes: Sequence[Envelope]) -> None:
-    """Submit in batches; a batch whose connection breaks (a node dying) is sent again."""
-    for start in range(0, len(envelopes), BATCH):
-        batch = envelopes[start : start + BATCH]
-        deadline = trio.current_time() + SUBMIT_TIMEOUT
-        while True:
-            try:
-                async with session(url, org, token) as client:
-                    answers = await client.submit_batch(batch)
-            except ClientTransportError:
-                if trio.current_time() > deadline:
-                    raise
-                await trio.sleep(POLL)
-                continue
-            assert all(a.ok for a in answers), [a.error for a in answers if not a.ok][:3]
-            break
+    await submit_retrying(
+        url, org.ca_file, token, envelopes, batch=BATCH, poll=POLL, timeout=SUBMIT_TIMEOUT
+    )
 
 
 async def receive(url: str, org: DevOrg, token: str, expected: set[str]) -> dict[str, int]:
@@ -391,7 +357,8 @@ async def test_partners_and_clients_reach_either_node_through_haproxy(
             groups={"partners": {"members": ["bob"], "send_to": [ACME], "receive_from": [ACME]}},
         )
         assert f'endpoint: "{balanced_endpoint}"' in globex.rules_path.read_text()
-        acme_2 = second_node(acme, tmp_path / "acme.example-2")
+        acme_2 = add_node(acme, tmp_path / "acme.example-2")
+        edit_config(acme_2, node="acme-2")
         nodes = [Node("acme-1", acme), Node("acme-2", acme_2)]
         proc_1 = net.process(ACME)
         proc_2 = GatewayProcess(acme_2, tmp_path / "acme.example-2.log")

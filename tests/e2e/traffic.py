@@ -13,12 +13,14 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import trio
 
-from gateway.client.api import ClientSession
+from gateway.client.api import ClientSession, ClientTransportError
 from gateway.core.address import Address
 from gateway.core.envelope import Envelope
 from gateway.crypto.envelope_crypto import seal
@@ -45,6 +47,34 @@ class Flow:
 
 def session(org: DevOrg, token: str) -> ClientSession:
     return ClientSession(org.client_url, token, ca_file=org.ca_file, timeout=10.0)
+
+
+async def submit_retrying(
+    url: str,
+    ca_file: Path,
+    token: str,
+    envelopes: Sequence[Envelope],
+    *,
+    batch: int,
+    poll: float,
+    timeout: float = 30.0,
+) -> None:
+    """Submit in batches of ``batch`` to the client API at ``url``; a batch whose
+    connection breaks (a node dying) is sent again, for up to ``timeout`` seconds."""
+    for start in range(0, len(envelopes), batch):
+        chunk = envelopes[start : start + batch]
+        deadline = trio.current_time() + timeout
+        while True:
+            try:
+                async with ClientSession(url, token, ca_file=ca_file, timeout=10.0) as client:
+                    answers = await client.submit_batch(chunk)
+            except ClientTransportError:
+                if trio.current_time() > deadline:
+                    raise
+                await trio.sleep(poll)
+                continue
+            assert all(a.ok for a in answers), [a.error for a in answers if not a.ok][:3]
+            break
 
 
 async def start_pair(net: DevNet) -> tuple[DevOrg, DevOrg, GatewayProcess, GatewayProcess]:
