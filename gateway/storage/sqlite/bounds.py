@@ -1,8 +1,8 @@
 """Lane and mailbox bounds, checked inside the write that would pass them.
 
 The ``spool_lanes`` and ``mailbox_counts`` tables hold each lane's and each
-mailbox's depth and bytes, kept by triggers in the same transaction as the
-rows they count. A write that adds envelopes reads those counters for the
+mailbox's depth and bytes, kept by the store's ops in the same transaction as
+the rows they count. A write that adds envelopes reads those counters for the
 keys it touches and adds what it brings. :func:`check_bound` (all or
 nothing: the client API's writes) raises :class:`~gateway.errors.CapacityError`
 naming every key that would pass its bound, and the engine rolls that op back

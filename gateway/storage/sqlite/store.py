@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Final, TypeVar
 
@@ -137,6 +137,15 @@ _DEFER = (
     "not_before_ms = ? + MIN(?, ? * (1 << MIN(deferrals, 30)))"
 )
 
+# Remove a batch of ids from one lane or mailbox (a repeated id counts once),
+# returning each removed row's size for the counters. The unary ``+`` keeps the
+# planner on the envelope_id index: without it SQLite walks the whole lane or
+# mailbox by its (peer, seq) index, a million rows for a backlog.
+_SPOOL_REMOVE = f"DELETE FROM spool WHERE +peer = ? AND envelope_id {_AMONG} RETURNING size"  # noqa: S608
+_MAILBOX_REMOVE = (
+    f"DELETE FROM mailbox WHERE +recipient = ? AND envelope_id {_AMONG} RETURNING size"  # noqa: S608
+)
+
 _E = TypeVar("_E")
 
 _TXN_SELECT = "SELECT body_hash, results, at_ms FROM transactions WHERE origin = ? AND txn_id = ?"
@@ -154,6 +163,40 @@ def _present(conn: sqlite3.Connection, sql: str, ids: Sequence[str]) -> set[str]
     if not ids:
         return set()
     return {row[0] for row in conn.execute(sql, (_ids_json(ids),))}
+
+
+# Depth and bytes per lane and per mailbox (docs/storage.md): every op that
+# inserts or deletes spool or mailbox rows moves them here, in its own
+# transaction, one statement per lane or mailbox it touched.
+_COUNTER_SQL: Final = {
+    table: (
+        f"INSERT INTO {table} ({key}, depth, bytes) VALUES (?, ?, ?) "  # noqa: S608 -- ours
+        f"ON CONFLICT ({key}) DO UPDATE SET depth = depth + excluded.depth, "
+        "bytes = bytes + excluded.bytes",
+        f"DELETE FROM {table} WHERE {key} = ? AND depth <= 0",  # noqa: S608 -- ours
+    )
+    for table, key in (("spool_lanes", "peer"), ("mailbox_counts", "recipient"))
+}
+
+
+def _counted(
+    conn: sqlite3.Connection, table: str, changes: Iterable[tuple[str, int]], sign: int
+) -> None:
+    """Add (``sign`` 1) or take away (-1) one envelope of ``size`` per ``(key, size)``."""
+    totals: dict[str, list[int]] = {}
+    for key, size in changes:
+        total = totals.get(key)
+        if total is None:
+            totals[key] = [1, size]
+        else:
+            total[0] += 1
+            total[1] += size
+    if not totals:
+        return
+    upsert, drop_empty = _COUNTER_SQL[table]
+    conn.executemany(upsert, [(key, sign * n, sign * size) for key, (n, size) in totals.items()])
+    if sign < 0:
+        conn.executemany(drop_empty, [(key,) for key in totals])
 
 
 async def _small_first(
@@ -235,6 +278,7 @@ def _store_in_mailboxes(
             for entry in stored
         ],
     )
+    _counted(conn, "mailbox_counts", ((e.recipient, e.size) for e in stored), 1)
     return stored, {entry.recipient for entry in stored}, left_out
 
 
@@ -299,6 +343,7 @@ class SqliteStorage(SqliteSessions, SqliteCluster):
                     for item in fresh
                 ],
             )
+            _counted(conn, "spool_lanes", ((item.peer, item.size) for item in fresh), 1)
             return [item.envelope_id for item in fresh]
 
         return await self.engine.write(op)
@@ -352,10 +397,11 @@ class SqliteStorage(SqliteSessions, SqliteCluster):
             # then the removal; only ids still in this peer's lane match either.
             rows = [(status, at_ms, envelope_id, peer) for envelope_id, status in pairs]
             conn.executemany(_COMPLETE_STATUS, rows)
-            return conn.executemany(
-                "DELETE FROM spool WHERE envelope_id = ? AND peer = ?",
-                [(envelope_id, peer) for envelope_id, _status in pairs],
-            ).rowcount
+            sizes = conn.execute(
+                _SPOOL_REMOVE, (peer, _ids_json([envelope_id for envelope_id, _ in pairs]))
+            ).fetchall()
+            _counted(conn, "spool_lanes", ((peer, size) for (size,) in sizes), -1)
+            return len(sizes)
 
         return await self.engine.write(op)
 
@@ -394,14 +440,16 @@ class SqliteStorage(SqliteSessions, SqliteCluster):
         def op(conn: sqlite3.Connection) -> list[ExpiredEnvelope]:
             rows = conn.execute(
                 "DELETE FROM spool WHERE seq IN (SELECT seq FROM spool WHERE expires_ms <= ? "
-                "ORDER BY expires_ms LIMIT ?) RETURNING envelope_id, sender, recipient, peer",
+                "ORDER BY expires_ms LIMIT ?) RETURNING envelope_id, sender, recipient, peer, size",
                 (now_ms, limit),
             ).fetchall()
+            _counted(conn, "spool_lanes", ((row[3], row[4]) for row in rows), -1)
             conn.executemany(
                 _SET_STATUS, [(row[0], row[1], STATUS_EXPIRED, now_ms) for row in rows]
             )
             return [
-                ExpiredEnvelope(envelope_id=e, sender=s, recipient=r, peer=p) for e, s, r, p in rows
+                ExpiredEnvelope(envelope_id=e, sender=s, recipient=r, peer=p)
+                for e, s, r, p, _size in rows
             ]
 
         return await self.engine.write(op)
@@ -491,12 +539,13 @@ class SqliteStorage(SqliteSessions, SqliteCluster):
         sql = (
             "DELETE FROM spool WHERE seq IN (SELECT seq FROM spool WHERE "  # noqa: S608
             + (" AND ".join(conditions) or "1")
-            + " ORDER BY seq LIMIT ?) RETURNING envelope_id, sender"
+            + " ORDER BY seq LIMIT ?) RETURNING envelope_id, sender, peer, size"
         )
 
         def op(conn: sqlite3.Connection) -> int:
             rows = conn.execute(sql, (*args, DELETE_CHUNK)).fetchall()
-            conn.executemany(_SET_STATUS, [(e, s, STATUS_PURGED, at_ms) for e, s in rows])
+            _counted(conn, "spool_lanes", ((p, size) for _e, _s, p, size in rows), -1)
+            conn.executemany(_SET_STATUS, [(e, s, STATUS_PURGED, at_ms) for e, s, _p, _z in rows])
             return len(rows)
 
         total = 0
@@ -613,11 +662,9 @@ class SqliteStorage(SqliteSessions, SqliteCluster):
         ids = _ids("mailbox_ack", envelope_ids)
 
         def op(conn: sqlite3.Connection) -> int:
-            # executemany's rowcount is the sum over the ids (a repeated id counts once).
-            return conn.executemany(
-                "DELETE FROM mailbox WHERE recipient = ? AND envelope_id = ?",
-                [(user, envelope_id) for envelope_id in ids],
-            ).rowcount
+            sizes = conn.execute(_MAILBOX_REMOVE, (user, _ids_json(ids))).fetchall()
+            _counted(conn, "mailbox_counts", ((user, size) for (size,) in sizes), -1)
+            return len(sizes)
 
         return await self.engine.write(op)
 
@@ -630,11 +677,13 @@ class SqliteStorage(SqliteSessions, SqliteCluster):
         def op(conn: sqlite3.Connection) -> list[ExpiredEnvelope]:
             rows = conn.execute(
                 "DELETE FROM mailbox WHERE seq IN (SELECT seq FROM mailbox WHERE expires_ms <= ? "
-                "ORDER BY expires_ms LIMIT ?) RETURNING envelope_id, sender, recipient",
+                "ORDER BY expires_ms LIMIT ?) RETURNING envelope_id, sender, recipient, size",
                 (now_ms, limit),
             ).fetchall()
+            _counted(conn, "mailbox_counts", ((row[2], row[3]) for row in rows), -1)
             return [
-                ExpiredEnvelope(envelope_id=e, sender=s, recipient=r, peer=None) for e, s, r in rows
+                ExpiredEnvelope(envelope_id=e, sender=s, recipient=r, peer=None)
+                for e, s, r, _size in rows
             ]
 
         return await self.engine.write(op)
