@@ -110,13 +110,6 @@ _SPOOLED_AMONG = f"SELECT envelope_id FROM spool WHERE envelope_id {_AMONG}"  # 
 _SEEN_AMONG = f"SELECT envelope_id FROM seen_envelopes WHERE envelope_id {_AMONG}"  # noqa: S608
 _MAILBOX_AMONG = f"SELECT envelope_id FROM mailbox WHERE envelope_id {_AMONG}"  # noqa: S608
 
-# The status of a spooled envelope on its peer's answer (nothing if it left the lane).
-_COMPLETE_STATUS = (
-    "INSERT INTO statuses (envelope_id, sender, status, at_ms) "
-    "SELECT envelope_id, sender, ?, ? FROM spool WHERE envelope_id = ? AND peer = ? "
-    "ON CONFLICT (envelope_id) DO UPDATE SET status = excluded.status, at_ms = excluded.at_ms"
-)
-
 _SPOOL_TAKE = (
     f"SELECT {_SPOOL_COLUMNS} FROM spool WHERE peer = ? AND seq > ? "  # noqa: S608
     "ORDER BY seq LIMIT ?"
@@ -138,10 +131,14 @@ _DEFER = (
 )
 
 # Remove a batch of ids from one lane or mailbox (a repeated id counts once),
-# returning each removed row's size for the counters. The unary ``+`` keeps the
+# returning what the counters need (and, for a lane, each sender, for the
+# envelope's status row). The unary ``+`` keeps the
 # planner on the envelope_id index: without it SQLite walks the whole lane or
 # mailbox by its (peer, seq) index, a million rows for a backlog.
-_SPOOL_REMOVE = f"DELETE FROM spool WHERE +peer = ? AND envelope_id {_AMONG} RETURNING size"  # noqa: S608
+_SPOOL_COMPLETE = (
+    f"DELETE FROM spool WHERE +peer = ? AND envelope_id {_AMONG} "  # noqa: S608
+    "RETURNING envelope_id, sender, size"
+)
 _MAILBOX_REMOVE = (
     f"DELETE FROM mailbox WHERE +recipient = ? AND envelope_id {_AMONG} RETURNING size"  # noqa: S608
 )
@@ -393,15 +390,19 @@ class SqliteStorage(SqliteSessions, SqliteCluster):
 
         def op(conn: sqlite3.Connection) -> int:
             check_fence(conn, fence)
-            # The status rows first (they read the sender from the spool row),
-            # then the removal; only ids still in this peer's lane match either.
-            rows = [(status, at_ms, envelope_id, peer) for envelope_id, status in pairs]
-            conn.executemany(_COMPLETE_STATUS, rows)
-            sizes = conn.execute(
-                _SPOOL_REMOVE, (peer, _ids_json([envelope_id for envelope_id, _ in pairs]))
-            ).fetchall()
-            _counted(conn, "spool_lanes", ((peer, size) for (size,) in sizes), -1)
-            return len(sizes)
+            # The removal tells each envelope's sender, for its status row; only
+            # ids still in this peer's lane match.
+            status_of = dict(pairs)
+            removed = conn.execute(_SPOOL_COMPLETE, (peer, _ids_json(list(status_of)))).fetchall()
+            conn.executemany(
+                _SET_STATUS,
+                [
+                    (envelope_id, sender, status_of[envelope_id], at_ms)
+                    for envelope_id, sender, _ in removed
+                ],
+            )
+            _counted(conn, "spool_lanes", ((peer, size) for _, _, size in removed), -1)
+            return len(removed)
 
         return await self.engine.write(op)
 
