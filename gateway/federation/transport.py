@@ -1,4 +1,4 @@
-"""Sending one transaction to one peer: the seam, and its httpx implementation.
+"""Sending one transaction to one peer: the seam, and its lean h11 implementation.
 
 The sender sees only :class:`PeerTransport`: ``send_transaction`` returns the
 peer's per-envelope results, or raises :class:`TransportError` for anything
@@ -6,23 +6,37 @@ that leaves the envelopes undelivered and worth another try later. Every such
 failure has a :class:`FailureKind`, a word from a small closed set that the
 metrics and the backoff use; its message is ours (never the peer's text).
 
-Theory of operation (:class:`HttpxPeerTransport`)
--------------------------------------------------
-One ``httpx.AsyncClient`` per peer, built on first use and kept: HTTP/1.1
-only, at most one connection (kept alive), so a peer sees one persistent
-connection per sending gateway (docs/protocol.md §1). Its ``verify`` is an
-``ssl.SSLContext`` from :func:`~gateway.pki.tls.federation_client_context`
-that trusts only that peer's CA and presents our gateway certificate (never a
-CA path: httpx 0.28 would then drop the client certificate).
+Theory of operation (:class:`H11PeerTransport`)
+-----------------------------------------------
+HTTP/1.1 on h11 over trio's ``SSLStream``, the same layer as our server
+(:mod:`gateway.federation.h11client` speaks the HTTP; this module pools,
+fails over, trusts and translates). Until the seventh performance round this
+was an ``httpx.AsyncClient`` per peer; the lean client costs about half the
+CPU per transaction and writes a request's head and body in one TLS record
+(docs/performance.md, "Seventh round"). ``HttpxPeerTransport`` remains as
+another name of the class.
+
+Per peer, one ``ssl.SSLContext`` from
+:func:`~gateway.pki.tls.federation_client_context` that trusts only that
+peer's CA and presents our gateway certificate, and up to
+``connections_per_peer`` persistent connections (HTTP keep-alive): one per
+transaction the sender may keep in flight, since HTTP/1.1 carries one request
+at a time per connection; a request waits for a free one at most the timeout.
+A kept connection is reused unless it has been idle for
+:data:`KEEPALIVE_EXPIRY` or the server has closed it (its socket reads EOF);
+an answer with ``Connection: close``, or any failure, closes it. If a kept
+connection breaks before a byte of the answer arrives (the server closed it
+as the request went), the request is written once more on a new connection:
+harmless, since a transaction id makes a retry a replay (docs/protocol.md §5).
 
 The client dials an ``endpoint`` the rules give (its host may be an IP
 address; a peer running several gateway nodes may list several: the one that
 worked last is tried first, and one that cannot be connected to is skipped
-for the next at once, see :meth:`HttpxPeerTransport._exchange`) but verifies
-the server as the **peer's org**: every request carries
-httpcore's ``sni_hostname`` extension, which httpcore hands to the TLS layer
-as ``server_hostname``; so SNI is the org and OpenSSL's hostname check (the
-context has ``check_hostname``) wants the org as a dNSName SAN.
+for the next at once, see :meth:`H11PeerTransport._exchange`) but verifies
+the server as the **peer's org**: the handshake's ``server_hostname`` is the
+org, so SNI is the org and OpenSSL's hostname check (the context has
+``check_hostname``) wants the org as a dNSName SAN; ``Host`` names the
+endpoint, as httpx wrote it.
 
 When the rules pin the peer's key, the pin is checked **inside the
 handshake**: the context's ``sslobject_class`` is a subclass of
@@ -30,20 +44,25 @@ handshake**: the context's ``sslobject_class`` is a subclass of
 SPKI digest with the pins as soon as OpenSSL has verified it, and fails the
 handshake otherwise. The connection then breaks before our Finished message
 leaves, so a server that fails the pin never sees our certificate or a byte
-of the transaction. (Reading the certificate from the response's
-``network_stream`` would check it only after the envelopes were sent.)
+of the transaction. (Reading the certificate after the handshake would check
+it only after the envelopes were sent.)
 
 Before each request the peer's current entry in the rules (endpoint, CA,
 pins) and our own certificate in use (``own``, when the app gives its
 :class:`~gateway.tls_runtime.CertificateHolder`) are compared with those the
-client was built for; if a reload changed either, a new client is built, so
-new trust and a renewed certificate apply from the next transaction. The old
-client is retired: requests already on it finish, then it is closed.
-:meth:`HttpxPeerTransport.close_peer` closes a peer's client (the sender calls
-it when a peer's lane stops).
+peer's connections were made for; if a reload changed either, a new context
+and pool are made, so new trust and a renewed certificate apply from the next
+transaction. The old pool is retired: its idle connections close at once,
+requests already on it finish, then their connections close.
+:meth:`H11PeerTransport.close_peer` does the same for a peer (the sender
+calls it when a peer's lane stops).
 
-Every httpx exception is translated here, at the edge; an answer is read up to
-:data:`MAX_ANSWER_BYTES` only.
+Timeouts are httpx's, per phase: connect (TCP and handshake), write, each
+read, and the wait for a free connection, each ``timeout`` seconds. Every
+failure is translated here, at the edge, into the words httpx's failures got
+(:func:`translate_error`); an answer is read up to :data:`MAX_ANSWER_BYTES`
+only. Key lookups and version documents (:meth:`H11PeerTransport.get`) use
+the same connections.
 """
 
 from __future__ import annotations
