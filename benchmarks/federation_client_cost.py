@@ -6,8 +6,8 @@
 A real local TLS server (our ``HTTPServer`` with federation mTLS, in a child
 process so that its CPU is not ours) answers every transaction with a
 precomputed answer. In this process each client sends ``--count``
-transactions one after another (window 1): bodies of 1 envelope and of 500
-envelopes of 1 KiB (binary framing as the sender writes them). For each it
+transactions one after another (window 1): bodies of 1, 100 (the default
+batch) and 500 envelopes of 1 KiB (binary framing as the sender writes them). For each it
 reports the CPU this process spent per transaction (``time.process_time``)
 and the median round trip (wall clock). The httpx client is the
 ``HttpxPeerTransport`` of commit ``--httpx-from``, loaded from git; the lean
@@ -118,6 +118,7 @@ def _old_transport_class(commit: str) -> Any:
         check=True,
         capture_output=True,
         text=True,
+        cwd=Path(__file__).resolve().parent,
     ).stdout
     path = Path(tempfile.mkdtemp()) / "httpx_transport_before.py"
     path.write_text(source)
@@ -206,7 +207,11 @@ def main() -> None:
             + "\n"
         )
         rules = RulesHolder.load(directory / "rules.yaml")
-        cases = [("1 x 1 KiB", 1, args.count), ("500 x 1 KiB", 500, args.count_large)]
+        cases = [
+            ("1 x 1 KiB", 1, args.count),
+            ("100 x 1 KiB", 100, args.count_large),
+            ("500 x 1 KiB", 500, args.count_large),
+        ]
         figures: dict[tuple[str, str], list[tuple[float, float]]] = {}
         for label, envelopes, count in cases:
             body, media = _body(envelopes, 1024)
