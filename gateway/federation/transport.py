@@ -687,13 +687,7 @@ def translate_error(exc: LeanHTTPError, peer: str) -> TransportError:
             kind=FailureKind.TLS,
             reason=classify_handshake_error(exc),
         )
-    if isinstance(exc, ConnectError):
-        if isinstance(exc.__cause__, trio.BrokenResourceError):  # the handshake, not TLS's fault
-            return TransportError(
-                f"{peer}: TLS failed: {describe_ssl_error(exc)}",
-                kind=FailureKind.TLS,
-                reason=classify_handshake_error(exc),
-            )
+    if isinstance(exc, ConnectError):  # no SSLError behind it: TCP, or a handshake cut off
         return TransportError(f"{peer}: cannot connect: {exc}", kind=FailureKind.CONNECT)
     if isinstance(exc, RequestInvalid):
         return TransportError(f"{peer}: the request cannot be sent: {exc}", kind=FailureKind.LOCAL)

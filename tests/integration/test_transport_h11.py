@@ -536,3 +536,48 @@ async def test_a_pin_failure_breaks_the_handshake_before_any_byte_of_http(
     assert caught.value.kind is FailureKind.PIN_MISMATCH
     assert peer.handshakes_failed == 1  # our Finished never left: the server saw no client
     assert peer.plaintext == b""
+
+
+# -- the words failures get ---------------------------------------------------------------------
+
+
+def test_lean_client_errors_are_translated_as_httpx_errors_were() -> None:
+    from gateway.federation import h11client
+    from gateway.federation.transport import translate_error
+
+    refused = h11client.ConnectError("refused")
+    refused.__cause__ = ConnectionRefusedError(111, "refused")
+    cases = [
+        (refused, FailureKind.CONNECT),
+        (h11client.ConnectTimeout("slow"), FailureKind.TIMEOUT),
+        (h11client.WriteTimeout("slow"), FailureKind.TIMEOUT),
+        (h11client.ReadTimeout("slow"), FailureKind.TIMEOUT),
+        (h11client.PoolTimeout("busy"), FailureKind.TIMEOUT),
+        (h11client.ConnectionLost("garbage", before_answer=False), FailureKind.NETWORK),
+        (h11client.AnswerTooLarge("big", status=200), FailureKind.BAD_ANSWER),
+        (h11client.RequestInvalid("bad target"), FailureKind.LOCAL),
+    ]
+    for exc, kind in cases:
+        assert translate_error(exc, A).kind is kind
+
+
+async def test_a_handshake_cut_off_by_the_server_is_a_connect_failure(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    acme = make_side(tmp_path, ORG)
+    make_side(tmp_path, A)
+
+    async def hang_up(host: str, port: int) -> trio.abc.Stream:
+        client, server = trio.testing.memory_stream_pair()
+        await server.aclose()
+        return client
+
+    rules = RulesHolder.load(write_rules(tmp_path, {A: ENDPOINT}))
+    transport = H11PeerTransport(
+        ORG, acme.cert_file, acme.key_file, rules, timeout=TIMEOUT, open_tcp=hang_up
+    )
+    body, _ = one_transaction()
+    with pytest.raises(TransportError) as caught:
+        await transport.send_transaction(A, new_txn_id(), body, expected=2)
+    await transport.aclose()
+    assert caught.value.kind is FailureKind.CONNECT
