@@ -10,7 +10,8 @@ Theory of operation (:class:`H11PeerTransport`)
 -----------------------------------------------
 HTTP/1.1 on h11 over trio's ``SSLStream``, the same layer as our server
 (:mod:`gateway.federation.h11client` speaks the HTTP; this module pools,
-fails over, trusts and translates). Until the seventh performance round this
+fails over and trusts; :mod:`~gateway.federation.outcomes` words failures and
+answers; :mod:`~gateway.federation.pinning` checks pins). Until the seventh performance round this
 was an ``httpx.AsyncClient`` per peer; the lean client costs ~0.5 ms less
 CPU per transaction (about half of httpx's for a small one) and writes a
 request's head and body in one TLS record (docs/performance.md, "Seventh
@@ -68,52 +69,70 @@ the same connections.
 
 from __future__ import annotations
 
-import enum
-import json
 import logging
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import Final, Protocol
 
 import trio
-from cryptography import x509
 from prometheus_client import Counter
 
 from gateway import __version__
 from gateway.config import MAX_INFLIGHT_TRANSACTIONS
 from gateway.core.rules import CompiledRules, Peer
-from gateway.errors import PKIError, ProtocolError, Reason, RemoteError
+from gateway.errors import PKIError, Reason
 from gateway.federation.h11client import (
     Answer,
-    AnswerTooLarge,
     ConnectError,
     Connection,
     ConnectionLost,
     Endpoint,
     LeanHTTPError,
-    LeanTimeout,
     OpenTCP,
     PoolTimeout,
-    RequestInvalid,
     exchange,
     open_connection,
 )
+from gateway.federation.outcomes import (
+    MAX_RETRY_AFTER_SECONDS,
+    REASON_CODES,
+    FailureKind,
+    TransportError,
+    interpret_answer,
+    parse_retry_after,
+    translate_error,
+    translate_httpx_error,
+)
+from gateway.federation.pinning import PinMismatchError, pinned_sslobject_class
 from gateway.federation.protocol import (
     MEDIA_TYPE_JSON,
     TRANSACTIONS_PATH,
     EnvelopeResult,
     check_txn_id,
-    decode_results,
 )
-from gateway.http.tls import classify_handshake_error, describe_ssl_error, find_ssl_error
 from gateway.observability.metrics import PEER_ENDPOINT_FAILOVERS, bounded
-from gateway.pki.certs import parse_pin, spki_sha256
+from gateway.pki.certs import parse_pin
 from gateway.pki.own import OwnCertificate
 from gateway.pki.tls import federation_client_context
 
-if TYPE_CHECKING:
-    import httpx
+# The seam's words, re-exported where the sender, the app and tests have always
+# found them (they live in outcomes.py and pinning.py).
+__all__ = [
+    "MAX_RETRY_AFTER_SECONDS",
+    "REASON_CODES",
+    "FailureKind",
+    "H11PeerTransport",
+    "HttpxPeerTransport",
+    "PeerTransport",
+    "PinMismatchError",
+    "TransportError",
+    "interpret_answer",
+    "parse_retry_after",
+    "pinned_sslobject_class",
+    "translate_error",
+    "translate_httpx_error",
+]
 
 LOGGER = logging.getLogger("gateway.federation.transport")
 
@@ -125,56 +144,8 @@ KEEPALIVE_EXPIRY: Final = 50.0
 # receiver's default cap of 16 connections per peer, gateway/http/limits.py).
 MAX_CONNECTIONS_PER_PEER: Final = MAX_INFLIGHT_TRANSACTIONS
 MAX_ANSWER_BYTES: Final = 4 * 1024 * 1024  # 1000 results of ~100 bytes, with room to spare
-MAX_RETRY_AFTER_SECONDS: Final = 86_400.0  # a Retry-After beyond a day is not believed
 CLOSE_TIMEOUT: Final = 5.0  # closing a client never holds up a reload or shutdown longer
 USER_AGENT: Final = f"federation-gateway/{__version__}"
-REASON_CODES: Final = frozenset(reason.value for reason in Reason)
-_MAX_REPORTED_CODE: Final = 40  # characters of a peer's error code kept in our message
-
-
-class FailureKind(enum.StrEnum):
-    """Why a transaction was not answered: the metric label, a closed set."""
-
-    CONNECT = "connect"  # no TCP connection (refused, unreachable, DNS)
-    TIMEOUT = "timeout"  # connect, write or read took too long
-    TLS = "tls"  # the handshake failed (certificate not trusted, wrong name, ...)
-    PIN_MISMATCH = "pin_mismatch"  # the server's key matches none of the rules' pins
-    NETWORK = "network"  # the connection broke, or the peer spoke broken HTTP
-    HTTP_429 = "http_429"
-    HTTP_503 = "http_503"
-    HTTP_5XX = "http_5xx"  # any other 5xx
-    TXN_CONFLICT = "txn_conflict"  # 409: the peer knows this txn id with another body
-    TOO_LARGE = "too_large"  # 413: the batch is over the peer's body limit
-    HTTP_4XX = "http_4xx"  # any other 4xx (415 included): a bug on one side, or rules that disagree
-    HTTP_OTHER = "http_other"  # a status the protocol never answers (1xx, 3xx, 2xx but 200)
-    BAD_ANSWER = "bad_answer"  # 200, but not a valid answer to this transaction
-    UNKNOWN_PEER = "unknown_peer"  # not a peer in the rules in force
-    LOCAL = "local"  # ours to fix: our certificate files, the endpoint URL
-    INTERNAL = "internal"  # a bug of ours (an unexpected exception)
-
-
-class TransportError(RemoteError):
-    """A transaction that was not answered; the envelopes stay spooled for a retry.
-
-    ``kind`` is the bounded label; ``status`` the HTTP status if there was one;
-    ``retry_after`` the peer's ``Retry-After`` in seconds, if it gave one.
-    """
-
-    default_reason = Reason.PROTOCOL
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        kind: FailureKind,
-        reason: Reason | None = None,
-        status: int | None = None,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(message, reason=reason)
-        self.kind = kind
-        self.status = status
-        self.retry_after = retry_after
 
 
 class PeerTransport(Protocol):
@@ -213,34 +184,6 @@ class OwnView(Protocol):
 
     @property
     def current(self) -> OwnCertificate: ...
-
-
-# -- pinning inside the handshake --------------------------------------------------
-
-
-class PinMismatchError(ssl.SSLError):
-    """Raised from the handshake when the server's key matches none of the pins."""
-
-
-def pinned_sslobject_class(pins: frozenset[bytes], *, org: str) -> type[ssl.SSLObject]:
-    """An ``ssl.SSLObject`` subclass whose handshake also requires one of ``pins``.
-
-    Install it as ``context.sslobject_class`` on a client context: trio's
-    ``SSLStream`` builds its TLS object with ``context.wrap_bio``, which uses it.
-    """
-    if not pins:
-        raise ValueError("pinning needs at least one pin")
-
-    class PinnedSSLObject(ssl.SSLObject):
-        def do_handshake(self) -> None:
-            super().do_handshake()  # raises SSLWantReadError until the handshake is done
-            der = self.getpeercert(binary_form=True)
-            if not der:
-                raise PinMismatchError(f"{org}: the server presented no certificate")
-            if spki_sha256(x509.load_der_x509_certificate(der)) not in pins:
-                raise PinMismatchError(f"{org}: the server's key matches none of its pins")
-
-    return PinnedSSLObject
 
 
 # -- the lean h11 transport ----------------------------------------------------------
@@ -664,142 +607,3 @@ HttpxPeerTransport = H11PeerTransport
 
 async def _open_tcp(host: str, port: int) -> trio.abc.Stream:
     return await trio.open_tcp_stream(host, port)
-
-
-# -- translating at the edge (pure) ----------------------------------------------------
-
-
-def translate_error(exc: LeanHTTPError, peer: str) -> TransportError:
-    """The :class:`TransportError` for a failure of the lean client on the way to ``peer``."""
-    pinned = _pin_mismatch(exc, peer)
-    if pinned is not None:
-        return pinned
-    if isinstance(exc, LeanTimeout):
-        return TransportError(
-            f"{peer}: timed out ({type(exc).__name__})",
-            kind=FailureKind.TIMEOUT,
-            reason=Reason.REQUEST_TIMEOUT,
-        )
-    if isinstance(exc, AnswerTooLarge):
-        return TransportError(f"{peer}: {exc}", kind=FailureKind.BAD_ANSWER, status=exc.status)
-    if find_ssl_error(exc) is not None:
-        return TransportError(
-            f"{peer}: TLS failed: {describe_ssl_error(exc)}",
-            kind=FailureKind.TLS,
-            reason=classify_handshake_error(exc),
-        )
-    if isinstance(exc, ConnectError):  # no SSLError behind it: TCP, or a handshake cut off
-        return TransportError(f"{peer}: cannot connect: {exc}", kind=FailureKind.CONNECT)
-    if isinstance(exc, RequestInvalid):
-        return TransportError(f"{peer}: the request cannot be sent: {exc}", kind=FailureKind.LOCAL)
-    return TransportError(
-        f"{peer}: connection failed ({type(exc).__name__})", kind=FailureKind.NETWORK
-    )
-
-
-def _pin_mismatch(exc: BaseException, peer: str) -> TransportError | None:
-    current: BaseException | None = exc
-    for _ in range(8):  # short chains; never walk a cycle
-        if current is None:
-            break
-        if isinstance(current, PinMismatchError):
-            return TransportError(
-                str(current.args[0]) if current.args else f"{peer}: pin mismatch",
-                kind=FailureKind.PIN_MISMATCH,
-                reason=Reason.PIN_MISMATCH,
-            )
-        current = current.__cause__ or current.__context__
-    return None
-
-
-def translate_httpx_error(exc: httpx.HTTPError, peer: str) -> TransportError:
-    """The :class:`TransportError` for an httpx exception on the way to ``peer``.
-
-    Transactions, key lookups and version documents no longer go through
-    httpx; this stays for any httpx call towards a peer, and its test.
-    """
-    import httpx
-
-    pinned = _pin_mismatch(exc, peer)
-    if pinned is not None:
-        return pinned
-    if isinstance(exc, httpx.TimeoutException):
-        return TransportError(
-            f"{peer}: timed out ({type(exc).__name__})",
-            kind=FailureKind.TIMEOUT,
-            reason=Reason.REQUEST_TIMEOUT,
-        )
-    if find_ssl_error(exc) is not None:
-        return TransportError(
-            f"{peer}: TLS failed: {describe_ssl_error(exc)}",
-            kind=FailureKind.TLS,
-            reason=classify_handshake_error(exc),
-        )
-    if isinstance(exc, httpx.ConnectError):
-        return TransportError(f"{peer}: cannot connect: {exc}", kind=FailureKind.CONNECT)
-    if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
-        return TransportError(
-            f"{peer}: the endpoint URL cannot be used: {exc}", kind=FailureKind.LOCAL
-        )
-    return TransportError(
-        f"{peer}: connection failed ({type(exc).__name__})", kind=FailureKind.NETWORK
-    )
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """``Retry-After`` in seconds (the delta form; an HTTP date is ignored)."""
-    if value is None:
-        return None
-    value = value.strip()
-    if not value.isascii() or not value.isdigit() or len(value) > len("86400000"):
-        return None
-    return min(float(value), MAX_RETRY_AFTER_SECONDS)
-
-
-def _error_code(body: bytes) -> str | None:
-    """The peer's ``{"error": code}`` if the code is one of ours, for our log."""
-    try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    code = obj.get("error") if isinstance(obj, dict) else None
-    if isinstance(code, str) and len(code) <= _MAX_REPORTED_CODE and code in REASON_CODES:
-        return code
-    return None
-
-
-_STATUS_KINDS: Final = {
-    409: FailureKind.TXN_CONFLICT,
-    413: FailureKind.TOO_LARGE,
-    429: FailureKind.HTTP_429,
-    503: FailureKind.HTTP_503,
-}
-_OK = 200
-
-
-def interpret_answer(
-    peer: str, status: int, body: bytes, *, expected: int, retry_after: str | None = None
-) -> list[EnvelopeResult]:
-    """The results of a ``200``, or the :class:`TransportError` any other status means."""
-    if status == _OK:
-        try:
-            return decode_results(body, expected=expected)
-        except ProtocolError as exc:
-            raise TransportError(
-                f"{peer}: 200 but not a valid answer: {exc}", kind=FailureKind.BAD_ANSWER
-            ) from exc
-    kind = _STATUS_KINDS.get(status)
-    if kind is None:
-        if 500 <= status <= 599:
-            kind = FailureKind.HTTP_5XX
-        elif 400 <= status <= 499:
-            kind = FailureKind.HTTP_4XX
-        else:
-            kind = FailureKind.HTTP_OTHER
-    code = _error_code(body)
-    raise TransportError(
-        f"{peer}: HTTP {status}" + (f" ({code})" if code else ""),
-        kind=kind,
-        status=status,
-        retry_after=parse_retry_after(retry_after),
-    )
