@@ -56,7 +56,7 @@ from gateway.federation.liveness import greet_peers, hearing
 from gateway.federation.receiver import Receiver
 from gateway.federation.sender import Sender, SenderSettings
 from gateway.federation.sweeper import run_spool_sweeper
-from gateway.federation.transport import HttpxPeerTransport
+from gateway.federation.transport import H11PeerTransport
 from gateway.federation.trust import FederationTrust, follow_certificate, follow_reloads
 from gateway.federation.versions import PeerVersions
 from gateway.http import HTTPServer, Router, ServerLimits
@@ -229,7 +229,7 @@ async def run_gateway(
                 config.limits.storage_min_free_bytes,
                 reusable_bytes=storage.reusable_bytes,
             )
-        transport = HttpxPeerTransport(
+        transport = H11PeerTransport(
             config.org,
             None,
             None,

@@ -53,7 +53,7 @@ class KeyStore(Protocol):
 
 
 class PeerGetter(Protocol):
-    """What :func:`fetch_remote_keys` needs of the transport (HttpxPeerTransport is one)."""
+    """What :func:`fetch_remote_keys` needs of the transport (H11PeerTransport is one)."""
 
     async def get(self, peer: str, path: str, *, max_bytes: int) -> tuple[int, bytes]: ...
 
