@@ -382,6 +382,27 @@ def encode_validated(raw: Mapping[str, object], group: str | None) -> bytes:
     )
 
 
+def with_group_member(data: bytes, old: str | None, new: str | None) -> bytes:
+    """The canonical encoding ``data`` (whose group is ``old``) with group ``new`` instead.
+
+    Only for ``data`` known to be canonical (it equals :func:`encode_validated`
+    of its own values): its strings hold no quote, so the first ``,"id":"`` is
+    the ``id`` key, which ``group`` precedes. The bytes around the member are
+    kept as they are: a splice, not a second encoding.
+    """
+    if old == new:
+        return data
+    if new is not None:
+        _check_group(new)
+    member = b"" if new is None else b'"group":"' + new.encode("ascii") + b'",'
+    if old is None:
+        at = data.index(b',"id":"') + 1
+        return data[:at] + member + data[at:]
+    current = b'"group":"' + old.encode("ascii") + b'",'
+    at = data.index(current)
+    return data[:at] + member + data[at + len(current) :]
+
+
 def _v2_members(raw: Mapping[str, object]) -> dict[str, str]:
     """The members only version 2 has, as :func:`_encode_checked` takes them.
 
