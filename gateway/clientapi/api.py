@@ -98,7 +98,7 @@ from gateway.core.envelope import (
 )
 from gateway.core.keytext import format_retention_key, format_signing_key
 from gateway.core.ratelimit import RateLimiter
-from gateway.core.records import decode_record_json
+from gateway.core.records import decode_envelope_record_json
 from gateway.core.rules import CompiledRules, Decision, Group, Mark
 from gateway.crypto.key_records import (
     KEY_BYTES,
@@ -1036,7 +1036,7 @@ def _record_item(index: int, data: bytes) -> _Submitted | _Refused:
             f"record #{index} is {len(data)} bytes; at most {MAX_ENCODED_ENVELOPE_BYTES}",
         )
     try:
-        obj = decode_record_json(data)
+        obj = decode_envelope_record_json(data)
     except ValueError:
         return _Refused(
             None, 400, Reason.ENVELOPE_MALFORMED, f"record #{index} is not JSON in ASCII"

@@ -388,7 +388,9 @@ def with_group_member(data: bytes, old: str | None, new: str | None) -> bytes:
     Only for ``data`` known to be canonical (it equals :func:`encode_validated`
     of its own values): its strings hold no quote, so the first ``,"id":"`` is
     the ``id`` key, which ``group`` precedes. The bytes around the member are
-    kept as they are: a splice, not a second encoding.
+    kept as they are: a splice, not a second encoding. Searched from the end:
+    only the signature and the recipient (and version 2's retention members)
+    follow, never the ciphertext.
     """
     if old == new:
         return data
@@ -396,10 +398,10 @@ def with_group_member(data: bytes, old: str | None, new: str | None) -> bytes:
         _check_group(new)
     member = b"" if new is None else b'"group":"' + new.encode("ascii") + b'",'
     if old is None:
-        at = data.index(b',"id":"') + 1
+        at = data.rindex(b',"id":"') + 1
         return data[:at] + member + data[at:]
     current = b'"group":"' + old.encode("ascii") + b'",'
-    at = data.index(current)
+    at = data.rindex(current)
     return data[:at] + member + data[at + len(current) :]
 
 

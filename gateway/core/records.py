@@ -14,6 +14,7 @@ else is read further.
 from __future__ import annotations
 
 import json
+import json.scanner
 import struct
 from collections.abc import Callable, Iterable
 from typing import Final, NoReturn
@@ -32,15 +33,61 @@ def _no_constant(name: str) -> NoReturn:
 
 
 # One decoder, built once: json.loads with an option builds a new one per call (~2 µs).
-_decode_json = json.JSONDecoder(parse_constant=_no_constant).decode
+_DECODER: Final = json.JSONDecoder(parse_constant=_no_constant)
+_decode_json = _DECODER.decode
+# Its scanner alone (C): a canonical record has no whitespace around its value,
+# so decode()'s whitespace matching is skipped (0.6 µs of 3 for a 1 KiB record).
+_scan_once: Final[Callable[[str, int], tuple[object, int]]] = json.scanner.make_scanner(
+    _DECODER  # type: ignore[arg-type]  # typeshed types the class, not its argument
+)
 
 
 def decode_record_json(data: bytes) -> object:
     """A record's JSON value; ``ValueError`` when it is not JSON in ASCII (or nests too deep)."""
     try:
-        return _decode_json(data.decode("ascii"))
+        text = data.decode("ascii")
+        try:
+            value, end = _scan_once(text, 0)
+        except StopIteration:
+            end = -1
+        if end == len(text):
+            return value
+        return _decode_json(text)  # whitespace around, or not JSON: the full reading says
     except RecursionError:
         raise ValueError("nested too deep") from None
+
+
+# How a canonical envelope encoding begins: its second member is the ciphertext.
+_CIPHERTEXT_HEADS: Final = (
+    b'{"burn_on_read":false,"ciphertext":"',
+    b'{"burn_on_read":true,"ciphertext":"',
+)
+
+
+def decode_envelope_record_json(data: bytes) -> object:
+    """:func:`decode_record_json` for a record that should be a canonical envelope encoding.
+
+    The same value for any record, but the ciphertext, most of a large
+    record, is not run through the JSON string scanner: in the canonical
+    form it is the second member, base64url without a quote or an escape, so
+    it ends at the next quote. The rest is parsed as JSON with an empty
+    string in its place, and the ciphertext put back. A record that does not
+    begin so, or whose ciphertext holds a backslash, is parsed whole. The
+    caller still compares the record with the canonical encoding of what it
+    holds, which catches anything this reading lets through (a key twice).
+    """
+    for head in _CIPHERTEXT_HEADS:
+        if data.startswith(head):
+            start = len(head)
+            end = data.find(b'"', start)
+            if end < 0 or data.find(b"\\", start, end) >= 0:
+                break
+            obj = decode_record_json(data[:start] + data[end:])
+            if type(obj) is not dict or obj.get("ciphertext") != "":
+                break
+            obj["ciphertext"] = data[start:end].decode("ascii")
+            return obj
+    return decode_record_json(data)
 
 
 def frame_records(records: Iterable[bytes]) -> list[bytes]:

@@ -24,10 +24,12 @@ from gateway.core.envelope import (
     Envelope,
     decode_envelope,
     encode_envelope,
+    encode_validated,
     new_envelope_id,
     signing_bytes,
     with_group_member,
 )
+from gateway.core.records import decode_envelope_record_json, decode_record_json
 from gateway.errors import ProtocolError
 
 CLIENT_API_MD = Path(__file__).resolve().parents[2] / "docs" / "client-api.md"
@@ -169,3 +171,34 @@ def test_a_valid_frame_damaged_anywhere_gives_records_or_a_protocol_error(
     except ProtocolError:
         return
     assert 1 <= len(records) <= MAX
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        GOOD,
+        encode_envelope(envelope(group="engineering")),
+        encode_envelope(dataclasses.replace(envelope(), burn_on_read=True)),
+        json.dumps(envelope().to_json(), sort_keys=True).encode(),  # whitespace: parsed whole
+        GOOD.replace(b'"ciphertext":"', b'"ciphertext":"\\u0041', 1),  # an escape: parsed whole
+        GOOD[:-1] + b',"ciphertext":"AAAA"}',  # a key twice: the last one, as JSON reads it
+        GOOD[:-1] + b',"ciphertext":""}',
+        b'{"burn_on_read":true,"ciphertext":"abc',  # no end: not JSON
+        b'{"burn_on_read":true,"ciphertext":"\xff"}',  # not ASCII
+        b"[1, 2]",
+    ],
+)
+def test_the_envelope_record_reading_gives_what_json_gives(data: bytes) -> None:
+    try:
+        expected: object = decode_record_json(data)
+    except ValueError:
+        with pytest.raises(ValueError):  # noqa: PT011  # JSON's, codec or decode error alike
+            decode_envelope_record_json(data)
+        return
+    got = decode_envelope_record_json(data)
+    if data == GOOD[:-1] + b',"ciphertext":""}':
+        # The one way the two readings differ: a key twice, which the canonical check refuses.
+        assert got != expected
+        assert encode_validated(got, None) != data  # type: ignore[arg-type]
+        return
+    assert got == expected
