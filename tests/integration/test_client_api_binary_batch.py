@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 from prometheus_client import REGISTRY
 
+from gateway.client.api import ClientSession
 from gateway.clientapi import MAX_BATCH_ENVELOPES
 from gateway.core.batchframe import MEDIA_TYPE_BATCH_V1, encode_batch
 from gateway.core.envelope import MAX_ENCODED_ENVELOPE_BYTES, Envelope, encode_envelope
@@ -332,3 +333,20 @@ async def test_another_content_type_is_415_and_counted_apart(tmp_path: Path) -> 
             binary_before + 1
         )
         assert sample("gateway_clientapi_batch_bodies_total", format="json") == json_before + 1
+
+
+async def test_the_reference_session_submits_binary_batches(tmp_path: Path) -> None:
+    async for gw in _start(tmp_path, ssl_context=None, client_verify=None):
+        batch = [envelope("alice@acme.example", f"bob@{ORG}") for _ in range(3)]
+        binary_before = sample("gateway_clientapi_batch_bodies_total", format="binary_v1")
+        async with ClientSession(str(gw.client.base_url), gw.tokens["alice"]) as session:
+            answers = await session.submit_batch(batch)
+            assert session.binary_batches
+        assert [(a.envelope_id, a.status) for a in answers] == [(e.id, "delivered") for e in batch]
+        assert sample("gateway_clientapi_batch_bodies_total", format="binary_v1") == (
+            binary_before + 1
+        )
+        stored = {
+            e.envelope_id: e.data for e in await gw.store.mailbox_fetch(f"bob@{ORG}", limit=9)
+        }
+        assert stored == {e.id: encode_envelope(e.with_group("engineering")) for e in batch}
