@@ -394,15 +394,22 @@ def with_group_member(data: bytes, old: str | None, new: str | None) -> bytes:
     """
     if old == new:
         return data
-    if new is not None:
-        _check_group(new)
-    member = b"" if new is None else b'"group":"' + new.encode("ascii") + b'",'
+    member = _group_member(new)
     if old is None:
         at = data.rindex(b',"id":"') + 1
         return data[:at] + member + data[at:]
-    current = b'"group":"' + old.encode("ascii") + b'",'
+    current = _group_member(old)
     at = data.rindex(current)
     return data[:at] + member + data[at + len(current) :]
+
+
+@functools.lru_cache(maxsize=256)  # groups come from the rules: a few names
+def _group_member(group: str | None) -> bytes:
+    """The canonical encoding's ``group`` member and its comma (checked), or nothing."""
+    if group is None:
+        return b""
+    _check_group(group)
+    return b'"group":"' + group.encode("ascii") + b'",'
 
 
 def _v2_members(raw: Mapping[str, object]) -> dict[str, str]:
