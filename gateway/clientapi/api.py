@@ -497,9 +497,10 @@ class ClientAPI:
                 },
             )
         CLIENTAPI_BATCH_BODIES.labels(BATCH_FORMATS[media_type]).inc()
-        elements: Sequence[object]
+        records: list[bytes] | None = None
+        elements: list[object] = []
         if media_type == MEDIA_TYPE_BATCH_V1:
-            elements = decode_batch(request.body, max_envelopes=MAX_BATCH_ENVELOPES)
+            records = decode_batch(request.body, max_envelopes=MAX_BATCH_ENVELOPES)
         else:
             body = _object_body(request.body, "batch", {"envelopes"})
             envelopes = body["envelopes"]
@@ -509,15 +510,17 @@ class ClientAPI:
                     "envelopes"
                 )
             elements = envelopes
-        limited = self._rate_limited(caller, len(elements)) or await self._short_of_space(
-            caller, len(elements), len(request.body)
+        count = len(records) if records is not None else len(elements)
+        limited = self._rate_limited(caller, count) or await self._short_of_space(
+            caller, count, len(request.body)
         )
         if limited is not None:
             return limited
-        if media_type == MEDIA_TYPE_BATCH_V1:
-            items = [_record_item(index, record) for index, record in enumerate(elements, 1)]
-        else:
-            items = [_element_item(obj) for obj in elements]
+        items = (
+            [_record_item(index, record) for index, record in enumerate(records, 1)]
+            if records is not None
+            else [_element_item(obj) for obj in elements]
+        )
         outcomes = await self._submit(caller, items)
         results = [
             {"id": o.envelope_id, "status": o.status}
