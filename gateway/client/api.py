@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 
+from gateway.core.batchframe import MEDIA_TYPE_BATCH_V1, encode_batch
 from gateway.core.encoding import b64url_encode
 from gateway.core.envelope import Envelope, encode_envelope
 from gateway.errors import GatewayError, Reason, RemoteError
@@ -28,6 +29,15 @@ from gateway.errors import GatewayError, Reason, RemoteError
 #: Time to connect, send and get an answer (a long-poll adds its own wait on top).
 DEFAULT_TIMEOUT = 30.0
 _JSON_HEADERS = {"content-type": "application/json"}
+_BINARY_BATCH_HEADERS = {"content-type": MEDIA_TYPE_BATCH_V1}
+
+
+def _content_headers(content_type: str) -> dict[str, str]:
+    if content_type == MEDIA_TYPE_BATCH_V1:
+        return _BINARY_BATCH_HEADERS
+    if content_type == "application/json":
+        return _JSON_HEADERS
+    return {"content-type": content_type}
 
 
 class ClientTransportError(GatewayError):
@@ -88,6 +98,8 @@ class ClientSession:
             client_ssl_context(ca_file) if self.server.startswith("https://") else False
         )
         self._timeout = timeout
+        # Batches go in the binary framing until the gateway says it does not take it.
+        self.binary_batches = True
         self._http = httpx.AsyncClient(
             base_url=self.server,
             headers={"authorization": f"Bearer {token}"} if token else None,
@@ -117,6 +129,7 @@ class ClientSession:
         *,
         json: object = None,
         content: bytes | None = None,
+        content_type: str = "application/json",
         params: dict[str, int] | None = None,
         extra_time: float = 0.0,
         ok: Sequence[int] = (200, 202),
@@ -127,6 +140,7 @@ class ClientSession:
                 path,
                 json=json,
                 content=content,
+                content_type=content_type,
                 params=params,
                 extra_time=extra_time,
                 ok=ok,
@@ -137,7 +151,14 @@ class ClientSession:
         # The session token expired: trade the refresh token for a new one, once.
         self._http.headers["authorization"] = f"Bearer {await self._refresh()}"
         return await self._call_once(
-            method, path, json=json, content=content, params=params, extra_time=extra_time, ok=ok
+            method,
+            path,
+            json=json,
+            content=content,
+            content_type=content_type,
+            params=params,
+            extra_time=extra_time,
+            ok=ok,
         )
 
     async def _call_once(
@@ -150,6 +171,7 @@ class ClientSession:
         params: dict[str, int] | None,
         extra_time: float,
         ok: Sequence[int],
+        content_type: str = "application/json",
     ) -> Any:
         try:
             answer = await self._http.request(
@@ -157,7 +179,7 @@ class ClientSession:
                 path,
                 json=json,
                 content=content,
-                headers=_JSON_HEADERS if content is not None else None,
+                headers=_content_headers(content_type) if content is not None else None,
                 params=params,
                 timeout=self._timeout + extra_time,
             )
@@ -233,9 +255,30 @@ class ClientSession:
         return Submitted(body.get("id"), body.get("status"))
 
     async def submit_batch(self, envelopes: Sequence[Envelope]) -> list[Submitted]:
-        """``POST /v1/envelopes/batch``: one answer per envelope, in order."""
-        content = b'{"envelopes":[' + b",".join(map(encode_envelope, envelopes)) + b"]}"
-        body = await self._call("POST", "/v1/envelopes/batch", content=content)
+        """``POST /v1/envelopes/batch``: one answer per envelope, in order.
+
+        The body is the binary batch (docs/client-api.md): each envelope's
+        canonical encoding, which the gateway keeps as it is. A gateway that
+        answers ``415`` does not take it (an older one): this session then
+        sends JSON, now and from then on. Nothing was stored on a ``415``.
+        """
+        records = [encode_envelope(envelope) for envelope in envelopes]
+        body: Any = None
+        if self.binary_batches:
+            try:
+                body = await self._call(
+                    "POST",
+                    "/v1/envelopes/batch",
+                    content=encode_batch(records),
+                    content_type=MEDIA_TYPE_BATCH_V1,
+                )
+            except ClientAPIError as exc:
+                if exc.status != 415:
+                    raise
+                self.binary_batches = False
+        if body is None:
+            content = b'{"envelopes":[' + b",".join(records) + b"]}"
+            body = await self._call("POST", "/v1/envelopes/batch", content=content)
         return [
             Submitted(item.get("id"), item.get("status"), item.get("error"))
             for item in body["results"]

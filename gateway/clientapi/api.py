@@ -84,17 +84,21 @@ from gateway.clientapi.retention import (
 from gateway.clientapi.signin import signin_error_response
 from gateway.clientapi.tokens import authenticate, is_well_formed
 from gateway.core.address import Address, normalize_domain
+from gateway.core.batchframe import MEDIA_TYPE_BATCH_V1, decode_batch
 from gateway.core.encoding import loads_strict
 from gateway.core.envelope import (
     ENVELOPE_ID_RE,
+    MAX_ENCODED_ENVELOPE_BYTES,
     Envelope,
     check_envelope_clock,
     decode_envelope,
     encode_envelope,
     encode_validated,
+    with_group_member,
 )
 from gateway.core.keytext import format_retention_key, format_signing_key
 from gateway.core.ratelimit import RateLimiter
+from gateway.core.records import decode_envelope_record_json
 from gateway.core.rules import CompiledRules, Decision, Group, Mark
 from gateway.crypto.key_records import (
     KEY_BYTES,
@@ -118,6 +122,7 @@ from gateway.http import Request, Response, Router, error_response, json_respons
 from gateway.http.messages import JSON_CONTENT_TYPE
 from gateway.observability.audit import AuditSink, NoAudit
 from gateway.observability.metrics import (
+    CLIENTAPI_BATCH_BODIES,
     CLIENTAPI_LOCAL_DELIVERIES,
     CLIENTAPI_SUBMISSIONS,
     MAILBOX_FULL_REFUSALS,
@@ -169,6 +174,9 @@ MS_PER_SECOND: Final = 1000
 _MAILBOX_QUERY: Final = frozenset({"wait", "limit"})  # the one endpoint that takes a query
 RESULT_ACCEPTED: Final = "accepted"  # the submissions counter's label for a stored envelope
 WWW_AUTHENTICATE: Final = ("www-authenticate", 'Bearer realm="gateway"')
+#: A batch body's media type -> its label in gateway_clientapi_batch_bodies_total.
+BATCH_FORMATS: Final = {JSON_CONTENT_TYPE: "json", MEDIA_TYPE_BATCH_V1: "binary_v1"}
+_MAX_SHOWN_ID: Final = 64  # a refused element's claimed id is answered up to this length
 
 ClockMs = Callable[[], int]
 OnSpooled = Callable[[str], None]
@@ -233,10 +241,15 @@ _Outcome = _Refused | _Stored
 
 @dataclass(frozen=True, slots=True)
 class _Submitted:
-    """A well-formed envelope and, from a batch, the JSON object it was parsed from."""
+    """A well-formed envelope and, from a batch, the JSON object it was parsed from.
+
+    ``data``: from a binary batch, the record as received, which is the
+    canonical encoding of ``raw`` (checked): what is stored, group put in.
+    """
 
     env: Envelope
     raw: dict[str, object] | None = None
+    data: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -474,27 +487,40 @@ class ClientAPI:
         caller = await self._caller(request)
         if isinstance(caller, Response):
             return caller
-        body = _object_body(request.body, "batch", {"envelopes"})
-        envelopes = body["envelopes"]
-        if not isinstance(envelopes, list) or not 1 <= len(envelopes) <= MAX_BATCH_ENVELOPES:
-            raise ProtocolError(
-                f"batch field 'envelopes' must be a list of 1 to {MAX_BATCH_ENVELOPES} envelopes"
+        media_type = _batch_media_type(request.header("content-type"))
+        if media_type is None:
+            return json_response(
+                415,
+                {
+                    "error": Reason.UNSUPPORTED_MEDIA_TYPE.value,
+                    "message": "a batch is application/json or " + MEDIA_TYPE_BATCH_V1,
+                },
             )
-        limited = self._rate_limited(caller, len(envelopes)) or await self._short_of_space(
-            caller, len(envelopes), len(request.body)
+        CLIENTAPI_BATCH_BODIES.labels(BATCH_FORMATS[media_type]).inc()
+        records: list[bytes] | None = None
+        elements: list[object] = []
+        if media_type == MEDIA_TYPE_BATCH_V1:
+            records = decode_batch(request.body, max_envelopes=MAX_BATCH_ENVELOPES)
+        else:
+            body = _object_body(request.body, "batch", {"envelopes"})
+            envelopes = body["envelopes"]
+            if not isinstance(envelopes, list) or not 1 <= len(envelopes) <= MAX_BATCH_ENVELOPES:
+                raise ProtocolError(
+                    f"batch field 'envelopes' must be a list of 1 to {MAX_BATCH_ENVELOPES} "
+                    "envelopes"
+                )
+            elements = envelopes
+        count = len(records) if records is not None else len(elements)
+        limited = self._rate_limited(caller, count) or await self._short_of_space(
+            caller, count, len(request.body)
         )
         if limited is not None:
             return limited
-        items: list[_Submitted | _Refused] = []
-        for obj in envelopes:
-            try:
-                env = Envelope.from_json(obj)
-                # from_json accepts only a dict; the object is kept to encode from.
-                items.append(_Submitted(env, obj if isinstance(obj, dict) else None))
-            except EnvelopeError as exc:
-                claimed = obj.get("id") if isinstance(obj, dict) else None
-                shown = claimed if isinstance(claimed, str) and len(claimed) <= 64 else None
-                items.append(_Refused(shown, 400, exc.reason, exc.message))
+        items = (
+            [_record_item(index, record) for index, record in enumerate(records, 1)]
+            if records is not None
+            else [_element_item(obj) for obj in elements]
+        )
         outcomes = await self._submit(caller, items)
         results = [
             {"id": o.envelope_id, "status": o.status}
@@ -663,11 +689,12 @@ class ClientAPI:
             return _Refused(env.id, 403, decision.reason, rule=decision.rule, decision=decision)
         peer = None if env.recipient.org == self._org else env.recipient.org
         group = caller.group.name
-        data = (
-            encode_envelope(env.with_group(group))
-            if item.raw is None
-            else encode_validated(item.raw, group)
-        )
+        if item.data is not None:  # the record as received, its group put in
+            data = with_group_member(item.data, env.group, group)
+        elif item.raw is not None:
+            data = encode_validated(item.raw, group)
+        else:
+            data = encode_envelope(env.with_group(group))
         return _Allowed(env, peer, data)
 
     def _rate_limited(self, caller: _Caller, count: int) -> Response | None:
@@ -973,7 +1000,63 @@ class ClientAPI:
         return json_response(200, {"org": org, "signing_key": format_signing_key(key)})
 
 
-# -- storage values -------------------------------------------------------------------
+# -- batch elements ---------------------------------------------------------------------
+def _batch_media_type(content_type: str | None) -> str | None:
+    """The batch format of a body with this Content-Type; None for one not taken (415).
+
+    No Content-Type, or ``application/json`` with any parameters, is JSON (as
+    before the binary batch existed).
+    """
+    if content_type is None:
+        return JSON_CONTENT_TYPE
+    media_type = content_type.partition(";")[0].strip().lower()
+    return media_type if media_type in BATCH_FORMATS else None
+
+
+def _element_item(obj: object) -> _Submitted | _Refused:
+    """One element of a batch, a JSON value: the envelope it is, or its refusal."""
+    try:
+        env = Envelope.from_json(obj)
+    except EnvelopeError as exc:
+        claimed = obj.get("id") if isinstance(obj, dict) else None
+        shown = claimed if isinstance(claimed, str) and len(claimed) <= _MAX_SHOWN_ID else None
+        return _Refused(shown, 400, exc.reason, exc.message)
+    # from_json accepts only a dict; the object is kept to encode from.
+    return _Submitted(env, obj if isinstance(obj, dict) else None)
+
+
+def _record_item(index: int, data: bytes) -> _Submitted | _Refused:
+    """Record ``#index`` of a binary batch: judged as the JSON element it holds, once.
+
+    A record must be its envelope's canonical encoding (docs/envelope.md §1),
+    so that the bytes received are the bytes kept: compared, then stored.
+    """
+    if len(data) > MAX_ENCODED_ENVELOPE_BYTES:  # not parsed
+        return _Refused(
+            None,
+            400,
+            Reason.ENVELOPE_TOO_LARGE,
+            f"record #{index} is {len(data)} bytes; at most {MAX_ENCODED_ENVELOPE_BYTES}",
+        )
+    try:
+        obj = decode_envelope_record_json(data)
+    except ValueError:
+        return _Refused(
+            None, 400, Reason.ENVELOPE_MALFORMED, f"record #{index} is not JSON in ASCII"
+        )
+    item = _element_item(obj)
+    if isinstance(item, _Refused) or item.raw is None:
+        return item
+    if encode_validated(item.raw, item.env.group) != data:
+        return _Refused(
+            item.env.id,
+            400,
+            Reason.ENVELOPE_MALFORMED,
+            f"record #{index} is not its envelope's canonical encoding (docs/envelope.md §1)",
+        )
+    return _Submitted(item.env, item.raw, data)
+
+
 # -- request bodies and queries ---------------------------------------------------------
 def _json_body(body: bytes, what: str) -> object:
     """The body as strict JSON (no duplicate keys, no NaN); ``ProtocolError`` otherwise."""

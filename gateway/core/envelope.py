@@ -382,6 +382,36 @@ def encode_validated(raw: Mapping[str, object], group: str | None) -> bytes:
     )
 
 
+def with_group_member(data: bytes, old: str | None, new: str | None) -> bytes:
+    """The canonical encoding ``data`` (whose group is ``old``) with group ``new`` instead.
+
+    Only for ``data`` known to be canonical (it equals :func:`encode_validated`
+    of its own values): its strings hold no quote, so the first ``,"id":"`` is
+    the ``id`` key, which ``group`` precedes. The bytes around the member are
+    kept as they are: a splice, not a second encoding. Searched from the end:
+    only the signature and the recipient (and version 2's retention members)
+    follow, never the ciphertext.
+    """
+    if old == new:
+        return data
+    member = _group_member(new)
+    if old is None:
+        at = data.rindex(b',"id":"') + 1
+        return data[:at] + member + data[at:]
+    current = _group_member(old)
+    at = data.rindex(current)
+    return data[:at] + member + data[at + len(current) :]
+
+
+@functools.lru_cache(maxsize=256)  # groups come from the rules: a few names
+def _group_member(group: str | None) -> bytes:
+    """The canonical encoding's ``group`` member and its comma (checked), or nothing."""
+    if group is None:
+        return b""
+    _check_group(group)
+    return b'"group":"' + group.encode("ascii") + b'",'
+
+
 def _v2_members(raw: Mapping[str, object]) -> dict[str, str]:
     """The members only version 2 has, as :func:`_encode_checked` takes them.
 

@@ -38,13 +38,19 @@ the slots after it: the answer's position names the envelope even where its
 
 from __future__ import annotations
 
-import json
-import struct
 from collections.abc import Sequence
 from typing import Final, NoReturn
 
 from gateway.core.address import normalize_domain
 from gateway.core.envelope import MAX_ENCODED_ENVELOPE_BYTES, Envelope, encode_validated
+from gateway.core.records import (
+    LENGTH_BYTES,
+    decode_record_json,
+    frame_records,
+    pack_u32,
+    split_records,
+    unpack_u32,
+)
 from gateway.errors import AddressError, EnvelopeError, ProtocolError, Reason
 from gateway.federation.protocol import (
     MAX_RESULT_ID_LENGTH,
@@ -58,21 +64,8 @@ MAGIC: Final = b"GWTX"
 FRAMING_VERSION: Final = 2
 FLAGS: Final = 0  # reserved: a receiver refuses any other value
 MAX_ORG_LENGTH: Final = 253  # a DNS name
-LENGTH_BYTES: Final = 4  # u32 before each record, and the count
 #: magic, version, flags, then each org as a length and at least one byte, then the count
 MIN_FRAME_BYTES: Final = len(MAGIC) + 2 + 1 + 1 + 1 + 1 + LENGTH_BYTES
-
-_U32: Final = struct.Struct(">I")
-_unpack_u32 = _U32.unpack_from
-_pack_u32 = _U32.pack
-
-
-def _no_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not JSON")
-
-
-# One decoder, built once: json.loads with an option builds a new one per call (~2 µs).
-_decode_json = json.JSONDecoder(parse_constant=_no_constant).decode
 
 
 def _org_field(org: str, what: str) -> bytes:
@@ -96,11 +89,9 @@ def encode_framed_transaction(origin: str, destination: str, records: Sequence[b
         bytes((FRAMING_VERSION, FLAGS)),
         _org_field(origin, "origin"),
         _org_field(destination, "destination"),
-        _pack_u32(len(records)),
+        pack_u32(len(records)),
     ]
-    for record in records:
-        parts.append(_pack_u32(len(record)))
-        parts.append(record)
+    parts += frame_records(records)
     return b"".join(parts)
 
 
@@ -135,8 +126,8 @@ def _record_slot(data: bytes) -> EnvelopeSlot:
         # The canonical form is ASCII, so nothing else is read further (its id
         # included). Parsed in C: duplicate keys are caught by the canonical
         # form below, which has each key once.
-        raw = _decode_json(data.decode("ascii"))
-    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raw = decode_record_json(data)
+    except ValueError:  # UnicodeDecodeError is a ValueError
         return EnvelopeSlot(None, None, Reason.ENVELOPE_MALFORMED)
     if type(raw) is not dict:
         return EnvelopeSlot(None, None, Reason.ENVELOPE_MALFORMED)
@@ -175,28 +166,14 @@ def decode_framed_transaction(
     destination, offset = _read_org(body, offset, "destination")
     if len(body) - offset < LENGTH_BYTES:
         _refuse("the body ends before the envelope count")
-    (count,) = _unpack_u32(body, offset)
+    (count,) = unpack_u32(body, offset)
     offset += LENGTH_BYTES
     limit = min(max_envelopes, MAX_TRANSACTION_ENVELOPES)
     if count > limit:
         _refuse(f"it holds {count} envelopes; at most {limit} are accepted")
-    # Every record takes at least its length: checked before any slot is made.
-    if count * LENGTH_BYTES > len(body) - offset:
-        _refuse(f"{count} envelopes cannot fit in the {len(body) - offset} bytes left")
-    slots: list[EnvelopeSlot] = []
-    end = len(body)
-    for index in range(count):
-        if end - offset < LENGTH_BYTES:
-            _refuse(f"the body ends inside the length of envelope #{index + 1}")
-        (length,) = _unpack_u32(body, offset)
-        offset += LENGTH_BYTES
-        if length > end - offset:
-            _refuse(f"envelope #{index + 1}'s length {length} runs past the end of the body")
-        slots.append(_record_slot(body[offset : offset + length]))
-        offset += length
-    if offset != end:
-        _refuse(f"{end - offset} byte(s) follow the last envelope")
-    return Transaction(origin, destination, tuple(slots))
+    records = split_records(body, offset, count, _refuse)
+    slots = tuple(_record_slot(record) for record in records)
+    return Transaction(origin, destination, slots)
 
 
 def is_framed(body: bytes) -> bool:

@@ -234,6 +234,11 @@ CLIENTAPI_SUBMISSIONS = Counter(
     "Envelopes submitted through the client API, by result (accepted, or the reason code).",
     ["result"],
 )
+CLIENTAPI_BATCH_BODIES = Counter(
+    "gateway_clientapi_batch_bodies_total",
+    "Batch bodies taken by POST /v1/envelopes/batch, by format (json, binary_v1).",
+    ["format"],
+)
 RETENTION_ARCHIVED = Counter(
     "gateway_retention_archived_envelopes_total",
     "Envelopes appended to the retention archive, by the group under retention and direction.",
