@@ -252,6 +252,18 @@ _V6 = """
 ALTER TABLE retention_archive ADD COLUMN sender_key BLOB NOT NULL DEFAULT x'';
 """
 
+# Large envelopes' bytes in segment files (gateway.storage.sqlite.segments): a row
+# holds either its bytes in ``data`` (``segment`` NULL) or an empty ``data`` and
+# where its bytes are. Rows written before keep their bytes inline and read as before.
+_V7 = """
+ALTER TABLE spool ADD COLUMN segment TEXT;
+ALTER TABLE spool ADD COLUMN seg_offset INTEGER;
+ALTER TABLE spool ADD COLUMN seg_length INTEGER;
+ALTER TABLE mailbox ADD COLUMN segment TEXT;
+ALTER TABLE mailbox ADD COLUMN seg_offset INTEGER;
+ALTER TABLE mailbox ADD COLUMN seg_length INTEGER;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "spool, mailboxes, dedup, transactions, statuses, peers, tokens, keys", _V1),
     Migration(2, "spool_deferred: envelopes a peer answered with a temporary result", _V2),
@@ -259,6 +271,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "sessions: sign-in sessions through OpenID Connect", _V4),
     Migration(5, "nodes and leases: which node drives each lane and the sweepers", _V5),
     Migration(6, "retention_archive.sender_key: the key that verified the sender", _V6),
+    Migration(7, "spool and mailbox: large envelopes' bytes in segment files", _V7),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 
