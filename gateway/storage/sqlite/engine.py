@@ -57,6 +57,7 @@ writer closes last, so SQLite checkpoints the WAL and removes it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import queue
 import sqlite3
@@ -203,6 +204,8 @@ _SQLITE_FULL: Final = 13  # "database or disk is full" (sqlite3.SQLITE_FULL, 3.1
 
 
 def _is_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):  # a segment file's sync (gateway.storage.sqlite.segments)
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
     code = getattr(exc, "sqlite_errorcode", None)
     return isinstance(code, int) and code & 0xFF == _SQLITE_FULL
 

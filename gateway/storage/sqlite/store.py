@@ -77,7 +77,12 @@ from gateway.storage.sqlite.bounds import check_bound, fit_bound
 from gateway.storage.sqlite.cluster import SqliteCluster, check_fence
 from gateway.storage.sqlite.engine import READER_THREADS, SqliteEngine, open_sqlite_engine
 from gateway.storage.sqlite.schema import migrate
-from gateway.storage.sqlite.segments import REF_COLUMNS, SEGMENT_THRESHOLD_BYTES, SegmentStore
+from gateway.storage.sqlite.segments import (
+    REF_COLUMNS,
+    SEGMENT_ROLL_BYTES,
+    SEGMENT_THRESHOLD_BYTES,
+    SegmentStore,
+)
 from gateway.storage.sqlite.sessions import SqliteSessions
 
 DELETE_CHUNK: Final = 1_000  # rows per commit for purges and prunes
@@ -916,6 +921,7 @@ async def open_sqlite_storage(
     *,
     readers: int = READER_THREADS,
     segment_threshold: int = SEGMENT_THRESHOLD_BYTES,
+    segment_roll_bytes: int = SEGMENT_ROLL_BYTES,
 ) -> AsyncIterator[SqliteStorage]:
     """Open (creating and migrating as needed) the SQLite file at ``path``.
 
@@ -925,7 +931,7 @@ async def open_sqlite_storage(
     or was written by a newer gateway.
     """
     name = os.fspath(path)
-    segments = SegmentStore(name, threshold=segment_threshold)
+    segments = SegmentStore(name, threshold=segment_threshold, roll_bytes=segment_roll_bytes)
 
     def setup(conn: sqlite3.Connection) -> None:
         migrate(conn, path=name)
