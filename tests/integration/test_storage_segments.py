@@ -58,8 +58,7 @@ def references(db_path: Path) -> dict[str, list[tuple[int, int]]]:
     with contextlib.closing(sqlite3.connect(db_path)) as conn:
         for table in ("spool", "mailbox"):
             for name, offset, length in conn.execute(
-                f"SELECT segment, seg_offset, seg_length FROM {table} "
-                "WHERE segment IS NOT NULL"
+                f"SELECT segment, seg_offset, seg_length FROM {table} WHERE segment IS NOT NULL"
             ):
                 refs.setdefault(name, []).append((offset, length))
     return refs
@@ -109,6 +108,9 @@ async def test_large_envelopes_go_to_segments_small_ones_stay_in_rows(db_path: P
         assert rows == [("m-big", 0, 1), ("m-small", len(small), 0)]
         assert big[:64] in segment_bytes(db_path)
         assert small[:64] not in segment_bytes(db_path)
+        assert store.segment_stats() == (1, 2, 2 * len(big))
+        await store.spool_complete(GLOBEX, {"s-big": "forwarded"}, at_ms=2)
+        assert store.segment_stats() == (1, 1, len(big))
     assert_only_referenced_bytes(db_path)
 
 

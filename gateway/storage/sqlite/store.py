@@ -850,6 +850,10 @@ class SqliteStorage(SqliteSessions, SqliteCluster):
 
         return await self.engine.read(op)
 
+    def segment_stats(self) -> tuple[int, int, int]:
+        """(segment files with live envelopes, their envelopes, their bytes), from memory."""
+        return self.segments.stats()
+
     async def check_writable(self) -> None:
         def op(conn: sqlite3.Connection) -> None:
             # A row written and removed again: the page really changes, so the
