@@ -405,3 +405,19 @@ def test_sigkill_loses_nothing_and_leaves_nothing_unreferenced(db_path: Path) ->
 
     trio.run(check)
     assert_only_referenced_bytes(db_path)
+
+
+async def test_deleted_ranges_give_their_disk_space_back(db_path: Path) -> None:
+    async with open_sqlite_storage(db_path) as store:
+        entries = [mail(f"m{n}", data=os.urandom(200_000)) for n in range(10)]
+        await store.mailbox_put_local(entries, at_ms=1)
+        [segment] = segment_files(db_path)
+        before = segment.stat().st_blocks * 512
+        assert before >= 2_000_000
+        assert await store.mailbox_ack(BOB, [f"m{n}" for n in range(9)]) == 9
+        # Past PUNCH_AFTER_BYTES of zeros: punched at once, no scrub needed.
+        after = segment.stat().st_blocks * 512
+        assert after < 400_000, (before, after)
+        assert segment.stat().st_size >= 2_000_000  # the file keeps its length: offsets hold
+        [last] = await store.mailbox_fetch(BOB, limit=5)
+        assert last.data == entries[-1].data

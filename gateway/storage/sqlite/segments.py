@@ -22,10 +22,14 @@ is its :class:`~gateway.storage.sqlite.engine.CommitHooks`):
   segment left with no envelope (live counts are kept in memory, computed at
   open) is unlinked, after the database confirms no row names it.
 * **after a rollback** (a failed op, a failed commit): the bytes the rolled
-  back ops appended are zeroed at once; they are referenced by nothing.
+  back ops appended are referenced by nothing: the current segment is cut
+  back to before them, any other range is zeroed, at once.
 
-Zeros are written to the page cache, not synced per batch; :meth:`scrub`
-(the sweeper's last step) syncs them. A crash between a COMMIT and its
+Zeros are written to the page cache, not synced per batch. Once synced (at
+the segment's next sync for an append, at :meth:`sync_zeros` from ``scrub``,
+or as soon as :data:`PUNCH_AFTER_BYTES` of zeros wait) their blocks are
+punched out of the file (``fallocate(PUNCH_HOLE)``), so deleted envelopes give
+their disk space back before their segment is unlinked. A crash between a COMMIT and its
 zeroing, or before zeros reached the disk, leaves deleted bytes in a segment:
 :meth:`recover`, run at every open under the write lock, zeroes every range no
 committed row references, cuts each segment's unreferenced tail, and unlinks
@@ -48,17 +52,19 @@ deleted meanwhile (a row still present then had its bytes intact when read).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import json
 import os
 import secrets
 import sqlite3
+import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from gateway.errors import StorageError, StorageFullError
 
@@ -72,6 +78,10 @@ FILE_MODE: Final = 0o600
 DIR_MODE: Final = 0o700
 _ZEROS: Final = bytes(1024 * 1024)  # one pwrite of zeros at most this long
 _SCAN_CHUNK: Final = 1024 * 1024
+# Zeroed ranges give their blocks back to the filesystem (a punched hole) once
+# their zeros are synced: at the next sync of their segment anyway, at a scrub,
+# or as soon as this many zeroed bytes wait, so a full disk gets room back.
+PUNCH_AFTER_BYTES: Final = 1024 * 1024
 _ZEROS_VIEW: Final = memoryview(_ZEROS)
 
 #: The envelope tables that may name a segment.
@@ -154,7 +164,8 @@ class SegmentStore:
         self._current: _Segment | None = None
         self._batch = _Batch()
         self._live: dict[str, list[int]] = {}  # segment -> [envelopes, bytes], from the rows
-        self._unsynced_zeros: set[str] = set()
+        self._unsynced_zeros: dict[str, list[tuple[int, int]]] = {}  # zeroed, to sync and punch
+        self._unsynced_bytes = 0
         self._unzeroed: list[tuple[str, int, int]] = []  # zeroing failed (an I/O error)
 
     # -- open and recovery (writer thread, in the engine's setup) ------------------
@@ -263,7 +274,7 @@ class SegmentStore:
         dropped = self._batch.appended[appended:]
         del self._batch.appended[appended:]
         del self._batch.freed[freed:]
-        self._zero(dropped)
+        self._drop(dropped)
 
     def before_commit(self) -> None:
         """Make the batch's appended bytes durable before the commit that names them."""
@@ -274,6 +285,11 @@ class SegmentStore:
         for segment in (self._current, *batch.retired):
             if segment is not None and segment.name in touched:
                 os.fdatasync(segment.fd)
+                # Zeros written there before are on the disk now too: give their blocks back.
+                ranges = self._unsynced_zeros.pop(segment.name, None)
+                if ranges:
+                    self._unsynced_bytes -= sum(length for _off, length in ranges)
+                    _punch(segment.fd, ranges)
         if batch.created:
             _sync_dir(self.directory)
 
@@ -296,6 +312,8 @@ class SegmentStore:
         self._release(batch.retired)
         if batch.freed:
             self._zero(batch.freed)
+            if self._unsynced_bytes >= PUNCH_AFTER_BYTES:
+                self.sync_zeros()
         current = self._current.name if self._current is not None else None
         for name in sorted(emptied - {current}):
             self._unlink_if_unused(conn, name)
@@ -303,8 +321,23 @@ class SegmentStore:
     def after_rollback(self) -> None:
         """The whole batch was rolled back: its appended bytes are referenced by nothing."""
         batch, self._batch = self._batch, _Batch()
-        self._zero(batch.appended)
+        self._drop(batch.appended)
         self._release(batch.retired)
+
+    def _drop(self, appended: Sequence[tuple[str, int, int]]) -> None:
+        """Undo appends no commit names: the current segment is cut back to before
+        them (they are its last bytes), any other is zeroed."""
+        current = self._current
+        if current is not None:
+            mine = [offset for name, offset, _len in appended if name == current.name]
+            if mine:
+                try:
+                    os.ftruncate(current.fd, min(mine))
+                    current.size = min(mine)
+                    appended = [a for a in appended if a[0] != current.name]
+                except OSError:
+                    pass  # zeroed below instead
+        self._zero(appended)
 
     def _release(self, retired: Sequence[_Segment]) -> None:
         for segment in retired:
@@ -328,9 +361,11 @@ class SegmentStore:
                 _pwrite_zeros(fd, offset, length)
             except OSError:
                 self._unzeroed.append((name, offset, length))
+                continue
             finally:
                 os.close(fd)
-            self._unsynced_zeros.add(name)
+            self._unsynced_zeros.setdefault(name, []).append((offset, length))
+            self._unsynced_bytes += length
 
     def _unlink_if_unused(self, conn: sqlite3.Connection, name: str) -> None:
         path = self.directory / (name + SEGMENT_SUFFIX)
@@ -349,11 +384,14 @@ class SegmentStore:
                 sql = f"SELECT 1 FROM {table} WHERE segment = ? LIMIT 1"  # noqa: S608
                 if conn.execute(sql, (name,)).fetchone() is not None:
                     return
+            if name in self._unsynced_zeros:
+                os.fdatasync(fd)  # its blocks go back to the filesystem holding zeros
             with self._lock:
                 self.epoch += 1
             path.unlink(missing_ok=True)
             self._forget(name)
-            self._unsynced_zeros.discard(name)
+            dropped = self._unsynced_zeros.pop(name, [])
+            self._unsynced_bytes -= sum(length for _off, length in dropped)
         finally:
             os.close(fd)
 
@@ -362,17 +400,20 @@ class SegmentStore:
             self._live.pop(name, None)
 
     def sync_zeros(self) -> None:
-        """Push the zeros written since the last call to the disk (``scrub``)."""
+        """Push the zeros written since the last call to the disk, then punch their
+        blocks out of the files (``scrub``, or enough zeros waiting)."""
         retry, self._unzeroed = self._unzeroed, []
         self._zero(retry)
-        names, self._unsynced_zeros = self._unsynced_zeros, set()
-        for name in sorted(names):
+        pending, self._unsynced_zeros = self._unsynced_zeros, {}
+        self._unsynced_bytes = 0
+        for name, ranges in sorted(pending.items()):
             try:
                 fd = os.open(self.directory / (name + SEGMENT_SUFFIX), os.O_WRONLY)
             except FileNotFoundError:
                 continue
             try:
                 os.fdatasync(fd)
+                _punch(fd, ranges)
             finally:
                 os.close(fd)
 
@@ -457,15 +498,18 @@ def _scrub_gaps(fd: int, ranges: list[tuple[int, int]]) -> None:
     """Zero every byte of the file outside ``ranges`` (sorted); cut the tail after them."""
     changed = False
     position = 0
+    gaps: list[tuple[int, int]] = []
     for offset, length in ranges:
         if offset > position:
             changed |= _zero_if_dirty(fd, position, offset - position)
+            gaps.append((position, offset - position))
         position = max(position, offset + length)
     if os.fstat(fd).st_size > position:
         os.ftruncate(fd, position)
         changed = True
     if changed:
         os.fdatasync(fd)
+    _punch(fd, gaps)
 
 
 def _zero_if_dirty(fd: int, offset: int, length: int) -> bool:
@@ -509,6 +553,39 @@ def _pwrite_zeros(fd: int, offset: int, length: int) -> None:
         _pwrite_all(fd, _ZEROS_VIEW[:step], offset)
         offset += step
         length -= step
+
+
+_FALLOC_FL_KEEP_SIZE: Final = 0x01
+_FALLOC_FL_PUNCH_HOLE: Final = 0x02
+
+
+def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.fallocate64
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    function.restype = ctypes.c_int
+    return cast("Callable[[int, int, int, int], int]", function)
+
+
+_FALLOCATE: Final = _load_fallocate()
+
+
+def _punch(fd: int, ranges: Sequence[tuple[int, int]]) -> None:
+    """Give the blocks of zeroed ranges back to the filesystem (reads still see zeros).
+
+    Only after the zeros were synced, so the old bytes were overwritten on
+    the disk first. Where the filesystem cannot punch holes, the zeros stay.
+    """
+    if _FALLOCATE is None:
+        return
+    for _name, offset, length in _coalesce([("", o, n) for o, n in ranges]):
+        if _FALLOCATE(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+            return  # EOPNOTSUPP and the like: zeros are enough
 
 
 def _sync_dir(directory: Path) -> None:
