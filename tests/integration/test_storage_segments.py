@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from gateway.errors import StorageError
 from gateway.storage.sqlite import open_sqlite_storage
-from gateway.storage.sqlite.segments import SEGMENT_SUFFIX, SEGMENT_THRESHOLD_BYTES
+from gateway.storage.sqlite.segments import SEGMENT_SUFFIX, SEGMENT_THRESHOLD_BYTES, _coalesce
 from tests.integration.test_storage_sqlite import (
     BOB,
     FAR,
@@ -421,3 +422,16 @@ async def test_deleted_ranges_give_their_disk_space_back(db_path: Path) -> None:
         assert segment.stat().st_size >= 2_000_000  # the file keeps its length: offsets hold
         [last] = await store.mailbox_fetch(BOB, limit=5)
         assert last.data == entries[-1].data
+
+
+def test_adjacent_and_overlapping_ranges_are_zeroed_in_one_write() -> None:
+    ranges = [("b", 0, 10), ("a", 30, 5), ("a", 10, 10), ("a", 20, 10), ("a", 50, 1)]
+    assert _coalesce(ranges) == [("a", 10, 25), ("a", 50, 1), ("b", 0, 10)]
+
+
+async def test_a_segment_directory_that_cannot_be_made_is_a_storage_error(tmp_path: Path) -> None:
+    db = tmp_path / "gateway.sqlite3"
+    segment_dir(db).write_bytes(b"not a directory")
+    with pytest.raises(StorageError, match="segment files"):
+        async with open_sqlite_storage(db):
+            pass

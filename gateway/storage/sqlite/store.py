@@ -23,7 +23,7 @@ from contextlib import asynccontextmanager
 from typing import Final, TypeVar
 
 from gateway.core.address import MAX_DOMAIN_LENGTH
-from gateway.errors import Reason
+from gateway.errors import Reason, StorageError
 from gateway.storage._shared import (
     _first_unseen,
     _ids,
@@ -943,6 +943,8 @@ async def open_sqlite_storage(
         conn.execute("BEGIN IMMEDIATE")  # no other process commits while we recover
         try:
             segments.recover(conn)
+        except OSError as exc:
+            raise StorageError(f"storage {name}: segment files: {exc}") from exc
         finally:
             conn.execute("ROLLBACK")
 
