@@ -158,9 +158,7 @@ async def test_every_delete_zeroes_its_range_at_once_and_empty_segments_go(
         # Only the current segment is left (it will be appended to), all zeros.
         assert len(segment_files(db_path)) == 1
         assert left.count(0) == len(left)
-    # Closed and opened again: nothing references the last one, so it goes too.
-    async with open_sqlite_storage(db_path):
-        pass
+    # Closed: nothing references the current one any more, so it goes too.
     assert segment_files(db_path) == []
 
 
@@ -435,3 +433,40 @@ async def test_a_segment_directory_that_cannot_be_made_is_a_storage_error(tmp_pa
     with pytest.raises(StorageError, match="segment files"):
         async with open_sqlite_storage(db):
             pass
+
+
+async def test_fetches_racing_acks_never_see_zeroed_bytes(db_path: Path) -> None:
+    """Reader threads and the trio thread read while the writer zeroes and unlinks."""
+    count = 400
+    payload = {f"m{n}": os.urandom(9_000) + n.to_bytes(4, "big") for n in range(count)}
+    async with open_sqlite_storage(db_path, segment_roll_bytes=200_000) as store:
+        entries = [mail(i, data=d) for i, d in payload.items()]
+        for start in range(0, count, 100):
+            await store.mailbox_put_local(entries[start : start + 100], at_ms=1)
+        acked = 0
+        checked = 0
+
+        async def ack() -> None:
+            nonlocal acked
+            for start in range(0, count, 10):
+                await store.mailbox_ack(BOB, [f"m{n}" for n in range(start, start + 10)])
+                acked = start + 10
+
+        async def fetch() -> None:
+            nonlocal checked
+            while acked < count:
+                for entry in await store.mailbox_fetch(BOB, limit=50):
+                    assert entry.data == payload[entry.envelope_id]
+                    checked += 1
+                for entry in await store.mailbox_fetch(BOB, limit=2):  # the trio thread's read
+                    assert entry.data == payload[entry.envelope_id]
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetch)
+            nursery.start_soon(fetch)
+            nursery.start_soon(ack)
+        assert await store.mailbox_fetch(BOB, limit=5) == []
+        assert checked > 0
+    assert_only_referenced_bytes(db_path)
+    assert segment_files(db_path) == []

@@ -225,7 +225,19 @@ class SegmentStore:
         _sync_dir(self.directory)
 
     def close(self) -> None:
-        for segment in (self._current, *self._batch.retired):
+        """At the writer's end: the current segment goes too if no row names it.
+
+        Its count is exact or too high (only this process adds to it; another
+        may delete from it), so a count of zero means no row names it.
+        """
+        current = self._current
+        if current is not None:
+            with self._lock:
+                live = self._live.get(current.name, [0, 0])[0]
+            if live <= 0:
+                with contextlib.suppress(OSError):
+                    (self.directory / (current.name + SEGMENT_SUFFIX)).unlink()
+        for segment in (current, *self._batch.retired):
             if segment is not None:
                 os.close(segment.fd)
         self._current = None
