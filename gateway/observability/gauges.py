@@ -35,7 +35,13 @@ from gateway.core.rules import CompiledRules
 from gateway.errors import StorageError
 from gateway.federation.sweeper import SpoolGauges
 from gateway.observability.certs import CertificateGauges, read_own_not_after
-from gateway.observability.metrics import MAILBOX_BYTES, MAILBOX_ENVELOPES, OTHER
+from gateway.observability.metrics import (
+    MAILBOX_BYTES,
+    MAILBOX_ENVELOPES,
+    OTHER,
+    STORAGE_SEGMENT_BYTES,
+    STORAGE_SEGMENT_FILES,
+)
 from gateway.storage.base import LaneStats, MailboxDepth
 
 LOGGER = logging.getLogger("gateway.observability.gauges")
@@ -108,6 +114,11 @@ async def refresh_gauges(
     """One refresh of the storage-backed gauges."""
     spool.update(await storage.spool_stats(), now_ms=now_ms, peers=rules.peers.keys())
     mailboxes.update(await storage.mailbox_stats(), rules)
+    segment_stats = getattr(storage, "segment_stats", None)  # SQLite's segment files only
+    if segment_stats is not None:
+        files, _envelopes, size = segment_stats()
+        STORAGE_SEGMENT_FILES.set(files)
+        STORAGE_SEGMENT_BYTES.set(size)
 
 
 async def run_gauge_refresher(

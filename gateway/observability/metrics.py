@@ -206,6 +206,14 @@ STORAGE_RESERVE_BYTES = Gauge(
     "gateway_storage_reserve_bytes",
     "limits.storage_min_free_bytes: below it new envelopes are refused.",
 )
+STORAGE_SEGMENT_FILES = Gauge(
+    "gateway_storage_segment_files",
+    "SQLite only: segment files holding at least one large envelope's bytes.",
+)
+STORAGE_SEGMENT_BYTES = Gauge(
+    "gateway_storage_segment_bytes",
+    "SQLite only: bytes of the envelopes kept in segment files (live ranges only).",
+)
 STORAGE_UNAVAILABLE = Counter(
     "gateway_storage_unavailable_total",
     "Requests answered 503 storage_error (with Retry-After) because the database failed: "

@@ -29,7 +29,9 @@ PostgreSQL); the archive's head row then takes the last seq SQLite handed out,
 so a record archived after the move follows the newest one copied and never
 reuses a seq, and the newest record's hash must be the same on both sides.
 
-Nothing here reads an envelope: rows are copied as bytes.
+Nothing here reads an envelope: rows are copied as bytes. A large envelope
+whose bytes SQLite keeps in a segment file (gateway.storage.sqlite.segments)
+is read from there and lands inline in PostgreSQL's ``data`` (TOAST).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from gateway.errors import StorageError
 from gateway.storage.postgres.engine import describe
 from gateway.storage.postgres.schema import migrate as migrate_postgres
 from gateway.storage.sqlite.schema import LATEST_VERSION as SQLITE_LATEST_VERSION
+from gateway.storage.sqlite.segments import REF_COLUMNS, read_range, segments_dir
 
 CHUNK_ROWS: Final = 1_000  # rows read from SQLite at a time
 
@@ -63,6 +66,7 @@ class Table:
     order_by: str
     booleans: tuple[int, ...] = ()  # positions of 0/1 columns (PostgreSQL BOOLEAN)
     identity: str | None = None  # the identity column whose sequence restarts after the copy
+    segmented: bool = False  # ``data`` may be in a segment file (its reference columns follow)
 
     @property
     def postgres_columns(self) -> tuple[str, ...]:
@@ -112,9 +116,9 @@ _ARCHIVE_COLUMNS = (
     "envelope",
 )
 TABLES: Final = (
-    Table("spool", _SPOOL_COLUMNS, "seq", booleans=(9,), identity="seq"),
+    Table("spool", _SPOOL_COLUMNS, "seq", booleans=(9,), identity="seq", segmented=True),
     Table("spool_deferred", ("envelope_id", "not_before_ms", "deferrals"), "envelope_id"),
-    Table("mailbox", _MAILBOX_COLUMNS, "seq", booleans=(8,), identity="seq"),
+    Table("mailbox", _MAILBOX_COLUMNS, "seq", booleans=(8,), identity="seq", segmented=True),
     Table("seen_envelopes", ("envelope_id", "expires_ms"), "1"),
     Table("transactions", ("origin", "txn_id", "body_hash", "results", "at_ms"), "origin, txn_id"),
     Table("statuses", ("envelope_id", "sender", "status", "at_ms"), "envelope_id"),
@@ -170,14 +174,21 @@ def _open_source(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _rows(conn: sqlite3.Connection, table: Table) -> Iterator[tuple[object, ...]]:
+def _rows(
+    conn: sqlite3.Connection, table: Table, segments: Path | None = None
+) -> Iterator[tuple[object, ...]]:
+    columns = ", ".join(table.columns)
+    if table.segmented:
+        columns += ", " + REF_COLUMNS
     cursor = conn.execute(
-        f"SELECT {', '.join(table.columns)} FROM {table.name} "  # noqa: S608 -- ours
+        f"SELECT {columns} FROM {table.name} "  # noqa: S608 -- ours
         f"ORDER BY {table.order_by}"
     )
     try:
         while chunk := cursor.fetchmany(CHUNK_ROWS):
             for row in chunk:
+                if table.segmented:
+                    row = _inline(row, table, segments)
                 if table.booleans:
                     values = list(row)
                     for index in table.booleans:
@@ -187,6 +198,24 @@ def _rows(conn: sqlite3.Connection, table: Table) -> Iterator[tuple[object, ...]
                     yield row
     finally:
         cursor.close()
+
+
+def _inline(row: tuple[object, ...], table: Table, segments: Path | None) -> tuple[object, ...]:
+    """The row with its segment's bytes in ``data`` and the reference columns cut."""
+    segment, offset, length = row[-3:]
+    row = row[:-3]
+    if segment is None:
+        return row
+    data = None
+    if segments is not None:
+        data = read_range(segments, str(segment), int(str(offset)), int(str(length)))
+    if data is None:
+        raise StorageError(
+            f"{table.name} row {row[0]}: its bytes are missing from segment {segment}; "
+            "nothing was kept"
+        )
+    at = table.columns.index("data")
+    return (*row[:at], data, *row[at + 1 :])
 
 
 def _count(conn: sqlite3.Connection | psycopg.Connection[tuple[object, ...]], table: str) -> int:
@@ -218,7 +247,7 @@ def migrate_sqlite_to_postgres(
                 raise StorageError(
                     f"storage {target}: not empty ({busy} rows): migrate into a new, empty database"
                 )
-            rows = _copy_all(source, pg, progress)
+            rows = _copy_all(source, pg, progress, segments_dir(sqlite_path))
     except psycopg.Error as exc:
         raise StorageError(f"storage {target}: the copy failed, nothing was kept: {exc}") from exc
     finally:
@@ -227,7 +256,10 @@ def migrate_sqlite_to_postgres(
 
 
 def _copy_all(
-    source: sqlite3.Connection, pg: psycopg.Connection[tuple[object, ...]], progress: Progress
+    source: sqlite3.Connection,
+    pg: psycopg.Connection[tuple[object, ...]],
+    progress: Progress,
+    segments: Path | None = None,
 ) -> dict[str, int]:
     rows: dict[str, int] = {}
     with pg.transaction():
@@ -236,7 +268,7 @@ def _copy_all(
             columns = ", ".join(table.postgres_columns)
             with pg.cursor() as cursor:
                 with cursor.copy(f"COPY {table.name} ({columns}) FROM STDIN") as copy:
-                    for row in _rows(source, table):
+                    for row in _rows(source, table, segments):
                         copy.write_row(row)
                         copied += 1
                 if table.identity is not None:

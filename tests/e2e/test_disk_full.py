@@ -48,6 +48,7 @@ from gateway.core.envelope import Envelope
 from gateway.crypto.envelope_crypto import seal
 from gateway.crypto.keys import UserKeys
 from gateway.devnet import DevNet, DevOrg, GatewayProcess
+from gateway.reserve import RESUME_FACTOR
 from tests.e2e.traffic import metric_value
 
 pytestmark = [
@@ -220,7 +221,11 @@ async def test_a_full_spool_disk_refuses_with_507_and_recovers_by_itself(tmp_pat
         assert "at the reserve of 8.0 MiB" in str(body["why"])
         metrics = proc_a.metrics()
         assert metric_value(metrics, "gateway_storage_reserve_refusals_total", path="client") > 0
-        assert metric_value(metrics, "gateway_storage_available_bytes") < RESERVE
+        # Closed by a sample below the reserve, or by a request the estimate
+        # (WRITE_AMPLIFICATION) would have taken below it: then the samples may
+        # stay a little above it (large envelopes in segment files take less
+        # than the estimate), and the reserve stays closed up to RESUME_FACTOR.
+        assert metric_value(metrics, "gateway_storage_available_bytes") < RESERVE * RESUME_FACTOR
         async with session(acme, carol_token) as carol:
             got = await carol.fetch(limit=10)
             assert {env.id for env in got} == {env.id for env in for_carol}

@@ -68,6 +68,11 @@ from tests.certs_for_tests import CertAuthority
 HOST = "127.0.0.1"
 ORG = "acme.example"
 GLOBEX = "globex.example"
+# The gw fixture's segment threshold: a 600-byte ciphertext is stored as ~1,100
+# bytes (JSON, base64url) and stays in its row; an 800-byte one (~1,360) goes to a
+# segment file, so both places are exercised.
+SEGMENT_AT_BYTES = 1_200
+SEGMENT_AT_SIZE = 700  # ciphertext bytes above which an envelope lands in a segment
 NOW_MS = 1_800_000_000_000
 HOUR_MS = 3_600_000
 HTTP_TIMEOUT = 120.0  # seconds; longer than any long-poll here
@@ -235,7 +240,9 @@ async def _start(
     rules_path.write_text(text)
     holder = RulesHolder.load(rules_path)
     waiters = MailboxWaiters()
-    async with open_sqlite_storage(tmp_path / "gateway.sqlite3") as store:
+    async with open_sqlite_storage(
+        tmp_path / "gateway.sqlite3", segment_threshold=SEGMENT_AT_BYTES
+    ) as store:
         tokens = {
             user: await issue_token(store, Address.of(user, ORG), at_ms=NOW_MS) for user in USERS
         }
@@ -757,18 +764,23 @@ async def test_a_bad_ack_is_400(gw: Gateway, body: object) -> None:
 
 
 def database_bytes(gw: Gateway) -> bytes:
-    """The SQLite file and its journals, as they are on disk now."""
+    """The SQLite file, its journals and its segment files, as they are on disk now."""
     files = [p for p in gw.rules_path.parent.iterdir() if p.name.startswith("gateway.sqlite3")]
     assert files
+    files = [f for p in files for f in (sorted(p.iterdir()) if p.is_dir() else [p])]
     return b"".join(path.read_bytes() for path in files)
 
 
-async def test_a_burn_on_read_envelope_is_gone_for_good_after_ack(gw: Gateway) -> None:
-    env = envelope("alice@acme.example", "bob@acme.example", burn_on_read=True, size=600)
+@pytest.mark.parametrize("size", [600, 800])
+async def test_a_burn_on_read_envelope_is_gone_for_good_after_ack(gw: Gateway, size: int) -> None:
+    env = envelope("alice@acme.example", "bob@acme.example", burn_on_read=True, size=size)
     # The envelope is stored as JSON: its ciphertext as base64url text.
     needle = b64url_encode(env.ciphertext)[:64].encode("ascii")
     assert (await gw.submit("alice", env)).status_code == 202
     assert needle in database_bytes(gw)  # the search below can see it
+    segments = gw.rules_path.parent / "gateway.sqlite3.segments"
+    in_segment = any(needle in part.read_bytes() for part in segments.iterdir())
+    assert in_segment == (size > SEGMENT_AT_SIZE)
     fetched = await gw.client.get("/v1/mailbox", headers=gw.auth("bob"))
     (got,) = fetched.json()["envelopes"]
     assert got["burn_on_read"] is True

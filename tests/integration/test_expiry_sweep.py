@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 
@@ -47,11 +48,11 @@ def canary(name: str, size: int = 4000) -> bytes:
 
 
 def file_bytes(db_path: Path) -> bytes:
-    return b"".join(
-        Path(str(db_path) + suffix).read_bytes()
-        for suffix in ("", "-wal")
-        if Path(str(db_path) + suffix).exists()
-    )
+    """The database, its WAL and its segment files (large envelopes' bytes)."""
+    segments = Path(str(db_path) + ".segments")
+    parts = [Path(str(db_path) + suffix) for suffix in ("", "-wal")]
+    parts += sorted(segments.iterdir()) if segments.is_dir() else []
+    return b"".join(part.read_bytes() for part in parts if part.exists())
 
 
 def record(envelope_id: str, data: bytes, expires_ms: int) -> EnvelopeRecord:
@@ -66,11 +67,13 @@ def record(envelope_id: str, data: bytes, expires_ms: int) -> EnvelopeRecord:
     )
 
 
+# 4,000 bytes stay in the row; 60,000 go to a segment file.
+@pytest.mark.parametrize("size", [4_000, 60_000])
 async def test_the_sweeper_removes_expired_ciphertext_from_the_files(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, size: int
 ) -> None:
     db_path = tmp_path / "gateway.sqlite3"
-    expiring, kept = canary("expiring"), canary("kept")
+    expiring, kept = canary("expiring", size), canary("kept", size)
     begin = trio.current_time()
 
     def clock_ms() -> int:  # wall time that follows trio's virtual clock

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,3 +127,36 @@ async def test_the_retention_archive_and_holds_are_copied_and_the_chain_goes_on(
     assert [r.seq for r in records] == [6, 7, 9]
     assert records[-1].prev == before[-1].hash
     assert check_chain(records) == []
+
+
+async def test_large_envelopes_in_segment_files_are_copied_inline(
+    tmp_path: Path, target: str
+) -> None:
+    big_spooled, big_mailed = os.urandom(70_000), os.urandom(40_000)
+    source = tmp_path / "gateway.sqlite3"
+    async with open_sqlite_storage(source) as store:
+        await store.spool_put([spool_item("small"), spool_item("big", data=big_spooled)], at_ms=1)
+        await store.mailbox_put_local([mail("m-big", data=big_mailed)], at_ms=1)
+    assert any(Path(str(source) + ".segments").iterdir())  # the bytes are in a segment
+
+    report = migrate_sqlite_to_postgres(source, target)
+    assert (report.rows["spool"], report.rows["mailbox"]) == (2, 1)
+    async with open_postgres_storage(target) as pg:
+        taken = await pg.spool_take(GLOBEX, max_items=5, max_bytes=2**30)
+        assert [(e.envelope_id, e.data) for e in taken] == [
+            ("small", b"data of small"),
+            ("big", big_spooled),
+        ]
+        [fetched] = await pg.mailbox_fetch("bob@acme.example", limit=5)
+        assert fetched.data == big_mailed
+
+
+async def test_a_row_whose_segment_is_missing_stops_the_copy(tmp_path: Path, target: str) -> None:
+    source = tmp_path / "gateway.sqlite3"
+    async with open_sqlite_storage(source) as store:
+        await store.mailbox_put_local([mail("m-big", data=os.urandom(40_000))], at_ms=1)
+    for segment in Path(str(source) + ".segments").iterdir():
+        segment.unlink()
+    with pytest.raises(StorageError, match="missing from segment"):
+        migrate_sqlite_to_postgres(source, target)
+    assert set(counts(target).values()) == {0}

@@ -414,10 +414,15 @@ async def test_mailbox_put_local_delivers_once_and_records_status(store: SqliteS
 
 # -- secure delete -------------------------------------------------------------------
 def _file_bytes(db_path: Path) -> bytes:
+    """The database, its WAL and every segment file beside it."""
     content = b""
     for suffix in ("", "-wal"):
         part = Path(str(db_path) + suffix)
         if part.exists():
+            content += part.read_bytes()
+    segments = Path(str(db_path) + ".segments")
+    if segments.is_dir():
+        for part in sorted(segments.iterdir()):
             content += part.read_bytes()
     return content
 
@@ -427,7 +432,7 @@ async def test_deleted_envelopes_are_gone_from_the_file_bytes(db_path: Path) -> 
         marker = f"CANARY-{name}-".encode()
         return (marker * (size // len(marker) + 1))[:size]
 
-    kept = canary("kept", 200)
+    kept, kept_big = canary("kept", 200), canary("kept-big", 30_000)
     acked_small, acked_big = canary("acked-small", 300), canary("acked-big", 20_000)
     expired_mail, spooled_done, spooled_expired = (
         canary("mail-expired", 500),
@@ -438,6 +443,7 @@ async def test_deleted_envelopes_are_gone_from_the_file_bytes(db_path: Path) -> 
         filler = [mail(f"f{i}", data=os.urandom(300)) for i in range(50)]
         entries = [
             mail("kept", data=kept),
+            mail("kept-big", data=kept_big),
             mail("acked-small", data=acked_small, burn_on_read=True),
             mail("acked-big", data=acked_big),
             mail("expired", data=expired_mail, expires_ms=100),
@@ -454,7 +460,15 @@ async def test_deleted_envelopes_are_gone_from_the_file_bytes(db_path: Path) -> 
         # Some of it reaches the main file before the deletes, as in real life.
         assert await store.scrub()
         everything = _file_bytes(db_path)
-        for present in (kept, acked_small, acked_big, expired_mail, spooled_done, spooled_expired):
+        for present in (
+            kept,
+            kept_big,
+            acked_small,
+            acked_big,
+            expired_mail,
+            spooled_done,
+            spooled_expired,
+        ):
             assert present[:64] in everything
 
         assert await store.mailbox_ack(BOB, ["acked-small", "acked-big"]) == 2
@@ -466,6 +480,7 @@ async def test_deleted_envelopes_are_gone_from_the_file_bytes(db_path: Path) -> 
         assert Path(str(db_path) + "-wal").stat().st_size == 0
         after = _file_bytes(db_path)
         assert kept[:64] in after  # the search does find what is still stored
+        assert kept_big[:64] in after  # in a segment file
         for gone in (acked_small, acked_big, expired_mail, spooled_done, spooled_expired):
             name = gone[:24]
             assert name not in after, f"{name!r} is still in the database files"

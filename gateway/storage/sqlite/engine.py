@@ -57,6 +57,7 @@ writer closes last, so SQLite checkpoints the WAL and removes it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import queue
 import sqlite3
@@ -64,7 +65,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Final, Generic, TypeVar
+from typing import Final, Generic, Protocol, TypeVar
 
 import outcome
 import trio
@@ -85,6 +86,41 @@ FILE_MODE: Final = 0o600  # ciphertext and token hashes: owner only (WAL and shm
 
 WriteOp = Callable[[sqlite3.Connection], T]
 ReadOp = Callable[[sqlite3.Connection], T]
+
+
+class CommitHooks(Protocol):
+    """What the writer tells a side store (segment files) around each transaction.
+
+    All run on the writer thread. ``before_commit`` may raise: the batch then
+    fails as a failed commit does (and ``after_rollback`` follows).
+    """
+
+    def mark(self) -> object: ...
+    def rollback_to(self, mark: object) -> None: ...
+    def before_commit(self) -> None: ...
+    def after_commit(self, conn: sqlite3.Connection) -> None: ...
+    def after_rollback(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class _NoHooks:
+    def mark(self) -> object:
+        return None
+
+    def rollback_to(self, mark: object) -> None:
+        pass
+
+    def before_commit(self) -> None:
+        pass
+
+    def after_commit(self, conn: sqlite3.Connection) -> None:
+        pass
+
+    def after_rollback(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _Stop:
@@ -168,6 +204,8 @@ _SQLITE_FULL: Final = 13  # "database or disk is full" (sqlite3.SQLITE_FULL, 3.1
 
 
 def _is_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):  # a segment file's sync (gateway.storage.sqlite.segments)
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
     code = getattr(exc, "sqlite_errorcode", None)
     return isinstance(code, int) and code & 0xFF == _SQLITE_FULL
 
@@ -187,8 +225,9 @@ def _translate(path: str, result: outcome.Outcome[T]) -> T:
 class SqliteEngine:
     """The threads and connections of one SQLite database. Build with :func:`open_sqlite_engine`."""
 
-    def __init__(self, path: str, *, readers: int) -> None:
+    def __init__(self, path: str, *, readers: int, hooks: CommitHooks | None = None) -> None:
         self.path = path
+        self.hooks: CommitHooks = hooks if hooks is not None else _NoHooks()
         self._readers = readers
         self._token = trio.lowlevel.current_trio_token()
         self._write_queue: queue.SimpleQueue[_Job[object] | _Stop] = queue.SimpleQueue()
@@ -362,6 +401,7 @@ class SqliteEngine:
             with contextlib.suppress(sqlite3.Error):  # only a hint for the query planner
                 conn.execute("PRAGMA optimize")
             conn.close()
+            self.hooks.close()
 
     def _write_loop(self, conn: sqlite3.Connection) -> None:
         while True:
@@ -414,16 +454,19 @@ class SqliteEngine:
                 conn.execute("BEGIN IMMEDIATE")
                 for job in batch:
                     conn.execute("SAVEPOINT op")
+                    mark = self.hooks.mark()
                     job.result = outcome.capture(job.fn, conn)
                     if isinstance(job.result, outcome.Error):
                         # The op's own changes go; the batch's stay.
                         conn.execute("ROLLBACK TO op")
+                        self.hooks.rollback_to(mark)
                     conn.execute("RELEASE op")
+            self.hooks.before_commit()
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            # BEGIN, a savepoint or the commit failed (disk full, I/O error,
-            # another process holding the lock too long): nothing of this batch
-            # is durable, so no op of it may report success.
+        except (sqlite3.Error, OSError) as exc:
+            # BEGIN, a savepoint, a segment sync or the commit failed (disk
+            # full, I/O error, another process holding the lock too long):
+            # nothing of this batch is durable, so no op of it may report success.
             self._abandon(conn, batch, exc)
         except BaseException as exc:  # a bug in the loop itself: fail loudly, never hang
             self._broken = exc
@@ -431,6 +474,11 @@ class SqliteEngine:
         else:
             self.commits += 1
             self.ops_committed += len(batch)
+            try:
+                # Deleted envelopes' segment bytes are zeroed before anyone is told.
+                self.hooks.after_commit(conn)
+            except BaseException as exc:  # the commit stands; the writer cannot go on
+                self._broken = exc
         self._hand_back(batch)
 
     def _run_optimistic(self, conn: sqlite3.Connection, batch: list[_Job[object]]) -> bool:
@@ -450,6 +498,7 @@ class SqliteEngine:
             if isinstance(job.result, outcome.Error):
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
+                self.hooks.after_rollback()
                 if len(batch) > 1:
                     return False
                 conn.execute("BEGIN IMMEDIATE")
@@ -464,6 +513,10 @@ class SqliteEngine:
                 conn.execute("ROLLBACK")
         except sqlite3.Error as rollback_exc:
             self._broken = rollback_exc  # the connection's state is unknown now
+        try:
+            self.hooks.after_rollback()
+        except BaseException as hook_exc:
+            self._broken = hook_exc
         for job in batch:
             if job.result is None or isinstance(job.result, outcome.Value):
                 kind = StorageFullError if _is_full(exc) else StorageError
@@ -501,6 +554,7 @@ async def open_sqlite_engine(
     *,
     setup: WriteOp[object],
     readers: int = READER_THREADS,
+    hooks: CommitHooks | None = None,
 ) -> AsyncIterator[SqliteEngine]:
     """Start the writer (which runs ``setup(conn)`` first, e.g. migrations) and readers.
 
@@ -509,7 +563,7 @@ async def open_sqlite_engine(
     """
     if not isinstance(readers, int) or not 1 <= readers <= MAX_READER_THREADS:
         raise ValueError(f"readers must be 1..{MAX_READER_THREADS}, got {readers!r}")
-    engine = SqliteEngine(_prepare_file(Path(path)), readers=readers)
+    engine = SqliteEngine(_prepare_file(Path(path)), readers=readers, hooks=hooks)
     await engine._start(setup)
     try:
         yield engine

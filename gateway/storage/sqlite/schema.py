@@ -266,6 +266,18 @@ DROP TRIGGER mailbox_count_in;
 DROP TRIGGER mailbox_count_out;
 """
 
+# Large envelopes' bytes in segment files (gateway.storage.sqlite.segments): a row
+# holds either its bytes in ``data`` (``segment`` NULL) or an empty ``data`` and
+# where its bytes are. Rows written before keep their bytes inline and read as before.
+_V8 = """
+ALTER TABLE spool ADD COLUMN segment TEXT;
+ALTER TABLE spool ADD COLUMN seg_offset INTEGER;
+ALTER TABLE spool ADD COLUMN seg_length INTEGER;
+ALTER TABLE mailbox ADD COLUMN segment TEXT;
+ALTER TABLE mailbox ADD COLUMN seg_offset INTEGER;
+ALTER TABLE mailbox ADD COLUMN seg_length INTEGER;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "spool, mailboxes, dedup, transactions, statuses, peers, tokens, keys", _V1),
     Migration(2, "spool_deferred: envelopes a peer answered with a temporary result", _V2),
@@ -274,6 +286,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, "nodes and leases: which node drives each lane and the sweepers", _V5),
     Migration(6, "retention_archive.sender_key: the key that verified the sender", _V6),
     Migration(7, "spool_lanes and mailbox_counts kept by the store's ops, not row triggers", _V7),
+    Migration(8, "spool and mailbox: large envelopes' bytes in segment files", _V8),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -23,7 +23,7 @@ from contextlib import asynccontextmanager
 from typing import Final, TypeVar
 
 from gateway.core.address import MAX_DOMAIN_LENGTH
-from gateway.errors import Reason
+from gateway.errors import Reason, StorageError
 from gateway.storage._shared import (
     _first_unseen,
     _ids,
@@ -77,6 +77,12 @@ from gateway.storage.sqlite.bounds import check_bound, fit_bound
 from gateway.storage.sqlite.cluster import SqliteCluster, check_fence
 from gateway.storage.sqlite.engine import READER_THREADS, SqliteEngine, open_sqlite_engine
 from gateway.storage.sqlite.schema import migrate
+from gateway.storage.sqlite.segments import (
+    REF_COLUMNS,
+    SEGMENT_ROLL_BYTES,
+    SEGMENT_THRESHOLD_BYTES,
+    SegmentStore,
+)
 from gateway.storage.sqlite.sessions import SqliteSessions
 
 DELETE_CHUNK: Final = 1_000  # rows per commit for purges and prunes
@@ -88,15 +94,17 @@ _PROBE_VERSION: Final = -1  # check_writable's transient row; real versions star
 # few ms, the price of a copy the thread would make too.
 SMALL_READ_ROWS: Final = 4
 
+# Envelope reads end with the bytes and where they are (SegmentStore.resolve).
 _SPOOL_COLUMNS = (
     "seq, envelope_id, peer, sender, recipient, created_ms, expires_ms, spooled_ms, "
-    "burn_on_read, data"
+    f"burn_on_read, data, {REF_COLUMNS}"
 )
 _SPOOL_SUMMARY_COLUMNS = (
     "seq, envelope_id, peer, sender, recipient, created_ms, expires_ms, spooled_ms, size"
 )
 _MAILBOX_COLUMNS = (
-    "seq, envelope_id, recipient, sender, created_ms, expires_ms, stored_ms, burn_on_read, data"
+    "seq, envelope_id, recipient, sender, created_ms, expires_ms, stored_ms, burn_on_read, data, "
+    + REF_COLUMNS
 )
 _SET_STATUS = (
     "INSERT INTO statuses (envelope_id, sender, status, at_ms) VALUES (?, ?, ?, ?) "
@@ -217,8 +225,19 @@ async def _small_first(
     return rows
 
 
+def _placed(
+    segments: SegmentStore, data: bytes
+) -> tuple[bytes, str | None, int | None, int | None]:
+    """``(data, segment, seg_offset, seg_length)`` of a row: a large envelope's bytes
+    go to the current segment, a small one's stay in the row."""
+    if len(data) < segments.threshold:
+        return data, None, None, None
+    return (b"", *segments.append(data))
+
+
 def _store_in_mailboxes(
     conn: sqlite3.Connection,
+    segments: SegmentStore,
     entries: Sequence[EnvelopeRecord],
     at_ms: int,
     *,
@@ -259,7 +278,8 @@ def _store_in_mailboxes(
     )
     conn.executemany(
         "INSERT INTO mailbox (envelope_id, recipient, sender, created_ms, expires_ms, "
-        "stored_ms, size, burn_on_read, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "stored_ms, size, burn_on_read, data, segment, seg_offset, seg_length) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             (
                 entry.envelope_id,
@@ -270,7 +290,7 @@ def _store_in_mailboxes(
                 at_ms,
                 entry.size,
                 int(entry.burn_on_read),
-                entry.data,
+                *_placed(segments, entry.data),
             )
             for entry in stored
         ],
@@ -292,8 +312,9 @@ class SqliteStorage(SqliteSessions, SqliteCluster):
     Build it with :func:`open_sqlite_storage`.
     """
 
-    def __init__(self, engine: SqliteEngine) -> None:
+    def __init__(self, engine: SqliteEngine, segments: SegmentStore) -> None:
         self.engine = engine
+        self.segments = segments  # large envelopes' bytes (written by the engine's writer)
         # The retention archive shares the file and the writer (its own module).
         self.archive = SqliteArchive(engine)
 
@@ -309,6 +330,7 @@ class SqliteStorage(SqliteSessions, SqliteCluster):
         _records("spool_put items", items, SpoolItem)
         check_ms("at_ms", at_ms)
         items = list(items)
+        segments = self.segments
 
         def op(conn: sqlite3.Connection) -> list[str]:
             # "Seen on the sending side" is: in the spool (status `queued`,
@@ -322,8 +344,8 @@ class SqliteStorage(SqliteSessions, SqliteCluster):
             # executemany keeps the order, so lane order is still item order.
             conn.executemany(
                 "INSERT INTO spool (envelope_id, peer, sender, recipient, created_ms, "
-                "expires_ms, spooled_ms, size, burn_on_read, data) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "expires_ms, spooled_ms, size, burn_on_read, data, segment, seg_offset, "
+                "seg_length) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         item.envelope_id,
@@ -335,7 +357,7 @@ class SqliteStorage(SqliteSessions, SqliteCluster):
                         at_ms,
                         item.size,
                         int(item.burn_on_read),
-                        item.data,
+                        *_placed(segments, item.data),
                     )
                     for item in fresh
                 ],
@@ -362,21 +384,28 @@ class SqliteStorage(SqliteSessions, SqliteCluster):
         if now_ms is not None:
             sql, args = _SPOOL_TAKE_DUE, [peer, after_seq, check_ms("now_ms", now_ms)]
 
+        segments = self.segments
+
         def op(conn: sqlite3.Connection, limit: int) -> tuple[list[SpoolEntry], bool]:
             """The take with at most ``limit`` rows, and whether it is the whole take."""
-            taken: list[SpoolEntry] = []
+            epoch = segments.epoch  # before the snapshot begins
+            rows: list[tuple[object, ...]] = []
             total = 0
+            whole = False
             cur = conn.execute(sql, (*args, limit))
             try:
                 for row in cur:
-                    entry = _spool_entry(row)
-                    if taken and total + entry.size > max_bytes:
-                        return taken, True  # the byte bound ends it, whatever the limit
-                    taken.append(entry)
-                    total += entry.size
+                    size = len(row[-4]) if row[-3] is None else row[-1]
+                    if rows and total + size > max_bytes:
+                        whole = True  # the byte bound ends it, whatever the limit
+                        break
+                    rows.append(row)
+                    total += size
+                else:
+                    whole = len(rows) < limit
             finally:
                 cur.close()
-            return taken, len(taken) < limit
+            return [_spool_entry(r) for r in segments.resolve(conn, "spool", rows, epoch)], whole
 
         # A lane that is keeping up holds a few envelopes; a backlog, more.
         return await _small_first(self.engine, op, max_items)
@@ -585,7 +614,7 @@ class SqliteStorage(SqliteSessions, SqliteCluster):
                 replayed = _txn_record(origin, txn_id, row)
                 return DeliverOutcome(stored=(), recipients=frozenset(), replayed=replayed)
             stored, recipients, full = _store_in_mailboxes(
-                conn, entries, at_ms, bound=bound, each=True
+                conn, self.segments, entries, at_ms, bound=bound, each=True
             )
             answer = results_json
             if full:
@@ -628,7 +657,9 @@ class SqliteStorage(SqliteSessions, SqliteCluster):
         entries = list(entries)
 
         def op(conn: sqlite3.Connection) -> DeliverOutcome:
-            stored, recipients, _ = _store_in_mailboxes(conn, entries, at_ms, bound=bound)
+            stored, recipients, _ = _store_in_mailboxes(
+                conn, self.segments, entries, at_ms, bound=bound
+            )
             conn.executemany(
                 _SET_STATUS, [(e.envelope_id, e.sender, STATUS_DELIVERED, at_ms) for e in stored]
             )
@@ -647,13 +678,19 @@ class SqliteStorage(SqliteSessions, SqliteCluster):
         # Expired-but-not-yet-swept envelopes are never handed out.
         not_expired = -1 if now_ms is None else check_ms("now_ms", now_ms)
 
+        segments = self.segments
+
         def op(conn: sqlite3.Connection, rows_at_most: int) -> tuple[list[MailboxEntry], bool]:
+            epoch = segments.epoch  # before the snapshot begins
             rows = conn.execute(
                 f"SELECT {_MAILBOX_COLUMNS} FROM mailbox "  # noqa: S608
                 "WHERE recipient = ? AND seq > ? AND expires_ms > ? ORDER BY seq LIMIT ?",
                 (user, after_seq, not_expired, rows_at_most),
             ).fetchall()
-            return [_mailbox_entry(row) for row in rows], len(rows) < rows_at_most
+            whole = len(rows) < rows_at_most
+            return [
+                _mailbox_entry(r) for r in segments.resolve(conn, "mailbox", rows, epoch)
+            ], whole
 
         # A mailbox read as it fills holds a few envelopes; a fuller one, more.
         return await _small_first(self.engine, op, limit)
@@ -863,6 +900,10 @@ class SqliteStorage(SqliteSessions, SqliteCluster):
 
         return await self.engine.read(op)
 
+    def segment_stats(self) -> tuple[int, int, int]:
+        """(segment files with live envelopes, their envelopes, their bytes), from memory."""
+        return self.segments.stats()
+
     async def check_writable(self) -> None:
         def op(conn: sqlite3.Connection) -> None:
             # A row written and removed again: the page really changes, so the
@@ -920,6 +961,9 @@ class SqliteStorage(SqliteSessions, SqliteCluster):
             # already overwritten the bytes) and cut the WAL to zero length,
             # so no old page image with a deleted envelope survives in it.
             busy, _log, _done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            # Deleted envelopes' segment ranges were zeroed at their commit; make
+            # the zeros reach the disk too.
+            self.segments.sync_zeros()
             return bool(busy == 0)
 
         return await self.engine.write_alone(op)
@@ -927,7 +971,11 @@ class SqliteStorage(SqliteSessions, SqliteCluster):
 
 @asynccontextmanager
 async def open_sqlite_storage(
-    path: str | os.PathLike[str], *, readers: int = READER_THREADS
+    path: str | os.PathLike[str],
+    *,
+    readers: int = READER_THREADS,
+    segment_threshold: int = SEGMENT_THRESHOLD_BYTES,
+    segment_roll_bytes: int = SEGMENT_ROLL_BYTES,
 ) -> AsyncIterator[SqliteStorage]:
     """Open (creating and migrating as needed) the SQLite file at ``path``.
 
@@ -937,7 +985,18 @@ async def open_sqlite_storage(
     or was written by a newer gateway.
     """
     name = os.fspath(path)
-    async with open_sqlite_engine(
-        path, setup=lambda conn: migrate(conn, path=name), readers=readers
-    ) as engine:
-        yield SqliteStorage(engine)
+    segments = SegmentStore(name, threshold=segment_threshold, roll_bytes=segment_roll_bytes)
+
+    def setup(conn: sqlite3.Connection) -> None:
+        migrate(conn, path=name)
+        segments.install(conn)
+        conn.execute("BEGIN IMMEDIATE")  # no other process commits while we recover
+        try:
+            segments.recover(conn)
+        except OSError as exc:
+            raise StorageError(f"storage {name}: segment files: {exc}") from exc
+        finally:
+            conn.execute("ROLLBACK")
+
+    async with open_sqlite_engine(path, setup=setup, readers=readers, hooks=segments) as engine:
+        yield SqliteStorage(engine, segments)
