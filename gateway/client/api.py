@@ -12,6 +12,7 @@ Errors are translated at this edge: a transport failure is a
 
 from __future__ import annotations
 
+import functools
 import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -134,23 +135,8 @@ class ClientSession:
         extra_time: float = 0.0,
         ok: Sequence[int] = (200, 202),
     ) -> Any:
-        try:
-            return await self._call_once(
-                method,
-                path,
-                json=json,
-                content=content,
-                content_type=content_type,
-                params=params,
-                extra_time=extra_time,
-                ok=ok,
-            )
-        except ClientAPIError as exc:
-            if self._refresh is None or exc.status != 401 or exc.code != "session_expired":
-                raise
-        # The session token expired: trade the refresh token for a new one, once.
-        self._http.headers["authorization"] = f"Bearer {await self._refresh()}"
-        return await self._call_once(
+        call = functools.partial(
+            self._call_once,
             method,
             path,
             json=json,
@@ -160,6 +146,14 @@ class ClientSession:
             extra_time=extra_time,
             ok=ok,
         )
+        try:
+            return await call()
+        except ClientAPIError as exc:
+            if self._refresh is None or exc.status != 401 or exc.code != "session_expired":
+                raise
+        # The session token expired: trade the refresh token for a new one, once.
+        self._http.headers["authorization"] = f"Bearer {await self._refresh()}"
+        return await call()
 
     async def _call_once(
         self,

@@ -140,9 +140,9 @@ _DEFER = (
 
 # Remove a batch of ids from one lane or mailbox (a repeated id counts once),
 # returning what the counters need (and, for a lane, each sender, for the
-# envelope's status row). The unary ``+`` keeps the
-# planner on the envelope_id index: without it SQLite walks the whole lane or
-# mailbox by its (peer, seq) index, a million rows for a backlog.
+# envelope's status row). The unary ``+`` keeps the planner on the envelope_id
+# index: without it SQLite walks the whole lane or mailbox by its (peer, seq)
+# index, a million rows for a backlog.
 _SPOOL_COMPLETE = (
     f"DELETE FROM spool WHERE +peer = ? AND envelope_id {_AMONG} "  # noqa: S608
     "RETURNING envelope_id, sender, size"
