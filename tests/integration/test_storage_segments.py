@@ -22,7 +22,15 @@ import trio
 
 from gateway.errors import StorageError
 from gateway.storage.sqlite import open_sqlite_storage
-from gateway.storage.sqlite.segments import SEGMENT_SUFFIX, SEGMENT_THRESHOLD_BYTES, _coalesce
+from gateway.storage.sqlite.schema import migrate
+from gateway.storage.sqlite.segments import (
+    ENVELOPE_TABLES,
+    NAMED_SQL,
+    REFERENCED_SQL,
+    SEGMENT_SUFFIX,
+    SEGMENT_THRESHOLD_BYTES,
+    _coalesce,
+)
 from tests.integration.test_storage_sqlite import (
     BOB,
     FAR,
@@ -420,6 +428,22 @@ async def test_deleted_ranges_give_their_disk_space_back(db_path: Path) -> None:
         assert segment.stat().st_size >= 2_000_000  # the file keeps its length: offsets hold
         [last] = await store.mailbox_fetch(BOB, limit=5)
         assert last.data == entries[-1].data
+
+
+def test_which_rows_name_a_segment_is_read_from_an_index_not_every_row(db_path: Path) -> None:
+    # Asked at every open under the write lock, and whenever a segment may
+    # have emptied: a walk of a million spooled small envelopes held up the
+    # live gateway's commits (and `gateway peers`) for over a second.
+    with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as conn:
+        migrate(conn, path=str(db_path))
+        for table in ENVELOPE_TABLES:
+            for sql, args in ((REFERENCED_SQL, ()), (NAMED_SQL, ("s-1",))):
+                plan = conn.execute("EXPLAIN QUERY PLAN " + sql.format(table=table), args)
+                details = [row[3] for row in plan]
+                assert details == [
+                    f"SEARCH {table} USING COVERING INDEX {table}_segment "
+                    + ("(segment>?)" if sql is REFERENCED_SQL else "(segment=?)")
+                ]
 
 
 def test_adjacent_and_overlapping_ranges_are_zeroed_in_one_write() -> None:

@@ -278,6 +278,16 @@ ALTER TABLE mailbox ADD COLUMN seg_offset INTEGER;
 ALTER TABLE mailbox ADD COLUMN seg_length INTEGER;
 """
 
+# Which rows name a segment: asked at every open (recovery, under the write
+# lock) and when a segment may have emptied. Without these, both walk every row
+# of the spool and the mailboxes (a million spooled: over a second, the live
+# gateway's commits held up meanwhile). Partial, so small envelopes, kept
+# inline, cost them nothing.
+_V9 = """
+CREATE INDEX spool_segment ON spool(segment, seg_offset, seg_length) WHERE segment IS NOT NULL;
+CREATE INDEX mailbox_segment ON mailbox(segment, seg_offset, seg_length) WHERE segment IS NOT NULL;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "spool, mailboxes, dedup, transactions, statuses, peers, tokens, keys", _V1),
     Migration(2, "spool_deferred: envelopes a peer answered with a temporary result", _V2),
@@ -287,6 +297,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(6, "retention_archive.sender_key: the key that verified the sender", _V6),
     Migration(7, "spool_lanes and mailbox_counts kept by the store's ops, not row triggers", _V7),
     Migration(8, "spool and mailbox: large envelopes' bytes in segment files", _V8),
+    Migration(9, "indexes of the rows whose bytes are in segment files", _V9),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

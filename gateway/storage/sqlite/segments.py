@@ -90,6 +90,13 @@ _ZEROS_VIEW: Final = memoryview(_ZEROS)
 
 #: The envelope tables that may name a segment.
 ENVELOPE_TABLES: Final = ("spool", "mailbox")
+# The two questions asked of every table above; each is answered from the
+# table's partial index of segment rows (schema migration 9), never a walk of
+# all its rows (tests/integration/test_storage_segments.py checks the plans).
+REFERENCED_SQL: Final = (
+    "SELECT segment, seg_offset, seg_length FROM {table} WHERE segment IS NOT NULL"
+)
+NAMED_SQL: Final = "SELECT 1 FROM {table} WHERE segment = ? LIMIT 1"
 #: Columns appended to a row read of ``data`` (:meth:`SegmentStore.resolve`).
 REF_COLUMNS: Final = "segment, seg_offset, seg_length"
 
@@ -404,8 +411,7 @@ class SegmentStore:
                 return  # another process still appends to it
             # Counts of a segment another process wrote may be stale: ask the rows.
             for table in ENVELOPE_TABLES:
-                sql = f"SELECT 1 FROM {table} WHERE segment = ? LIMIT 1"  # noqa: S608
-                if conn.execute(sql, (name,)).fetchone() is not None:
+                if conn.execute(NAMED_SQL.format(table=table), (name,)).fetchone() is not None:
                     return
             if name in self._unsynced_zeros:
                 os.fdatasync(fd)  # its blocks go back to the filesystem holding zeros
@@ -506,11 +512,7 @@ def _storage_error(path: Path, exc: OSError) -> StorageError:
 def _referenced(conn: sqlite3.Connection) -> dict[str, list[tuple[int, int]]]:
     refs: dict[str, list[tuple[int, int]]] = {}
     for table in ENVELOPE_TABLES:
-        sql = (
-            f"SELECT segment, seg_offset, seg_length FROM {table} "  # noqa: S608
-            "WHERE segment IS NOT NULL"
-        )
-        for name, offset, length in conn.execute(sql):
+        for name, offset, length in conn.execute(REFERENCED_SQL.format(table=table)):
             refs.setdefault(name, []).append((offset, length))
     for ranges in refs.values():
         ranges.sort()
