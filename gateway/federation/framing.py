@@ -45,7 +45,7 @@ from gateway.core.address import normalize_domain
 from gateway.core.envelope import MAX_ENCODED_ENVELOPE_BYTES, Envelope, encode_validated
 from gateway.core.records import (
     LENGTH_BYTES,
-    decode_record_json,
+    decode_envelope_record_json,
     frame_records,
     pack_u32,
     split_records,
@@ -124,9 +124,10 @@ def _record_slot(data: bytes) -> EnvelopeSlot:
         return EnvelopeSlot(None, None, Reason.ENVELOPE_TOO_LARGE)
     try:
         # The canonical form is ASCII, so nothing else is read further (its id
-        # included). Parsed in C: duplicate keys are caught by the canonical
-        # form below, which has each key once.
-        raw = decode_record_json(data)
+        # included). Parsed in C, the ciphertext not scanned as JSON text;
+        # duplicate keys are caught by the canonical form below, which has
+        # each key once.
+        raw = decode_envelope_record_json(data)
     except ValueError:  # UnicodeDecodeError is a ValueError
         return EnvelopeSlot(None, None, Reason.ENVELOPE_MALFORMED)
     if type(raw) is not dict:

@@ -279,6 +279,19 @@ def _escaped(data: bytes) -> bytes:
         (_reordered(GOOD), Reason.ENVELOPE_MALFORMED, True),
         (_escaped(GOOD), Reason.ENVELOPE_MALFORMED, True),
         (GOOD[:-1] + b',"v":1}', Reason.ENVELOPE_MALFORMED, True),  # a key twice
+        # The ciphertext, which is read without the JSON scanner (records.py),
+        # twice, escaped, or not ended:
+        (
+            GOOD.replace(b'"ciphertext":', b'"ciphertext":"AQ","ciphertext":', 1),
+            Reason.ENVELOPE_MALFORMED,
+            True,
+        ),
+        (
+            GOOD.replace(b'"ciphertext":"AQ', b'"ciphertext":"\\u0041Q', 1),
+            Reason.ENVELOPE_MALFORMED,
+            True,
+        ),
+        (GOOD[: GOOD.index(b'"ciphertext":"') + 20], Reason.ENVELOPE_MALFORMED, False),
         (b" " * (MAX_ENCODED_ENVELOPE_BYTES + 1), Reason.ENVELOPE_TOO_LARGE, False),
     ],
 )
