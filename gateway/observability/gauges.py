@@ -41,6 +41,7 @@ from gateway.observability.metrics import (
     OTHER,
     STORAGE_SEGMENT_BYTES,
     STORAGE_SEGMENT_FILES,
+    STORAGE_SEGMENT_MISSING,
 )
 from gateway.storage.base import LaneStats, MailboxDepth
 
@@ -119,6 +120,9 @@ async def refresh_gauges(
         files, _envelopes, size = segment_stats()
         STORAGE_SEGMENT_FILES.set(files)
         STORAGE_SEGMENT_BYTES.set(size)
+    segment_missing = getattr(storage, "segment_missing", None)
+    if segment_missing is not None:
+        STORAGE_SEGMENT_MISSING.set(segment_missing())
 
 
 async def run_gauge_refresher(

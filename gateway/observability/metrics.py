@@ -214,6 +214,11 @@ STORAGE_SEGMENT_BYTES = Gauge(
     "gateway_storage_segment_bytes",
     "SQLite only: bytes of the envelopes kept in segment files (live ranges only).",
 )
+STORAGE_SEGMENT_MISSING = Gauge(
+    "gateway_storage_segment_missing_envelopes",
+    "SQLite only: envelopes whose segment file is missing or too short (deleted or cut by "
+    "hand): their lane or mailbox cannot be read past them until they expire or are removed.",
+)
 STORAGE_UNAVAILABLE = Counter(
     "gateway_storage_unavailable_total",
     "Requests answered 503 storage_error (with Retry-After) because the database failed: "

@@ -494,3 +494,58 @@ async def test_fetches_racing_acks_never_see_zeroed_bytes(db_path: Path) -> None
         assert checked > 0
     assert_only_referenced_bytes(db_path)
     assert segment_files(db_path) == []
+
+
+async def test_an_envelope_whose_segment_file_is_gone_is_named_logged_once_and_counted(
+    db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A segment file deleted by hand: reads of its mailbox fail loudly, naming the
+    envelope and the file, once in the log; the gauge's count goes when the row does."""
+    async with open_sqlite_storage(db_path, segment_roll_bytes=BIG + 10) as store:
+        await store.mailbox_put_local([mail(n, data=canary(n)) for n in ("m1", "m2")], at_ms=1)
+        await store.spool_put([spool_item("s1", data=canary("s1"))], at_ms=1)
+        with contextlib.closing(sqlite3.connect(db_path)) as conn:
+            (name,) = conn.execute(
+                "SELECT segment FROM mailbox WHERE envelope_id = 'm1'"
+            ).fetchone()
+        lost = segment_dir(db_path) / f"{name}{SEGMENT_SUFFIX}"
+        lost.unlink()
+        assert store.segment_missing() == 0
+        for _ in range(3):
+            with pytest.raises(StorageError) as caught:
+                await store.mailbox_fetch(BOB, limit=5)
+            assert (
+                f"the bytes of 1 mailbox envelope(s) are missing: m1 (row 1) in {lost}"
+                in caught.value.message
+            )
+        logged = [r.getMessage() for r in caplog.records if "are missing" in r.getMessage()]
+        assert logged == [
+            f"segment file {lost}: the bytes of mailbox envelope m1 (row 1, {BIG} bytes at 0) "
+            "are missing; its mailbox cannot be read past it until it expires or is removed"
+        ]
+        assert store.segment_missing() == 1
+        # The lane is not touched by the mailbox's loss.
+        [s1] = await store.spool_take(GLOBEX, max_items=5, max_bytes=2**30)
+        assert s1.data == canary("s1")
+        # Once the row goes (acknowledged here; expiry or a purge alike), so does the count.
+        assert await store.mailbox_ack(BOB, ["m1"]) == 1
+        assert store.segment_missing() == 0
+        [m2] = await store.mailbox_fetch(BOB, limit=5)
+        assert m2.data == canary("m2")
+
+
+async def test_a_segment_file_that_cannot_be_read_is_a_storage_error(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a missing file (permissions, an I/O error): a StorageError, not an OSError
+    that would end the task reading."""
+    from gateway.storage.sqlite import segments as segments_module
+
+    def unreadable(directory: Path, segment: str) -> int:
+        raise PermissionError(13, "Permission denied", str(directory / segment))
+
+    async with open_sqlite_storage(db_path) as store:
+        await store.mailbox_put_local([mail("m1", data=canary("m1"))], at_ms=1)
+        monkeypatch.setattr(segments_module, "_open_for_read", unreadable)
+        with pytest.raises(StorageError, match="Permission denied"):
+            await store.mailbox_fetch(BOB, limit=5)

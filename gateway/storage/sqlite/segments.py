@@ -88,6 +88,10 @@ _SCAN_CHUNK: Final = 1024 * 1024
 PUNCH_AFTER_BYTES: Final = 1024 * 1024
 _ZEROS_VIEW: Final = memoryview(_ZEROS)
 
+# Envelopes found without their bytes (a segment file deleted or cut by hand) are
+# logged once each and shown by a gauge; at most this many are remembered.
+MAX_MISSING_TRACKED: Final = 1024
+
 #: The envelope tables that may name a segment.
 ENVELOPE_TABLES: Final = ("spool", "mailbox")
 # The two questions asked of every table above; each is answered from the
@@ -178,6 +182,8 @@ class SegmentStore:
         self._unsynced_zeros: dict[str, list[tuple[int, int]]] = {}  # zeroed, to sync and punch
         self._unsynced_bytes = 0
         self._unzeroed: list[tuple[str, int, int]] = []  # zeroing failed (an I/O error)
+        # (segment, offset) of rows found without their bytes, until the row goes.
+        self._missing: set[tuple[str, int]] = set()
 
     # -- open and recovery (writer thread, in the engine's setup) ------------------
     def install(self, conn: sqlite3.Connection) -> None:
@@ -325,7 +331,8 @@ class SegmentStore:
                 live[0] += 1
                 live[1] += length
             emptied: set[str] = set()
-            for name, _off, length in batch.freed:
+            for name, offset, length in batch.freed:
+                self._missing.discard((name, offset))
                 left = self._live.get(name)
                 if left is not None:
                     left[0] -= 1
@@ -455,6 +462,8 @@ class SegmentStore:
 
         ``epoch`` is :attr:`epoch` read before the rows' snapshot began. Rows
         deleted since the snapshot (their bytes may be zeros now) are left out.
+        A row still there whose bytes are missing fails the read with a
+        :class:`StorageError` naming its envelope and file (and is logged once).
         """
         out: list[Row] = []
         missing: set[int] = set()
@@ -472,6 +481,8 @@ class SegmentStore:
                 if len(data) != row[-1]:
                     missing.add(row[0])
                 out.append((*row[:-4], data))
+        except OSError as exc:  # not a missing file: permissions, an I/O error
+            raise _storage_error(self.directory, exc) from exc
         finally:
             for fd in fds.values():
                 if fd is not None:
@@ -489,11 +500,46 @@ class SegmentStore:
         seqs = json.dumps([row[0] for row in rows])
         present = {seq for (seq,) in conn.execute(sql, (seqs,))}
         if missing & present:
+            lost = [row for row in rows if row[0] in missing and row[0] in present]
+            self._report_missing(table, lost)
+            named = "; ".join(
+                f"{row[1]} (row {row[0]}) in {self._path(row[-3])}" for row in lost[:3]
+            )
+            more = f"; and {len(lost) - 3} more" if len(lost) > 3 else ""
             raise StorageError(
-                f"segment files in {self.directory}: envelope bytes of {table} row(s) "
-                f"{sorted(missing & present)[:5]} are missing"
+                f"segment files: the bytes of {len(lost)} {table} envelope(s) are missing: "
+                f"{named}{more}"
             )
         return [row for row in out if row[0] in present]
+
+    def _path(self, segment: str) -> Path:
+        return self.directory / (segment + SEGMENT_SUFFIX)
+
+    def _report_missing(self, table: str, lost: Sequence[Row]) -> None:
+        """Log each envelope found without its bytes once, and remember it for the gauge."""
+        for row in lost:
+            key = (row[-3], row[-2])
+            with self._lock:
+                if key in self._missing or len(self._missing) >= MAX_MISSING_TRACKED:
+                    continue
+                self._missing.add(key)
+            LOGGER.error(
+                "segment file %s: the bytes of %s envelope %s (row %s, %s bytes at %s) are "
+                "missing; its %s cannot be read past it until it expires or is removed",
+                self._path(row[-3]),
+                table,
+                row[1],
+                row[0],
+                row[-1],
+                row[-2],
+                "lane" if table == "spool" else "mailbox",
+            )
+
+    def missing(self) -> int:
+        """Envelopes found without their bytes and still in the database (up to
+        :data:`MAX_MISSING_TRACKED`), since this store opened."""
+        with self._lock:
+            return len(self._missing)
 
     # -- figures -------------------------------------------------------------------
     def stats(self) -> tuple[int, int, int]:

@@ -904,6 +904,10 @@ class SqliteStorage(SqliteSessions, SqliteCluster):
         """(segment files with live envelopes, their envelopes, their bytes), from memory."""
         return self.segments.stats()
 
+    def segment_missing(self) -> int:
+        """Envelopes found without their bytes in a segment file, still stored (from memory)."""
+        return self.segments.missing()
+
     async def check_writable(self) -> None:
         def op(conn: sqlite3.Connection) -> None:
             # A row written and removed again: the page really changes, so the
