@@ -99,6 +99,7 @@ class Reason(enum.StrEnum):
     BODY_TOO_LARGE = "body_too_large"
     TXN_CONFLICT = "txn_conflict"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # a transaction body type not taken (415)
+    NOT_ACCEPTABLE = "not_acceptable"  # an Accept that allows no form of the answer (406)
     HEADER_TOO_LARGE = "header_too_large"  # request head over the listener's limit (431)
     REQUEST_TIMEOUT = "request_timeout"  # a request not read in time (408)
     TOO_MANY_CONNECTIONS = "too_many_connections"  # per-peer connection cap (503)

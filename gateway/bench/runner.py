@@ -17,9 +17,10 @@ is the number of envelopes in flight end to end: a submitter takes credits
 before it submits, the receiver gives them back on receipt. So ``--window
 1`` is one envelope at a time (unloaded latency) and ``--window 256`` keeps
 256 between the two clients. The receiver long-polls the receiving
-gateway's mailbox, notes each id's receipt time, and acknowledges before
-it fetches again (an unacknowledged envelope would come back and count as a
-duplicate, which is the point: a second copy must show).
+gateway's mailbox (``ClientSession.fetch``: the binary answer, each envelope's
+stored bytes as a record), notes each id's receipt time, and acknowledges
+before it fetches again (an unacknowledged envelope would come back and count
+as a duplicate, which is the point: a second copy must show).
 
 **The clock** runs from the first submit to the last receipt; latency is
 per envelope, from just before its batch was posted to the return of the

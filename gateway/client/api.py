@@ -22,15 +22,21 @@ from typing import Any
 
 import httpx
 
-from gateway.core.batchframe import MEDIA_TYPE_BATCH_V1, encode_batch
+from gateway.core.batchframe import MEDIA_TYPE_BATCH_V1, decode_answer, encode_batch
 from gateway.core.encoding import b64url_encode
 from gateway.core.envelope import Envelope, encode_envelope
-from gateway.errors import GatewayError, Reason, RemoteError
+from gateway.core.records import decode_envelope_record_json
+from gateway.errors import GatewayError, ProtocolError, Reason, RemoteError
 
 #: Time to connect, send and get an answer (a long-poll adds its own wait on top).
 DEFAULT_TIMEOUT = 30.0
 _JSON_HEADERS = {"content-type": "application/json"}
 _BINARY_BATCH_HEADERS = {"content-type": MEDIA_TYPE_BATCH_V1}
+#: A fetch asks for the binary answer; JSON, which every gateway speaks, will do.
+FETCH_ACCEPT = f"{MEDIA_TYPE_BATCH_V1}, application/json;q=0.5"
+_FETCH_HEADERS = {"accept": FETCH_ACCEPT}
+
+ReadAnswer = Callable[[httpx.Response], Any]
 
 
 def _content_headers(content_type: str) -> dict[str, str]:
@@ -43,6 +49,47 @@ def _content_headers(content_type: str) -> dict[str, str]:
 
 class ClientTransportError(GatewayError):
     """The gateway could not be reached or did not answer."""
+
+
+class _BrokenAnswer(Exception):
+    """An answer of status ok whose body does not read: a transport failure, said so."""
+
+
+def _read_json(answer: httpx.Response) -> Any:
+    try:
+        return answer.json()
+    except ValueError as exc:
+        raise _BrokenAnswer("answer is not JSON") from exc
+
+
+def _media_type(answer: httpx.Response) -> str:
+    content_type: str = answer.headers.get("content-type", "")
+    return content_type.partition(";")[0].strip().lower()
+
+
+def _read_mailbox_answer(answer: httpx.Response, *, limit: int) -> list[Envelope]:
+    """The envelopes of a mailbox answer, in whichever form the gateway chose.
+
+    Its ``Content-Type`` says which: the binary answer (each record a stored
+    envelope's canonical encoding, read with the ciphertext cut out of the
+    JSON scan), or JSON from a gateway that predates it and ignores
+    ``Accept``. A record that is no envelope raises ``EnvelopeError``, as an
+    element of a JSON answer does.
+    """
+    if _media_type(answer) != MEDIA_TYPE_BATCH_V1:
+        return [Envelope.from_json(item) for item in _read_json(answer)["envelopes"]]
+    try:
+        records = decode_answer(answer.content, max_envelopes=limit)
+    except ProtocolError as exc:
+        raise _BrokenAnswer(exc.message) from exc
+    envelopes = []
+    for index, record in enumerate(records, 1):
+        try:
+            obj = decode_envelope_record_json(record)
+        except ValueError as exc:
+            raise _BrokenAnswer(f"record #{index} of the answer is not JSON") from exc
+        envelopes.append(Envelope.from_json(obj))
+    return envelopes
 
 
 class ClientAPIError(RemoteError):
@@ -134,6 +181,8 @@ class ClientSession:
         params: dict[str, int] | None = None,
         extra_time: float = 0.0,
         ok: Sequence[int] = (200, 202),
+        headers: Mapping[str, str] | None = None,
+        read: ReadAnswer = _read_json,
     ) -> Any:
         call = functools.partial(
             self._call_once,
@@ -145,6 +194,8 @@ class ClientSession:
             params=params,
             extra_time=extra_time,
             ok=ok,
+            headers=headers,
+            read=read,
         )
         try:
             return await call()
@@ -166,14 +217,19 @@ class ClientSession:
         extra_time: float,
         ok: Sequence[int],
         content_type: str = "application/json",
+        headers: Mapping[str, str] | None = None,
+        read: ReadAnswer = _read_json,
     ) -> Any:
+        """One request; ``headers`` go with it, ``read`` reads an answer of an ``ok`` status."""
+        if content is not None:
+            headers = {**_content_headers(content_type), **(headers or {})}
         try:
             answer = await self._http.request(
                 method,
                 path,
                 json=json,
                 content=content,
-                headers=_content_headers(content_type) if content is not None else None,
+                headers=headers,
                 params=params,
                 timeout=self._timeout + extra_time,
             )
@@ -199,9 +255,9 @@ class ClientSession:
         if answer.status_code == 204:
             return None
         try:
-            return answer.json()
-        except ValueError as exc:
-            raise ClientTransportError(f"{self.server}: answer is not JSON") from exc
+            return read(answer)
+        except _BrokenAnswer as exc:
+            raise ClientTransportError(f"{self.server}: {exc}") from exc
 
     # -- sign-in (docs/client-api.md 1a) ----------------------------------------------------
     async def sign_in_providers(self) -> dict[str, Any]:
@@ -279,11 +335,21 @@ class ClientSession:
         ]
 
     async def fetch(self, *, wait: int = 0, limit: int = 100) -> list[Envelope]:
-        """``GET /v1/mailbox``: up to ``limit`` envelopes, waiting up to ``wait`` s for one."""
-        body = await self._call(
-            "GET", "/v1/mailbox", params={"wait": wait, "limit": limit}, extra_time=wait
+        """``GET /v1/mailbox``: up to ``limit`` envelopes, waiting up to ``wait`` s for one.
+
+        Asks for the binary answer (docs/client-api.md, "The binary answer")
+        and reads the form the answer's ``Content-Type`` names: a gateway that
+        predates it answers JSON whatever the request accepts.
+        """
+        envelopes: list[Envelope] = await self._call(
+            "GET",
+            "/v1/mailbox",
+            params={"wait": wait, "limit": limit},
+            extra_time=wait,
+            headers=_FETCH_HEADERS,
+            read=functools.partial(_read_mailbox_answer, limit=limit),
         )
-        return [Envelope.from_json(item) for item in body["envelopes"]]
+        return envelopes
 
     async def ack(
         self,

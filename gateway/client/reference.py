@@ -21,9 +21,10 @@ A sender whose group is under outbound retention (``GET /v1/me`` names the
 retention key) seals envelope version 2 with a retention copy for that key;
 others seal version 1, which every peer speaks.
 
-Receiving: fetch (long-polling up to ``wait`` s), and for each envelope find
-the sender's verify key (remembered, else looked up and checked as above),
-verify and open it, then acknowledge everything handled in one call. An
+Receiving: fetch (long-polling up to ``wait`` s; the session asks for the
+binary answer and reads JSON from a gateway that predates it), and for each
+envelope find the sender's verify key (remembered, else looked up and checked
+as above), verify and open it, then acknowledge everything handled in one call. An
 envelope that does not verify or open, even with freshly looked-up keys, is
 acknowledged and reported as discarded (leaving it would return it forever).
 One whose sender's keys changed is left in the mailbox and reported: it can

@@ -40,7 +40,9 @@ nothing; an id someone else's envelope holds is ``409 envelope_id_conflict``
 Long-poll (``GET /v1/mailbox?wait=S``): a :class:`~.mailbox_wait.MailboxWatch`
 is taken *before* the mailbox is read, so an arrival between the read and the
 wait is not missed; an empty read then waits for a wakeup or the deadline and
-reads again.
+reads again. What it read is answered as JSON or in the binary batch framing,
+as the request's ``Accept`` chooses (:mod:`.fetch_answer`; ``406`` before any
+wait when it allows neither): the same stored bytes either way.
 
 Retention: ``GET /v1/me`` tells a client under outbound retention which key
 to wrap for; ``POST /v1/reports/retention-mismatch`` is how a client reports
@@ -73,6 +75,13 @@ from typing import Final, Protocol, TypeVar
 import trio
 from prometheus_client import Counter
 
+from gateway.clientapi.fetch_answer import (
+    ANSWER_FORMATS,
+    accept_field,
+    answer_media_type,
+    mailbox_answer,
+    not_acceptable,
+)
 from gateway.clientapi.mailbox_wait import MailboxWaiters, TooManyWatches
 from gateway.clientapi.retention import (
     ArchiveSink,
@@ -124,6 +133,7 @@ from gateway.observability.audit import AuditSink, NoAudit
 from gateway.observability.metrics import (
     CLIENTAPI_BATCH_BODIES,
     CLIENTAPI_LOCAL_DELIVERIES,
+    CLIENTAPI_MAILBOX_ANSWERS,
     CLIENTAPI_SUBMISSIONS,
     MAILBOX_FULL_REFUSALS,
     POLICY_DENIALS,
@@ -369,6 +379,10 @@ class ClientAPI:
         self._admin_tokens = admin_tokens
         self._submissions: dict[str, Counter] = {}
         self._denials: dict[tuple[str, str], Counter] = {}
+        self._answers = {
+            media_type: CLIENTAPI_MAILBOX_ANSWERS.labels(label)
+            for media_type, label in ANSWER_FORMATS.items()
+        }
 
     def add_routes(self, router: Router) -> None:
         router.add("GET", "/v1/me", self.get_me)
@@ -849,6 +863,9 @@ class ClientAPI:
         caller = await self._caller(request, query=_MAILBOX_QUERY)
         if isinstance(caller, Response):
             return caller
+        media_type = answer_media_type(accept_field(request))
+        if media_type is None:  # before any wait: the answer could not be read anyway
+            return not_acceptable()
         # Any wait the protocol allows is taken; a gateway whose limits.long_poll_max is
         # shorter holds the poll that long at most (an empty answer is always possible).
         asked = _int_query(request, "wait", DEFAULT_WAIT_SECONDS, 0, MAX_WAIT_SECONDS)
@@ -868,9 +885,8 @@ class ClientAPI:
                         break
             except TooManyWatches:
                 return error_response(429, Reason.TOO_MANY_CONNECTIONS)
-        # The stored bytes are encode_envelope()'s compact JSON: spliced, not re-encoded.
-        body = b'{"envelopes":[' + b",".join(entry.data for entry in entries) + b"]}"
-        return Response(200, [("content-type", JSON_CONTENT_TYPE)], body)
+        self._answers[media_type].inc()
+        return mailbox_answer(media_type, [entry.data for entry in entries])
 
     async def post_ack(self, request: Request, params: Mapping[str, str]) -> Response:
         caller = await self._caller(request)

@@ -17,6 +17,12 @@ Here only the frame is read: a frame that is not sound raises
 each length checked before anything is sized by it, and the message names
 the record and the byte offset. What a record holds is judged by the client
 API, slot by slot, like an element of a JSON batch.
+
+The same framing answers ``GET /v1/mailbox`` to a client that asks for it
+(docs/client-api.md, "The binary answer"): each record is a stored envelope's
+bytes as kept, oldest first. A submitted batch holds 1 to 256 envelopes
+(:func:`decode_batch`); an answer may hold none, the empty mailbox, which is
+the 10-byte header with count 0 (:func:`decode_answer`, 0 to ``limit``).
 """
 
 from __future__ import annotations
@@ -35,7 +41,10 @@ HEADER_BYTES: Final = len(MAGIC) + 2 + LENGTH_BYTES  # magic, version, flags, co
 
 
 def encode_batch(records: Sequence[bytes]) -> bytes:
-    """A binary batch body around envelopes already in their canonical encoding."""
+    """A binary batch body around envelopes already in their canonical encoding.
+
+    Also a mailbox answer: there ``records`` may be empty (count 0).
+    """
     head = MAGIC + bytes((FRAMING_VERSION, FLAGS)) + pack_u32(len(records))
     return b"".join([head, *frame_records(records)])
 
@@ -45,7 +54,20 @@ def _refuse(message: str) -> NoReturn:
 
 
 def decode_batch(body: bytes, *, max_envelopes: int) -> list[bytes]:
-    """The records of a binary batch body (1 to ``max_envelopes``); ``ProtocolError`` if none."""
+    """The records of a submitted batch body (1 to ``max_envelopes``); ``ProtocolError`` if none."""
+    return _decode(body, 1, max_envelopes, "a batch")
+
+
+def decode_answer(body: bytes, *, max_envelopes: int) -> list[bytes]:
+    """The records of a binary mailbox answer: 0 (an empty mailbox) to ``max_envelopes``.
+
+    ``max_envelopes`` is the ``limit`` the fetch asked for: an answer with more
+    is not sound. ``ProtocolError`` for a frame that is not.
+    """
+    return _decode(body, 0, max_envelopes, "an answer")
+
+
+def _decode(body: bytes, fewest: int, most: int, what: str) -> list[bytes]:
     if len(body) < HEADER_BYTES:
         _refuse(f"{len(body)} bytes is shorter than the {HEADER_BYTES}-byte header")
     if body[: len(MAGIC)] != MAGIC:
@@ -56,6 +78,6 @@ def decode_batch(body: bytes, *, max_envelopes: int) -> list[bytes]:
     if flags != FLAGS:
         _refuse(f"flags at offset 5 must be 0, got {flags}")
     (count,) = unpack_u32(body, 6)
-    if not 1 <= count <= max_envelopes:
-        _refuse(f"the count at offset 6 is {count}; a batch holds 1 to {max_envelopes} envelopes")
+    if not fewest <= count <= most:
+        _refuse(f"the count at offset 6 is {count}; {what} holds {fewest} to {most} envelopes")
     return split_records(body, HEADER_BYTES, count, _refuse)

@@ -12,6 +12,7 @@ Modules, pointing down:
 * :mod:`gateway.http.messages`: ``Request``, ``Response``, response helpers,
   target parsing (pure).
 * :mod:`gateway.http.routing`: ``Router`` (pure matching).
+* :mod:`gateway.http.accept`: what a request's ``Accept`` says of a media type (pure).
 * :mod:`gateway.http.limits`: ``ServerLimits`` and the refusal labels.
 * :mod:`gateway.http.tls`: handshake failure reasons (pure).
 * :mod:`gateway.http.server`: ``HTTPServer``, the I/O.

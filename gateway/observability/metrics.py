@@ -252,6 +252,12 @@ CLIENTAPI_BATCH_BODIES = Counter(
     "Batch bodies taken by POST /v1/envelopes/batch, by format (json, binary_v1).",
     ["format"],
 )
+CLIENTAPI_MAILBOX_ANSWERS = Counter(
+    "gateway_clientapi_mailbox_answers_total",
+    "Mailbox answers (200) of GET /v1/mailbox, by the format the Accept field chose "
+    "(json, binary_v1).",
+    ["format"],
+)
 RETENTION_ARCHIVED = Counter(
     "gateway_retention_archived_envelopes_total",
     "Envelopes appended to the retention archive, by the group under retention and direction.",

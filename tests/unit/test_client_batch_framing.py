@@ -19,7 +19,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.core.address import Address
-from gateway.core.batchframe import HEADER_BYTES, MAGIC, decode_batch, encode_batch
+from gateway.core.batchframe import (
+    HEADER_BYTES,
+    MAGIC,
+    decode_answer,
+    decode_batch,
+    encode_batch,
+)
 from gateway.core.envelope import (
     Envelope,
     decode_envelope,
@@ -58,6 +64,14 @@ def documented_vector() -> bytes:
     text = CLIENT_API_MD.read_text()
     section = text[text.index("#### The binary batch") :]
     found = re.search(r"\*\*Test vector\.\*\*.*?\n```\n([0-9a-f\n]+)```", section, re.DOTALL)
+    assert found is not None
+    return bytes.fromhex(found.group(1).replace("\n", ""))
+
+
+def documented_answer() -> bytes:
+    text = CLIENT_API_MD.read_text()
+    section = text[text.index("#### The binary answer") :]
+    found = re.search(r"\*\*Example\.\*\*.*?\n```\n([0-9a-f\n]+)```", section, re.DOTALL)
     assert found is not None
     return bytes.fromhex(found.group(1).replace("\n", ""))
 
@@ -202,3 +216,55 @@ def test_the_envelope_record_reading_gives_what_json_gives(data: bytes) -> None:
         assert encode_validated(got, None) != data  # type: ignore[arg-type]
         return
     assert got == expected
+
+
+# -- the mailbox's binary answer: the same framing, 0 records allowed ------------------------
+def test_the_documented_answer_is_the_vector_envelope_as_stored_with_its_group() -> None:
+    body = documented_answer()
+    stored = with_group_member(vector_envelope(), None, "engineering")
+    assert len(stored) == 303
+    assert len(body) == 317
+    assert body == encode_batch([stored])
+    assert hashlib.sha256(body).hexdigest() in CLIENT_API_MD.read_text()
+    assert decode_answer(body, max_envelopes=1) == [stored]
+
+
+def test_an_empty_answer_is_the_header_alone_and_no_submitted_batch() -> None:
+    empty = encode_batch([])
+    assert empty == header(0) == bytes.fromhex("47574254010000000000")
+    assert decode_answer(empty, max_envelopes=1) == []
+    with pytest.raises(ProtocolError, match="count at offset 6 is 0; a batch holds 1 to 256"):
+        decode_batch(empty, max_envelopes=MAX)
+
+
+def test_an_answer_holds_at_most_the_limit_asked_for() -> None:
+    body = encode_batch([GOOD] * 3)
+    assert decode_answer(body, max_envelopes=3) == [GOOD] * 3
+    with pytest.raises(ProtocolError, match="count at offset 6 is 3; an answer holds 0 to 2"):
+        decode_answer(body, max_envelopes=2)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (header(0)[:9], "shorter than the 10-byte header"),
+        (b'{"envelopes":[]}', "magic bytes"),
+        (MAGIC + b"\x02\x00" + struct.pack(">I", 0), "framing version 2 at offset 4"),
+        (header(0) + b"\x00", "1 byte(s) follow the last envelope"),
+        (header(1), "1 envelopes cannot fit in the 0 bytes left at offset 10"),
+    ],
+)
+def test_an_answer_that_is_not_sound_is_a_protocol_error(body: bytes, message: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode_answer(body, max_envelopes=MAX)
+    assert message in info.value.message
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_any_bytes_give_an_answer_or_a_protocol_error(body: bytes) -> None:
+    try:
+        records = decode_answer(body, max_envelopes=MAX)
+    except ProtocolError:
+        return
+    assert 0 <= len(records) <= MAX
