@@ -16,7 +16,6 @@ import sys
 
 from gateway.cli._storage import add_common_arguments
 from gateway.cli.common import EXIT_OK, Registrar, UsageError, set_handler
-from gateway.config import load_config, validate_postgres_url
 
 
 def register(subparsers: Registrar) -> None:
@@ -51,6 +50,7 @@ def _usage(_args: argparse.Namespace) -> int:
 
 def run_migrate(args: argparse.Namespace) -> int:
     # Imported here: psycopg and the copy are needed by this command only.
+    from gateway.config import load_config, validate_postgres_url
     from gateway.storage.migrate import migrate_sqlite_to_postgres
 
     config = load_config(args.config)
