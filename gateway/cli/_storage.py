@@ -34,18 +34,16 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
-
-import trio
+from typing import TYPE_CHECKING, TypeVar
 
 from gateway.cli.common import UsageError
-from gateway.config import GatewayConfig, load_config
 from gateway.core.address import normalize_domain
 from gateway.core.durations import parse_duration
-from gateway.core.rules import load_rules
 from gateway.errors import AddressError, RulesError, StorageError
-from gateway.storage.base import Storage
-from gateway.storage.opening import open_configured_storage
+
+if TYPE_CHECKING:
+    from gateway.config import GatewayConfig
+    from gateway.storage.base import Storage
 
 T = TypeVar("T")
 
@@ -114,7 +112,12 @@ def parse_count_option(text: str, *, option: str, maximum: int) -> int:
 
 
 # -- config, rules, storage -----------------------------------------------------
+# The commands register their options through this module, so what only a handler
+# needs (trio, the config and rules parsers, the storage engines) is imported by the
+# function that runs: `gateway --help` stays cheap (tests/unit/test_cli_imports.py).
 def load_admin_config(path: str) -> GatewayConfig:
+    from gateway.config import load_config
+
     return load_config(Path(path))
 
 
@@ -136,6 +139,8 @@ def _read_bytes(path: str) -> bytes:
 
 def load_rule_peers(config: GatewayConfig) -> RulePeers:
     """The peers of the rules file ``config`` names; never raises for a bad file."""
+    from gateway.core.rules import load_rules
+
     path = str(config.rules)
     try:
         rules = load_rules(_read_bytes(path), filename=path, read_file=_read_bytes)
@@ -179,6 +184,10 @@ def run_on_storage(config: GatewayConfig, fn: Callable[[Storage], Awaitable[T]])
     Storage errors come out as :class:`StorageError`; the storage's own
     argument checks (``ValueError``) as :class:`UsageError`.
     """
+    import trio
+
+    from gateway.storage.opening import open_configured_storage
+
     sqlite_path(config)
 
     async def main() -> T:

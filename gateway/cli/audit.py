@@ -17,7 +17,6 @@ import argparse
 from pathlib import Path
 
 from gateway.cli.common import EXIT_FAILURE, EXIT_OK, Registrar, UsageError, set_handler
-from gateway.observability.audit import group_chains, verify_files
 
 
 def register(subparsers: Registrar) -> None:
@@ -53,6 +52,8 @@ def _usage(_args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    from gateway.observability.audit import group_chains, verify_files
+
     paths = [Path(name) for name in args.files]
     for path in paths:
         if not path.exists():

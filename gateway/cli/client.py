@@ -21,30 +21,20 @@ import argparse
 import json
 import os
 import sys
-import webbrowser
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
-from typing import Final, TypeVar
-
-import trio
+from typing import TYPE_CHECKING, Final, TypeVar
 
 from gateway.cli.common import Registrar, UsageError, set_handler
-from gateway.client.api import ClientSession
-from gateway.client.browser import browser_login
-from gateway.client.contacts import ContactBook, Trust, default_contacts_path
-from gateway.client.reference import Inbox, ReferenceClient, Sent
-from gateway.client.signin import (
-    SavedSession,
-    default_session_path,
-    device_login,
-    session_refresher,
-)
 from gateway.core.address import Address, normalize_domain
 from gateway.core.durations import parse_duration
 from gateway.core.keytext import parse_signing_key
-from gateway.crypto.keys import UserKeys
 from gateway.errors import AddressError
+
+if TYPE_CHECKING:
+    from gateway.client.api import ClientSession
+    from gateway.client.reference import Inbox, ReferenceClient, Sent
 
 ENV_URL: Final = "GATEWAY_URL"
 ENV_TOKEN: Final = "GATEWAY_TOKEN"  # noqa: S105 - a variable name, not a token
@@ -268,6 +258,8 @@ def _ca(args: argparse.Namespace) -> Path | None:
 
 def _session_path(args: argparse.Namespace) -> Path | None:
     """The session file: --session, $GATEWAY_SESSION, or beside the key file."""
+    from gateway.client.signin import default_session_path
+
     chosen = getattr(args, "session", None) or os.environ.get(ENV_SESSION)
     if chosen:
         return Path(chosen)
@@ -276,6 +268,9 @@ def _session_path(args: argparse.Namespace) -> Path | None:
 
 
 def _session(args: argparse.Namespace) -> ClientSession:
+    from gateway.client.api import ClientSession
+    from gateway.client.signin import SavedSession, session_refresher
+
     server = _server(args)
     ca_file = _ca(args)
     token = getattr(args, "token", None) or os.environ.get(ENV_TOKEN)
@@ -296,6 +291,11 @@ def _session(args: argparse.Namespace) -> ClientSession:
 
 
 def run_login(args: argparse.Namespace) -> int:
+    import trio
+
+    from gateway.client.browser import browser_login
+    from gateway.client.signin import device_login
+
     server = _server(args)
     path = _session_path(args)
     if path is None:
@@ -314,6 +314,8 @@ def run_login(args: argparse.Namespace) -> int:
     def show_url(url: str) -> None:
         print(f"To sign in, open in your browser:\n{url}", file=sys.stderr, flush=True)
         if args.open:
+            import webbrowser
+
             webbrowser.open(url)
         print("waiting for the sign-in to finish ...", file=sys.stderr, flush=True)
 
@@ -341,6 +343,11 @@ def run_login(args: argparse.Namespace) -> int:
 
 
 def run_logout(args: argparse.Namespace) -> int:
+    import trio
+
+    from gateway.client.api import ClientSession
+    from gateway.client.signin import SavedSession
+
     path = _session_path(args)
     if path is None or not path.exists():
         raise UsageError("client: no saved session to sign out of")
@@ -362,6 +369,12 @@ def _with_client(
     args: argparse.Namespace, action: Callable[[ReferenceClient], Awaitable[_T]]
 ) -> _T:
     """Run ``action`` with a client built from the options; saves the contacts after."""
+    import trio
+
+    from gateway.client.contacts import ContactBook, default_contacts_path
+    from gateway.client.reference import ReferenceClient
+    from gateway.crypto.keys import UserKeys
+
     keys_file = _keys_path(args)
     keys = UserKeys.load(keys_file)
     contacts_file = Path(args.contacts) if args.contacts else default_contacts_path(keys_file)
@@ -382,6 +395,8 @@ def _with_client(
 
 # -- commands -------------------------------------------------------------------------
 def run_keygen(args: argparse.Namespace) -> int:
+    from gateway.crypto.keys import UserKeys
+
     address = _address(args.user, "--user")
     out = _keys_path(args, "out", "--out")
     keys = UserKeys.generate(address)
@@ -392,6 +407,8 @@ def run_keygen(args: argparse.Namespace) -> int:
 
 
 def run_publish(args: argparse.Namespace) -> int:
+    from gateway.crypto.keys import UserKeys
+
     async def publish(client: ReferenceClient) -> int:
         return await client.publish()
 
@@ -414,6 +431,8 @@ def _read_message(text: str) -> str:
 
 
 def run_send(args: argparse.Namespace) -> int:
+    from gateway.client.contacts import Trust
+
     to = _address(args.to, "--to")
     try:
         ttl = parse_duration(args.ttl) if args.ttl is not None else None
@@ -476,6 +495,8 @@ def run_recv(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
+    import trio
+
     session = _session(args)
 
     async def status() -> dict[str, object]:

@@ -13,23 +13,16 @@ import os
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.cli.common import Registrar, UsageError, set_handler
-from gateway.config import (
-    DEFAULT_CLIENT_PORT,
-    DEFAULT_FEDERATION_PORT,
-    DEFAULT_LISTEN_HOST,
-    DEFAULT_METRICS_PORT,
-    HostPort,
-    Limits,
-    parse_host_port,
-    validate_endpoint,
-)
 from gateway.core.address import normalize_domain
 from gateway.core.durations import format_duration
 from gateway.errors import AddressError, ConfigError
-from gateway.pki import dev
-from gateway.pki.certs import spki_pin
+from gateway.pki import DEFAULT_CERT_VALIDITY_DAYS
+
+if TYPE_CHECKING:
+    from gateway.config import HostPort
 
 # The files of a setup, relative to its directory. Any of them present means
 # "this directory already holds a setup".
@@ -69,21 +62,10 @@ def register(subparsers: Registrar) -> None:
     # Checked in the handler rather than by argparse, so that every mistake is one line.
     parser.add_argument("--org", metavar="DOMAIN", help="the org's domain, e.g. acme.example")
     parser.add_argument("--dir", default=".", metavar="DIR", help="where to write (default: .)")
-    parser.add_argument(
-        "--federation-listen",
-        default=str(HostPort(DEFAULT_LISTEN_HOST, DEFAULT_FEDERATION_PORT)),
-        metavar="HOST:PORT",
-    )
-    parser.add_argument(
-        "--client-listen",
-        default=str(HostPort(DEFAULT_LISTEN_HOST, DEFAULT_CLIENT_PORT)),
-        metavar="HOST:PORT",
-    )
-    parser.add_argument(
-        "--metrics-listen",
-        default=str(HostPort(DEFAULT_LISTEN_HOST, DEFAULT_METRICS_PORT)),
-        metavar="HOST:PORT",
-    )
+    # Unset, the default listen address: _listen fills it in, from the config code.
+    parser.add_argument("--federation-listen", metavar="HOST:PORT")
+    parser.add_argument("--client-listen", metavar="HOST:PORT")
+    parser.add_argument("--metrics-listen", metavar="HOST:PORT")
     parser.add_argument(
         "--endpoint",
         metavar="URL",
@@ -91,10 +73,10 @@ def register(subparsers: Registrar) -> None:
     )
     parser.add_argument(
         "--validity-days",
-        default=str(dev.DEFAULT_CERT_VALIDITY_DAYS),
+        default=str(DEFAULT_CERT_VALIDITY_DAYS),
         metavar="N",
         help=f"validity of the gateway and client API certificates "
-        f"(default {dev.DEFAULT_CERT_VALIDITY_DAYS})",
+        f"(default {DEFAULT_CERT_VALIDITY_DAYS})",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing setup")
     set_handler(parser, run)
@@ -113,6 +95,8 @@ class InitOptions:
 
 
 def parse_validity_days(text: str) -> int:
+    from gateway.pki import dev
+
     try:
         days = int(text)
     except ValueError:
@@ -125,7 +109,14 @@ def parse_validity_days(text: str) -> int:
     return days
 
 
-def _listen(option: str, text: str) -> HostPort:
+def _listen(option: str, text: str | None, default_port: int) -> HostPort:
+    """``HOST:PORT`` of a ``--*-listen`` option; unset, the default listen host and
+    ``default_port`` (filled in here so that registering the options needs no config code).
+    """
+    from gateway.config import DEFAULT_LISTEN_HOST, HostPort, parse_host_port
+
+    if text is None:
+        return HostPort(DEFAULT_LISTEN_HOST, default_port)
     try:
         return parse_host_port(text)
     except ValueError as exc:
@@ -133,13 +124,20 @@ def _listen(option: str, text: str) -> HostPort:
 
 
 def parse_options(args: argparse.Namespace) -> InitOptions:
+    from gateway.config import (
+        DEFAULT_CLIENT_PORT,
+        DEFAULT_FEDERATION_PORT,
+        DEFAULT_METRICS_PORT,
+        validate_endpoint,
+    )
+
     if not args.org:
         raise UsageError("--org DOMAIN is required (the org's domain, like acme.example)")
     try:
         org = normalize_domain(args.org)
     except AddressError as exc:
         raise UsageError(f"--org: {exc}") from None
-    federation = _listen("--federation-listen", args.federation_listen)
+    federation = _listen("--federation-listen", args.federation_listen, DEFAULT_FEDERATION_PORT)
     endpoint_text = args.endpoint if args.endpoint is not None else f"https://{federation}"
     try:
         endpoint = validate_endpoint(endpoint_text)
@@ -149,8 +147,8 @@ def parse_options(args: argparse.Namespace) -> InitOptions:
         org=org,
         directory=Path(os.path.abspath(Path(args.dir).expanduser())),
         federation=federation,
-        client=_listen("--client-listen", args.client_listen),
-        metrics=_listen("--metrics-listen", args.metrics_listen),
+        client=_listen("--client-listen", args.client_listen, DEFAULT_CLIENT_PORT),
+        metrics=_listen("--metrics-listen", args.metrics_listen, DEFAULT_METRICS_PORT),
         endpoint=endpoint,
         validity_days=parse_validity_days(args.validity_days),
         force=bool(args.force),
@@ -168,6 +166,8 @@ def _q(text: str) -> str:
 
 
 def render_config(options: InitOptions) -> str:
+    from gateway.config import Limits
+
     limits = Limits()
     limit_lines = []
     for item in fields(Limits):
@@ -244,6 +244,9 @@ def _mkdir(path: Path, mode: int, *, private: bool = False) -> None:
 
 def init_setup(options: InitOptions, *, now: datetime) -> list[str]:
     """Write the setup; returns lines to show the admin. Checks everything first."""
+    from gateway.pki import dev
+    from gateway.pki.certs import spki_pin
+
     directory = options.directory
     if os.path.lexists(directory) and not directory.is_dir():
         raise UsageError(f"--dir: {directory} exists and is not a directory")

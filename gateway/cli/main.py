@@ -1,7 +1,13 @@
 """Entry point of the ``gateway`` command.
 
 Every command group lives in its own module with a ``register(subparsers)``
-function. Errors that the gateway raises on purpose end as one line on stderr
+function. Every invocation imports all of them to build the parser, so a
+command module imports at its top only what declaring its options needs (the
+standard library, :mod:`gateway.cli.common`, the pure core); its handlers
+import the rest (trio, the config and rules parsers, storage, HTTP, crypto)
+when they run. ``gateway peers`` then loads what it reads and not what
+``gateway client`` sends with; tests/unit/test_cli_imports.py holds every
+module to this. Errors that the gateway raises on purpose end as one line on stderr
 and a non-zero exit; a traceback is a bug.
 """
 

@@ -16,6 +16,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from gateway.cli._storage import (
     MS_PER_SECOND,
@@ -28,9 +29,10 @@ from gateway.cli._storage import (
     run_on_storage,
 )
 from gateway.cli.common import Registrar, set_handler
-from gateway.cluster import Timing
 from gateway.storage.base import Storage
-from gateway.storage.leases import SWEEPER_LEASE, Lease, NodeRecord, lease_peer
+
+if TYPE_CHECKING:
+    from gateway.storage.leases import Lease, NodeRecord
 
 HEADERS = ("NODE", "STATE", "VERSION", "RULES", "LAST BEAT", "UP FOR", "LANES", "SWEEPER", "CLOCK")
 STATE_LIVE = "live"
@@ -92,6 +94,8 @@ def node_views(
     valid_ms: int,
     file_sha256: str | None,
 ) -> list[NodeView]:
+    from gateway.storage.leases import SWEEPER_LEASE, lease_peer
+
     views = []
     for node in nodes:
         held = [
@@ -134,6 +138,8 @@ def register(subparsers: Registrar) -> None:
 
 
 def run_nodes(args: argparse.Namespace) -> int:
+    from gateway.cluster import Timing
+
     config = load_admin_config(args.config)
     valid_ms = Timing.of(config.limits.lease_time).valid_ms
     try:

@@ -6,18 +6,17 @@ import argparse
 import json
 import os
 from collections.abc import Sequence
-
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
+from typing import TYPE_CHECKING
 
 from gateway.cli.common import Registrar, UsageError, set_handler
 from gateway.cli.pki import load_dir_config, next_key_path
-from gateway.config import GatewayConfig
 from gateway.core.keytext import format_signing_key
 from gateway.errors import PKIError
-from gateway.pki import dev
-from gateway.pki.certs import spki_pin
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from gateway.config import GatewayConfig
 
 CARD_INDENT = "  "
 
@@ -57,6 +56,8 @@ def render_card(
 
     ``ca_pem`` holds every CA of ``cas``: two during our CA rollover.
     """
+    from cryptography.hazmat.primitives import serialization
+
     pem = "".join(ca.public_bytes(serialization.Encoding.PEM).decode("ascii") for ca in cas)
     inner = CARD_INDENT * 2
     lines = [
@@ -75,6 +76,9 @@ def render_card(
 
 
 def card_for(config: GatewayConfig) -> str:
+    from gateway.pki import dev
+    from gateway.pki.certs import spki_pin
+
     cas = dev.load_ca_bundle(config.tls.ca)
     cert = dev.load_certificate(config.tls.cert)
     if not any(issued_by(cert, ca) for ca in cas):
@@ -101,6 +105,8 @@ def run_card(args: argparse.Namespace) -> int:
 
 
 def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    from cryptography.exceptions import InvalidSignature
+
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):

@@ -14,6 +14,7 @@ import argparse
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from gateway.cli._storage import (
     MS_PER_SECOND,
@@ -30,7 +31,9 @@ from gateway.cli._storage import (
 )
 from gateway.cli.common import Registrar, set_handler
 from gateway.storage.base import LaneStats, PeerState, Storage
-from gateway.storage.leases import Lease, lease_peer
+
+if TYPE_CHECKING:
+    from gateway.storage.leases import Lease
 
 # The states, in the words the table and --json print.
 STATE_UP = "up"  # the last attempt succeeded
@@ -88,6 +91,8 @@ def peer_rows(
     leases: Iterable[Lease] = (),
 ) -> list[PeerRow]:
     """One row per peer of the rules, of a lane or of a state, sorted by name."""
+    from gateway.storage.leases import lease_peer
+
     by_peer = {state.peer: state for state in states}
     lane_leases = {peer: lease for lease in leases if (peer := lease_peer(lease.name)) is not None}
     names = set(rule_peers.peers or ()) | set(by_peer) | set(lanes)

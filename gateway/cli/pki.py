@@ -26,17 +26,18 @@ import math
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
+from typing import TYPE_CHECKING
 
 from gateway.cli.common import Registrar, UsageError, set_handler
 from gateway.cli.init import CONFIG_FILE, parse_validity_days
-from gateway.config import GatewayConfig, load_config
 from gateway.errors import PKIError
-from gateway.pki import dev
-from gateway.pki.certs import is_ca, load_certificates_pem, spki_pin
+from gateway.pki import DEFAULT_CERT_VALIDITY_DAYS
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from gateway.config import GatewayConfig
+    from gateway.pki import dev
 
 SECONDS_PER_DAY = 86400
 
@@ -78,9 +79,9 @@ def register(subparsers: Registrar) -> None:
     )
     rotate.add_argument(
         "--validity-days",
-        default=str(dev.DEFAULT_CERT_VALIDITY_DAYS),
+        default=str(DEFAULT_CERT_VALIDITY_DAYS),
         metavar="N",
-        help=f"validity of the new certificate (default {dev.DEFAULT_CERT_VALIDITY_DAYS})",
+        help=f"validity of the new certificate (default {DEFAULT_CERT_VALIDITY_DAYS})",
     )
     key_choice = rotate.add_mutually_exclusive_group()
     key_choice.add_argument(
@@ -107,10 +108,10 @@ def register(subparsers: Registrar) -> None:
     rollover.add_argument("--dir", default=".", metavar="DIR", help="a setup (default: .)")
     rollover.add_argument(
         "--validity-days",
-        default=str(dev.DEFAULT_CERT_VALIDITY_DAYS),
+        default=str(DEFAULT_CERT_VALIDITY_DAYS),
         metavar="N",
         help="switch: validity of the re-issued certificates "
-        f"(default {dev.DEFAULT_CERT_VALIDITY_DAYS})",
+        f"(default {DEFAULT_CERT_VALIDITY_DAYS})",
     )
     set_handler(rollover, run_ca_rollover)
 
@@ -123,6 +124,8 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 def load_dir_config(directory: str | None) -> GatewayConfig:
     """The ``gateway.yaml`` of a setup directory, with a clear error when there is none."""
+    from gateway.config import load_config
+
     path = Path(directory if directory is not None else ".").expanduser()
     if not path.is_dir():
         raise UsageError(f"--dir: {path}: no such directory")
@@ -139,6 +142,8 @@ def days_left(cert: x509.Certificate, *, now: datetime) -> int:
 
 
 def format_san(cert: x509.Certificate) -> str:
+    from cryptography import x509
+
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -149,6 +154,8 @@ def format_san(cert: x509.Certificate) -> str:
 
 
 def describe(title: str, source: Path, cert: x509.Certificate, *, now: datetime) -> list[str]:
+    from gateway.pki.certs import is_ca, spki_pin
+
     left = days_left(cert, now=now)
     status = " (EXPIRED)" if left < 0 else ""
     if cert.not_valid_before_utc > now:
@@ -167,6 +174,8 @@ def describe(title: str, source: Path, cert: x509.Certificate, *, now: datetime)
 
 
 def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    from cryptography.exceptions import InvalidSignature
+
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
@@ -175,6 +184,8 @@ def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
 
 
 def show_lines(config: GatewayConfig, *, now: datetime) -> list[str]:
+    from gateway.pki import dev
+
     cas = dev.load_ca_bundle(config.tls.ca)
     lines: list[str] = []
     for index, ca in enumerate(cas):
@@ -192,6 +203,9 @@ def show_lines(config: GatewayConfig, *, now: datetime) -> list[str]:
 
 
 def run_show(args: argparse.Namespace) -> int:
+    from gateway.pki import dev
+    from gateway.pki.certs import load_certificates_pem
+
     now = datetime.now(UTC)
     if args.cert is not None:
         path = Path(args.cert)
@@ -220,6 +234,8 @@ def next_key_path(config: GatewayConfig) -> Path:
 
 def prepare_next_key(config: GatewayConfig) -> str:
     """Make the next federation key (once) and return its pin; the certificate is untouched."""
+    from gateway.pki import dev
+
     path = next_key_path(config)
     if not os.path.lexists(path):
         dev.write_private_key(path, dev.generate_key(), replace=False)
@@ -239,6 +255,9 @@ def rotate(
     The new key is the one ``prepare_next_key`` made, if any (its pin may already
     be in partners' rules), else a fresh one; ``keep_key`` keeps the current key.
     """
+    from gateway.pki import dev
+    from gateway.pki.certs import spki_pin
+
     ca = dev.load_issuing_ca(config.tls.ca, ca_key)
     try:
         old_pin: str | None = spki_pin(dev.load_certificate(config.tls.cert))
@@ -311,10 +330,14 @@ def previous_ca_key_path(config: GatewayConfig) -> Path:
 
 
 def _ca_pem(certs: list[x509.Certificate] | tuple[x509.Certificate, ...]) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in certs)
 
 
 def _write_ca_file(config: GatewayConfig, certs: list[x509.Certificate]) -> None:
+    from gateway.pki import dev
+
     dev.write_file(config.tls.ca, _ca_pem(certs), mode=dev.PUBLIC_FILE_MODE, replace=True)
 
 
@@ -323,6 +346,8 @@ def ca_rollover_start(config: GatewayConfig, *, now: datetime) -> x509.Certifica
 
     Nothing the gateway presents changes: partners first learn to trust the new CA.
     """
+    from gateway.pki import dev
+
     cas = dev.load_ca_bundle(config.tls.ca)
     next_key = next_ca_key_path(config)
     if len(cas) != 1 or os.path.lexists(next_key) or os.path.lexists(previous_ca_key_path(config)):
@@ -341,6 +366,8 @@ def ca_rollover_start(config: GatewayConfig, *, now: datetime) -> x509.Certifica
 
 def _reissue(config: GatewayConfig, ca: dev.Issued, *, now: datetime, validity_days: int) -> None:
     """Re-issue the federation (and client API) certificate from ``ca``, keeping the keys."""
+    from gateway.pki import dev
+
     key = dev.load_ec_key(config.tls.key)
     issued = dev.issue_gateway_cert(ca, config.org, now=now, validity_days=validity_days, key=key)
     dev.write_file(config.tls.cert, issued.cert_pem(), mode=dev.PUBLIC_FILE_MODE, replace=True)
@@ -362,6 +389,8 @@ def _reissue(config: GatewayConfig, ca: dev.Issued, *, now: datetime, validity_d
 
 def ca_rollover_switch(config: GatewayConfig, *, now: datetime, validity_days: int) -> None:
     """Issue from the new CA from now on: re-issue our certificates, swap the CA keys."""
+    from gateway.pki import dev
+
     cas = dev.load_ca_bundle(config.tls.ca)
     next_key = next_ca_key_path(config)
     if len(cas) != 2 or not os.path.lexists(next_key):
@@ -384,6 +413,8 @@ def ca_rollover_switch(config: GatewayConfig, *, now: datetime, validity_days: i
 
 def ca_rollover_finish(config: GatewayConfig) -> x509.Certificate:
     """Trust only the new CA: ``tls.ca`` holds it alone, the old CA's key is deleted."""
+    from gateway.pki import dev
+
     cas = dev.load_ca_bundle(config.tls.ca)
     if len(cas) != 2 or os.path.lexists(next_ca_key_path(config)):
         raise PKIError(

@@ -27,12 +27,10 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, TYPE_CHECKING, TypeVar
 
 from gateway.cli._storage import run_on_storage
 from gateway.cli.common import EXIT_FAILURE, EXIT_OK, Registrar, UsageError, set_handler
-from gateway.cli.retention_open import private_file, run_open
-from gateway.config import GatewayConfig, load_config
 from gateway.core.address import Address
 from gateway.core.archive import (
     header_line,
@@ -42,16 +40,11 @@ from gateway.core.archive import (
 from gateway.core.durations import format_time_ms
 from gateway.core.envelope import MAX_TIME_MS
 from gateway.core.keytext import format_retention_key, format_signing_key
-from gateway.crypto.key_records import org_verify_key
-from gateway.crypto.retention_keys import (
-    RetentionKeyPair,
-    default_key_path,
-    sign_export,
-)
 from gateway.errors import AddressError
-from gateway.observability.audit import append_event
-from gateway.pki import dev
-from gateway.storage.archive import MAX_RECORDS_PER_READ, Archive
+
+if TYPE_CHECKING:
+    from gateway.config import GatewayConfig
+    from gateway.storage.archive import Archive
 
 T = TypeVar("T")
 
@@ -115,7 +108,7 @@ def register(subparsers: Registrar) -> None:
         "(repeat)",
     )
     opener.add_argument("--out", type=Path, help="write the JSON Lines here (mode 0600)")
-    set_handler(opener, run_open)
+    set_handler(opener, _run_open)
 
     hold = commands.add_parser("hold", help="legal holds: keep a user's records past keep")
     holds = hold.add_subparsers(title="hold commands", metavar="COMMAND")
@@ -133,6 +126,12 @@ def register(subparsers: Registrar) -> None:
     set_handler(listing, run_hold_ls)
     set_handler(hold, _usage)
     set_handler(parser, _usage)
+
+
+def _run_open(args: argparse.Namespace) -> int:
+    from gateway.cli.retention_open import run_open  # it imports the envelope crypto
+
+    return run_open(args)
 
 
 def _usage(_args: argparse.Namespace) -> int:
@@ -179,6 +178,8 @@ def _address(text: str) -> str:
 
 
 def run_keygen(args: argparse.Namespace) -> int:
+    from gateway.crypto.retention_keys import RetentionKeyPair, default_key_path
+
     try:
         pair = RetentionKeyPair.generate(args.key_id)
     except ValueError as exc:
@@ -205,6 +206,10 @@ async def _write_export(
     seed: bytes,
 ) -> int:
     """Stream the records page by page into ``out``, then the signed trailer; how many."""
+    from gateway.crypto.key_records import org_verify_key
+    from gateway.crypto.retention_keys import sign_export
+    from gateway.storage.archive import MAX_RECORDS_PER_READ
+
     digest = hashlib.sha256()
     count = after = 0
     line = header_line(header)
@@ -235,6 +240,11 @@ async def _write_export(
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from gateway.cli.retention_open import private_file
+    from gateway.config import load_config
+    from gateway.observability.audit import append_event
+    from gateway.pki import dev
+
     config = load_config(args.config)
     start = parse_time(args.start)
     end = parse_time(args.end) if args.end is not None else _now_ms() + 1
@@ -287,6 +297,9 @@ def _run_on_archive(config: GatewayConfig, work: Callable[[Archive], Awaitable[T
 
 
 def run_hold_add(args: argparse.Namespace) -> int:
+    from gateway.config import load_config
+    from gateway.observability.audit import append_event
+
     config = load_config(args.config)
     user = _address(args.user)
     added = _run_on_archive(
@@ -305,6 +318,9 @@ def run_hold_add(args: argparse.Namespace) -> int:
 
 
 def run_hold_remove(args: argparse.Namespace) -> int:
+    from gateway.config import load_config
+    from gateway.observability.audit import append_event
+
     config = load_config(args.config)
     user = _address(args.user)
     removed = _run_on_archive(config, lambda archive: archive.hold_remove(user))
@@ -317,6 +333,8 @@ def run_hold_remove(args: argparse.Namespace) -> int:
 
 
 def run_hold_ls(args: argparse.Namespace) -> int:
+    from gateway.config import load_config
+
     config = load_config(args.config)
     holds = _run_on_archive(config, lambda archive: archive.holds())
     if args.json:

@@ -12,22 +12,16 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Registrar, UsageError, set_handler
 from gateway.core.address import Address
 from gateway.core.durations import parse_duration
 from gateway.core.envelope import RetentionWrap
-from gateway.core.rules import (
-    CompiledRules,
-    Decision,
-    Direction,
-    Rules,
-    diff_rules,
-    format_diff,
-    load_rules,
-    reason_for_peer,
-)
 from gateway.errors import AddressError, Reason, RulesError
+
+if TYPE_CHECKING:
+    from gateway.core.rules import CompiledRules, Decision, Rules
 
 
 def register(subparsers: Registrar) -> None:
@@ -159,6 +153,8 @@ def _read_rules_file(path: str) -> bytes:
 
 
 def _load(path: str) -> Rules:
+    from gateway.core.rules import load_rules
+
     return load_rules(_read_rules_file(path), filename=path, read_file=_read_file)
 
 
@@ -187,6 +183,8 @@ def run_check(args: argparse.Namespace) -> int:
 
 # -- explain ---------------------------------------------------------------------------
 def run_explain(args: argparse.Namespace) -> int:
+    from gateway.core.rules import CompiledRules
+
     try:
         sender = Address.parse(args.sender)
         recipient = Address.parse(args.recipient)
@@ -252,6 +250,8 @@ def sign_in_decision(
     amr: list[str],
 ) -> Decision | None:
     """A denial the sign-in itself would give (two groups, or a weak sign-in), or ``None``."""
+    from gateway.core.rules import Decision, Direction
+
     groups = compiled.groups_for(ours.user, claims)
     direction = Direction.OUTBOUND if ours == sender else Direction.INBOUND
     if len(groups) > 1:
@@ -348,6 +348,8 @@ def explain(
 def render_decision(
     decision: Decision, sender: Address, recipient: Address, retention: str | None = None
 ) -> list[str]:
+    from gateway.core.rules import reason_for_peer
+
     verdict = "allowed" if decision.allowed else "denied"
     context = [decision.direction.value]
     if decision.group is not None:
@@ -377,6 +379,8 @@ def render_decision(
 def decision_json(
     decision: Decision, sender: Address, recipient: Address, retention: str | None = None
 ) -> dict[str, object]:
+    from gateway.core.rules import Direction, reason_for_peer
+
     rule = decision.rule
     return {
         "allowed": decision.allowed,
@@ -402,6 +406,8 @@ def decision_json(
 
 # -- diff --------------------------------------------------------------------------------
 def run_diff(args: argparse.Namespace) -> int:
+    from gateway.core.rules import diff_rules, format_diff
+
     loaded: list[Rules] = []
     failed = False
     for path in (args.old, args.new):

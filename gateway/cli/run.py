@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-import trio
-
 from gateway.cli.common import Registrar, set_handler
-from gateway.config import load_config
-from gateway.observability.logs import configure_logging
 
 
 def register(subparsers: Registrar) -> None:
@@ -31,7 +27,11 @@ def register(subparsers: Registrar) -> None:
 def run(args: argparse.Namespace) -> int:
     # Imported here: the server's modules are not needed by any other command,
     # and importing them is most of a command's start-up time (~0.3 s).
+    import trio
+
     from gateway.app import run_gateway
+    from gateway.config import load_config
+    from gateway.observability.logs import configure_logging
 
     config = load_config(args.config)
     configure_logging(fmt="json" if config.log.format == "json" else "text", level=config.log.level)

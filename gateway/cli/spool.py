@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from gateway.cli._storage import (
     MS_PER_SECOND,
@@ -37,9 +38,10 @@ from gateway.cli._storage import (
     warn_rules,
 )
 from gateway.cli.common import EXIT_FAILURE, EXIT_OK, Registrar, UsageError, set_handler
-from gateway.config import GatewayConfig
-from gateway.observability.audit import append_event
 from gateway.storage.base import LIST_LIMIT, STATUS_PURGED, SpoolSummary, Storage
+
+if TYPE_CHECKING:
+    from gateway.config import GatewayConfig
 
 DEFAULT_LS_LIMIT = 50
 MAX_LS_LIMIT = 100_000  # beyond this, an admin wants --json and a script, not a screen
@@ -265,6 +267,8 @@ def ask_on_terminal(question: str) -> bool:
 
 
 def run_purge(args: argparse.Namespace, *, confirm: Confirm = ask_on_terminal) -> int:
+    from gateway.observability.audit import append_event
+
     if args.all and args.peer is not None:
         raise UsageError("purge: give --peer P or --all, not both")
     if not args.all and args.peer is None:

@@ -26,7 +26,6 @@ from pathlib import Path
 
 from gateway.cli._storage import add_common_arguments, sqlite_path
 from gateway.cli.common import EXIT_FAILURE, EXIT_OK, Registrar, UsageError, set_handler
-from gateway.config import load_config, validate_postgres_url
 
 
 def register(subparsers: Registrar) -> None:
@@ -75,6 +74,7 @@ def _usage(_args: argparse.Namespace) -> int:
 
 def run_backup(args: argparse.Namespace) -> int:
     # Imported here: needed by this command only.
+    from gateway.config import load_config
     from gateway.storage.sqlite.backup import backup_sqlite
 
     config = load_config(args.config)
@@ -147,6 +147,7 @@ def run_backup(args: argparse.Namespace) -> int:
 
 def run_migrate(args: argparse.Namespace) -> int:
     # Imported here: psycopg and the copy are needed by this command only.
+    from gateway.config import load_config, validate_postgres_url
     from gateway.storage.migrate import migrate_sqlite_to_postgres
 
     config = load_config(args.config)

@@ -16,17 +16,15 @@ import argparse
 import sys
 import time
 from pathlib import Path
-
-import trio
+from typing import TYPE_CHECKING
 
 from gateway.cli.common import Registrar, UsageError, set_handler
-from gateway.clientapi.tokens import issue_token, parse_local_user, resolve_user, revoke_tokens
-from gateway.config import GatewayConfig, load_config
 from gateway.core.address import Address
-from gateway.core.rules import CompiledRules, load_rules
 from gateway.errors import ConfigError
-from gateway.observability.audit import append_event
-from gateway.storage.opening import open_configured_storage
+
+if TYPE_CHECKING:
+    from gateway.config import GatewayConfig
+    from gateway.core.rules import CompiledRules
 
 DEFAULT_CONFIG = "gateway.yaml"
 
@@ -76,6 +74,8 @@ def _read_file(path: str) -> bytes:
 
 
 def _rules(config: GatewayConfig) -> CompiledRules:
+    from gateway.core.rules import CompiledRules, load_rules
+
     path = str(config.rules)
     return CompiledRules(load_rules(_read_file(path), filename=path, read_file=_read_file))
 
@@ -85,6 +85,13 @@ def _now_ms() -> int:
 
 
 def run_issue(args: argparse.Namespace) -> int:
+    import trio
+
+    from gateway.clientapi.tokens import issue_token, resolve_user
+    from gateway.config import load_config
+    from gateway.observability.audit import append_event
+    from gateway.storage.opening import open_configured_storage
+
     config = load_config(args.config)
     try:
         user = resolve_user(args.user, _rules(config))
@@ -110,6 +117,13 @@ def run_issue(args: argparse.Namespace) -> int:
 
 
 def run_revoke(args: argparse.Namespace) -> int:
+    import trio
+
+    from gateway.clientapi.tokens import parse_local_user, revoke_tokens
+    from gateway.config import load_config
+    from gateway.observability.audit import append_event
+    from gateway.storage.opening import open_configured_storage
+
     config = load_config(args.config)
     try:
         user: Address = parse_local_user(args.user, config.org)

@@ -36,10 +36,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from gateway.core.address import normalize_domain
 from gateway.errors import AddressError, PKIError
 from gateway.files import read_private, write_atomically
+from gateway.pki import DEFAULT_CERT_VALIDITY_DAYS
 from gateway.pki.certs import load_ca_bundle_pem, load_certificates_pem, public_key_pin
 
 CA_VALIDITY_DAYS = 3650
-DEFAULT_CERT_VALIDITY_DAYS = 90
 MIN_CERT_VALIDITY_DAYS = 1
 MAX_CERT_VALIDITY_DAYS = 825  # the longest a public TLS certificate was ever allowed to live
 # Certificates start a little in the past so that a partner whose clock runs

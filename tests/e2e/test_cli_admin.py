@@ -293,6 +293,54 @@ def test_peers_table(setup: Path) -> None:
     assert rows[GONE].split()[1:3] == ["not-in-rules", "-"]
 
 
+# Loaded by `gateway peers` only if it imported client, server or envelope code that
+# it never runs (tests/unit/test_cli_imports.py holds registration to the same rule).
+NOT_FOR_PEERS = (
+    "httpx",
+    "h11",
+    "prometheus_client",
+    "nacl",
+    "psycopg",
+    "gateway.client",
+    "gateway.clientapi",
+    "gateway.crypto",
+    "gateway.federation",
+    "gateway.http",
+    "gateway.observability",
+    "gateway.storage.postgres",
+)
+
+
+def test_peers_imports_only_what_it_reads(setup: Path) -> None:
+    # An admin runs it first in an incident, against a big spool: its start-up is
+    # the config, the rules and the SQLite engine, not every command's libraries.
+    script = (
+        "import contextlib, io, json, sys\n"
+        "from gateway.cli.main import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        f"    code = main(['peers', '-c', {str(setup / 'gateway.yaml')!r}])\n"
+        "print(json.dumps({'code': code, 'out': out.getvalue(), 'modules': sorted(sys.modules)}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+        check=True,
+    )
+    result = json.loads(done.stdout)
+    assert result["code"] == 0, done.stderr
+    assert GLOBEX in result["out"]  # it did read the storage
+    modules = set(result["modules"])
+    assert {"trio", "gateway.storage.sqlite", "gateway.core.rules"} <= modules
+    loaded = {
+        name
+        for name in modules
+        if any(name == prefix or name.startswith(prefix + ".") for prefix in NOT_FOR_PEERS)
+    }
+    assert loaded == set()
+
+
 def test_nodes_lists_each_node_live_or_gone_with_what_it_drives(setup: Path) -> None:
     nodes = {row["node"]: row for row in json_of("nodes", *config_of(setup))}
     assert set(nodes) == {"gw1", "gw2"}
