@@ -571,10 +571,12 @@ async def _receive_all(
             fresh += 1
             if envelope.id in state.sample_ids:
                 state.sampled[envelope.id] = envelope
-        if got:
-            await session.ack([envelope.id for envelope in got])
+        # Credits go back on receipt, before the acknowledgement's round trip:
+        # the submitters refill the window while the ack commits.
         if window is not None and fresh:
             window.give(fresh)
+        if got:
+            await session.ack([envelope.id for envelope in got])
         if state.submitters_done:
             if state.received >= state.submitted:
                 break
