@@ -15,7 +15,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from gateway.clientapi.api import _element_item, _object_body, _record_item, _Submitted
+from gateway.clientapi.batch_body import element_item, record_item
+from gateway.clientapi.outcomes import Submitted
+from gateway.clientapi.request_parsing import object_body
 from gateway.core.address import Address
 from gateway.core.batchframe import decode_batch, encode_batch
 from gateway.core.envelope import (
@@ -45,9 +47,9 @@ def envelope(size: int) -> Envelope:
 
 def gateway_json(body: bytes) -> list[bytes]:
     stored = []
-    for element in _object_body(body, "batch", {"envelopes"})["envelopes"]:  # type: ignore[union-attr]
-        item = _element_item(element)
-        assert isinstance(item, _Submitted)
+    for element in object_body(body, "batch", {"envelopes"})["envelopes"]:  # type: ignore[union-attr]
+        item = element_item(element)
+        assert isinstance(item, Submitted)
         assert item.raw is not None
         stored.append(encode_validated(item.raw, GROUP))
     return stored
@@ -56,8 +58,8 @@ def gateway_json(body: bytes) -> list[bytes]:
 def gateway_binary(body: bytes) -> list[bytes]:
     stored = []
     for index, record in enumerate(decode_batch(body, max_envelopes=256), 1):
-        item = _record_item(index, record)
-        assert isinstance(item, _Submitted)
+        item = record_item(index, record)
+        assert isinstance(item, Submitted)
         assert item.data is not None
         stored.append(with_group_member(item.data, item.env.group, GROUP))
     return stored

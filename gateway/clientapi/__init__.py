@@ -2,7 +2,8 @@
 
 Bearer tokens (:mod:`.tokens`), envelope submission one at a time or in
 batches, mailbox long-poll and acknowledgement (:mod:`.mailbox_wait` wakes the
-polls), delivery statuses, and signed key records (:mod:`.api`).
+polls), delivery statuses, and signed key records (:mod:`.api` wires the endpoints;
+:mod:`.submission`, :mod:`.mailbox` and :mod:`.keys` answer them).
 docs/client-api.md and docs/openapi.yaml are the specification.
 
 Wiring, in the app::
@@ -22,23 +23,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from gateway.clientapi.api import (
-        MAX_BATCH_ENVELOPES,
-        MAX_FETCH_LIMIT,
-        MAX_WAIT_SECONDS,
-        ClientAPI,
-        RemoteKeyLookup,
-        RulesSource,
-        no_remote_key_lookup,
-    )
+    from gateway.clientapi.api import ClientAPI, RemoteKeyLookup, RulesSource, no_remote_key_lookup
+    from gateway.clientapi.limits import MAX_BATCH_ENVELOPES, MAX_FETCH_LIMIT, MAX_WAIT_SECONDS
     from gateway.clientapi.mailbox_wait import MailboxWaiters, MailboxWatch, TooManyWatches
 
 # Loaded on first use (PEP 562): a command that needs only `gateway.clientapi.tokens`
 # (gateway token) then does not import the whole API, sign-in and OIDC included.
 _WHERE = {
-    "MAX_BATCH_ENVELOPES": "api",
-    "MAX_FETCH_LIMIT": "api",
-    "MAX_WAIT_SECONDS": "api",
+    "MAX_BATCH_ENVELOPES": "limits",
+    "MAX_FETCH_LIMIT": "limits",
+    "MAX_WAIT_SECONDS": "limits",
     "ClientAPI": "api",
     "RemoteKeyLookup": "api",
     "RulesSource": "api",
