@@ -243,6 +243,11 @@ def run_container(name: str, org: DevOrg, volume: str) -> float:
         "-v", f"{volume}:/var/lib/gateway",
         IMAGE,
     )  # fmt: skip
+    return wait_ready(name, org, started)
+
+
+def wait_ready(name: str, org: DevOrg, started: float) -> float:
+    """Wait for /readyz to answer 200; returns seconds since ``started``."""
     deadline = started + HEALTH_TIMEOUT
     while not readyz(org):
         if time.monotonic() > deadline:
@@ -551,6 +556,7 @@ def scenario(base_dir: Path, *, compose: bool) -> dict[str, float]:
         f"(ready in {figures['restart_acme']:.2f} s)"
     )
     docker("start", g_name)
+    wait_ready(g_name, globex, time.monotonic())  # bob's client connects to it at once
     exec_gateway(a_name, "spool", "retry")
     check(bob.receive(envelope_id) == spooled_text, "bob read the spooled text")
     say("globex started again: the spooled message reached bob")
